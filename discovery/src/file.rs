@@ -1,0 +1,626 @@
+//! The static catalog file source: a YAML file of services, parsed and
+//! validated as a whole, watched for edits.
+//!
+//! An edit is applied without a restart. A file that fails to parse or
+//! validate is refused whole with an error naming the file, the service and
+//! the field; the last good catalog keeps being served and the error is
+//! kept in [`FileStatus`] and counted in `ferry_discovery_catalog_errors_total`.
+//!
+//! ```yaml
+//! services:
+//!   - name: checkout
+//!     namespace: shop
+//!     ports: [{name: http, port: 8080}]
+//!     hosts: [checkout.example.com]
+//!     backends:
+//!       old: {endpoints: ["127.0.0.1:9001", {address: "127.0.0.1:9002", ready: false, zone: a}]}
+//!       new: {endpoints: ["127.0.0.1:9101"]}
+//!     weights: {old: 9000, new: 1000}
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::model::{Backend, Endpoint, EndpointState, Service, ServicePort};
+use crate::names::{ClusterName, ServiceName, check_dns_label};
+use crate::weights::Weights;
+
+/// Why a catalog file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid YAML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: service {service}: {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        service: String,
+        field: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    backends: BTreeMap<String, RawBackend>,
+    weights: Option<BTreeMap<String, u32>>,
+}
+
+fn default_namespace() -> String {
+    "default".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    name: String,
+    port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawEndpoint {
+    Address(String),
+    Detailed(RawEndpointDetail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpointDetail {
+    address: String,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
+    #[serde(default = "yes")]
+    ready: bool,
+    #[serde(default)]
+    terminating: bool,
+    zone: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Parses and validates catalog YAML. `path` only names the source in errors.
+pub fn parse_catalog(path: &Path, text: &str) -> Result<Vec<Service>, CatalogError> {
+    let raw: RawCatalog = serde_yaml_ng::from_str(text).map_err(|e| CatalogError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    Validator::new(path).catalog(raw)
+}
+
+/// Reads, parses and validates a catalog file.
+pub fn load_catalog(path: &Path) -> Result<Vec<Service>, CatalogError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_catalog(path, &text)
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    service: String,
+}
+
+impl<'a> Validator<'a> {
+    fn new(path: &'a Path) -> Self {
+        Self {
+            path,
+            service: String::new(),
+        }
+    }
+
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> CatalogError {
+        CatalogError::Invalid {
+            path: self.path.to_owned(),
+            service: self.service.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn catalog(mut self, raw: RawCatalog) -> Result<Vec<Service>, CatalogError> {
+        let mut services: Vec<Service> = Vec::with_capacity(raw.services.len());
+        let mut seen: HashMap<ServiceName, usize> = HashMap::new();
+        let mut host_owner: HashMap<String, ServiceName> = HashMap::new();
+        for (index, raw_service) in raw.services.into_iter().enumerate() {
+            self.service = format!(
+                "{}.{} (services[{index}])",
+                raw_service.name, raw_service.namespace
+            );
+            let service = self.service_entry(raw_service)?;
+            if let Some(first) = seen.insert(service.name.clone(), index) {
+                return Err(self.err(
+                    "name",
+                    format!("duplicate service, first at services[{first}]"),
+                ));
+            }
+            for domain in claimed_domains(&service) {
+                if let Some(owner) = host_owner.insert(domain.clone(), service.name.clone()) {
+                    return Err(self.err(
+                        "hosts",
+                        format!("domain {domain:?} is already routed to service {owner}"),
+                    ));
+                }
+            }
+            services.push(service);
+        }
+        Ok(services)
+    }
+
+    fn service_entry(&self, raw: RawService) -> Result<Service, CatalogError> {
+        let name = ServiceName::new(&raw.name, &raw.namespace).map_err(|e| {
+            let field = if check_dns_label(&raw.name).is_err() {
+                "name"
+            } else {
+                "namespace"
+            };
+            self.err(field, e.to_string())
+        })?;
+        let ports = self.ports(raw.ports)?;
+        let hosts = self.hosts(raw.hosts)?;
+        if raw.backends.is_empty() {
+            return Err(self.err("backends", "at least one cluster backend is required"));
+        }
+        let mut backends = BTreeMap::new();
+        for (cluster, backend) in raw.backends {
+            let cluster_name = ClusterName::new(&cluster)
+                .map_err(|e| self.err(format!("backends.{cluster}"), e.to_string()))?;
+            let endpoints = backend
+                .endpoints
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| self.endpoint(&cluster, i, e, &ports))
+                .collect::<Result<Vec<_>, _>>()?;
+            backends.insert(cluster_name, Backend { endpoints });
+        }
+        let weights = raw
+            .weights
+            .map(|w| self.weights(w, &backends))
+            .transpose()?;
+        Ok(Service {
+            name,
+            ports,
+            hosts,
+            backends,
+            weights,
+        })
+    }
+
+    fn ports(&self, raw: Vec<RawPort>) -> Result<Vec<ServicePort>, CatalogError> {
+        if raw.is_empty() {
+            return Err(self.err("ports", "at least one port is required"));
+        }
+        let mut ports: Vec<ServicePort> = Vec::with_capacity(raw.len());
+        for (i, p) in raw.into_iter().enumerate() {
+            check_dns_label(&p.name)
+                .map_err(|e| self.err(format!("ports[{i}].name"), e.to_string()))?;
+            if p.port == 0 {
+                return Err(self.err(format!("ports[{i}].port"), "port 0 is not a valid port"));
+            }
+            if ports.iter().any(|q| q.name == p.name || q.port == p.port) {
+                return Err(self.err(format!("ports[{i}]"), "duplicate port name or number"));
+            }
+            ports.push(ServicePort {
+                name: p.name,
+                port: p.port,
+            });
+        }
+        Ok(ports)
+    }
+
+    fn hosts(&self, raw: Vec<String>) -> Result<Vec<String>, CatalogError> {
+        for (i, host) in raw.iter().enumerate() {
+            if !is_hostname(host) {
+                return Err(self.err(
+                    format!("hosts[{i}]"),
+                    format!("{host:?} is not a lowercase DNS name (an optional leading \"*.\" is allowed)"),
+                ));
+            }
+        }
+        Ok(raw)
+    }
+
+    fn endpoint(
+        &self,
+        cluster: &str,
+        index: usize,
+        raw: RawEndpoint,
+        ports: &[ServicePort],
+    ) -> Result<Endpoint, CatalogError> {
+        let field = format!("backends.{cluster}.endpoints[{index}]");
+        let detail = match raw {
+            RawEndpoint::Address(address) => RawEndpointDetail {
+                address,
+                ports: BTreeMap::new(),
+                ready: true,
+                terminating: false,
+                zone: None,
+            },
+            RawEndpoint::Detailed(d) => d,
+        };
+        let (ip, address_port) = parse_address(&detail.address).ok_or_else(|| {
+            self.err(
+                format!("{field}.address"),
+                format!("{:?} is not an IP address with an optional port (\"10.0.0.1:8080\", \"[::1]:8080\")", detail.address),
+            )
+        })?;
+        let mut target_ports = BTreeMap::new();
+        for port in ports {
+            let target = detail
+                .ports
+                .get(&port.name)
+                .copied()
+                .or(if ports.len() == 1 { address_port } else { None });
+            let target = target
+                .or(address_port.filter(|_| ports.len() == 1))
+                .unwrap_or(port.port);
+            if target == 0 {
+                return Err(self.err(
+                    format!("{field}.ports.{}", port.name),
+                    "port 0 is not a valid port",
+                ));
+            }
+            target_ports.insert(port.name.clone(), target);
+        }
+        if let Some(unknown) = detail
+            .ports
+            .keys()
+            .find(|k| !ports.iter().any(|p| &p.name == *k))
+        {
+            return Err(self.err(
+                format!("{field}.ports.{unknown}"),
+                "no service port of that name",
+            ));
+        }
+        if address_port.is_some() && ports.len() > 1 && detail.ports.is_empty() {
+            return Err(self.err(
+                format!("{field}.address"),
+                "the service has several ports: give the address without a port and `ports: {name: port, ...}`",
+            ));
+        }
+        let state = match (detail.ready, detail.terminating) {
+            (_, true) => EndpointState::Terminating,
+            (true, false) => EndpointState::Ready,
+            (false, false) => EndpointState::NotReady,
+        };
+        if let Some(zone) = &detail.zone
+            && zone.is_empty()
+        {
+            return Err(self.err(format!("{field}.zone"), "zone must not be empty"));
+        }
+        Ok(Endpoint {
+            ip,
+            ports: target_ports,
+            state,
+            zone: detail.zone,
+        })
+    }
+
+    fn weights(
+        &self,
+        raw: BTreeMap<String, u32>,
+        backends: &BTreeMap<ClusterName, Backend>,
+    ) -> Result<Weights, CatalogError> {
+        let mut entries = BTreeMap::new();
+        for (cluster, bp) in raw {
+            let name = ClusterName::new(&cluster)
+                .ok()
+                .filter(|c| backends.contains_key(c))
+                .ok_or_else(|| {
+                    self.err(
+                        format!("weights.{cluster}"),
+                        "no backend in that cluster (weights may only name clusters listed under backends)",
+                    )
+                })?;
+            entries.insert(name, bp);
+        }
+        Weights::new(entries).map_err(|e| self.err("weights", e.to_string()))
+    }
+}
+
+/// Every domain a service is routed by, for collision checks.
+fn claimed_domains(service: &Service) -> Vec<String> {
+    let (n, ns) = (service.name.name(), service.name.namespace());
+    let mut domains = vec![
+        format!("{n}.{ns}"),
+        format!("{n}.{ns}.svc"),
+        format!("{n}.{ns}.svc.cluster.local"),
+    ];
+    domains.extend(service.hosts.iter().cloned());
+    domains
+}
+
+fn is_hostname(host: &str) -> bool {
+    let host = host.strip_prefix("*.").unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| check_dns_label(label).is_ok())
+}
+
+fn parse_address(address: &str) -> Option<(IpAddr, Option<u16>)> {
+    if let Ok(sa) = address.parse::<SocketAddr>() {
+        return Some((sa.ip(), Some(sa.port())));
+    }
+    address.parse::<IpAddr>().ok().map(|ip| (ip, None))
+}
+
+/// The file source's health, for status pages.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FileStatus {
+    pub path: PathBuf,
+    pub loads: u64,
+    pub errors: u64,
+    pub last_loaded_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// Watches a catalog file and replaces the catalog on every valid edit.
+#[derive(Debug)]
+pub struct FileSource {
+    path: PathBuf,
+    status: Arc<Mutex<FileStatus>>,
+}
+
+impl FileSource {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let status = FileStatus {
+            path: path.clone(),
+            ..FileStatus::default()
+        };
+        Self {
+            path,
+            status: Arc::new(Mutex::new(status)),
+        }
+    }
+
+    /// A handle on the source's status, updated as it runs.
+    pub fn status(&self) -> Arc<Mutex<FileStatus>> {
+        self.status.clone()
+    }
+
+    /// Loads the file once into `catalog`, recording the outcome.
+    pub fn reload(&self, catalog: &Catalog) -> Result<(), CatalogError> {
+        let result = load_catalog(&self.path);
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(services) => {
+                catalog.replace(services);
+                status.loads += 1;
+                status.last_loaded_at = Some(SystemTime::now());
+                status.last_error = None;
+                metrics::gauge!("ferry_discovery_catalog_file_valid").set(1.0);
+                Ok(())
+            }
+            Err(e) => {
+                status.errors += 1;
+                status.last_error = Some(e.to_string());
+                status.last_error_at = Some(SystemTime::now());
+                metrics::counter!("ferry_discovery_catalog_errors_total").increment(1);
+                metrics::gauge!("ferry_discovery_catalog_file_valid").set(0.0);
+                tracing::error!(error = %e, "catalog file refused; still serving the last good catalog");
+                Err(e)
+            }
+        }
+    }
+
+    /// Loads the file, then reloads it on every change until `cancel`.
+    /// Editors that replace the file (write-and-rename) are handled by
+    /// watching the parent directory.
+    pub async fn run(
+        self,
+        catalog: Arc<Catalog>,
+        cancel: CancellationToken,
+    ) -> Result<(), notify::Error> {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let file_name = self.path.file_name().map(|n| n.to_owned());
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // Reading the file raises access events: only content and name
+                // changes matter, or every reload would trigger another.
+                let relevant = match &event {
+                    Ok(e) => {
+                        !matches!(e.kind, notify::EventKind::Access(_))
+                            && e.paths
+                                .iter()
+                                .any(|p| p.file_name() == file_name.as_deref())
+                    }
+                    Err(_) => true,
+                };
+                if relevant {
+                    // A full channel already holds a pending reload.
+                    let _ = tx.try_send(());
+                }
+            })?;
+        let dir = match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let _ = self.reload(&catalog);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                event = rx.recv() => {
+                    if event.is_none() {
+                        return Ok(());
+                    }
+                    // Let a burst of writes settle before reading.
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    while rx.try_recv().is_ok() {}
+                    let _ = self.reload(&catalog);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<Service>, CatalogError> {
+        parse_catalog(Path::new("catalog.yaml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const GOOD: &str = r#"
+services:
+  - name: checkout
+    namespace: shop
+    ports: [{name: http, port: 8080}]
+    hosts: [checkout.example.com]
+    backends:
+      old: {endpoints: ["127.0.0.1:9001", {address: "127.0.0.1:9002", ready: false, zone: a}]}
+      new: {endpoints: ["127.0.0.1:9101"]}
+    weights: {old: 9000, new: 1000}
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let services = parse(GOOD).unwrap();
+        assert_eq!(services.len(), 1);
+        let s = &services[0];
+        assert_eq!(s.name.to_string(), "checkout.shop");
+        let old = &s.backends[&ClusterName::new("old").unwrap()];
+        assert_eq!(old.endpoints.len(), 2);
+        assert_eq!(old.endpoints[0].ports["http"], 9001);
+        assert_eq!(old.endpoints[1].state, EndpointState::NotReady);
+        assert_eq!(old.endpoints[1].zone.as_deref(), Some("a"));
+        let w = s.weights.as_ref().unwrap();
+        assert_eq!(
+            w.get(&ClusterName::new("new").unwrap()).basis_points(),
+            1000
+        );
+    }
+
+    #[test]
+    fn bad_weights_name_the_service_and_field() {
+        let e = error(&GOOD.replace("new: 1000", "new: 999"));
+        assert!(e.contains("catalog.yaml"), "{e}");
+        assert!(e.contains("checkout.shop"), "{e}");
+        assert!(e.contains("weights") && e.contains("9999"), "{e}");
+
+        let e = error(&GOOD.replace("new: 1000}", "new: 500, other: 500}"));
+        assert!(e.contains("weights.other"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_and_duplicates_are_refused() {
+        let e = error(&GOOD.replace("127.0.0.1:9101", "not-an-ip:80"));
+        assert!(e.contains("backends.new.endpoints[0].address"), "{e}");
+
+        let twice = format!("{GOOD}{}", GOOD.replace("services:\n", ""));
+        let e = error(&twice);
+        assert!(e.contains("duplicate service"), "{e}");
+
+        let e = error("services: [ {name: x");
+        assert!(e.contains("invalid YAML"), "{e}");
+
+        let e = error(&GOOD.replace("name: checkout", "name: Checkout"));
+        assert!(e.contains(": name:"), "{e}");
+    }
+
+    #[test]
+    fn hosts_may_not_collide_across_services() {
+        let other = r#"
+  - name: cart
+    namespace: shop
+    ports: [{name: http, port: 8080}]
+    hosts: [checkout.example.com]
+    backends: {old: {endpoints: ["127.0.0.1:1"]}}
+"#;
+        let e = error(&format!("{GOOD}{other}"));
+        assert!(e.contains("cart.shop") && e.contains("hosts"), "{e}");
+    }
+
+    #[test]
+    fn multi_port_endpoints_name_their_ports() {
+        let text = r#"
+services:
+  - name: api
+    namespace: shop
+    ports: [{name: http, port: 8080}, {name: grpc, port: 9090}]
+    backends:
+      old: {endpoints: [{address: "10.0.0.1", ports: {http: 18080, grpc: 19090}}, "10.0.0.2"]}
+"#;
+        let s = &parse(text).unwrap()[0];
+        let eps = &s.backends[&ClusterName::new("old").unwrap()].endpoints;
+        assert_eq!(eps[0].ports["grpc"], 19090);
+        // Without a port the service port is the target port, as in Kubernetes.
+        assert_eq!(eps[1].ports["grpc"], 9090);
+
+        let e = error(&text.replace("\"10.0.0.2\"", "\"10.0.0.2:1\""));
+        assert!(e.contains("several ports"), "{e}");
+    }
+
+    #[test]
+    fn a_refused_edit_keeps_the_last_good_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.yaml");
+        std::fs::write(&path, GOOD).unwrap();
+        let catalog = Catalog::new();
+        let source = FileSource::new(&path);
+        source.reload(&catalog).unwrap();
+        let good = catalog.current();
+
+        std::fs::write(&path, GOOD.replace("9000", "9001")).unwrap();
+        assert!(source.reload(&catalog).is_err());
+        assert_eq!(catalog.current().version, good.version);
+        let status = source.status();
+        let status = status.lock().unwrap();
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("weights")
+        );
+        assert_eq!(status.errors, 1);
+    }
+}

@@ -1,0 +1,162 @@
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/status`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use ferry_discovery::Catalog;
+use ferry_discovery::file::FileStatus;
+use ferry_xds::SnapshotCache;
+use ferry_xds::status::{ClientRegistry, ClientStatus};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub catalog: Arc<Catalog>,
+    pub cache: Arc<SnapshotCache>,
+    pub clients: Arc<ClientRegistry>,
+    pub file_status: Arc<Mutex<FileStatus>>,
+    pub metrics: PrometheusHandle,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Ready once the first catalog is loaded and translated: before that no
+/// xDS client is answered.
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.catalog.current().is_loaded() && state.cache.current().is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no valid catalog loaded yet\n",
+        )
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    state.metrics.run_upkeep();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+#[derive(Serialize)]
+struct StatusPage {
+    ready: bool,
+    catalog: CatalogStatus,
+    xds: XdsStatus,
+}
+
+#[derive(Serialize)]
+struct CatalogStatus {
+    version: u64,
+    source: FileStatus,
+    services: Vec<ServiceStatus>,
+}
+
+#[derive(Serialize)]
+struct ServiceStatus {
+    name: String,
+    ports: Vec<u16>,
+    /// "declared" (catalog weights) or "ready_endpoints" (proportional).
+    weights_from: &'static str,
+    clusters: BTreeMap<String, ClusterStatus>,
+}
+
+#[derive(Serialize)]
+struct ClusterStatus {
+    weight_bp: u32,
+    endpoints: usize,
+    ready: usize,
+}
+
+#[derive(Serialize)]
+struct XdsStatus {
+    snapshot_version: u64,
+    catalog_version: u64,
+    resources: BTreeMap<&'static str, usize>,
+    clients: Vec<ClientStatus>,
+}
+
+async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
+    let catalog = state.catalog.current();
+    let snapshot = state.cache.current();
+    let services = catalog
+        .services
+        .values()
+        .map(|s| {
+            let weights = s.effective_weights();
+            let clusters = s
+                .backends
+                .iter()
+                .map(|(c, b)| {
+                    let weight_bp = weights
+                        .as_ref()
+                        .map(|w| w.get(c).basis_points())
+                        .unwrap_or(0);
+                    let status = ClusterStatus {
+                        weight_bp,
+                        endpoints: b.endpoints.len(),
+                        ready: b.ready_endpoints(),
+                    };
+                    (c.to_string(), status)
+                })
+                .collect();
+            ServiceStatus {
+                name: s.name.to_string(),
+                ports: s.ports.iter().map(|p| p.port).collect(),
+                weights_from: if s.weights.is_some() {
+                    "declared"
+                } else {
+                    "ready_endpoints"
+                },
+                clusters,
+            }
+        })
+        .collect();
+    let source = state
+        .file_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let resources = ferry_xds::ResourceType::ALL
+        .into_iter()
+        .map(|k| (k.short(), snapshot.of(k).len()))
+        .collect();
+    Json(StatusPage {
+        ready: catalog.is_loaded() && snapshot.is_ready(),
+        catalog: CatalogStatus {
+            version: catalog.version,
+            source,
+            services,
+        },
+        xds: XdsStatus {
+            snapshot_version: snapshot.version,
+            catalog_version: snapshot.catalog_version,
+            resources,
+            clients: state.clients.snapshot(),
+        },
+    })
+}

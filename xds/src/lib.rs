@@ -1,0 +1,19 @@
+//! Ferry's xDS control plane.
+//!
+//! Data flows one way: a [`ferry_discovery::CatalogSnapshot`] is translated
+//! ([`translate`]) into Envoy resources, gathered into an immutable,
+//! versioned [`snapshot::Snapshot`], and served by the ADS server ([`ads`])
+//! over both state-of-the-world and delta streams. Per-client protocol state
+//! (subscriptions, nonces, ACK/NACK) lives in one place, [`session`].
+
+pub mod ads;
+pub mod resources;
+pub mod session;
+pub mod snapshot;
+pub mod status;
+pub mod translate;
+
+pub use ads::AdsServer;
+pub use resources::{Resource, ResourceType};
+pub use snapshot::{Snapshot, SnapshotCache};
+pub use translate::{TranslateOptions, Translator};

@@ -1,0 +1,543 @@
+//! The xDS protocol state of one ADS stream, for both variants.
+//!
+//! Per resource type a [`TypeState`] holds the client's subscription, what
+//! the client is known to hold, the latest nonce sent and the ACK/NACK
+//! record. What the client holds is kept compactly as a *base* snapshot
+//! (the client has every subscribed resource as it was there) plus a few
+//! exceptions, so ten thousand clients do not each keep a map of every
+//! resource.
+//!
+//! Protocol rules kept here:
+//! - a request whose `response_nonce` is not the latest sent for its type
+//!   is stale and is not an ACK or NACK;
+//! - a NACK (`error_detail` set) is recorded and counted, and the rejected
+//!   content is not sent again: the client stays on its last good config
+//!   until resources change again;
+//! - updates go out in make-before-break order (CDS, EDS, LDS, RDS), and a
+//!   removed cluster is withdrawn only once the client has ACKed routes
+//!   that no longer use it;
+//! - SotW sends full state for listeners and clusters, requested names for
+//!   routes and endpoints; delta sends only changes, `removed_resources`
+//!   for deletions and for subscribed names that do not exist, and honours
+//!   `initial_resource_versions`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ferry_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as DeltaResource,
+};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::resources::{Resource, ResourceType};
+use crate::snapshot::Snapshot;
+use crate::status::{ClientStatus, NackRecord, TypeStatus};
+
+/// Which ADS RPC a stream uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Variant {
+    Sotw,
+    Delta,
+}
+
+impl Variant {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sotw => "sotw",
+            Self::Delta => "delta",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Subscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+}
+
+impl Subscription {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// What the client holds of one resource, where it differs from the base.
+#[derive(Debug, Clone)]
+enum Known {
+    /// The client holds this version (from `initial_resource_versions`).
+    Version(String),
+    /// Held back on purpose: a removed cluster kept until routes settle.
+    Held(Arc<Resource>),
+    /// The client does not hold it (newly subscribed).
+    Missing,
+    /// The client was told it does not exist.
+    Absent,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    started: bool,
+    sub: Subscription,
+    /// The client holds every subscribed resource as in `base`, except
+    /// for `exceptions`.
+    base: Option<Arc<Snapshot>>,
+    exceptions: BTreeMap<String, Known>,
+    nonce: Option<String>,
+    awaiting_ack: bool,
+    force_response: bool,
+    sent_version: Option<String>,
+    acked_version: Option<String>,
+    last_nack: Option<NackRecord>,
+    nacks: u64,
+}
+
+impl TypeState {
+    /// The version of `name` the client holds, if any.
+    fn known(&self, kind: ResourceType, name: &str) -> Option<&str> {
+        match self.exceptions.get(name) {
+            Some(Known::Version(v)) => Some(v),
+            Some(Known::Held(r)) => Some(&r.version),
+            Some(Known::Missing | Known::Absent) => None,
+            None if self.sub.wants(name) => self
+                .base
+                .as_ref()
+                .and_then(|b| b.of(kind).get(name))
+                .map(|r| r.version.as_str()),
+            None => None,
+        }
+    }
+
+    /// Names that may differ between what the client holds and `snapshot`.
+    fn candidates(&self, kind: ResourceType, snapshot: &Snapshot) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self.exceptions.keys().cloned().collect();
+        let current = snapshot.of(kind);
+        match &self.base {
+            Some(base) if base.version == snapshot.version => {}
+            Some(base) if base.version + 1 == snapshot.version => {
+                names.extend(snapshot.changed[kind.index()].iter().cloned());
+            }
+            Some(base) => {
+                let old = base.of(kind);
+                for (name, r) in current {
+                    if old.get(name).is_none_or(|o| o.version != r.version) {
+                        names.insert(name.clone());
+                    }
+                }
+                names.extend(old.keys().filter(|n| !current.contains_key(*n)).cloned());
+            }
+            None => {
+                names.extend(current.keys().cloned());
+                names.extend(self.sub.names.iter().cloned());
+            }
+        }
+        names.retain(|n| self.sub.wants(n) || self.exceptions.contains_key(n));
+        names
+    }
+}
+
+/// One pending update of one type, before it is put on the wire.
+#[derive(Debug, Default)]
+struct Update {
+    upserts: Vec<Arc<Resource>>,
+    removals: Vec<String>,
+}
+
+/// Protocol state of one ADS stream.
+#[derive(Debug)]
+pub struct Session {
+    id: u64,
+    variant: Variant,
+    types: [TypeState; 4],
+    next_nonce: u64,
+    node_id: String,
+    node_cluster: String,
+    last_pushed_snapshot: u64,
+    status: Arc<Mutex<ClientStatus>>,
+}
+
+fn type_of(url: &str) -> Option<ResourceType> {
+    let kind = ResourceType::from_type_url(url);
+    if kind.is_none() {
+        tracing::debug!(
+            type_url = url,
+            "request for a type Ferry does not serve; ignored"
+        );
+    }
+    kind
+}
+
+impl Session {
+    pub fn new(id: u64, variant: Variant, status: Arc<Mutex<ClientStatus>>) -> Self {
+        Self {
+            id,
+            variant,
+            types: Default::default(),
+            next_nonce: 0,
+            node_id: String::new(),
+            node_cluster: String::new(),
+            last_pushed_snapshot: 0,
+            status,
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    fn note_node(&mut self, node: Option<&ferry_proto::envoy::config::core::v3::Node>) {
+        if let Some(node) = node
+            && self.node_id.is_empty()
+        {
+            self.node_id = node.id.clone();
+            self.node_cluster = node.cluster.clone();
+            tracing::info!(stream = self.id, node = %node.id, variant = self.variant.as_str(), "xds client identified");
+        }
+    }
+
+    /// Handles the ACK/NACK part of a request. Returns false for a stale
+    /// request (not answering the latest nonce of its type).
+    fn acknowledge(
+        &mut self,
+        kind: ResourceType,
+        nonce: &str,
+        version_info: &str,
+        error: Option<&ferry_proto::google::rpc::Status>,
+    ) -> bool {
+        let node = self.node_id.clone();
+        let st = &mut self.types[kind.index()];
+        if nonce.is_empty() {
+            return true;
+        }
+        if st.nonce.as_deref() != Some(nonce) {
+            if st.nonce.is_some() {
+                metrics::counter!("ferry_xds_stale_requests_total", "type" => kind.short())
+                    .increment(1);
+                return false;
+            }
+            // A nonce from an earlier stream: treat as a fresh request.
+            return true;
+        }
+        st.awaiting_ack = false;
+        match error {
+            Some(err) => {
+                st.nacks += 1;
+                let record = NackRecord {
+                    rejected_version: st.sent_version.clone().unwrap_or_default(),
+                    kept_version: version_info.to_owned(),
+                    message: err.message.clone(),
+                    at: SystemTime::now(),
+                };
+                tracing::warn!(
+                    node = %node, r#type = kind.short(), rejected = %record.rejected_version,
+                    message = %record.message, "xds client rejected (NACK) an update; it keeps its last good config"
+                );
+                metrics::counter!("ferry_xds_nacks_total", "type" => kind.short()).increment(1);
+                st.last_nack = Some(record);
+            }
+            None => {
+                st.acked_version = st.sent_version.clone();
+                if self.variant == Variant::Sotw && !version_info.is_empty() {
+                    st.acked_version = Some(version_info.to_owned());
+                }
+            }
+        }
+        true
+    }
+
+    /// Applies a state-of-the-world request.
+    pub fn on_sotw_request(&mut self, req: &DiscoveryRequest) {
+        self.note_node(req.node.as_ref());
+        let Some(kind) = type_of(&req.type_url) else {
+            return;
+        };
+        if !self.acknowledge(
+            kind,
+            &req.response_nonce,
+            &req.version_info,
+            req.error_detail.as_ref(),
+        ) {
+            return;
+        }
+        let st = &mut self.types[kind.index()];
+        let wildcard = req.resource_names.iter().any(|n| n == "*")
+            || (kind.is_full_state()
+                && req.resource_names.is_empty()
+                && (!st.started || st.sub.wildcard));
+        let names: BTreeSet<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| *n != "*")
+            .cloned()
+            .collect();
+        let gained =
+            (wildcard && !st.sub.wildcard) || names.iter().any(|n| !st.sub.names.contains(n));
+        for lost in st.sub.names.difference(&names) {
+            st.exceptions.remove(lost);
+        }
+        for new in names.iter().filter(|n| !st.sub.wants(n)) {
+            st.exceptions.insert(new.clone(), Known::Missing);
+        }
+        if wildcard && !st.sub.wildcard {
+            // Everything not explicitly known is new to the client.
+            st.base = None;
+        }
+        st.sub = Subscription { wildcard, names };
+        if !st.started || gained {
+            st.force_response = true;
+        }
+        st.started = true;
+    }
+
+    /// Applies a delta request.
+    pub fn on_delta_request(&mut self, req: &DeltaDiscoveryRequest) {
+        self.note_node(req.node.as_ref());
+        let Some(kind) = type_of(&req.type_url) else {
+            return;
+        };
+        // Subscription changes apply even on a stale nonce: delta
+        // subscriptions are incremental and would otherwise be lost.
+        self.acknowledge(kind, &req.response_nonce, "", req.error_detail.as_ref());
+        let st = &mut self.types[kind.index()];
+        if !st.started {
+            st.started = true;
+            st.force_response = true;
+            if req.resource_names_subscribe.is_empty() {
+                st.sub.wildcard = true;
+            }
+            for (name, version) in &req.initial_resource_versions {
+                st.exceptions
+                    .insert(name.clone(), Known::Version(version.clone()));
+            }
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                if !st.sub.wildcard {
+                    st.sub.wildcard = true;
+                    st.base = None;
+                }
+                continue;
+            }
+            if st.sub.names.insert(name.clone())
+                && !st.exceptions.contains_key(name)
+                && !st.sub.wildcard
+            {
+                st.exceptions.insert(name.clone(), Known::Missing);
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                st.sub.wildcard = false;
+                continue;
+            }
+            st.sub.names.remove(name);
+            st.exceptions.remove(name);
+        }
+    }
+
+    /// Whether the client might still route to a cluster that is gone:
+    /// routes are unsent or unacknowledged.
+    fn routes_unsettled(&self, snapshot: &Snapshot) -> bool {
+        let kind = ResourceType::Route;
+        let routes = &self.types[kind.index()];
+        if !routes.started {
+            return false;
+        }
+        let current = snapshot.of(kind);
+        routes.awaiting_ack
+            || routes
+                .candidates(kind, snapshot)
+                .iter()
+                .any(|n| routes.known(kind, n) != current.get(n).map(|r| r.version.as_str()))
+    }
+
+    fn update_for(&mut self, kind: ResourceType, snapshot: &Arc<Snapshot>) -> Option<Update> {
+        let hold_removals = kind == ResourceType::Cluster && self.routes_unsettled(snapshot);
+        let variant = self.variant;
+        let st = &mut self.types[kind.index()];
+        if !st.started {
+            return None;
+        }
+        let current = snapshot.of(kind);
+        let mut update = Update::default();
+        let mut exceptions = BTreeMap::new();
+        for name in st.candidates(kind, snapshot) {
+            let known = st.known(kind, &name).map(str::to_owned);
+            match current.get(&name) {
+                Some(r) if st.sub.wants(&name) => {
+                    if known.as_deref() != Some(r.version.as_str()) {
+                        update.upserts.push(r.clone());
+                    }
+                }
+                Some(_) => {}
+                None if known.is_some() && hold_removals => {
+                    let held = match st.exceptions.get(&name) {
+                        Some(Known::Held(r)) => Some(r.clone()),
+                        _ => st
+                            .base
+                            .as_ref()
+                            .and_then(|b| b.of(kind).get(&name).cloned()),
+                    };
+                    if let Some(r) = held {
+                        exceptions.insert(name, Known::Held(r));
+                    }
+                }
+                None if known.is_some() => update.removals.push(name),
+                None => {
+                    let named = st.sub.names.contains(&name);
+                    let told = matches!(st.exceptions.get(&name), Some(Known::Absent));
+                    if variant == Variant::Delta && named && !told {
+                        update.removals.push(name.clone());
+                    }
+                    if named {
+                        exceptions.insert(name, Known::Absent);
+                    }
+                }
+            }
+        }
+        st.base = Some(snapshot.clone());
+        st.exceptions = exceptions;
+        let changed = !update.upserts.is_empty() || !update.removals.is_empty();
+        if !changed && !st.force_response {
+            return None;
+        }
+        st.force_response = false;
+        Some(update)
+    }
+
+    fn nonce(&mut self) -> String {
+        self.next_nonce += 1;
+        self.next_nonce.to_string()
+    }
+
+    /// The SotW responses due for `snapshot`, in push order.
+    pub fn sotw_responses(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DiscoveryResponse> {
+        if !snapshot.is_ready() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for kind in ResourceType::ALL {
+            if self.update_for(kind, snapshot).is_none() {
+                continue;
+            }
+            let st = &self.types[kind.index()];
+            let mut view: BTreeMap<&str, &Arc<Resource>> = snapshot
+                .of(kind)
+                .iter()
+                .filter(|(n, _)| st.sub.wants(n))
+                .map(|(n, r)| (n.as_str(), r))
+                .collect();
+            for (name, known) in &st.exceptions {
+                if let Known::Held(r) = known {
+                    view.insert(name.as_str(), r);
+                }
+            }
+            let mut hasher = Xxh3::new();
+            for r in view.values() {
+                hasher.update(r.name.as_bytes());
+                hasher.update(r.version.as_bytes());
+            }
+            let version = format!("{:016x}", hasher.digest());
+            let resources = view.values().map(|r| r.body.clone()).collect();
+            let nonce = self.nonce();
+            let st = &mut self.types[kind.index()];
+            st.nonce = Some(nonce.clone());
+            st.awaiting_ack = true;
+            st.sent_version = Some(version.clone());
+            metrics::counter!("ferry_xds_pushes_total", "type" => kind.short(), "variant" => "sotw").increment(1);
+            out.push(DiscoveryResponse {
+                version_info: version,
+                resources,
+                type_url: kind.type_url().to_owned(),
+                nonce,
+                ..Default::default()
+            });
+        }
+        self.note_push(snapshot, !out.is_empty());
+        out
+    }
+
+    /// The delta responses due for `snapshot`, in push order.
+    pub fn delta_responses(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
+        if !snapshot.is_ready() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for kind in ResourceType::ALL {
+            let Some(update) = self.update_for(kind, snapshot) else {
+                continue;
+            };
+            let nonce = self.nonce();
+            let version = snapshot.version.to_string();
+            let st = &mut self.types[kind.index()];
+            st.nonce = Some(nonce.clone());
+            st.awaiting_ack = true;
+            st.sent_version = Some(version.clone());
+            metrics::counter!("ferry_xds_pushes_total", "type" => kind.short(), "variant" => "delta").increment(1);
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: version,
+                resources: update
+                    .upserts
+                    .iter()
+                    .map(|r| DeltaResource {
+                        name: r.name.clone(),
+                        version: r.version.clone(),
+                        resource: Some(r.body.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+                removed_resources: update.removals,
+                type_url: kind.type_url().to_owned(),
+                nonce,
+                ..Default::default()
+            });
+        }
+        self.note_push(snapshot, !out.is_empty());
+        out
+    }
+
+    fn note_push(&mut self, snapshot: &Snapshot, sent: bool) {
+        if sent
+            && self.last_pushed_snapshot != 0
+            && snapshot.version > self.last_pushed_snapshot
+            && let Some(at) = snapshot.catalog_published_at
+        {
+            metrics::histogram!("ferry_xds_push_latency_seconds")
+                .record(at.elapsed().as_secs_f64());
+        }
+        if sent {
+            self.last_pushed_snapshot = snapshot.version;
+        }
+        self.publish_status();
+    }
+
+    /// Copies this session's state into its status record.
+    pub fn publish_status(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.node_id.clone_from(&self.node_id);
+        status.node_cluster.clone_from(&self.node_cluster);
+        status.last_update = Some(SystemTime::now());
+        status.types.clear();
+        for kind in ResourceType::ALL {
+            let st = &self.types[kind.index()];
+            if !st.started {
+                continue;
+            }
+            status.types.insert(
+                kind.short(),
+                TypeStatus {
+                    wildcard: st.sub.wildcard,
+                    subscribed: st.sub.names.len(),
+                    names: st.sub.names.iter().take(20).cloned().collect(),
+                    sent_version: st.sent_version.clone(),
+                    acked_version: st.acked_version.clone(),
+                    awaiting_ack: st.awaiting_ack,
+                    nacks: st.nacks,
+                    last_nack: st.last_nack.clone(),
+                },
+            );
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Immutable, versioned snapshots of every xDS resource, and the loop that
+//! builds them from catalog changes.
+//!
+//! Each snapshot records which names changed since the one before it, so a
+//! client that is one version behind diffs only those names instead of the
+//! whole world. Bursts of catalog changes are coalesced: a quiet period
+//! (`debounce`) bounded by `max_delay` from the first change.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_discovery::CatalogSnapshot;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::resources::ResourceType;
+use crate::translate::{ResourceMaps, Translator};
+
+/// Every resource Ferry serves, at one version.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// 0 until the first catalog has been translated; xDS waits for 1.
+    pub version: u64,
+    pub catalog_version: u64,
+    pub resources: ResourceMaps,
+    /// Names added, updated or removed since `version - 1`, per type.
+    pub changed: [BTreeSet<String>; 4],
+    /// When the catalog change that led here was published.
+    pub catalog_published_at: Option<Instant>,
+}
+
+impl Snapshot {
+    pub fn is_ready(&self) -> bool {
+        self.version > 0
+    }
+
+    pub fn of(
+        &self,
+        kind: ResourceType,
+    ) -> &std::collections::BTreeMap<String, Arc<crate::Resource>> {
+        &self.resources[kind.index()]
+    }
+}
+
+/// Holds the current snapshot; the ADS streams watch it.
+#[derive(Debug)]
+pub struct SnapshotCache {
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SnapshotCache {
+    pub fn new() -> Self {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self { tx }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Publishes translated resources as a new version when anything
+    /// differs from the current snapshot; returns whether it did.
+    pub fn publish(&self, resources: ResourceMaps, catalog: &CatalogSnapshot) -> bool {
+        let current = self.current();
+        let mut changed: [BTreeSet<String>; 4] = Default::default();
+        for kind in ResourceType::ALL {
+            let (old, new) = (current.of(kind), &resources[kind.index()]);
+            let set = &mut changed[kind.index()];
+            for (name, r) in new {
+                if old.get(name).is_none_or(|o| o.version != r.version) {
+                    set.insert(name.clone());
+                }
+            }
+            set.extend(old.keys().filter(|n| !new.contains_key(*n)).cloned());
+        }
+        if current.is_ready() && changed.iter().all(BTreeSet::is_empty) {
+            return false;
+        }
+        let snapshot = Snapshot {
+            version: current.version + 1,
+            catalog_version: catalog.version,
+            resources,
+            changed,
+            catalog_published_at: Some(catalog.published_at),
+        };
+        metrics::gauge!("ferry_xds_snapshot_version").set(snapshot.version as f64);
+        for kind in ResourceType::ALL {
+            metrics::gauge!("ferry_xds_resources", "type" => kind.short())
+                .set(snapshot.of(kind).len() as f64);
+        }
+        tracing::info!(
+            version = snapshot.version,
+            catalog_version = catalog.version,
+            changed_clusters = snapshot.changed[0].len(),
+            changed_endpoints = snapshot.changed[1].len(),
+            "xds snapshot published"
+        );
+        self.tx.send_replace(Arc::new(snapshot));
+        true
+    }
+}
+
+/// How bursts of catalog changes are coalesced.
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    /// Quiet time after the last change before translating.
+    pub quiet: Duration,
+    /// Upper bound from the first change of a burst.
+    pub max_delay: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Self {
+            quiet: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Translates each (coalesced) catalog change into a new snapshot until
+/// `cancel`. The first loaded catalog is translated without delay.
+pub async fn run_translation(
+    mut catalog: watch::Receiver<Arc<CatalogSnapshot>>,
+    cache: Arc<SnapshotCache>,
+    mut translator: Translator,
+    debounce: Debounce,
+    cancel: CancellationToken,
+) {
+    let mut first = true;
+    loop {
+        let current = catalog.borrow_and_update().clone();
+        if current.is_loaded() {
+            let started = Instant::now();
+            let maps = translator.translate(&current);
+            metrics::histogram!("ferry_xds_translate_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("ferry_xds_services_translated_total")
+                .increment(translator.last_translated() as u64);
+            cache.publish(maps, &current);
+            first = false;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = catalog.changed() => if changed.is_err() { return },
+        }
+        if !first {
+            coalesce(&mut catalog, debounce, &cancel).await;
+        }
+    }
+}
+
+async fn coalesce(
+    catalog: &mut watch::Receiver<Arc<CatalogSnapshot>>,
+    debounce: Debounce,
+    cancel: &CancellationToken,
+) {
+    let deadline = tokio::time::Instant::now() + debounce.max_delay;
+    loop {
+        let quiet_end = (tokio::time::Instant::now() + debounce.quiet).min(deadline);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(quiet_end) => return,
+            changed = catalog.changed() => {
+                if changed.is_err() || tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::TranslateOptions;
+    use ferry_discovery::Catalog;
+    use ferry_discovery::file::parse_catalog;
+    use std::path::Path;
+
+    fn services(port: u16) -> Vec<ferry_discovery::Service> {
+        let text = format!(
+            "services:\n  - name: a\n    namespace: b\n    ports: [{{name: http, port: 80}}]\n    backends: {{old: {{endpoints: [\"127.0.0.1:{port}\"]}}}}\n"
+        );
+        parse_catalog(Path::new("t.yaml"), &text).unwrap()
+    }
+
+    #[test]
+    fn snapshots_record_what_changed() {
+        let catalog = Catalog::new();
+        let cache = SnapshotCache::new();
+        let mut t = Translator::new(TranslateOptions::default());
+        catalog.replace(services(1));
+        assert!(cache.publish(t.translate(&catalog.current()), &catalog.current()));
+        assert_eq!(cache.current().version, 1);
+        assert!(!cache.publish(t.translate(&catalog.current()), &catalog.current()));
+
+        catalog.replace(services(2));
+        assert!(cache.publish(t.translate(&catalog.current()), &catalog.current()));
+        let s = cache.current();
+        assert_eq!(s.version, 2);
+        assert_eq!(s.changed[ResourceType::Endpoint.index()].len(), 1);
+        assert!(s.changed[ResourceType::Cluster.index()].is_empty());
+        assert!(s.changed[ResourceType::Route.index()].is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_coalesced_into_one_snapshot() {
+        let catalog = Arc::new(Catalog::new());
+        let cache = Arc::new(SnapshotCache::new());
+        let cancel = CancellationToken::new();
+        catalog.replace(services(1));
+        let task = tokio::spawn(run_translation(
+            catalog.subscribe(),
+            cache.clone(),
+            Translator::new(TranslateOptions::default()),
+            Debounce::default(),
+            cancel.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(cache.current().version, 1);
+        for port in 2..12 {
+            catalog.replace(services(port));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            cache.current().version,
+            2,
+            "ten changes in a burst, one push"
+        );
+        assert_eq!(cache.current().catalog_version, 11);
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
