@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use ferry_discovery::Catalog;
 use ferry_discovery::file::FileStatus;
+use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_xds::SnapshotCache;
 use ferry_xds::status::{ClientRegistry, ClientStatus};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -22,6 +23,7 @@ pub struct AdminState {
     pub cache: Arc<SnapshotCache>,
     pub clients: Arc<ClientRegistry>,
     pub file_status: Arc<Mutex<FileStatus>>,
+    pub clusters: ClusterStatuses,
     pub metrics: PrometheusHandle,
 }
 
@@ -73,6 +75,9 @@ struct StatusPage {
 struct CatalogStatus {
     version: u64,
     source: FileStatus,
+    /// Watched Kubernetes clusters: health (connected, stale,
+    /// unauthorized), last sync, counts.
+    kubernetes: Vec<kubernetes::ClusterStatus>,
     services: Vec<ServiceStatus>,
 }
 
@@ -90,6 +95,9 @@ struct ClusterStatus {
     weight_bp: u32,
     endpoints: usize,
     ready: usize,
+    /// The cluster's API server is unreachable (or refuses Ferry): these
+    /// are its last known endpoints.
+    stale: bool,
 }
 
 #[derive(Serialize)]
@@ -103,6 +111,23 @@ struct XdsStatus {
 async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
     let catalog = state.catalog.current();
     let snapshot = state.cache.current();
+    let clusters: Vec<kubernetes::ClusterStatus> = state
+        .clusters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    let stale: std::collections::BTreeSet<&str> = clusters
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.health,
+                kubernetes::ClusterHealth::Stale | kubernetes::ClusterHealth::Unauthorized
+            )
+        })
+        .map(|c| c.cluster.as_str())
+        .collect();
     let services = catalog
         .services
         .values()
@@ -120,6 +145,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
                         weight_bp,
                         endpoints: b.endpoints.len(),
                         ready: b.ready_endpoints(),
+                        stale: stale.contains(c.as_str()),
                     };
                     (c.to_string(), status)
                 })
@@ -150,6 +176,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         catalog: CatalogStatus {
             version: catalog.version,
             source,
+            kubernetes: clusters.clone(),
             services,
         },
         xds: XdsStatus {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_discovery::Catalog;
 use ferry_discovery::file::FileSource;
+use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
 use ferry_xds::{AdsServer, SnapshotCache, TranslateOptions, Translator};
@@ -62,6 +63,14 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     let source = FileSource::new(&args.catalog);
     let file_status = source.status();
+    let kubernetes_config = source.kubernetes();
+    let clusters: ClusterStatuses = Default::default();
+    tokio::spawn(kubernetes::run(
+        kubernetes_config,
+        catalog.clone(),
+        clusters.clone(),
+        shutdown.clone(),
+    ));
     let source_task = tokio::spawn(source.run(catalog.clone(), shutdown.clone()));
 
     let translator = Translator::new(TranslateOptions {
@@ -97,6 +106,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         cache: cache.clone(),
         clients: clients.clone(),
         file_status,
+        clusters,
         metrics,
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));

@@ -39,6 +39,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Control(args) => {
             telemetry::init_tracing();
+            // One TLS crypto provider for every client (kube-rs among them),
+            // chosen here rather than left to feature unification.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

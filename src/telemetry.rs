@@ -79,6 +79,22 @@ fn describe() {
         "Catalog file loads refused."
     );
     describe_gauge!(
+        "ferry_discovery_cluster_up",
+        "1 while a cluster is listed and watched, 0 while stale or unauthorized."
+    );
+    describe_gauge!(
+        "ferry_discovery_last_sync_age_seconds",
+        "Seconds since a cluster's watchers last heard from its API server."
+    );
+    describe_gauge!(
+        "ferry_discovery_cluster_endpoints",
+        "Endpoints known in a cluster (exported services' slices)."
+    );
+    describe_counter!(
+        "ferry_discovery_watch_errors_total",
+        "Watch failures per cluster (each rebuilds its watchers)."
+    );
+    describe_gauge!(
         "ferry_discovery_catalog_file_valid",
         "1 if the catalog file's latest content was accepted, 0 if it was refused."
     );

@@ -5,8 +5,8 @@
 //! already held keep their `Arc`, so consumers can skip unchanged services
 //! by pointer comparison and re-translate only what moved.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -48,10 +48,21 @@ impl CatalogSnapshot {
 }
 
 /// Holds the current snapshot and notifies subscribers of new ones.
+///
+/// Several sources feed one catalog (the catalog file, one per Kubernetes
+/// cluster); each contributes services by name. The merged service takes
+/// its ports and declared weights from the first source (in source-id
+/// order) that has them, and the union of every source's backends and
+/// hosts (on a cluster named by two sources, the first wins). Updates are
+/// incremental: only the services a change names are merged again.
 #[derive(Debug)]
 pub struct Catalog {
+    sources: Mutex<BTreeMap<String, BTreeMap<ServiceName, Arc<Service>>>>,
     tx: watch::Sender<Arc<CatalogSnapshot>>,
 }
+
+/// The source id of the catalog file.
+pub const FILE_SOURCE: &str = "file";
 
 impl Default for Catalog {
     fn default() -> Self {
@@ -62,7 +73,10 @@ impl Default for Catalog {
 impl Catalog {
     pub fn new() -> Self {
         let (tx, _) = watch::channel(Arc::new(CatalogSnapshot::empty()));
-        Self { tx }
+        Self {
+            sources: Mutex::new(BTreeMap::new()),
+            tx,
+        }
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<CatalogSnapshot>> {
@@ -73,47 +87,146 @@ impl Catalog {
         self.tx.borrow().clone()
     }
 
-    /// Replaces the catalog's services. Publishes a new version only when
-    /// something changed (or on the first load); returns whether it did.
+    /// Replaces the catalog file's services (see [`Catalog::set_source`]).
     pub fn replace(&self, services: Vec<Service>) -> bool {
-        let current = self.current();
+        self.set_source(FILE_SOURCE, services)
+    }
+
+    /// Replaces everything `source` contributes. Publishes a new version
+    /// only when the merged catalog changed (or on the first load); returns
+    /// whether it did.
+    pub fn set_source(&self, source: &str, services: Vec<Service>) -> bool {
+        let mut sources = self.lock();
+        let entry = sources.entry(source.to_owned()).or_default();
+        let mut touched: BTreeSet<ServiceName> = entry.keys().cloned().collect();
         let mut next = BTreeMap::new();
-        let mut changed = !current.is_loaded() || current.services.len() != services.len();
         for service in services {
-            let kept = current
-                .services
+            touched.insert(service.name.clone());
+            let kept = entry
                 .get(&service.name)
                 .filter(|old| ***old == service)
                 .cloned();
-            let entry = match kept {
-                Some(old) => old,
-                None => {
+            next.insert(
+                service.name.clone(),
+                kept.unwrap_or_else(|| Arc::new(service)),
+            );
+        }
+        *entry = next;
+        self.publish(&sources, touched)
+    }
+
+    /// Applies a partial change from `source`: services added or replaced,
+    /// and services it no longer has.
+    pub fn update_source(
+        &self,
+        source: &str,
+        upserts: Vec<Service>,
+        removals: Vec<ServiceName>,
+    ) -> bool {
+        let mut sources = self.lock();
+        let entry = sources.entry(source.to_owned()).or_default();
+        let mut touched = BTreeSet::new();
+        for name in removals {
+            if entry.remove(&name).is_some() {
+                touched.insert(name);
+            }
+        }
+        for service in upserts {
+            if entry.get(&service.name).is_some_and(|old| **old == service) {
+                continue;
+            }
+            touched.insert(service.name.clone());
+            entry.insert(service.name.clone(), Arc::new(service));
+        }
+        self.publish(&sources, touched)
+    }
+
+    /// Drops everything `source` contributed (a source deliberately removed).
+    pub fn remove_source(&self, source: &str) -> bool {
+        let mut sources = self.lock();
+        let Some(old) = sources.remove(source) else {
+            return false;
+        };
+        self.publish(&sources, old.into_keys().collect())
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<ServiceName, Arc<Service>>>> {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-merges the `touched` services and publishes if anything changed.
+    fn publish(
+        &self,
+        sources: &BTreeMap<String, BTreeMap<ServiceName, Arc<Service>>>,
+        touched: BTreeSet<ServiceName>,
+    ) -> bool {
+        let current = self.current();
+        let mut services = current.services.clone();
+        let mut changed = !current.is_loaded();
+        for name in touched {
+            let merged = merge(sources.values().filter_map(|s| s.get(&name)));
+            match (merged, services.get(&name)) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    services.remove(&name);
                     changed = true;
-                    Arc::new(service)
                 }
-            };
-            next.insert(entry.name.clone(), entry);
+                (Some(m), Some(old)) if **old == *m => {}
+                (Some(m), _) => {
+                    services.insert(name, m);
+                    changed = true;
+                }
+            }
         }
         if !changed {
             return false;
         }
         let snapshot = CatalogSnapshot {
             version: current.version + 1,
-            services: next,
+            services,
             published_at: Instant::now(),
         };
         metrics::gauge!("ferry_discovery_catalog_version").set(snapshot.version as f64);
         metrics::gauge!("ferry_discovery_services").set(snapshot.services.len() as f64);
         metrics::gauge!("ferry_discovery_endpoints").set(snapshot.endpoint_count() as f64);
-        tracing::info!(
+        tracing::debug!(
             version = snapshot.version,
             services = snapshot.services.len(),
-            endpoints = snapshot.endpoint_count(),
             "catalog updated"
         );
         self.tx.send_replace(Arc::new(snapshot));
         true
     }
+}
+
+/// Merges one service's contributions, in source order. A single
+/// contribution is shared as is.
+fn merge<'a>(mut parts: impl Iterator<Item = &'a Arc<Service>>) -> Option<Arc<Service>> {
+    let first = parts.next()?;
+    let mut rest = parts.peekable();
+    if rest.peek().is_none() {
+        return Some(first.clone());
+    }
+    let mut merged = (**first).clone();
+    for part in rest {
+        for (cluster, backend) in &part.backends {
+            merged
+                .backends
+                .entry(cluster.clone())
+                .or_insert_with(|| backend.clone());
+        }
+        for host in &part.hosts {
+            if !merged.hosts.contains(host) {
+                merged.hosts.push(host.clone());
+            }
+        }
+        if merged.weights.is_none() {
+            merged.weights.clone_from(&part.weights);
+        }
+    }
+    Some(Arc::new(merged))
 }
 
 #[cfg(test)]
@@ -177,5 +290,37 @@ mod tests {
         assert!(catalog.replace(vec![]));
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().is_loaded());
+    }
+
+    #[test]
+    fn sources_merge_by_service_and_update_incrementally() {
+        let catalog = Catalog::new();
+        catalog.replace(vec![service("a", 1)]);
+        let mut east = service("a", 3);
+        let backend = east
+            .backends
+            .remove(&ClusterName::new("old").unwrap())
+            .unwrap();
+        east.backends
+            .insert(ClusterName::new("east").unwrap(), backend);
+        assert!(catalog.update_source(
+            "kubernetes/east",
+            vec![east.clone(), service("b", 2)],
+            vec![]
+        ));
+        let snap = catalog.current();
+        let a = &snap.services[&ServiceName::new("a", "shop").unwrap()];
+        let clusters: Vec<_> = a.backends.keys().map(|c| c.to_string()).collect();
+        assert_eq!(clusters, ["east", "old"]);
+        assert_eq!(snap.services.len(), 2);
+
+        // An identical update publishes nothing.
+        assert!(!catalog.update_source("kubernetes/east", vec![east], vec![]));
+        // Removing a source removes its backends, not the others'.
+        assert!(catalog.remove_source("kubernetes/east"));
+        let snap = catalog.current();
+        assert_eq!(snap.services.len(), 1);
+        let a = &snap.services[&ServiceName::new("a", "shop").unwrap()];
+        assert_eq!(a.backends.len(), 1);
     }
 }

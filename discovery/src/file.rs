@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
+use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{Backend, Endpoint, EndpointState, Service, ServicePort};
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
@@ -59,6 +60,33 @@ pub enum CatalogError {
 struct RawCatalog {
     #[serde(default)]
     services: Vec<RawService>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    clusters: Vec<RawCluster>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    #[serde(default)]
+    in_cluster: bool,
+}
+
+/// Everything a catalog file describes.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogFile {
+    pub services: Vec<Service>,
+    pub kubernetes: KubernetesConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,22 +144,43 @@ fn yes() -> bool {
     true
 }
 
-/// Parses and validates catalog YAML. `path` only names the source in errors.
-pub fn parse_catalog(path: &Path, text: &str) -> Result<Vec<Service>, CatalogError> {
+/// Parses and validates catalog YAML. `path` only names the source in
+/// errors and anchors relative kubeconfig paths.
+pub fn parse_catalog_file(path: &Path, text: &str) -> Result<CatalogFile, CatalogError> {
     let raw: RawCatalog = serde_yaml_ng::from_str(text).map_err(|e| CatalogError::Parse {
         path: path.to_owned(),
         message: e.to_string(),
     })?;
-    Validator::new(path).catalog(raw)
+    let kubernetes = raw.kubernetes;
+    let mut validator = Validator::new(path);
+    let services = validator.catalog(raw.services)?;
+    let kubernetes = kubernetes
+        .map(|k| validator.kubernetes(k))
+        .transpose()?
+        .unwrap_or_default();
+    Ok(CatalogFile {
+        services,
+        kubernetes,
+    })
+}
+
+/// Parses and validates catalog YAML, returning its static services.
+pub fn parse_catalog(path: &Path, text: &str) -> Result<Vec<Service>, CatalogError> {
+    parse_catalog_file(path, text).map(|f| f.services)
 }
 
 /// Reads, parses and validates a catalog file.
-pub fn load_catalog(path: &Path) -> Result<Vec<Service>, CatalogError> {
+pub fn load_catalog_file(path: &Path) -> Result<CatalogFile, CatalogError> {
     let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse_catalog(path, &text)
+    parse_catalog_file(path, &text)
+}
+
+/// Reads, parses and validates a catalog file, returning its services.
+pub fn load_catalog(path: &Path) -> Result<Vec<Service>, CatalogError> {
+    load_catalog_file(path).map(|f| f.services)
 }
 
 struct Validator<'a> {
@@ -156,11 +205,54 @@ impl<'a> Validator<'a> {
         }
     }
 
-    fn catalog(mut self, raw: RawCatalog) -> Result<Vec<Service>, CatalogError> {
-        let mut services: Vec<Service> = Vec::with_capacity(raw.services.len());
+    fn kubernetes(&mut self, raw: RawKubernetes) -> Result<KubernetesConfig, CatalogError> {
+        self.service = "-".to_owned();
+        for (i, ns) in raw.namespaces.iter().enumerate() {
+            check_dns_label(ns)
+                .map_err(|e| self.err(format!("kubernetes.namespaces[{i}]"), e.to_string()))?;
+        }
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        let mut clusters: Vec<ClusterConfig> = Vec::new();
+        for (i, c) in raw.clusters.into_iter().enumerate() {
+            let field = format!("kubernetes.clusters[{i}]");
+            let name = ClusterName::new(&c.name)
+                .map_err(|e| self.err(format!("{field}.name"), e.to_string()))?;
+            if clusters.iter().any(|k| k.name == name) {
+                return Err(self.err(
+                    format!("{field}.name"),
+                    format!("cluster {name} is listed twice"),
+                ));
+            }
+            let access = match (c.kubeconfig, c.in_cluster) {
+                (Some(path), false) => Access::Kubeconfig {
+                    path: if path.is_absolute() {
+                        path
+                    } else {
+                        base.join(path)
+                    },
+                    context: c.context,
+                },
+                (None, true) => Access::InCluster,
+                _ => {
+                    return Err(self.err(
+                        field,
+                        "give exactly one of `kubeconfig: PATH` or `in_cluster: true`",
+                    ));
+                }
+            };
+            clusters.push(ClusterConfig { name, access });
+        }
+        Ok(KubernetesConfig {
+            namespaces: raw.namespaces,
+            clusters,
+        })
+    }
+
+    fn catalog(&mut self, raw: Vec<RawService>) -> Result<Vec<Service>, CatalogError> {
+        let mut services: Vec<Service> = Vec::with_capacity(raw.len());
         let mut seen: HashMap<ServiceName, usize> = HashMap::new();
         let mut host_owner: HashMap<String, ServiceName> = HashMap::new();
-        for (index, raw_service) in raw.services.into_iter().enumerate() {
+        for (index, raw_service) in raw.into_iter().enumerate() {
             self.service = format!(
                 "{}.{} (services[{index}])",
                 raw_service.name, raw_service.namespace
@@ -398,6 +490,7 @@ pub struct FileStatus {
 pub struct FileSource {
     path: PathBuf,
     status: Arc<Mutex<FileStatus>>,
+    kubernetes: tokio::sync::watch::Sender<KubernetesConfig>,
 }
 
 impl FileSource {
@@ -410,7 +503,13 @@ impl FileSource {
         Self {
             path,
             status: Arc::new(Mutex::new(status)),
+            kubernetes: tokio::sync::watch::channel(KubernetesConfig::default()).0,
         }
+    }
+
+    /// The file's `kubernetes:` section, as of its last valid version.
+    pub fn kubernetes(&self) -> tokio::sync::watch::Receiver<KubernetesConfig> {
+        self.kubernetes.subscribe()
     }
 
     /// A handle on the source's status, updated as it runs.
@@ -420,11 +519,20 @@ impl FileSource {
 
     /// Loads the file once into `catalog`, recording the outcome.
     pub fn reload(&self, catalog: &Catalog) -> Result<(), CatalogError> {
-        let result = load_catalog(&self.path);
+        let result = load_catalog_file(&self.path);
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         match result {
-            Ok(services) => {
-                catalog.replace(services);
+            Ok(file) => {
+                let count = file.services.len();
+                let changed = catalog.replace(file.services);
+                self.kubernetes.send_if_modified(|k| {
+                    let differs = *k != file.kubernetes;
+                    if differs {
+                        *k = file.kubernetes;
+                    }
+                    differs
+                });
+                tracing::info!(path = %self.path.display(), services = count, changed, "catalog file loaded");
                 status.loads += 1;
                 status.last_loaded_at = Some(SystemTime::now());
                 status.last_error = None;

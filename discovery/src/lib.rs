@@ -8,6 +8,7 @@
 
 pub mod catalog;
 pub mod file;
+pub mod kubernetes;
 pub mod model;
 pub mod names;
 pub mod weights;

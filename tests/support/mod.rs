@@ -306,13 +306,20 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// Starts one backend per `cluster/name` label.
+    /// Starts one backend per `cluster/name` label, on 127.0.0.1.
     pub async fn start(labels: &[&str]) -> Self {
+        let at: Vec<(&str, &str)> = labels.iter().map(|l| (*l, "127.0.0.1")).collect();
+        Self::start_at(&at).await
+    }
+
+    /// Starts one backend per `(label, ip)`: distinct loopback addresses
+    /// (127.0.0.0/8) stand for distinct pods.
+    pub async fn start_at(labels: &[(&str, &str)]) -> Self {
         let mut addrs = BTreeMap::new();
         let mut hits = BTreeMap::new();
         let mut tasks = Vec::new();
-        for label in labels {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        for (label, ip) in labels {
+            let listener = tokio::net::TcpListener::bind((*ip, 0))
                 .await
                 .expect("bind backend");
             let addr = listener.local_addr().expect("addr");

@@ -1,0 +1,633 @@
+//! The HTTPS side of the fake API server: TLS accept loop, bearer-token
+//! authentication, routing of the Kubernetes REST paths, lists with paging and
+//! the chunked newline-delimited JSON watch stream (replay, live events,
+//! bookmarks, in-stream 410s, timeouts and test-forced aborts).
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Options;
+use crate::store::{
+    Bus, FieldSelector, Filter, LabelSelector, ResourceKind, Store, WatchStart, event_line,
+};
+
+pub(crate) type Body = BoxBody<Bytes, io::Error>;
+
+/// State shared by the test-control API and every connection.
+pub(crate) struct Shared {
+    pub store: Mutex<Store>,
+    pub token: String,
+    pub acceptor: TlsAcceptor,
+    pub addr: SocketAddr,
+    pub opts: Options,
+    pub list_requests: AtomicU64,
+    pub watch_requests: AtomicU64,
+    pub open_watches: AtomicU64,
+    /// Cancelled (and replaced) by `drop_watches`.
+    pub watch_kill: Mutex<CancellationToken>,
+}
+
+impl Shared {
+    pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Accepts connections until `shutdown` is cancelled. Every connection task
+/// (and every watch task) is tracked by `tracker` and ends when `shutdown`
+/// is cancelled.
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let conn = shutdown.child_token();
+                    tracker.spawn(serve_connection(shared.clone(), tcp, conn, tracker.clone()));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+        }
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    conn: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio::time::timeout(Duration::from_secs(10), shared.acceptor.accept(tcp));
+    let tls = tokio::select! {
+        _ = conn.cancelled() => return,
+        r = handshake => match r {
+            Ok(Ok(tls)) => tls,
+            _ => return,
+        },
+    };
+    let conn2 = conn.clone();
+    let svc = service_fn(move |req| {
+        let shared = shared.clone();
+        let conn = conn2.clone();
+        let tracker = tracker.clone();
+        async move { Ok::<_, Infallible>(handle(shared, conn, tracker, req).await) }
+    });
+    let served = http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+    // Dropping the connection future closes the socket without a TLS
+    // close_notify or a final chunk: an abrupt end, as when a server dies.
+    tokio::select! {
+        _ = served => {}
+        _ = conn.cancelled() => {}
+    }
+}
+
+fn full(code: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+    full(code, "application/json", value.to_string())
+}
+
+/// A `Status` object as the API server returns it for failures.
+pub(crate) fn status_object(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &status_object(code, reason, message),
+    )
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let value = value.trim();
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "));
+    token.is_some_and(|t| t.trim() == shared.token)
+}
+
+/// Percent-decodes a query component (`+` is a space).
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[derive(Default)]
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Self {
+        Query(
+            q.unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| match p.split_once('=') {
+                    Some((k, v)) => (decode(k), decode(v)),
+                    None => (decode(p), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true" | "1"))
+    }
+}
+
+/// `(kind, namespace, name)` for a resource path.
+fn resource_route<'a>(
+    segs: &[&'a str],
+) -> Option<(ResourceKind, Option<&'a str>, Option<&'a str>)> {
+    let (kind, rest) = match segs {
+        ["api", "v1", rest @ ..] => (ResourceKind::Service, rest),
+        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (ResourceKind::EndpointSlice, rest),
+        _ => return None,
+    };
+    let plural = kind.plural();
+    match rest {
+        [p] if *p == plural => Some((kind, None, None)),
+        ["namespaces", ns, p] if *p == plural => Some((kind, Some(*ns), None)),
+        ["namespaces", ns, p, name] if *p == plural => Some((kind, Some(*ns), Some(*name))),
+        _ => None,
+    }
+}
+
+fn api_resource(kind: ResourceKind, singular: &str, short: &str) -> Value {
+    json!({
+        "name": kind.plural(),
+        "singularName": singular,
+        "namespaced": true,
+        "kind": kind.kind(),
+        "verbs": ["get", "list", "watch"],
+        "shortNames": [short],
+    })
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    conn: CancellationToken,
+    tracker: TaskTracker,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    if !authorized(&shared, req.headers()) {
+        return status_response(401, "Unauthorized", "Unauthorized");
+    }
+    if req.method() != Method::GET {
+        return status_response(
+            405,
+            "MethodNotAllowed",
+            "the test API server only serves GET (mutate objects through TestKube)",
+        );
+    }
+    let path = req.uri().path().to_string();
+    let query = Query::parse(req.uri().query());
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let ok = StatusCode::OK;
+    match segs.as_slice() {
+        ["version"] => json_response(
+            ok,
+            &json!({
+                "major": "1",
+                "minor": "37",
+                "gitVersion": "v1.37.0-ferry-testkube",
+                "gitCommit": "0000000000000000000000000000000000000000",
+                "gitTreeState": "clean",
+                "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.25.0",
+                "compiler": "gc",
+                "platform": "linux/amd64",
+            }),
+        ),
+        ["healthz" | "livez" | "readyz"] => full(ok, "text/plain", "ok".into()),
+        ["api"] => json_response(
+            ok,
+            &json!({
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": shared.addr.to_string()}
+                ],
+            }),
+        ),
+        ["apis"] => json_response(
+            ok,
+            &json!({
+                "kind": "APIGroupList",
+                "apiVersion": "v1",
+                "groups": [{
+                    "name": "discovery.k8s.io",
+                    "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+                }],
+            }),
+        ),
+        ["apis", "discovery.k8s.io"] => json_response(
+            ok,
+            &json!({
+                "kind": "APIGroup",
+                "apiVersion": "v1",
+                "name": "discovery.k8s.io",
+                "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
+                "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
+            }),
+        ),
+        ["api", "v1"] => json_response(
+            ok,
+            &json!({
+                "kind": "APIResourceList",
+                "groupVersion": "v1",
+                "resources": [api_resource(ResourceKind::Service, "service", "svc")],
+            }),
+        ),
+        ["apis", "discovery.k8s.io", "v1"] => json_response(
+            ok,
+            &json!({
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": "discovery.k8s.io/v1",
+                "resources": [api_resource(ResourceKind::EndpointSlice, "endpointslice", "eps")],
+            }),
+        ),
+        segs => match resource_route(segs) {
+            Some((kind, Some(ns), Some(name))) => match shared.store().get(kind, ns, name) {
+                Some(obj) => json_response(ok, &obj),
+                None => status_response(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", kind.plural()),
+                ),
+            },
+            Some((kind, ns, None)) => collection(&shared, conn, &tracker, kind, ns, &query),
+            _ => status_response(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        },
+    }
+}
+
+fn collection(
+    shared: &Arc<Shared>,
+    conn: CancellationToken,
+    tracker: &TaskTracker,
+    kind: ResourceKind,
+    namespace: Option<&str>,
+    query: &Query,
+) -> Response<Body> {
+    let labels = match LabelSelector::parse(query.get("labelSelector").unwrap_or("")) {
+        Ok(l) => l,
+        Err(e) => return status_response(400, "BadRequest", &e),
+    };
+    let filter = Filter {
+        kind,
+        namespace: namespace.map(str::to_string),
+        labels,
+        fields: FieldSelector::parse(query.get("fieldSelector").unwrap_or("")),
+    };
+    if query.flag("watch") {
+        return watch(shared, conn, tracker, filter, query);
+    }
+    shared.list_requests.fetch_add(1, Ordering::SeqCst);
+    let limit = match query
+        .get("limit")
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<usize>)
+    {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return status_response(400, "BadRequest", "limit must be a number"),
+    };
+    let cont = query.get("continue").filter(|s| !s.is_empty());
+    match shared.store().list(&filter, limit, cont) {
+        Ok(list) => json_response(StatusCode::OK, &list),
+        Err(e) => status_response(410, "Expired", &e.0),
+    }
+}
+
+fn watch(
+    shared: &Arc<Shared>,
+    conn: CancellationToken,
+    tracker: &TaskTracker,
+    filter: Filter,
+    query: &Query,
+) -> Response<Body> {
+    shared.watch_requests.fetch_add(1, Ordering::SeqCst);
+    let from = match query
+        .get("resourceVersion")
+        .filter(|s| !s.is_empty() && *s != "0")
+    {
+        None => None,
+        Some(s) => match s.parse::<u64>() {
+            Ok(rv) => Some(rv),
+            Err(_) => {
+                return status_response(
+                    400,
+                    "BadRequest",
+                    &format!("invalid resourceVersion {s:?}"),
+                );
+            }
+        },
+    };
+    let timeout = match query.get("timeoutSeconds").map(str::parse::<u64>) {
+        Some(Ok(secs)) if secs > 0 => Duration::from_secs(secs),
+        _ => shared.opts.default_watch_timeout,
+    };
+    let bookmarks = query.flag("allowWatchBookmarks");
+    let send_initial = query.flag("sendInitialEvents");
+    let kill = shared
+        .watch_kill
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    // Subscribing and snapshotting under one lock: nothing falls in between.
+    let (rx, start) = shared
+        .store()
+        .start_watch(&filter, if send_initial { None } else { from });
+    let (tx, mut body_rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(64);
+    let task = WatchTask {
+        shared: shared.clone(),
+        filter,
+        tx,
+        conn,
+        kill,
+        deadline: Instant::now() + timeout,
+        bookmarks,
+        progress: 0,
+    };
+    tracker.spawn(task.run(rx, start, send_initial && bookmarks));
+    let stream = futures::stream::poll_fn(move |cx| body_rx.poll_recv(cx));
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+struct Stop;
+
+struct WatchTask {
+    shared: Arc<Shared>,
+    filter: Filter,
+    tx: mpsc::Sender<Result<Frame<Bytes>, io::Error>>,
+    conn: CancellationToken,
+    kill: CancellationToken,
+    deadline: Instant,
+    bookmarks: bool,
+    /// Every change up to this resourceVersion has been handled.
+    progress: u64,
+}
+
+struct OpenWatch(Arc<Shared>);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.open_watches.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl WatchTask {
+    async fn run(
+        mut self,
+        mut rx: broadcast::Receiver<Bus>,
+        start: WatchStart,
+        end_bookmark: bool,
+    ) {
+        self.shared.open_watches.fetch_add(1, Ordering::SeqCst);
+        let _open = OpenWatch(self.shared.clone());
+        let _ = self.stream(&mut rx, start, end_bookmark).await;
+    }
+
+    async fn stream(
+        &mut self,
+        rx: &mut broadcast::Receiver<Bus>,
+        start: WatchStart,
+        end_bookmark: bool,
+    ) -> Result<(), Stop> {
+        match start {
+            WatchStart::Expired { requested, oldest } => {
+                return self
+                    .expired(&format!("too old resource version: {requested} ({oldest})"))
+                    .await;
+            }
+            WatchStart::Replay { lines, rv } => {
+                for line in lines {
+                    self.emit(line).await?;
+                }
+                self.progress = rv;
+                if end_bookmark {
+                    self.emit(self.bookmark(rv, true)).await?;
+                }
+            }
+        }
+        let period = self.shared.opts.bookmark_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.kill.cancelled() => return Err(self.abort()),
+                _ = self.conn.cancelled() => return Err(Stop),
+                _ = tokio::time::sleep_until(self.deadline) => return Ok(()),
+                _ = tick.tick(), if self.bookmarks => {
+                    // Every change up to `current` is already on the bus.
+                    let current = self.shared.store().resource_version();
+                    loop {
+                        match rx.try_recv() {
+                            Ok(msg) => self.on_bus(msg).await?,
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                                return self.expired("watch fell behind").await;
+                            }
+                            Err(broadcast::error::TryRecvError::Closed) => return Ok(()),
+                        }
+                    }
+                    self.emit(self.bookmark(current.max(self.progress), false)).await?;
+                }
+                msg = rx.recv() => match msg {
+                    Ok(msg) => self.on_bus(msg).await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return self.expired("watch fell behind").await;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+            }
+        }
+    }
+
+    async fn on_bus(&mut self, msg: Bus) -> Result<(), Stop> {
+        match msg {
+            Bus::Change(change) => {
+                if change.rv <= self.progress {
+                    return Ok(());
+                }
+                self.progress = change.rv;
+                if let Some(t) = self.filter.event_type(&change) {
+                    self.emit(event_line(t, &change.json)).await?;
+                }
+                Ok(())
+            }
+            Bus::Expired => {
+                self.expired(&format!(
+                    "too old resource version: {} (history expired)",
+                    self.progress
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Sends the in-stream 410 and ends the watch.
+    async fn expired(&mut self, message: &str) -> Result<(), Stop> {
+        let status = status_object(410, "Expired", message);
+        self.emit(event_line("ERROR", &status.to_string())).await?;
+        Err(Stop)
+    }
+
+    fn bookmark(&self, rv: u64, initial_end: bool) -> String {
+        let mut metadata = json!({ "resourceVersion": rv.to_string() });
+        if initial_end {
+            metadata["annotations"] = json!({ "k8s.io/initial-events-end": "true" });
+        }
+        let object = json!({
+            "kind": self.filter.kind.kind(),
+            "apiVersion": self.filter.kind.api_version(),
+            "metadata": metadata,
+        });
+        event_line("BOOKMARK", &object.to_string())
+    }
+
+    /// Kills the connection mid-stream (no final chunk).
+    fn abort(&self) -> Stop {
+        let _ = self.tx.try_send(Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "watch dropped by the test",
+        )));
+        self.conn.cancel();
+        Stop
+    }
+
+    async fn emit(&self, line: String) -> Result<(), Stop> {
+        let frame = Ok(Frame::data(Bytes::from(line)));
+        tokio::select! {
+            sent = self.tx.send(frame) => sent.map_err(|_| Stop),
+            _ = self.kill.cancelled() => Err(self.abort()),
+            _ = self.conn.cancelled() => Err(Stop),
+            // A client that stopped reading still loses its watch on time.
+            _ = tokio::time::sleep_until(self.deadline) => Err(Stop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = Query::parse(Some(
+            "labelSelector=kubernetes.io%2Fservice-name%3Dweb%2Capp%21%3Dx&watch=1&limit=500&x=a+b&bad=%zz&end=%4",
+        ));
+        assert_eq!(
+            q.get("labelSelector"),
+            Some("kubernetes.io/service-name=web,app!=x")
+        );
+        assert!(q.flag("watch"));
+        assert_eq!(q.get("limit"), Some("500"));
+        assert_eq!(q.get("x"), Some("a b"));
+        assert_eq!(q.get("bad"), Some("%zz"));
+        assert_eq!(q.get("end"), Some("%4"));
+        assert_eq!(q.get("missing"), None);
+    }
+
+    #[test]
+    fn routes() {
+        assert_eq!(
+            resource_route(&["api", "v1", "services"]),
+            Some((ResourceKind::Service, None, None))
+        );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "discovery.k8s.io",
+                "v1",
+                "namespaces",
+                "a",
+                "endpointslices",
+                "b"
+            ]),
+            Some((ResourceKind::EndpointSlice, Some("a"), Some("b")))
+        );
+        assert_eq!(resource_route(&["api", "v1", "endpointslices"]), None);
+        assert_eq!(resource_route(&["api", "v1", "pods"]), None);
+    }
+}

@@ -1,0 +1,513 @@
+//! `ferry-testkube`: a dev-only, in-process fake Kubernetes API server for
+//! testing code that uses the real kube-rs client, `kube::runtime::watcher`
+//! and reflectors against one or more (fake) clusters.
+//!
+//! It speaks the real HTTP list/watch protocol over HTTPS: bearer-token auth
+//! (401 `Status` otherwise), core/v1 Services and discovery.k8s.io/v1
+//! EndpointSlices (cluster-wide and per namespace), `labelSelector`
+//! (`k=v`, `k!=v`, `k`, `!k`), `fieldSelector` on `metadata.name` /
+//! `metadata.namespace` (other terms ignored), paging with `limit` and
+//! opaque `continue` tokens (HTTP 410 `Expired` when stale or invalid), and
+//! watches (`watch=true`) that replay from a bounded history, then stream live
+//! ADDED/MODIFIED/DELETED events, BOOKMARKs and, for a too-old
+//! resourceVersion, an **in-stream** `ERROR` event carrying a 410 `Status`.
+//! Streaming lists (`sendInitialEvents=true`) end their initial events with a
+//! bookmark annotated `k8s.io/initial-events-end`.
+//!
+//! Tests drive the cluster through [`TestKube`]: mutate objects, force history
+//! expiry, drop watch connections, stop and restart the server, and read
+//! request counters. One `TestKube` is one fake cluster.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use ferry_testkube::TestKube;
+//! let cluster = TestKube::start("secret-token").await;
+//! cluster.apply_service("default", "web", &[("app", "web")], &[("http", 80)]);
+//! cluster.apply_endpoint_slice(
+//!     "default", "web-abc", "web",
+//!     &[("10.0.0.1", true, true, false, Some("zone-a"))],
+//!     &[("http", 8080)],
+//! );
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("kubeconfig");
+//! cluster.kubeconfig(&path, "east", None).unwrap();
+//! let client = cluster.client().await; // or load `path` with kube::config
+//! # let _ = client;
+//! # }
+//! ```
+//!
+//! ## rustls crypto provider
+//!
+//! The server always uses rustls' **ring** provider explicitly. The kube
+//! client builds its TLS config from the process-wide default provider, which
+//! rustls can only pick by itself when exactly one of `ring` / `aws-lc-rs` is
+//! compiled in. [`TestKube::start`] therefore calls
+//! [`install_crypto_provider`] (installs ring as the process default unless
+//! one is already installed); call it yourself before building a kube client
+//! when you build one without starting a `TestKube` first.
+
+mod http;
+mod store;
+mod tls;
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::http::Shared;
+use crate::store::Store;
+pub use crate::store::{InvalidObject, ResourceKind};
+
+/// One endpoint of an EndpointSlice: `(ip, ready, serving, terminating, zone)`.
+pub type EndpointSpec<'a> = (&'a str, bool, bool, bool, Option<&'a str>);
+
+/// Installs rustls' ring `CryptoProvider` as the process default, unless a
+/// default is already installed (then that one stays). Safe to call any
+/// number of times.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Tunables for a [`TestKube`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How many changes the watch history keeps; watches from an older
+    /// resourceVersion get the in-stream 410. Default 10,000.
+    pub history_limit: usize,
+    /// How often a watch with `allowWatchBookmarks=true` gets a BOOKMARK.
+    /// Default 1 s.
+    pub bookmark_interval: Duration,
+    /// Watch length when the request has no `timeoutSeconds`. Default 30 min.
+    pub default_watch_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            history_limit: 10_000,
+            bookmark_interval: Duration::from_secs(1),
+            default_watch_timeout: Duration::from_secs(1800),
+        }
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    accept: JoinHandle<()>,
+}
+
+/// One fake cluster: an HTTPS Kubernetes API server on `127.0.0.1` plus the
+/// Rust-side controls tests use to change what it serves.
+///
+/// Dropping it shuts the server down (without waiting).
+pub struct TestKube {
+    shared: Arc<Shared>,
+    ca_pem: String,
+    running: Mutex<Option<Running>>,
+}
+
+impl std::fmt::Debug for TestKube {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestKube")
+            .field("addr", &self.shared.addr)
+            .field("running", &self.is_running())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestKube {
+    /// Starts a server on `127.0.0.1` (a free port) that accepts `token` as
+    /// its bearer token, with default [`Options`]. Panics if it cannot start.
+    pub async fn start(token: impl Into<String>) -> TestKube {
+        Self::start_with(token, Options::default()).await
+    }
+
+    /// [`TestKube::start`] with explicit [`Options`]. Panics if it cannot start.
+    pub async fn start_with(token: impl Into<String>, opts: Options) -> TestKube {
+        Self::try_start_with(token, opts)
+            .await
+            .expect("ferry-testkube: failed to start the test API server")
+    }
+
+    /// Fallible form of [`TestKube::start_with`].
+    pub async fn try_start_with(token: impl Into<String>, opts: Options) -> io::Result<TestKube> {
+        install_crypto_provider();
+        let material = tls::generate().map_err(io::Error::other)?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let (bus, _) = broadcast::channel(65_536);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::new(opts.history_limit, bus)),
+            token: token.into(),
+            acceptor: tokio_rustls::TlsAcceptor::from(material.server_config),
+            addr,
+            opts,
+            list_requests: AtomicU64::new(0),
+            watch_requests: AtomicU64::new(0),
+            open_watches: AtomicU64::new(0),
+            watch_kill: Mutex::new(CancellationToken::new()),
+        });
+        let kube = TestKube {
+            shared,
+            ca_pem: material.ca_pem,
+            running: Mutex::new(None),
+        };
+        kube.serve(listener);
+        Ok(kube)
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let accept = tokio::spawn(http::accept_loop(
+            self.shared.clone(),
+            listener,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        *self.running_lock() = Some(Running {
+            shutdown,
+            tracker,
+            accept,
+        });
+    }
+
+    fn running_lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's address (`127.0.0.1:PORT`); stays the same across
+    /// [`TestKube::restart`].
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.shared.addr)
+    }
+
+    /// The PEM of the CA that signed the server certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The bearer token the server accepts.
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// Whether the server is accepting connections (not [`TestKube::stop`]ped).
+    pub fn is_running(&self) -> bool {
+        self.running_lock().is_some()
+    }
+
+    /// A kubeconfig YAML for this server: one cluster `cluster_name` (server
+    /// URL and `certificate-authority-data`), one user with the server's token
+    /// (or `token_override`), one context, set as current-context.
+    pub fn kubeconfig_yaml(&self, cluster_name: &str, token_override: Option<&str>) -> String {
+        let q = |s: &str| Value::String(s.to_string()).to_string();
+        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes());
+        let token = token_override.unwrap_or(&self.shared.token);
+        let user = format!("{cluster_name}-user");
+        format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: {name}\n  \
+               cluster:\n    \
+                 server: {server}\n    \
+                 certificate-authority-data: {ca}\n\
+             users:\n\
+             - name: {user}\n  \
+               user:\n    \
+                 token: {token}\n\
+             contexts:\n\
+             - name: {name}\n  \
+               context:\n    \
+                 cluster: {name}\n    \
+                 user: {user}\n\
+             current-context: {name}\n\
+             preferences: {{}}\n",
+            name = q(cluster_name),
+            server = q(&self.url()),
+            ca = q(&ca),
+            user = q(&user),
+            token = q(token),
+        )
+    }
+
+    /// Writes [`TestKube::kubeconfig_yaml`] to `path`; load it with
+    /// `kube::config::Kubeconfig::read_from(path)` and
+    /// `kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())`.
+    pub fn kubeconfig(
+        &self,
+        path: impl AsRef<Path>,
+        cluster_name: &str,
+        token_override: Option<&str>,
+    ) -> io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml(cluster_name, token_override))
+    }
+
+    /// A kube client for this server (built from the kubeconfig, so it goes
+    /// through the same TLS and auth path). Panics on failure.
+    pub async fn client(&self) -> kube::Client {
+        self.client_with_token(&self.shared.token.clone()).await
+    }
+
+    /// A kube client that presents `token` instead of the server's token.
+    pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        install_crypto_provider();
+        let kc =
+            kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml("testkube", Some(token)))
+                .expect("ferry-testkube: kubeconfig must parse");
+        let config =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .expect("ferry-testkube: kubeconfig must load");
+        kube::Client::try_from(config).expect("ferry-testkube: kube client must build")
+    }
+
+    // ---- objects -------------------------------------------------------
+
+    /// Creates or replaces any served object (`metadata.name` required,
+    /// `metadata.namespace` defaults to `default`). uid, creationTimestamp
+    /// and resourceVersion are set by the server; applying an unchanged
+    /// object is a no-op. Returns the object's resourceVersion.
+    pub fn apply(&self, kind: ResourceKind, object: Value) -> Result<u64, InvalidObject> {
+        self.shared.store().apply(kind, object)
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, kind: ResourceKind, namespace: &str, name: &str) -> bool {
+        self.shared.store().delete(kind, namespace, name)
+    }
+
+    /// The stored object (with kind, apiVersion and server metadata).
+    pub fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Value> {
+        self.shared.store().get(kind, namespace, name)
+    }
+
+    /// How many objects of `kind` exist.
+    pub fn count(&self, kind: ResourceKind) -> usize {
+        self.shared.store().count(kind)
+    }
+
+    /// The global resourceVersion counter.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.store().resource_version()
+    }
+
+    /// Creates or replaces a ClusterIP Service with these labels and TCP
+    /// ports `(name, port)` (an empty name leaves the port unnamed; the
+    /// targetPort equals the port). Returns its resourceVersion.
+    pub fn apply_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        ports: &[(&str, i32)],
+    ) -> u64 {
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(pname, port)| {
+                let mut p = json!({"port": port, "protocol": "TCP", "targetPort": port});
+                if !pname.is_empty() {
+                    p["name"] = (*pname).into();
+                }
+                p
+            })
+            .collect();
+        let ip = cluster_ip(namespace, name);
+        let object = json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": label_map(labels)},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": ip,
+                "clusterIPs": [ip],
+                "ipFamilies": ["IPv4"],
+                "ipFamilyPolicy": "SingleStack",
+                "ports": ports,
+                "sessionAffinity": "None",
+                "internalTrafficPolicy": "Cluster",
+            },
+            "status": {"loadBalancer": {}},
+        });
+        self.apply(ResourceKind::Service, object)
+            .expect("a generated Service is valid")
+    }
+
+    /// Deletes a Service; returns whether it existed.
+    pub fn delete_service(&self, namespace: &str, name: &str) -> bool {
+        self.delete(ResourceKind::Service, namespace, name)
+    }
+
+    /// Creates or replaces an EndpointSlice for `service_name` (label
+    /// `kubernetes.io/service-name`), with `endpoints` as
+    /// `(ip, ready, serving, terminating, zone)` and TCP `ports` as
+    /// `(name, port)`. The addressType is IPv6 when the first IP contains a
+    /// colon, IPv4 otherwise. Returns its resourceVersion.
+    pub fn apply_endpoint_slice(
+        &self,
+        namespace: &str,
+        name: &str,
+        service_name: &str,
+        endpoints: &[EndpointSpec<'_>],
+        ports: &[(&str, i32)],
+    ) -> u64 {
+        let address_type = match endpoints.first() {
+            Some((ip, ..)) if ip.contains(':') => "IPv6",
+            _ => "IPv4",
+        };
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(ip, ready, serving, terminating, zone)| {
+                let mut e = json!({
+                    "addresses": [ip],
+                    "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                });
+                if let Some(z) = zone {
+                    e["zone"] = (*z).into();
+                }
+                e
+            })
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|(pname, port)| json!({"name": pname, "port": port, "protocol": "TCP"}))
+            .collect();
+        let object = json!({
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": {
+                    "kubernetes.io/service-name": service_name,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                },
+            },
+            "addressType": address_type,
+            "endpoints": endpoints,
+            "ports": ports,
+        });
+        self.apply(ResourceKind::EndpointSlice, object)
+            .expect("a generated EndpointSlice is valid")
+    }
+
+    /// Deletes an EndpointSlice; returns whether it existed.
+    pub fn delete_endpoint_slice(&self, namespace: &str, name: &str) -> bool {
+        self.delete(ResourceKind::EndpointSlice, namespace, name)
+    }
+
+    // ---- faults --------------------------------------------------------
+
+    /// Compacts the history by force: the counter moves on by one, every
+    /// open watch gets an in-stream `ERROR` 410 `Expired` and ends, and any
+    /// later watch (or continue token) from an earlier resourceVersion gets
+    /// the same 410. A re-list then gets the new resourceVersion, from which
+    /// watching works again.
+    pub fn expire_history(&self) {
+        self.shared.store().expire_history();
+    }
+
+    /// Abruptly closes every open watch connection mid-stream (the socket is
+    /// closed without a final chunk). Lists and new watches are unaffected.
+    pub fn drop_watches(&self) {
+        let mut kill = self
+            .shared
+            .watch_kill
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        kill.cancel();
+        *kill = CancellationToken::new();
+    }
+
+    /// Takes the server down: closes the listener and drops every
+    /// connection; returns once all of them are gone. Objects, history,
+    /// counters, CA and token are kept. Mutations keep working while down.
+    pub async fn stop(&self) {
+        let running = self.running_lock().take();
+        if let Some(r) = running {
+            r.shutdown.cancel();
+            r.tracker.close();
+            let _ = r.accept.await;
+            r.tracker.wait().await;
+        }
+    }
+
+    /// Brings the server back on the same port with the same CA, certificate,
+    /// token and state (stops it first if it is running). Panics if the port
+    /// cannot be bound again within 10 s.
+    pub async fn restart(&self) {
+        self.stop().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.shared.addr).await {
+                Ok(l) => break l,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("ferry-testkube: cannot rebind {}: {e}", self.shared.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    // ---- counters ------------------------------------------------------
+
+    /// Authenticated list requests so far (each page counts).
+    pub fn list_requests(&self) -> u64 {
+        self.shared.list_requests.load(Ordering::SeqCst)
+    }
+
+    /// Authenticated watch requests so far (including ones answered with an
+    /// in-stream 410).
+    pub fn watch_requests(&self) -> u64 {
+        self.shared.watch_requests.load(Ordering::SeqCst)
+    }
+
+    /// Watch streams open right now.
+    pub fn open_watches(&self) -> u64 {
+        self.shared.open_watches.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestKube {
+    fn drop(&mut self) {
+        if let Some(r) = self.running_lock().take() {
+            r.shutdown.cancel();
+            r.tracker.close();
+        }
+    }
+}
+
+fn label_map(labels: &[(&str, &str)]) -> Value {
+    Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), Value::String((*v).to_string())))
+            .collect::<Map<String, Value>>(),
+    )
+}
+
+/// A stable fake ClusterIP in 10.96.0.0/16 derived from the Service's name.
+fn cluster_ip(namespace: &str, name: &str) -> String {
+    let h = format!("{namespace}/{name}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("10.96.{}.{}", (h >> 8) & 0xff, (h & 0xfe).max(2))
+}

@@ -1,0 +1,815 @@
+//! The fake cluster's state: objects, the global resourceVersion counter, the
+//! bounded event history that watches replay from, label/field selectors and
+//! list paging with continue tokens.
+//!
+//! Everything here is synchronous and lives behind one mutex in the server;
+//! changes are published on a broadcast bus *while the lock is held*, so a
+//! watch that subscribes under the lock sees every later change exactly once
+//! and in resourceVersion order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value, json};
+use tokio::sync::broadcast;
+
+/// The resource types the test API server serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    /// core/v1 `Service`.
+    Service,
+    /// discovery.k8s.io/v1 `EndpointSlice`.
+    EndpointSlice,
+}
+
+impl ResourceKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [ResourceKind; 2] = [ResourceKind::Service, ResourceKind::EndpointSlice];
+
+    /// The object `kind` (`"Service"`, `"EndpointSlice"`).
+    pub fn kind(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "Service",
+            ResourceKind::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    /// The list `kind` (`"ServiceList"`, `"EndpointSliceList"`).
+    pub fn list_kind(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "ServiceList",
+            ResourceKind::EndpointSlice => "EndpointSliceList",
+        }
+    }
+
+    /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`).
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "v1",
+            ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
+        }
+    }
+
+    /// The plural resource name used in URL paths.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "services",
+            ResourceKind::EndpointSlice => "endpointslices",
+        }
+    }
+
+    /// Looks a kind up by its object `kind` name.
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.kind() == kind)
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "svc",
+            ResourceKind::EndpointSlice => "eps",
+        }
+    }
+
+    fn from_short(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.short() == s)
+    }
+}
+
+/// Why [`crate::TestKube::apply`] rejected an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidObject(pub String);
+
+impl std::fmt::Display for InvalidObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid object: {}", self.0)
+    }
+}
+
+impl std::error::Error for InvalidObject {}
+
+/// What happened to an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChangeOp {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One recorded change, shared by the history and every open watch.
+#[derive(Debug)]
+pub(crate) struct Change {
+    pub rv: u64,
+    pub kind: ResourceKind,
+    pub op: ChangeOp,
+    /// The object after the change (for deletions: the last state, stamped
+    /// with the deletion's resourceVersion).
+    pub object: Value,
+    /// The object's JSON, serialised once for all watchers.
+    pub json: String,
+    /// The object before the change (modifications only), for selector
+    /// transitions.
+    pub previous: Option<Value>,
+}
+
+/// Messages on the watch bus, in resourceVersion order.
+#[derive(Clone, Debug)]
+pub(crate) enum Bus {
+    Change(Arc<Change>),
+    /// The history was compacted by force: open watches end with an
+    /// in-stream 410.
+    Expired,
+}
+
+/// A parsed `labelSelector`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LabelSelector(Vec<Requirement>);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Requirement {
+    Eq(String, String),
+    NotEq(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+impl LabelSelector {
+    /// Parses `k=v`, `k==v`, `k!=v`, `k` and `!k` terms separated by commas.
+    /// Set-based terms (`in`, `notin`) are rejected.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut reqs = Vec::new();
+        for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let req = if let Some((k, v)) = term.split_once("!=") {
+                Requirement::NotEq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = term.split_once("==") {
+                Requirement::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some((k, v)) = term.split_once('=') {
+                Requirement::Eq(k.trim().to_string(), v.trim().to_string())
+            } else if let Some(k) = term.strip_prefix('!') {
+                Requirement::NotExists(k.trim().to_string())
+            } else if term.contains(' ') || term.contains('(') {
+                return Err(format!("unsupported label selector term {term:?}"));
+            } else {
+                Requirement::Exists(term.to_string())
+            };
+            let key = match &req {
+                Requirement::Eq(k, _)
+                | Requirement::NotEq(k, _)
+                | Requirement::Exists(k)
+                | Requirement::NotExists(k) => k,
+            };
+            if key.is_empty() || key.contains(' ') {
+                return Err(format!("invalid label selector term {term:?}"));
+            }
+            reqs.push(req);
+        }
+        Ok(LabelSelector(reqs))
+    }
+
+    pub fn matches(&self, object: &Value) -> bool {
+        let labels = object
+            .pointer("/metadata/labels")
+            .and_then(Value::as_object);
+        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+        self.0.iter().all(|r| match r {
+            Requirement::Eq(k, v) => get(k) == Some(v.as_str()),
+            Requirement::NotEq(k, v) => get(k) != Some(v.as_str()),
+            Requirement::Exists(k) => get(k).is_some(),
+            Requirement::NotExists(k) => get(k).is_none(),
+        })
+    }
+}
+
+/// A parsed `fieldSelector`: only `metadata.name` and `metadata.namespace`
+/// (in)equalities are applied; every other term is ignored.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FieldSelector(Vec<(String, String, bool)>);
+
+impl FieldSelector {
+    pub fn parse(s: &str) -> Self {
+        let mut terms = Vec::new();
+        for term in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let (k, v, eq) = if let Some((k, v)) = term.split_once("!=") {
+                (k, v, false)
+            } else if let Some((k, v)) = term.split_once("==") {
+                (k, v, true)
+            } else if let Some((k, v)) = term.split_once('=') {
+                (k, v, true)
+            } else {
+                continue;
+            };
+            let k = k.trim();
+            if k == "metadata.name" || k == "metadata.namespace" {
+                terms.push((k.to_string(), v.trim().to_string(), eq));
+            }
+        }
+        FieldSelector(terms)
+    }
+
+    pub fn matches(&self, object: &Value) -> bool {
+        self.0.iter().all(|(k, v, eq)| {
+            let ptr = if k == "metadata.name" {
+                "/metadata/name"
+            } else {
+                "/metadata/namespace"
+            };
+            let actual = object.pointer(ptr).and_then(Value::as_str).unwrap_or("");
+            (actual == v) == *eq
+        })
+    }
+}
+
+/// Which objects a list or watch is about.
+#[derive(Clone, Debug)]
+pub(crate) struct Filter {
+    pub kind: ResourceKind,
+    pub namespace: Option<String>,
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Filter {
+    pub fn matches(&self, object: &Value) -> bool {
+        if let Some(ns) = &self.namespace
+            && object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                != Some(ns.as_str())
+        {
+            return false;
+        }
+        self.labels.matches(object) && self.fields.matches(object)
+    }
+
+    /// The watch event type a change shows up as for this filter, if any.
+    pub fn event_type(&self, change: &Change) -> Option<&'static str> {
+        if change.kind != self.kind {
+            return None;
+        }
+        let now = self.matches(&change.object);
+        match change.op {
+            ChangeOp::Added => now.then_some("ADDED"),
+            ChangeOp::Deleted => now.then_some("DELETED"),
+            ChangeOp::Modified => {
+                let before = change.previous.as_ref().is_some_and(|p| self.matches(p));
+                match (before, now) {
+                    (true, true) => Some("MODIFIED"),
+                    (false, true) => Some("ADDED"),
+                    (true, false) => Some("DELETED"),
+                    (false, false) => None,
+                }
+            }
+        }
+    }
+}
+
+/// An expired or unreadable continue token.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct ContinueExpired(pub String);
+
+/// What a watch starts from, decided atomically with its bus subscription.
+pub(crate) enum WatchStart {
+    /// The requested resourceVersion is older than the retained history.
+    Expired { requested: u64, oldest: u64 },
+    /// Replay these (already filtered) lines, then go live; `rv` is the
+    /// counter at subscription time.
+    Replay { lines: Vec<String>, rv: u64 },
+}
+
+type Key = (String, String);
+
+/// The fake cluster's state.
+pub(crate) struct Store {
+    rv: u64,
+    objects: BTreeMap<ResourceKind, BTreeMap<Key, Value>>,
+    history: VecDeque<Arc<Change>>,
+    history_limit: usize,
+    /// Watches from a resourceVersion below this are expired: every change
+    /// with a larger resourceVersion is still in `history`.
+    compacted: u64,
+    uid_prefix: u32,
+    uid_seq: u64,
+    bus: broadcast::Sender<Bus>,
+}
+
+impl Store {
+    pub fn new(history_limit: usize, bus: broadcast::Sender<Bus>) -> Self {
+        let uid_prefix = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            h.finish() as u32
+        };
+        Store {
+            rv: 1,
+            objects: BTreeMap::new(),
+            history: VecDeque::new(),
+            history_limit: history_limit.max(1),
+            compacted: 1,
+            uid_prefix,
+            uid_seq: 0,
+            bus,
+        }
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn get(&self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
+        self.objects
+            .get(&kind)?
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    pub fn count(&self, kind: ResourceKind) -> usize {
+        self.objects.get(&kind).map_or(0, BTreeMap::len)
+    }
+
+    /// Creates or replaces an object. Server-owned metadata (uid,
+    /// creationTimestamp, resourceVersion) is filled in; applying an object
+    /// identical to the stored one is a no-op. Returns the object's
+    /// resourceVersion.
+    pub fn apply(&mut self, kind: ResourceKind, mut object: Value) -> Result<u64, InvalidObject> {
+        let obj = object
+            .as_object_mut()
+            .ok_or_else(|| InvalidObject("not a JSON object".into()))?;
+        if let Some(k) = obj.get("kind").and_then(Value::as_str)
+            && k != kind.kind()
+        {
+            return Err(InvalidObject(format!(
+                "kind {k:?} is not {:?}",
+                kind.kind()
+            )));
+        }
+        obj.insert("apiVersion".into(), kind.api_version().into());
+        obj.insert("kind".into(), kind.kind().into());
+        let meta = obj
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()))
+            .as_object_mut()
+            .ok_or_else(|| InvalidObject("metadata is not an object".into()))?;
+        let name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| InvalidObject("metadata.name is required".into()))?
+            .to_string();
+        let ns = match meta.get("namespace").and_then(Value::as_str) {
+            Some(ns) if !ns.is_empty() => ns.to_string(),
+            _ => "default".to_string(),
+        };
+        meta.insert("namespace".into(), ns.clone().into());
+        let key = (ns, name);
+        let existing = self.objects.get(&kind).and_then(|m| m.get(&key)).cloned();
+        match &existing {
+            Some(old) => {
+                for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                    if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
+                        meta.insert(field.into(), v.clone());
+                    }
+                }
+                if *old == object {
+                    return Ok(self.rv_of(old));
+                }
+            }
+            None => {
+                self.uid_seq += 1;
+                let uid = format!(
+                    "{:08x}-0000-4000-8000-{:012x}",
+                    self.uid_prefix, self.uid_seq
+                );
+                meta.insert("uid".into(), uid.into());
+                meta.insert("creationTimestamp".into(), rfc3339_now().into());
+            }
+        }
+        self.rv += 1;
+        let rv = self.rv;
+        set_rv(&mut object, rv);
+        self.objects
+            .entry(kind)
+            .or_default()
+            .insert(key, object.clone());
+        let op = if existing.is_some() {
+            ChangeOp::Modified
+        } else {
+            ChangeOp::Added
+        };
+        self.record(kind, op, object, existing);
+        Ok(rv)
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&mut self, kind: ResourceKind, ns: &str, name: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        let Some(mut object) = self.objects.get_mut(&kind).and_then(|m| m.remove(&key)) else {
+            return false;
+        };
+        self.rv += 1;
+        set_rv(&mut object, self.rv);
+        self.record(kind, ChangeOp::Deleted, object, None);
+        true
+    }
+
+    fn rv_of(&self, object: &Value) -> u64 {
+        object
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(self.rv)
+    }
+
+    fn record(&mut self, kind: ResourceKind, op: ChangeOp, object: Value, previous: Option<Value>) {
+        let json = object.to_string();
+        let change = Arc::new(Change {
+            rv: self.rv,
+            kind,
+            op,
+            object,
+            json,
+            previous,
+        });
+        self.history.push_back(change.clone());
+        while self.history.len() > self.history_limit {
+            if let Some(old) = self.history.pop_front() {
+                self.compacted = old.rv;
+            }
+        }
+        // No receivers is fine.
+        let _ = self.bus.send(Bus::Change(change));
+    }
+
+    /// Forgets the whole history: the counter moves on by one, watches and
+    /// continue tokens from any earlier resourceVersion are expired, and open
+    /// watches are told so (in-stream 410).
+    pub fn expire_history(&mut self) {
+        self.rv += 1;
+        self.history.clear();
+        self.compacted = self.rv;
+        let _ = self.bus.send(Bus::Expired);
+    }
+
+    /// Subscribes to the bus and computes what a watch from `from` replays
+    /// first. `from == None` (resourceVersion unset or "0") means "start now,
+    /// with synthetic ADDED events for the current state".
+    pub fn start_watch(
+        &self,
+        filter: &Filter,
+        from: Option<u64>,
+    ) -> (broadcast::Receiver<Bus>, WatchStart) {
+        let rx = self.bus.subscribe();
+        let start = match from {
+            None => {
+                let lines = self
+                    .objects
+                    .get(&filter.kind)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .filter(|o| filter.matches(o))
+                    .map(|o| event_line("ADDED", &o.to_string()))
+                    .collect();
+                WatchStart::Replay { lines, rv: self.rv }
+            }
+            Some(r) if r < self.compacted => WatchStart::Expired {
+                requested: r,
+                oldest: self.compacted,
+            },
+            Some(r) => {
+                let lines = self
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > r)
+                    .filter_map(|c| filter.event_type(c).map(|t| event_line(t, &c.json)))
+                    .collect();
+                WatchStart::Replay { lines, rv: self.rv }
+            }
+        };
+        (rx, start)
+    }
+
+    /// Lists objects matching `filter`, at most `limit` of them (0 = all),
+    /// resuming after a continue token.
+    pub fn list(
+        &self,
+        filter: &Filter,
+        limit: usize,
+        continue_token: Option<&str>,
+    ) -> Result<Value, ContinueExpired> {
+        let (list_rv, after) = match continue_token {
+            Some(tok) => {
+                let t = ContinueToken::decode(tok)
+                    .ok_or_else(|| ContinueExpired("the continue token is not valid".into()))?;
+                if t.kind != filter.kind || t.namespace != filter.namespace {
+                    return Err(ContinueExpired(
+                        "the continue token belongs to another list".into(),
+                    ));
+                }
+                if t.rv < self.compacted || t.rv > self.rv {
+                    return Err(ContinueExpired(format!(
+                        "the provided continue parameter is too old to display a consistent list result (resourceVersion {} is older than {})",
+                        t.rv, self.compacted
+                    )));
+                }
+                (t.rv, Some(t.after))
+            }
+            None => (self.rv, None),
+        };
+        let empty = BTreeMap::new();
+        let objects = self.objects.get(&filter.kind).unwrap_or(&empty);
+        let range = match &after {
+            Some(k) => objects.range::<Key, _>((
+                std::ops::Bound::Excluded(k.clone()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => objects.range::<Key, _>(..),
+        };
+        let mut items = Vec::new();
+        let mut last_key = None;
+        let mut remaining = 0u64;
+        for (key, obj) in range {
+            if !filter.matches(obj) {
+                continue;
+            }
+            if limit > 0 && items.len() == limit {
+                remaining += 1;
+                continue;
+            }
+            let mut item = obj.clone();
+            if let Some(m) = item.as_object_mut() {
+                // The real API server leaves kind/apiVersion off list items.
+                m.remove("kind");
+                m.remove("apiVersion");
+            }
+            items.push(item);
+            last_key = Some(key.clone());
+        }
+        let mut metadata = json!({ "resourceVersion": list_rv.to_string() });
+        if remaining > 0
+            && let Some(after) = last_key
+        {
+            let token = ContinueToken {
+                kind: filter.kind,
+                namespace: filter.namespace.clone(),
+                rv: list_rv,
+                after,
+            };
+            metadata["continue"] = token.encode().into();
+            metadata["remainingItemCount"] = remaining.into();
+        }
+        Ok(json!({
+            "kind": filter.kind.list_kind(),
+            "apiVersion": filter.kind.api_version(),
+            "metadata": metadata,
+            "items": items,
+        }))
+    }
+}
+
+fn set_rv(object: &mut Value, rv: u64) {
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("resourceVersion".into(), rv.to_string().into());
+    }
+}
+
+/// One newline-terminated watch event.
+pub(crate) fn event_line(event_type: &str, object_json: &str) -> String {
+    format!("{{\"type\":\"{event_type}\",\"object\":{object_json}}}\n")
+}
+
+/// The opaque continue token: where the previous page ended and the list's
+/// resourceVersion.
+#[derive(Debug, PartialEq, Eq)]
+struct ContinueToken {
+    kind: ResourceKind,
+    namespace: Option<String>,
+    rv: u64,
+    after: Key,
+}
+
+impl ContinueToken {
+    fn encode(&self) -> String {
+        let v = json!({
+            "k": self.kind.short(),
+            "ns": self.namespace,
+            "rv": self.rv,
+            "a": [self.after.0, self.after.1],
+        });
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let bytes = URL_SAFE_NO_PAD.decode(s.trim_end_matches('=')).ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        let kind = ResourceKind::from_short(v.get("k")?.as_str()?)?;
+        let namespace = match v.get("ns")? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            _ => return None,
+        };
+        let rv = v.get("rv")?.as_u64()?;
+        let a = v.get("a")?.as_array()?;
+        let after = (
+            a.first()?.as_str()?.to_string(),
+            a.get(1)?.as_str()?.to_string(),
+        );
+        Some(ContinueToken {
+            kind,
+            namespace,
+            rv,
+            after,
+        })
+    }
+}
+
+/// The current time as an RFC 3339 UTC timestamp with second precision.
+pub(crate) fn rfc3339_now() -> String {
+    rfc3339(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+    )
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        Store::new(100, broadcast::channel(16).0)
+    }
+
+    fn svc(name: &str, labels: Value) -> Value {
+        json!({"metadata": {"name": name, "namespace": "ns", "labels": labels}, "spec": {}})
+    }
+
+    fn filter(labels: &str) -> Filter {
+        Filter {
+            kind: ResourceKind::Service,
+            namespace: None,
+            labels: LabelSelector::parse(labels).unwrap(),
+            fields: FieldSelector::default(),
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn label_selectors() {
+        let o = svc("a", json!({"app": "web", "tier": "front"}));
+        assert!(LabelSelector::parse("app=web").unwrap().matches(&o));
+        assert!(
+            LabelSelector::parse("app==web,tier=front")
+                .unwrap()
+                .matches(&o)
+        );
+        assert!(
+            !LabelSelector::parse("app=web,tier=back")
+                .unwrap()
+                .matches(&o)
+        );
+        assert!(LabelSelector::parse("app!=db,tier").unwrap().matches(&o));
+        assert!(!LabelSelector::parse("!tier").unwrap().matches(&o));
+        assert!(LabelSelector::parse("").unwrap().matches(&o));
+        assert!(LabelSelector::parse("app in (web)").is_err());
+    }
+
+    #[test]
+    fn field_selectors_apply_name_and_ignore_the_rest() {
+        let o = svc("a", json!({}));
+        assert!(FieldSelector::parse("metadata.name=a").matches(&o));
+        assert!(!FieldSelector::parse("metadata.name=b").matches(&o));
+        assert!(FieldSelector::parse("spec.type=ClusterIP").matches(&o));
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_keeps_uid() {
+        let mut s = store();
+        let rv1 = s.apply(ResourceKind::Service, svc("a", json!({}))).unwrap();
+        let uid = s.get(ResourceKind::Service, "ns", "a").unwrap()["metadata"]["uid"].clone();
+        assert_eq!(
+            s.apply(ResourceKind::Service, svc("a", json!({}))).unwrap(),
+            rv1
+        );
+        let rv2 = s
+            .apply(ResourceKind::Service, svc("a", json!({"x": "y"})))
+            .unwrap();
+        assert!(rv2 > rv1);
+        let obj = s.get(ResourceKind::Service, "ns", "a").unwrap();
+        assert_eq!(obj["metadata"]["uid"], uid);
+        assert_eq!(obj["metadata"]["resourceVersion"], rv2.to_string());
+        assert!(
+            s.apply(ResourceKind::Service, json!({"metadata": {}}))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn paging_and_tokens() {
+        let mut s = store();
+        for i in 0..7 {
+            s.apply(ResourceKind::Service, svc(&format!("s{i}"), json!({})))
+                .unwrap();
+        }
+        let f = filter("");
+        let mut names = Vec::new();
+        let mut token: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = s.list(&f, 3, token.as_deref()).unwrap();
+            pages += 1;
+            for item in page["items"].as_array().unwrap() {
+                assert!(item.get("kind").is_none());
+                names.push(item["metadata"]["name"].as_str().unwrap().to_string());
+            }
+            assert_eq!(page["metadata"]["resourceVersion"], "8");
+            match page["metadata"]["continue"].as_str() {
+                Some(t) => token = Some(t.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(names.len(), 7);
+        assert!(s.list(&f, 3, Some("garbage")).is_err());
+        let first = s.list(&f, 3, None).unwrap();
+        let tok = first["metadata"]["continue"].as_str().unwrap().to_string();
+        s.expire_history();
+        assert!(s.list(&f, 3, Some(&tok)).is_err());
+    }
+
+    #[test]
+    fn selector_transitions_in_watch_events() {
+        let mut s = store();
+        s.apply(ResourceKind::Service, svc("a", json!({"app": "x"})))
+            .unwrap();
+        s.apply(ResourceKind::Service, svc("a", json!({"app": "y"})))
+            .unwrap();
+        s.apply(ResourceKind::Service, svc("a", json!({"app": "x"})))
+            .unwrap();
+        let (_rx, start) = s.start_watch(&filter("app=x"), Some(1));
+        let WatchStart::Replay { lines, .. } = start else {
+            panic!("expired")
+        };
+        let types: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(types, ["ADDED", "DELETED", "ADDED"]);
+    }
+
+    #[test]
+    fn history_bound_expires_old_watches() {
+        let mut s = Store::new(2, broadcast::channel(16).0);
+        for i in 0..4 {
+            s.apply(ResourceKind::Service, svc(&format!("s{i}"), json!({})))
+                .unwrap();
+        }
+        // rv is now 5; history holds rv 4 and 5.
+        assert!(matches!(
+            s.start_watch(&filter(""), Some(2)).1,
+            WatchStart::Expired { .. }
+        ));
+        assert!(
+            matches!(s.start_watch(&filter(""), Some(3)).1, WatchStart::Replay { ref lines, .. } if lines.len() == 2)
+        );
+    }
+}
