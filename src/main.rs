@@ -66,8 +66,12 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match ferry_discovery::file::load_catalog(path) {
-        Ok(services) => {
+    match ferry_discovery::file::load_catalog_file(path) {
+        Ok(file) => {
+            let services = file.services;
+            for cluster in &file.kubernetes.clusters {
+                println!("cluster {}\twatched: {:?}", cluster.name, cluster.access);
+            }
             for s in &services {
                 let weights = s
                     .effective_weights()

@@ -53,8 +53,9 @@ impl CatalogSnapshot {
 /// cluster); each contributes services by name. The merged service takes
 /// its ports and declared weights from the first source (in source-id
 /// order) that has them, and the union of every source's backends and
-/// hosts (on a cluster named by two sources, the first wins). Updates are
-/// incremental: only the services a change names are merged again.
+/// hosts (on a cluster named by two sources, the first with endpoints
+/// wins). Updates are incremental: only the services a change names are
+/// merged again.
 #[derive(Debug)]
 pub struct Catalog {
     sources: Mutex<BTreeMap<String, BTreeMap<ServiceName, Arc<Service>>>>,
@@ -212,10 +213,12 @@ fn merge<'a>(mut parts: impl Iterator<Item = &'a Arc<Service>>) -> Option<Arc<Se
     let mut merged = (**first).clone();
     for part in rest {
         for (cluster, backend) in &part.backends {
-            merged
-                .backends
-                .entry(cluster.clone())
-                .or_insert_with(|| backend.clone());
+            // A static backend with no endpoints (listed only so weights
+            // can name its cluster) gives way to a discovered one.
+            let slot = merged.backends.entry(cluster.clone()).or_default();
+            if slot.endpoints.is_empty() {
+                slot.clone_from(backend);
+            }
         }
         for host in &part.hosts {
             if !merged.hosts.contains(host) {
@@ -322,5 +325,25 @@ mod tests {
         assert_eq!(snap.services.len(), 1);
         let a = &snap.services[&ServiceName::new("a", "shop").unwrap()];
         assert_eq!(a.backends.len(), 1);
+    }
+
+    #[test]
+    fn a_static_backend_without_endpoints_gives_way_to_a_discovered_one() {
+        let catalog = Catalog::new();
+        let mut declared = service("a", 0);
+        declared.weights = Some(crate::weights::Weights::all_to(
+            ClusterName::new("old").unwrap(),
+        ));
+        catalog.replace(vec![declared]);
+        catalog.update_source("kubernetes/old", vec![service("a", 4)], vec![]);
+        let snap = catalog.current();
+        let a = &snap.services[&ServiceName::new("a", "shop").unwrap()];
+        assert_eq!(
+            a.backends[&ClusterName::new("old").unwrap()]
+                .endpoints
+                .len(),
+            4
+        );
+        assert!(a.weights.is_some(), "declared weights kept");
     }
 }

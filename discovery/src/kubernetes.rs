@@ -270,7 +270,9 @@ fn classify(error: watcher::Error) -> WatchError {
     }
 }
 
-enum Change {
+/// One watch event of either kind, tagged with its stream (namespace) index.
+#[derive(Debug)]
+pub enum Change {
     Service(usize, Box<Event<KubeService>>),
     Slice(usize, Box<Event<EndpointSlice>>),
 }
@@ -368,7 +370,8 @@ async fn watch_once(
     }
 }
 
-type Key = (String, String);
+/// `(namespace, name)` of an object.
+pub type Key = (String, String);
 
 fn key_of<K: ResourceExt>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
@@ -460,9 +463,10 @@ struct SliceSummary {
     endpoints: Vec<Endpoint>,
 }
 
-/// What one cluster's watchers know.
+/// What one cluster's watchers know: a mirror of its exported Services
+/// and EndpointSlices, and the backends they make.
 #[derive(Debug)]
-struct ClusterState {
+pub struct ClusterState {
     cluster: ClusterName,
     scopes: Vec<Option<String>>,
     services: Mirror<ServiceSummary>,
@@ -475,7 +479,7 @@ struct ClusterState {
 }
 
 impl ClusterState {
-    fn new(cluster: ClusterName) -> Self {
+    pub fn new(cluster: ClusterName) -> Self {
         Self {
             cluster,
             scopes: Vec::new(),
@@ -488,7 +492,8 @@ impl ClusterState {
         }
     }
 
-    fn begin_generation(&mut self, namespaces: &[String]) {
+    /// Starts a watcher generation over `namespaces` (empty: all).
+    pub fn begin_generation(&mut self, namespaces: &[String]) {
         self.scopes = if namespaces.is_empty() {
             vec![None]
         } else {
@@ -511,7 +516,7 @@ impl ClusterState {
     }
 
     /// Applies a change; returns the services it touched.
-    fn apply(&mut self, change: Change) -> BTreeSet<Key> {
+    pub fn apply(&mut self, change: Change) -> BTreeSet<Key> {
         let mut touched = BTreeSet::new();
         match change {
             Change::Service(i, event) => {
@@ -557,7 +562,7 @@ impl ClusterState {
 
     /// This cluster's view of the touched services: exported ones as
     /// upserts, the rest as removals.
-    fn contributions(&self, touched: &BTreeSet<Key>) -> (Vec<Service>, Vec<ServiceName>) {
+    pub fn contributions(&self, touched: &BTreeSet<Key>) -> (Vec<Service>, Vec<ServiceName>) {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
         for key in touched {

@@ -410,9 +410,18 @@ impl Session {
         Some(update)
     }
 
-    fn nonce(&mut self) -> String {
+    /// Records a response of `kind` at `version` as sent, awaiting its
+    /// ACK; returns its nonce.
+    fn mark_sent(&mut self, kind: ResourceType, version: &str) -> String {
         self.next_nonce += 1;
-        self.next_nonce.to_string()
+        let nonce = self.next_nonce.to_string();
+        let st = &mut self.types[kind.index()];
+        st.nonce = Some(nonce.clone());
+        st.awaiting_ack = true;
+        st.sent_version = Some(version.to_owned());
+        metrics::counter!("ferry_xds_pushes_total", "type" => kind.short(), "variant" => self.variant.as_str())
+            .increment(1);
+        nonce
     }
 
     /// The SotW responses due for `snapshot`, in push order.
@@ -444,12 +453,7 @@ impl Session {
             }
             let version = format!("{:016x}", hasher.digest());
             let resources = view.values().map(|r| r.body.clone()).collect();
-            let nonce = self.nonce();
-            let st = &mut self.types[kind.index()];
-            st.nonce = Some(nonce.clone());
-            st.awaiting_ack = true;
-            st.sent_version = Some(version.clone());
-            metrics::counter!("ferry_xds_pushes_total", "type" => kind.short(), "variant" => "sotw").increment(1);
+            let nonce = self.mark_sent(kind, &version);
             out.push(DiscoveryResponse {
                 version_info: version,
                 resources,
@@ -472,13 +476,8 @@ impl Session {
             let Some(update) = self.update_for(kind, snapshot) else {
                 continue;
             };
-            let nonce = self.nonce();
             let version = snapshot.version.to_string();
-            let st = &mut self.types[kind.index()];
-            st.nonce = Some(nonce.clone());
-            st.awaiting_ack = true;
-            st.sent_version = Some(version.clone());
-            metrics::counter!("ferry_xds_pushes_total", "type" => kind.short(), "variant" => "delta").increment(1);
+            let nonce = self.mark_sent(kind, &version);
             out.push(DeltaDiscoveryResponse {
                 system_version_info: version,
                 resources: update
