@@ -24,6 +24,7 @@ pub struct AdminState {
     pub clients: Arc<ClientRegistry>,
     pub file_status: Arc<Mutex<FileStatus>>,
     pub clusters: ClusterStatuses,
+    pub policy: Arc<ferry_migrate::Policy>,
     pub metrics: PrometheusHandle,
 }
 
@@ -85,7 +86,8 @@ struct CatalogStatus {
 struct ServiceStatus {
     name: String,
     ports: Vec<u16>,
-    /// "declared" (catalog weights) or "ready_endpoints" (proportional).
+    /// "policy" (traffic API), "declared" (catalog weights) or
+    /// "ready_endpoints" (proportional).
     weights_from: &'static str,
     clusters: BTreeMap<String, ClusterStatus>,
 }
@@ -132,7 +134,9 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .services
         .values()
         .map(|s| {
-            let weights = s.effective_weights();
+            let resolved = state.policy.weights(&s.name.to_string()).ok();
+            let weights_from = resolved.as_ref().map(|r| r.2.as_str()).unwrap_or("none");
+            let weights = resolved.map(|r| r.1);
             let clusters = s
                 .backends
                 .iter()
@@ -153,11 +157,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
             ServiceStatus {
                 name: s.name.to_string(),
                 ports: s.ports.iter().map(|p| p.port).collect(),
-                weights_from: if s.weights.is_some() {
-                    "declared"
-                } else {
-                    "ready_endpoints"
-                },
+                weights_from,
                 clusters,
             }
         })

@@ -10,6 +10,8 @@ use anyhow::Context;
 use ferry_discovery::Catalog;
 use ferry_discovery::file::FileSource;
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
+use ferry_migrate::api::TrafficApi;
+use ferry_migrate::{Policy, Store};
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
 use ferry_xds::{AdsServer, SnapshotCache, TranslateOptions, Translator};
@@ -47,6 +49,16 @@ pub struct ControlArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     debounce_max_delay: Duration,
 
+    /// Directory of Ferry's own state: the traffic policy store
+    /// (`policy.redb`: weights, pins, audit log). Created if missing.
+    #[arg(long, default_value = ".ferry", value_name = "DIR")]
+    data_dir: PathBuf,
+
+    /// Address of the traffic API (gRPC `ferry.v1.Traffic`, plus gRPC
+    /// health and reflection).
+    #[arg(long, default_value = "127.0.0.1:18001", value_name = "ADDR")]
+    api_addr: SocketAddr,
+
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -59,6 +71,15 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     let catalog = Arc::new(Catalog::new());
     let cache = Arc::new(SnapshotCache::new());
+
+    // The persisted policy is loaded before anything is translated or
+    // served, so a restart never serves default weights.
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+    let store = Store::open(&args.data_dir.join("policy.redb"))
+        .with_context(|| format!("opening the policy store in {}", args.data_dir.display()))?;
+    let policy =
+        Arc::new(Policy::load(store, catalog.clone()).context("loading the traffic policy")?);
     let clients = Arc::new(ClientRegistry::default());
 
     let source = FileSource::new(&args.catalog);
@@ -84,6 +105,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     };
     let translate_task = tokio::spawn(run_translation(
         catalog.subscribe(),
+        policy.overrides(),
         cache.clone(),
         translator,
         debounce,
@@ -93,6 +115,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    let api_listener = TcpListener::bind(args.api_addr)
+        .await
+        .with_context(|| format!("binding the traffic API address {}", args.api_addr))?;
     let xds_listener = TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("binding the xDS address {}", args.xds_addr))?;
@@ -107,9 +132,17 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         clients: clients.clone(),
         file_status,
         clusters,
+        policy: policy.clone(),
         metrics,
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
+
+    tokio::spawn(expire_pins(policy.clone(), shutdown.clone()));
+    let api_task = tokio::spawn(serve_api(
+        api_listener,
+        TrafficApi::new(policy, catalog.clone()),
+        shutdown.clone(),
+    ));
 
     let ads = AdsServer::new(cache, clients, shutdown.clone());
     let incoming = tokio_stream_incoming(xds_listener);
@@ -128,11 +161,53 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
     }
     let _ = translate_task.await;
+    if let Ok(Err(e)) = api_task.await {
+        tracing::warn!(error = %e, "traffic API server ended with an error");
+    }
     if let Ok(Err(e)) = admin_task.await {
         tracing::warn!(error = %e, "admin server ended with an error");
     }
     tracing::info!("ferry control stopped");
     Ok(())
+}
+
+/// The traffic API with gRPC health and reflection, so `grpcurl` works.
+async fn serve_api(
+    listener: TcpListener,
+    api: TrafficApi,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ferry_proto::ferry::v1::traffic_server::TrafficServer<TrafficApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ferry_proto::ferry::v1::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let mut router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(api.into_service());
+    if let Ok(reflection) = reflection {
+        router = router.add_service(reflection);
+    }
+    router
+        .serve_with_incoming_shutdown(tokio_stream_incoming(listener), shutdown.cancelled_owned())
+        .await
+}
+
+/// Releases pins whose TTL passed, once a second.
+async fn expire_pins(policy: Arc<Policy>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = policy.expire_pins() {
+                    tracing::error!(error = %e, "cannot release expired pins");
+                }
+            }
+        }
+    }
 }
 
 fn tokio_stream_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {

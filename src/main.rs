@@ -1,6 +1,7 @@
 //! `ferry`: one binary for Ferry's control plane and tools.
 
 mod admin;
+mod cli;
 mod control;
 mod telemetry;
 
@@ -32,6 +33,56 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         catalog: PathBuf,
     },
+    /// Get, set or clear a service's weights through the traffic API.
+    Weights {
+        #[command(subcommand)]
+        command: cli::WeightsCommand,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// Pin a service: deploy tooling refuses changes while it is held.
+    Pin {
+        service: String,
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        reason: String,
+        /// Seconds until the pin expires by itself (0: never).
+        #[arg(long, default_value_t = 0)]
+        ttl: u64,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// Release a pin (only its owner may).
+    Unpin {
+        service: String,
+        #[arg(long)]
+        owner: String,
+        #[arg(long, default_value = "released with the ferry CLI")]
+        reason: String,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// List pins.
+    Pins {
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// The audit log: who changed what, when and why.
+    Audit {
+        /// Only entries about this service.
+        #[arg(long)]
+        service: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// Services × clusters: weights, ready endpoints, pins.
+    Status {
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,6 +113,47 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { catalog } => check(&catalog),
+        Command::Weights { command, conn } => run_client(cli::weights(&conn, command)),
+        Command::Pin {
+            service,
+            owner,
+            reason,
+            ttl,
+            conn,
+        } => run_client(cli::pin(&conn, service, owner, reason, ttl)),
+        Command::Unpin {
+            service,
+            owner,
+            reason,
+            conn,
+        } => run_client(cli::unpin(&conn, service, owner, reason)),
+        Command::Pins { conn } => run_client(cli::pins(&conn)),
+        Command::Audit {
+            service,
+            limit,
+            conn,
+        } => run_client(cli::audit(&conn, service, limit)),
+        Command::Status { conn } => run_client(cli::status(&conn)),
+    }
+}
+
+fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -72,6 +72,16 @@ impl FerryProcess {
             .arg(admin_addr.to_string())
             .arg("--listener-addr")
             .arg("127.0.0.1:10000")
+            .arg("--api-addr")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(
+                options
+                    .log_file
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join("ferry-data"),
+            )
             .arg("--debounce")
             .arg(humantime::format_duration(options.debounce).to_string())
             .env("RUST_LOG", &options.log_filter)
@@ -115,6 +125,12 @@ impl FerryProcess {
         )
     }
 
+    /// Kills the process now (dropping the guard does the same).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -147,8 +163,7 @@ impl FerryProcess {
 
 impl Drop for FerryProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

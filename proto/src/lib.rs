@@ -2,7 +2,9 @@
 //!
 //! Envoy's xDS API comes from the maintained `envoy-types` crate (prost and
 //! tonic generated code); this crate re-exports it under one path, names the
-//! xDS type URLs Ferry serves, and packs messages into `Any`.
+//! xDS type URLs Ferry serves, and packs messages into `Any`. Ferry's own
+//! API (`ferry.v1`, in `ferry/v1/*.proto`) is compiled here with protox, so
+//! no `protoc` is needed.
 //!
 //! ```
 //! use ferry_proto::{pack, type_url};
@@ -17,6 +19,18 @@ pub use envoy_types::pb::google;
 pub use envoy_types::pb::xds;
 
 use prost::{Message, Name};
+
+/// Ferry's own API, package `ferry.v1`.
+pub mod ferry {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("ferry.v1");
+
+        /// The encoded descriptors, for gRPC reflection.
+        pub const FILE_DESCRIPTOR_SET: &[u8] =
+            tonic::include_file_descriptor_set!("ferry_descriptor");
+    }
+}
 
 /// The protobuf `Any` used in xDS responses.
 pub type Any = envoy_types::pb::google::protobuf::Any;

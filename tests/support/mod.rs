@@ -95,6 +95,7 @@ pub struct Ferry {
     pub xds_port: u16,
     pub admin_port: u16,
     pub listener_port: u16,
+    pub api_port: u16,
     proc: Proc,
 }
 
@@ -109,6 +110,7 @@ impl Ferry {
             xds_port: free_port(),
             admin_port: free_port(),
             listener_port: free_port(),
+            api_port: free_port(),
             proc: Proc(None),
         };
         ferry.launch();
@@ -133,6 +135,9 @@ impl Ferry {
                     "--listener-addr",
                     &format!("127.0.0.1:{}", self.listener_port),
                 ])
+                .args(["--api-addr", &format!("127.0.0.1:{}", self.api_port)])
+                .arg("--data-dir")
+                .arg(self.dir.path().join("data"))
                 .env("RUST_LOG", "info,ferry_xds=debug")
                 .stdout(Stdio::null())
                 .stderr(log),

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::resources::ResourceType;
-use crate::translate::{ResourceMaps, Translator};
+use crate::translate::{ResourceMaps, Translator, WeightOverrides};
 
 /// Every resource Ferry serves, at one version.
 #[derive(Debug, Default)]
@@ -133,6 +133,7 @@ impl Default for Debounce {
 /// `cancel`. The first loaded catalog is translated without delay.
 pub async fn run_translation(
     mut catalog: watch::Receiver<Arc<CatalogSnapshot>>,
+    mut policy: watch::Receiver<Arc<WeightOverrides>>,
     cache: Arc<SnapshotCache>,
     mut translator: Translator,
     debounce: Debounce,
@@ -141,9 +142,10 @@ pub async fn run_translation(
     let mut first = true;
     loop {
         let current = catalog.borrow_and_update().clone();
+        let overrides = policy.borrow_and_update().clone();
         if current.is_loaded() {
             let started = Instant::now();
-            let maps = translator.translate(&current);
+            let maps = translator.translate_with(&current, &overrides);
             metrics::histogram!("ferry_xds_translate_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("ferry_xds_services_translated_total")
@@ -154,6 +156,7 @@ pub async fn run_translation(
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = catalog.changed() => if changed.is_err() { return },
+            changed = policy.changed() => if changed.is_err() { return },
         }
         if !first {
             coalesce(&mut catalog, debounce, &cancel).await;
@@ -221,8 +224,10 @@ mod tests {
         let cache = Arc::new(SnapshotCache::new());
         let cancel = CancellationToken::new();
         catalog.replace(services(1));
+        let (_policy, policy_rx) = watch::channel(Arc::new(WeightOverrides::new()));
         let task = tokio::spawn(run_translation(
             catalog.subscribe(),
+            policy_rx,
             cache.clone(),
             Translator::new(TranslateOptions::default()),
             Debounce::default(),

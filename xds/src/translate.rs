@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_discovery::{CatalogSnapshot, EndpointState, Service, ServiceName};
+use ferry_discovery::{CatalogSnapshot, EndpointState, Service, ServiceName, Weights};
 use ferry_proto::envoy::config::cluster::v3::{Cluster, cluster};
 use ferry_proto::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, SocketAddress,
@@ -76,8 +76,13 @@ pub struct ServiceResources {
 struct Cached {
     input: Arc<Service>,
     short_name_unique: bool,
+    weights: Option<Weights>,
     output: Arc<ServiceResources>,
 }
+
+/// Weights set through the traffic API, by service. They take precedence
+/// over the catalog's declared or default weights.
+pub type WeightOverrides = BTreeMap<ServiceName, Weights>;
 
 /// All resources of a catalog, by type then name.
 pub type ResourceMaps = [BTreeMap<String, Arc<Resource>>; 4];
@@ -110,6 +115,15 @@ impl Translator {
 
     /// Translates a catalog into every resource, by type.
     pub fn translate(&mut self, catalog: &CatalogSnapshot) -> ResourceMaps {
+        self.translate_with(catalog, &WeightOverrides::new())
+    }
+
+    /// Translates a catalog with traffic-policy weights applied.
+    pub fn translate_with(
+        &mut self,
+        catalog: &CatalogSnapshot,
+        overrides: &WeightOverrides,
+    ) -> ResourceMaps {
         let ambiguous = ambiguous_short_names(catalog);
         self.cache
             .retain(|name, _| catalog.services.contains_key(name));
@@ -118,7 +132,7 @@ impl Translator {
         let mut virtual_hosts = Vec::new();
         for (name, service) in &catalog.services {
             let unique = !ambiguous.contains(name.name());
-            let output = self.service(service, unique);
+            let output = self.service(service, unique, overrides.get(name));
             for c in &output.clusters {
                 maps[ResourceType::Cluster.index()].insert(c.name.clone(), c.clone());
             }
@@ -145,20 +159,28 @@ impl Translator {
         &mut self,
         service: &Arc<Service>,
         short_name_unique: bool,
+        weights: Option<&Weights>,
     ) -> Arc<ServiceResources> {
         if let Some(cached) = self.cache.get(&service.name)
             && cached.short_name_unique == short_name_unique
+            && cached.weights.as_ref() == weights
             && (Arc::ptr_eq(&cached.input, service) || *cached.input == **service)
         {
             return cached.output.clone();
         }
         self.last_translated += 1;
-        let output = Arc::new(translate_service(service, short_name_unique, &self.options));
+        let output = Arc::new(translate_service(
+            service,
+            weights,
+            short_name_unique,
+            &self.options,
+        ));
         self.cache.insert(
             service.name.clone(),
             Cached {
                 input: service.clone(),
                 short_name_unique,
+                weights: weights.cloned(),
                 output: output.clone(),
             },
         );
@@ -179,14 +201,20 @@ fn ambiguous_short_names(catalog: &CatalogSnapshot) -> BTreeSet<String> {
     ambiguous
 }
 
-/// Translates one service.
+/// Translates one service. `policy` weights win over the catalog's, as
+/// long as they give some weight to a cluster the service still has.
 pub fn translate_service(
     service: &Service,
+    policy: Option<&Weights>,
     short_name_unique: bool,
     options: &TranslateOptions,
 ) -> ServiceResources {
     let mut out = ServiceResources::default();
-    let weights = service.effective_weights();
+    let applicable = policy.filter(|w| {
+        w.iter()
+            .any(|(c, bp)| bp.basis_points() > 0 && service.backends.contains_key(c))
+    });
+    let weights = applicable.cloned().or_else(|| service.effective_weights());
     for (index, port) in service.ports.iter().enumerate() {
         let mut weighted = Vec::new();
         for (cluster_name, backend) in &service.backends {

@@ -1,0 +1,278 @@
+//! The `ferry.v1.Traffic` gRPC service over [`Policy`].
+//!
+//! Errors map to precise codes: `INVALID_ARGUMENT` (bad input, naming the
+//! field), `NOT_FOUND`, `FAILED_PRECONDITION` (pinned by another owner),
+//! `ABORTED` (compare-and-set version mismatch), `INTERNAL` (store).
+
+use std::pin::Pin as BoxPin;
+use std::sync::Arc;
+
+use ferry_discovery::Catalog;
+use ferry_proto::ferry::v1::traffic_server::{Traffic, TrafficServer};
+use ferry_proto::ferry::v1::{
+    AuditEntry, BackendInfo, ClearWeightsRequest, ClusterWeight, GetWeightsRequest,
+    ListAuditRequest, ListAuditResponse, ListPinsRequest, ListPinsResponse, ListServicesRequest,
+    ListServicesResponse, PinRecord, PinRequest, PolicyEvent, ServiceInfo, ServiceWeights,
+    SetWeightsRequest, UnpinRequest, UnpinResponse, WatchPolicyRequest,
+};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::policy::{Pin, Policy, PolicyError, WeightsChange};
+use crate::store::AuditRecord;
+
+/// The traffic API.
+#[derive(Debug, Clone)]
+pub struct TrafficApi {
+    policy: Arc<Policy>,
+    catalog: Arc<Catalog>,
+}
+
+impl TrafficApi {
+    pub fn new(policy: Arc<Policy>, catalog: Arc<Catalog>) -> Self {
+        Self { policy, catalog }
+    }
+
+    pub fn into_service(self) -> TrafficServer<Self> {
+        TrafficServer::new(self)
+    }
+}
+
+impl From<PolicyError> for Status {
+    fn from(e: PolicyError) -> Self {
+        let message = e.to_string();
+        match e {
+            PolicyError::InvalidArgument { .. } => Status::invalid_argument(message),
+            PolicyError::NotFound(_) => Status::not_found(message),
+            PolicyError::Pinned { .. } => Status::failed_precondition(message),
+            PolicyError::VersionMismatch { .. } => Status::aborted(message),
+            PolicyError::Store(_) => Status::internal(message),
+        }
+    }
+}
+
+fn pin_record(p: &Pin) -> PinRecord {
+    PinRecord {
+        service: p.service.to_string(),
+        owner: p.owner.clone(),
+        reason: p.reason.clone(),
+        pinned_at_unix_ms: p.pinned_at_ms,
+        expires_at_unix_ms: p.expires_at_ms,
+    }
+}
+
+fn audit_entry(r: AuditRecord) -> AuditEntry {
+    AuditEntry {
+        policy_version: r.version,
+        at_unix_ms: r.at_ms,
+        actor: r.actor,
+        action: r.action,
+        service: r.service,
+        reason: r.reason,
+        detail: r.detail,
+    }
+}
+
+/// The actor of a request: its `x-ferry-actor` metadata, else the owner
+/// it acts as, else "anonymous".
+fn actor<T>(request: &Request<T>, owner: &str) -> String {
+    request
+        .metadata()
+        .get("x-ferry-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .filter(|a| !a.is_empty())
+        .or_else(|| (!owner.is_empty()).then(|| owner.to_owned()))
+        .unwrap_or_else(|| "anonymous".to_owned())
+}
+
+impl TrafficApi {
+    fn weights_response(&self, service: &str) -> Result<ServiceWeights, Status> {
+        let (name, weights, source, version) = self.policy.weights(service)?;
+        Ok(ServiceWeights {
+            service: name.to_string(),
+            weights: weights
+                .iter()
+                .map(|(c, w)| ClusterWeight {
+                    cluster: c.to_string(),
+                    basis_points: w.basis_points(),
+                })
+                .collect(),
+            source: source.as_str().to_owned(),
+            policy_version: version,
+        })
+    }
+}
+
+type EventStream = BoxPin<Box<dyn Stream<Item = Result<PolicyEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Traffic for TrafficApi {
+    async fn list_services(
+        &self,
+        _: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        let catalog = self.catalog.current();
+        let mut services = Vec::with_capacity(catalog.services.len());
+        for (name, svc) in &catalog.services {
+            let (_, weights, source, _) = self.policy.weights(&name.to_string())?;
+            services.push(ServiceInfo {
+                service: name.to_string(),
+                backends: svc
+                    .backends
+                    .iter()
+                    .map(|(c, b)| BackendInfo {
+                        cluster: c.to_string(),
+                        basis_points: weights.get(c).basis_points(),
+                        endpoints: b.endpoints.len() as u32,
+                        ready: b.ready_endpoints() as u32,
+                    })
+                    .collect(),
+                weights_source: source.as_str().to_owned(),
+                pin: self.policy.pin_of(name).as_ref().map(pin_record),
+            });
+        }
+        Ok(Response::new(ListServicesResponse {
+            services,
+            policy_version: self.policy.version(),
+        }))
+    }
+
+    async fn get_weights(
+        &self,
+        request: Request<GetWeightsRequest>,
+    ) -> Result<Response<ServiceWeights>, Status> {
+        Ok(Response::new(
+            self.weights_response(&request.get_ref().service)?,
+        ))
+    }
+
+    async fn set_weights(
+        &self,
+        request: Request<SetWeightsRequest>,
+    ) -> Result<Response<ServiceWeights>, Status> {
+        let actor = actor(&request, &request.get_ref().owner);
+        let r = request.into_inner();
+        let change = WeightsChange {
+            service: r.service.clone(),
+            weights: r
+                .weights
+                .into_iter()
+                .map(|w| (w.cluster, w.basis_points))
+                .collect(),
+            expected_version: r.expected_version,
+            reason: r.reason,
+            owner: r.owner,
+        };
+        if change.weights.is_empty() {
+            return Err(Status::invalid_argument(
+                "weights: at least one cluster weight is required (use ClearWeights to go back to the catalog's)",
+            ));
+        }
+        self.policy.set_weights(&change, &actor)?;
+        Ok(Response::new(self.weights_response(&r.service)?))
+    }
+
+    async fn clear_weights(
+        &self,
+        request: Request<ClearWeightsRequest>,
+    ) -> Result<Response<ServiceWeights>, Status> {
+        let actor = actor(&request, &request.get_ref().owner);
+        let r = request.into_inner();
+        let change = WeightsChange {
+            service: r.service.clone(),
+            weights: Vec::new(),
+            expected_version: r.expected_version,
+            reason: r.reason,
+            owner: r.owner,
+        };
+        self.policy.set_weights(&change, &actor)?;
+        Ok(Response::new(self.weights_response(&r.service)?))
+    }
+
+    type WatchPolicyStream = EventStream;
+
+    async fn watch_policy(
+        &self,
+        _: Request<WatchPolicyRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        // Subscribe before reading the version so no change falls between.
+        let events = self.policy.events();
+        let first = PolicyEvent {
+            policy_version: self.policy.version(),
+            change: None,
+        };
+        Ok(Response::new(policy_stream(first, events)))
+    }
+
+    async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinRecord>, Status> {
+        let r = request.into_inner();
+        let pin = self
+            .policy
+            .pin(&r.service, &r.owner, &r.reason, r.ttl_seconds)?;
+        Ok(Response::new(pin_record(&pin)))
+    }
+
+    async fn unpin(
+        &self,
+        request: Request<UnpinRequest>,
+    ) -> Result<Response<UnpinResponse>, Status> {
+        let r = request.into_inner();
+        let reason = if r.reason.is_empty() {
+            "released"
+        } else {
+            r.reason.as_str()
+        };
+        let version = self.policy.unpin(&r.service, &r.owner, reason)?;
+        Ok(Response::new(UnpinResponse {
+            policy_version: version,
+        }))
+    }
+
+    async fn list_pins(
+        &self,
+        _: Request<ListPinsRequest>,
+    ) -> Result<Response<ListPinsResponse>, Status> {
+        Ok(Response::new(ListPinsResponse {
+            pins: self.policy.pins().iter().map(pin_record).collect(),
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<ListAuditRequest>,
+    ) -> Result<Response<ListAuditResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000) as usize
+        };
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        let entries = self
+            .policy
+            .audit(service, limit)?
+            .into_iter()
+            .map(audit_entry)
+            .collect();
+        Ok(Response::new(ListAuditResponse { entries }))
+    }
+}
+
+/// The current version first, then every accepted change as it happens.
+fn policy_stream(
+    first: PolicyEvent,
+    events: tokio::sync::broadcast::Receiver<AuditRecord>,
+) -> EventStream {
+    let head = futures::stream::once(async move { Ok(first) });
+    let tail = tokio_stream::wrappers::BroadcastStream::new(events).map(|r| match r {
+        Ok(record) => Ok(PolicyEvent {
+            policy_version: record.version,
+            change: Some(audit_entry(record)),
+        }),
+        Err(e) => Err(Status::data_loss(format!(
+            "watcher fell behind: {e}; re-read and watch again"
+        ))),
+    });
+    Box::pin(head.chain(tail))
+}

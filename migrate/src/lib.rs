@@ -1,0 +1,15 @@
+//! Ferry's traffic policy: per-service weights and pins set through the
+//! traffic API, persisted before they take effect, audited, and handed to
+//! the xDS translation as weight overrides.
+//!
+//! - [`policy`]: the rules (validation, pin ownership, compare-and-set) and
+//!   the in-memory state every change goes through;
+//! - [`store`]: the embedded `redb` store (one file under `--data-dir`);
+//! - [`api`]: the `ferry.v1.Traffic` gRPC service.
+
+pub mod api;
+pub mod policy;
+pub mod store;
+
+pub use policy::{Policy, PolicyError};
+pub use store::{Store, StoreError};

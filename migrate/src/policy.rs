@@ -1,0 +1,574 @@
+//! Traffic policy: weights and pins set through the API.
+//!
+//! Every change is validated against the catalog, checked against pins
+//! and the caller's expected version, written to the store (with its audit
+//! entry) and only then applied and published. A rejected change leaves
+//! weights, pins, version and served config exactly as they were.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ferry_discovery::{Catalog, ClusterName, ServiceName, TOTAL_WEIGHT, Weights};
+use ferry_xds::translate::WeightOverrides;
+use tokio::sync::{broadcast, watch};
+
+use crate::store::{AuditRecord, Commit, Store, StoreError, StoredPin};
+
+/// Why a policy change was refused. Each names the field or rule.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("service {service} is pinned by {owner:?} ({reason}); only that owner may change it")]
+    Pinned {
+        service: String,
+        owner: String,
+        reason: String,
+    },
+    #[error("policy version is {actual}, not the expected {expected}: re-read and retry")]
+    VersionMismatch { expected: u64, actual: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Where a service's weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsSource {
+    Policy,
+    Declared,
+    ReadyEndpoints,
+}
+
+impl WeightsSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::Declared => "declared",
+            Self::ReadyEndpoints => "ready_endpoints",
+        }
+    }
+}
+
+/// A pin: the service's workload is frozen for its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub service: ServiceName,
+    pub owner: String,
+    pub reason: String,
+    pub pinned_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// A weights change request, as parsed from the API.
+#[derive(Debug, Clone, Default)]
+pub struct WeightsChange {
+    pub service: String,
+    /// `(cluster, basis points)`; empty clears the policy weights.
+    pub weights: Vec<(String, u32)>,
+    pub expected_version: u64,
+    pub reason: String,
+    pub owner: String,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    version: u64,
+    weights: WeightOverrides,
+    pins: BTreeMap<ServiceName, StoredPin>,
+}
+
+/// The traffic policy and every rule about changing it.
+#[derive(Debug)]
+pub struct Policy {
+    inner: Mutex<Inner>,
+    catalog: Arc<Catalog>,
+    overrides: watch::Sender<Arc<WeightOverrides>>,
+    events: broadcast::Sender<AuditRecord>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn format_weights(w: &Weights) -> String {
+    w.iter()
+        .map(|(c, bp)| format!("{c}={}", bp.basis_points()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Policy {
+    /// Loads the persisted policy. Call before serving xDS so a restart
+    /// never serves default weights.
+    pub fn load(store: Store, catalog: Arc<Catalog>) -> Result<Self, PolicyError> {
+        let loaded = store.load()?;
+        let mut weights = WeightOverrides::new();
+        for (service, entries) in loaded.weights {
+            let name = ServiceName::parse(&service).map_err(|e| StoreError::Corrupt {
+                key: service.clone(),
+                reason: e.to_string(),
+            })?;
+            let mut map = BTreeMap::new();
+            for (cluster, bp) in entries {
+                let c = ClusterName::new(&cluster).map_err(|e| StoreError::Corrupt {
+                    key: service.clone(),
+                    reason: e.to_string(),
+                })?;
+                map.insert(c, bp);
+            }
+            let w = Weights::new(map).map_err(|e| StoreError::Corrupt {
+                key: service.clone(),
+                reason: e.to_string(),
+            })?;
+            weights.insert(name, w);
+        }
+        let mut pins = BTreeMap::new();
+        for (service, pin) in loaded.pins {
+            if let Ok(name) = ServiceName::parse(&service) {
+                pins.insert(name, pin);
+            }
+        }
+        tracing::info!(
+            version = loaded.version,
+            services_with_weights = weights.len(),
+            pins = pins.len(),
+            "traffic policy loaded"
+        );
+        metrics::gauge!("ferry_migrate_policy_version").set(loaded.version as f64);
+        let (overrides, _) = watch::channel(Arc::new(weights.clone()));
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                store,
+                version: loaded.version,
+                weights,
+                pins,
+            }),
+            catalog,
+            overrides,
+            events,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The weight overrides the xDS translation applies.
+    pub fn overrides(&self) -> watch::Receiver<Arc<WeightOverrides>> {
+        self.overrides.subscribe()
+    }
+
+    /// Every accepted change from now on.
+    pub fn events(&self) -> broadcast::Receiver<AuditRecord> {
+        self.events.subscribe()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().version
+    }
+
+    /// The weights `service` follows now, their source, and the version.
+    pub fn weights(
+        &self,
+        service: &str,
+    ) -> Result<(ServiceName, Weights, WeightsSource, u64), PolicyError> {
+        let name = parse_service(service)?;
+        let inner = self.lock();
+        let catalog = self.catalog.current();
+        let svc = catalog.services.get(&name).ok_or_else(|| {
+            PolicyError::NotFound(format!("service {name} is not in the catalog"))
+        })?;
+        if let Some(w) = inner.weights.get(&name) {
+            return Ok((name, w.clone(), WeightsSource::Policy, inner.version));
+        }
+        let source = if svc.weights.is_some() {
+            WeightsSource::Declared
+        } else {
+            WeightsSource::ReadyEndpoints
+        };
+        let w = svc
+            .effective_weights()
+            .ok_or_else(|| PolicyError::NotFound(format!("service {name} has no backends")))?;
+        Ok((name, w, source, inner.version))
+    }
+
+    /// Sets (or, with no weights, clears) a service's weights.
+    pub fn set_weights(&self, change: &WeightsChange, actor: &str) -> Result<u64, PolicyError> {
+        let name = parse_service(&change.service)?;
+        if change.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "a reason is required; it goes into the audit log",
+            ));
+        }
+        let requested = parse_weights(&change.weights)?;
+        let mut inner = self.lock();
+        let catalog = self.catalog.current();
+        let service = catalog.services.get(&name).ok_or_else(|| {
+            PolicyError::NotFound(format!("service {name} is not in the catalog"))
+        })?;
+        // Indexes name the request's own entries, in its order.
+        for (i, (cluster, _)) in change.weights.iter().enumerate() {
+            let known = ClusterName::new(cluster).is_ok_and(|c| service.backends.contains_key(&c));
+            if !known {
+                let have: Vec<String> = service.backends.keys().map(|c| c.to_string()).collect();
+                return Err(invalid(
+                    format!("weights[{i}].cluster"),
+                    format!(
+                        "service {name} has no backend in cluster {cluster} (it has: {})",
+                        have.join(", ")
+                    ),
+                ));
+            }
+        }
+        check_pin(&inner, &name, &change.owner)?;
+        check_version(&inner, change.expected_version)?;
+        if requested.is_none() && !inner.weights.contains_key(&name) {
+            return Err(PolicyError::NotFound(format!(
+                "service {name} has no weights set through the API"
+            )));
+        }
+        let version = inner.version + 1;
+        let (action, detail) = match &requested {
+            Some(w) => ("set_weights", format_weights(w)),
+            None => ("clear_weights", "back to the catalog's weights".to_owned()),
+        };
+        let commit = Commit {
+            version,
+            service: name.to_string(),
+            weights: Some(requested.as_ref().map(|w| {
+                w.iter()
+                    .map(|(c, bp)| (c.to_string(), bp.basis_points()))
+                    .collect()
+            })),
+            pin: None,
+            audit: audit(version, actor, action, &name, &change.reason, detail),
+        };
+        inner.store.commit(&commit)?;
+        match requested {
+            Some(w) => inner.weights.insert(name.clone(), w),
+            None => inner.weights.remove(&name),
+        };
+        self.accepted(&mut inner, commit.audit);
+        self.overrides.send_replace(Arc::new(inner.weights.clone()));
+        Ok(version)
+    }
+
+    /// Pins a service for `owner`; the owner may refresh its own pin.
+    pub fn pin(
+        &self,
+        service: &str,
+        owner: &str,
+        reason: &str,
+        ttl_seconds: u64,
+    ) -> Result<Pin, PolicyError> {
+        let name = parse_service(service)?;
+        if owner.trim().is_empty() {
+            return Err(invalid("owner", "an owner is required"));
+        }
+        if reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "a reason is required; it goes into the audit log",
+            ));
+        }
+        if ttl_seconds > 365 * 24 * 3600 {
+            return Err(invalid("ttl_seconds", "at most one year"));
+        }
+        let mut inner = self.lock();
+        if !self.catalog.current().services.contains_key(&name) {
+            return Err(PolicyError::NotFound(format!(
+                "service {name} is not in the catalog"
+            )));
+        }
+        check_pin(&inner, &name, owner)?;
+        let now = now_ms();
+        let pin = StoredPin {
+            owner: owner.to_owned(),
+            reason: reason.to_owned(),
+            pinned_at_ms: now,
+            expires_at_ms: if ttl_seconds == 0 {
+                0
+            } else {
+                now + ttl_seconds as i64 * 1000
+            },
+        };
+        let version = inner.version + 1;
+        let detail = if ttl_seconds == 0 {
+            "no expiry".to_owned()
+        } else {
+            format!("ttl {ttl_seconds}s")
+        };
+        let commit = Commit {
+            version,
+            service: name.to_string(),
+            weights: None,
+            pin: Some(Some(pin.clone())),
+            audit: audit(version, owner, "pin", &name, reason, detail),
+        };
+        inner.store.commit(&commit)?;
+        inner.pins.insert(name.clone(), pin.clone());
+        self.accepted(&mut inner, commit.audit);
+        Ok(to_pin(&name, &pin))
+    }
+
+    /// Releases a pin; only its owner may.
+    pub fn unpin(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
+        let name = parse_service(service)?;
+        if owner.trim().is_empty() {
+            return Err(invalid("owner", "an owner is required"));
+        }
+        let mut inner = self.lock();
+        let Some(pin) = inner.pins.get(&name) else {
+            return Err(PolicyError::NotFound(format!(
+                "service {name} is not pinned"
+            )));
+        };
+        if pin.owner != owner {
+            return Err(PolicyError::Pinned {
+                service: name.to_string(),
+                owner: pin.owner.clone(),
+                reason: pin.reason.clone(),
+            });
+        }
+        self.remove_pin(&mut inner, &name, owner, "unpin", reason)
+    }
+
+    /// Releases every pin whose TTL has passed; returns how many.
+    pub fn expire_pins(&self) -> Result<usize, PolicyError> {
+        let mut inner = self.lock();
+        let now = now_ms();
+        let expired: Vec<ServiceName> = inner
+            .pins
+            .iter()
+            .filter(|(_, p)| p.expires_at_ms != 0 && p.expires_at_ms <= now)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in &expired {
+            self.remove_pin(&mut inner, name, "ferry", "pin_expired", "TTL passed")?;
+        }
+        Ok(expired.len())
+    }
+
+    fn remove_pin(
+        &self,
+        inner: &mut Inner,
+        name: &ServiceName,
+        actor: &str,
+        action: &str,
+        reason: &str,
+    ) -> Result<u64, PolicyError> {
+        let version = inner.version + 1;
+        let owner = inner
+            .pins
+            .get(name)
+            .map(|p| p.owner.clone())
+            .unwrap_or_default();
+        let commit = Commit {
+            version,
+            service: name.to_string(),
+            weights: None,
+            pin: Some(None),
+            audit: audit(
+                version,
+                actor,
+                action,
+                name,
+                reason,
+                format!("pin of {owner:?} released"),
+            ),
+        };
+        inner.store.commit(&commit)?;
+        inner.pins.remove(name);
+        self.accepted(inner, commit.audit);
+        Ok(version)
+    }
+
+    pub fn pins(&self) -> Vec<Pin> {
+        self.lock().pins.iter().map(|(n, p)| to_pin(n, p)).collect()
+    }
+
+    pub fn pin_of(&self, name: &ServiceName) -> Option<Pin> {
+        self.lock().pins.get(name).map(|p| to_pin(name, p))
+    }
+
+    pub fn audit(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, PolicyError> {
+        Ok(self.lock().store.audit(service, limit)?)
+    }
+
+    fn accepted(&self, inner: &mut Inner, record: AuditRecord) {
+        inner.version = record.version;
+        metrics::gauge!("ferry_migrate_policy_version").set(record.version as f64);
+        metrics::counter!("ferry_migrate_policy_changes_total", "action" => record.action.clone())
+            .increment(1);
+        tracing::info!(
+            version = record.version, actor = %record.actor, action = %record.action,
+            service = %record.service, reason = %record.reason, detail = %record.detail,
+            "policy change accepted"
+        );
+        let _ = self.events.send(record);
+    }
+}
+
+fn to_pin(name: &ServiceName, p: &StoredPin) -> Pin {
+    Pin {
+        service: name.clone(),
+        owner: p.owner.clone(),
+        reason: p.reason.clone(),
+        pinned_at_ms: p.pinned_at_ms,
+        expires_at_ms: p.expires_at_ms,
+    }
+}
+
+fn audit(
+    version: u64,
+    actor: &str,
+    action: &str,
+    name: &ServiceName,
+    reason: &str,
+    detail: String,
+) -> AuditRecord {
+    AuditRecord {
+        version,
+        at_ms: now_ms(),
+        actor: actor.to_owned(),
+        action: action.to_owned(),
+        service: name.to_string(),
+        reason: reason.to_owned(),
+        detail,
+    }
+}
+
+fn parse_service(service: &str) -> Result<ServiceName, PolicyError> {
+    ServiceName::parse(service)
+        .map_err(|e| invalid("service", format!("{e} (expected name.namespace)")))
+}
+
+/// Parses requested weights; `None` for an empty list (clear).
+fn parse_weights(entries: &[(String, u32)]) -> Result<Option<Weights>, PolicyError> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let mut map = BTreeMap::new();
+    for (i, (cluster, bp)) in entries.iter().enumerate() {
+        let c = ClusterName::new(cluster)
+            .map_err(|e| invalid(format!("weights[{i}].cluster"), e.to_string()))?;
+        if *bp > TOTAL_WEIGHT {
+            return Err(invalid(
+                format!("weights[{i}].basis_points"),
+                format!("{bp} is more than 10000 basis points"),
+            ));
+        }
+        if map.insert(c, *bp).is_some() {
+            return Err(invalid(
+                format!("weights[{i}].cluster"),
+                format!("cluster {cluster} is listed twice"),
+            ));
+        }
+    }
+    Weights::new(map)
+        .map(Some)
+        .map_err(|e| invalid("weights", e.to_string()))
+}
+
+fn check_pin(inner: &Inner, name: &ServiceName, owner: &str) -> Result<(), PolicyError> {
+    match inner.pins.get(name) {
+        Some(pin)
+            if pin.owner != owner && (pin.expires_at_ms == 0 || pin.expires_at_ms > now_ms()) =>
+        {
+            Err(PolicyError::Pinned {
+                service: name.to_string(),
+                owner: pin.owner.clone(),
+                reason: pin.reason.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_version(inner: &Inner, expected: u64) -> Result<(), PolicyError> {
+    if expected != 0 && expected != inner.version {
+        return Err(PolicyError::VersionMismatch {
+            expected,
+            actual: inner.version,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_discovery::file::parse_catalog;
+    use std::path::Path;
+
+    fn catalog() -> Arc<Catalog> {
+        let c = Catalog::new();
+        c.replace(
+            parse_catalog(
+                Path::new("t.yaml"),
+                "services:\n  - name: a\n    namespace: ns\n    ports: [{name: http, port: 80}]\n    backends: {old: {endpoints: [\"127.0.0.1:1\"]}, new: {endpoints: [\"127.0.0.1:2\"]}}\n",
+            )
+            .unwrap(),
+        );
+        Arc::new(c)
+    }
+
+    fn change(weights: &[(&str, u32)]) -> WeightsChange {
+        WeightsChange {
+            service: "a.ns".into(),
+            weights: weights.iter().map(|(c, w)| ((*c).to_owned(), *w)).collect(),
+            reason: "test".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepted_changes_survive_a_reload_and_rejected_ones_leave_no_trace() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.redb");
+        {
+            let policy = Policy::load(Store::open(&path).unwrap(), catalog()).unwrap();
+            assert_eq!(
+                policy
+                    .set_weights(&change(&[("old", 2500), ("new", 7500)]), "t")
+                    .unwrap(),
+                1
+            );
+            policy.pin("a.ns", "me", "freeze", 0).unwrap();
+            assert!(policy.set_weights(&change(&[("old", 1)]), "t").is_err());
+            assert_eq!(policy.version(), 2);
+        }
+        let policy = Policy::load(Store::open(&path).unwrap(), catalog()).unwrap();
+        assert_eq!(policy.version(), 2);
+        let (_, w, source, _) = policy.weights("a.ns").unwrap();
+        assert_eq!(source, WeightsSource::Policy);
+        assert_eq!(
+            w.get(&ClusterName::new("new").unwrap()).basis_points(),
+            7500
+        );
+        assert_eq!(policy.pins().len(), 1);
+        let audit = policy.audit(None, 10).unwrap();
+        assert_eq!(audit.len(), 2);
+        assert_eq!(policy.overrides().borrow().len(), 1);
+    }
+}

@@ -1,0 +1,204 @@
+//! The embedded policy store: one `redb` file, written in one transaction
+//! per accepted change (weights or pin, audit entry and policy version
+//! together), so a crash never leaves half a change and nothing accepted is
+//! lost.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const WEIGHTS: TableDefinition<&str, &str> = TableDefinition::new("weights");
+const PINS: TableDefinition<&str, &str> = TableDefinition::new("pins");
+const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const VERSION_KEY: &str = "policy_version";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("policy store: {0}")]
+    Db(String),
+    #[error("policy store: corrupt record {key:?}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// A pin as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPin {
+    pub owner: String,
+    pub reason: String,
+    pub pinned_at_ms: i64,
+    /// 0 = never.
+    pub expires_at_ms: i64,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub version: u64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub service: String,
+    pub reason: String,
+    pub detail: String,
+}
+
+/// Everything the store holds, as loaded at start.
+#[derive(Debug, Default, Clone)]
+pub struct Loaded {
+    pub version: u64,
+    /// Service → cluster → basis points.
+    pub weights: BTreeMap<String, BTreeMap<String, u32>>,
+    pub pins: BTreeMap<String, StoredPin>,
+}
+
+/// One accepted change, written atomically.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    pub version: u64,
+    pub service: String,
+    /// `Some(Some(w))` sets weights, `Some(None)` clears them.
+    pub weights: Option<Option<BTreeMap<String, u32>>>,
+    /// `Some(Some(p))` sets a pin, `Some(None)` removes it.
+    pub pin: Option<Option<StoredPin>>,
+    pub audit: AuditRecord,
+}
+
+/// The policy store.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (or creates) the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(WEIGHTS).map_err(db_err)?;
+            txn.open_table(PINS).map_err(db_err)?;
+            txn.open_table(AUDIT).map_err(db_err)?;
+            txn.open_table(META).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Self { db })
+    }
+
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let mut loaded = Loaded {
+            version: txn
+                .open_table(META)
+                .map_err(db_err)?
+                .get(VERSION_KEY)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0),
+            ..Loaded::default()
+        };
+        for row in txn
+            .open_table(WEIGHTS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let weights = parse(k.value(), v.value())?;
+            loaded.weights.insert(k.value().to_owned(), weights);
+        }
+        for row in txn
+            .open_table(PINS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let pin = parse(k.value(), v.value())?;
+            loaded.pins.insert(k.value().to_owned(), pin);
+        }
+        Ok(loaded)
+    }
+
+    /// Writes one change; returns once it is durable.
+    pub fn commit(&self, change: &Commit) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            if let Some(weights) = &change.weights {
+                let mut table = txn.open_table(WEIGHTS).map_err(db_err)?;
+                match weights {
+                    Some(w) => {
+                        let json = serde_json::to_string(w).map_err(db_err)?;
+                        table
+                            .insert(change.service.as_str(), json.as_str())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        table.remove(change.service.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            if let Some(pin) = &change.pin {
+                let mut table = txn.open_table(PINS).map_err(db_err)?;
+                match pin {
+                    Some(p) => {
+                        let json = serde_json::to_string(p).map_err(db_err)?;
+                        table
+                            .insert(change.service.as_str(), json.as_str())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        table.remove(change.service.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            let json = serde_json::to_string(&change.audit).map_err(db_err)?;
+            txn.open_table(AUDIT)
+                .map_err(db_err)?
+                .insert(change.version, json.as_str())
+                .map_err(db_err)?;
+            txn.open_table(META)
+                .map_err(db_err)?
+                .insert(VERSION_KEY, change.version)
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// The newest `limit` audit entries (about `service`, if given), oldest first.
+    pub fn audit(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(AUDIT).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(db_err)?.rev() {
+            let (k, v) = row.map_err(db_err)?;
+            let record: AuditRecord = parse(&k.value().to_string(), v.value())?;
+            if service.is_none_or(|s| s == record.service) {
+                out.push(record);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}

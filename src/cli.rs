@@ -1,0 +1,383 @@
+//! Client commands over the traffic API: `ferry weights`, `ferry pin`,
+//! `ferry unpin`, `ferry pins`, `ferry audit`, `ferry status`.
+
+use anyhow::{Context, bail};
+use ferry_proto::ferry::v1::traffic_client::TrafficClient;
+use ferry_proto::ferry::v1::{
+    ClearWeightsRequest, ClusterWeight, GetWeightsRequest, ListAuditRequest, ListPinsRequest,
+    ListServicesRequest, PinRecord, PinRequest, SetWeightsRequest, UnpinRequest,
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+/// Where the traffic API is, and how to print.
+#[derive(Debug, clap::Args)]
+pub struct Conn {
+    /// The control plane's traffic API.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:18001",
+        env = "FERRY_SERVER"
+    )]
+    server: String,
+    /// Output: a human table, or JSON for scripts.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    /// Who is acting (recorded in the audit log).
+    #[arg(long, global = true, env = "FERRY_ACTOR", default_value = "")]
+    actor: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum WeightsCommand {
+    /// Show the weights a service's traffic follows.
+    Get { service: String },
+    /// Set weights: `ferry weights set checkout.shop old=90 new=10`
+    /// (percent, up to two decimals; with --bp, basis points).
+    Set {
+        service: String,
+        /// CLUSTER=WEIGHT pairs.
+        #[arg(required = true)]
+        weights: Vec<String>,
+        /// Weights are basis points (0..10000) rather than percent.
+        #[arg(long)]
+        bp: bool,
+        /// Why (goes into the audit log).
+        #[arg(long, default_value = "set with the ferry CLI")]
+        reason: String,
+        /// Act as this pin owner.
+        #[arg(long, default_value = "")]
+        owner: String,
+        /// Refuse unless the policy is still at this version.
+        #[arg(long, default_value_t = 0)]
+        expected_version: u64,
+    },
+    /// Drop weights set through the API; the catalog's apply again.
+    Clear {
+        service: String,
+        #[arg(long, default_value = "cleared with the ferry CLI")]
+        reason: String,
+        #[arg(long, default_value = "")]
+        owner: String,
+    },
+}
+
+async fn connect(conn: &Conn) -> anyhow::Result<TrafficClient<Channel>> {
+    TrafficClient::connect(conn.server.clone())
+        .await
+        .with_context(|| format!("connecting to the traffic API at {}", conn.server))
+}
+
+fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    if !conn.actor.is_empty()
+        && let Ok(v) = conn.actor.parse()
+    {
+        r.metadata_mut().insert("x-ferry-actor", v);
+    }
+    r
+}
+
+fn status_error(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+/// Parses `old=90` (percent, ≤ 2 decimals) or, with `bp`, `old=9000`.
+pub fn parse_weight(pair: &str, bp: bool) -> anyhow::Result<ClusterWeight> {
+    let Some((cluster, value)) = pair.split_once('=') else {
+        bail!("{pair:?}: expected CLUSTER=WEIGHT");
+    };
+    let basis_points = if bp {
+        value
+            .parse::<u32>()
+            .with_context(|| format!("{pair:?}: not a whole number of basis points"))?
+    } else {
+        let (whole, frac) = value.split_once('.').unwrap_or((value, ""));
+        if frac.len() > 2 || !frac.chars().all(|c| c.is_ascii_digit()) {
+            bail!("{pair:?}: percent takes at most two decimals");
+        }
+        let whole: u32 = whole
+            .parse()
+            .with_context(|| format!("{pair:?}: not a percentage"))?;
+        let frac: u32 = format!("{frac:0<2}").parse().unwrap_or(0);
+        whole
+            .checked_mul(100)
+            .and_then(|w| w.checked_add(frac))
+            .with_context(|| format!("{pair:?}: too large"))?
+    };
+    Ok(ClusterWeight {
+        cluster: cluster.to_owned(),
+        basis_points,
+    })
+}
+
+fn percent(bp: u32) -> String {
+    format!("{}.{:02}%", bp / 100, bp % 100)
+}
+
+pub async fn weights(conn: &Conn, command: WeightsCommand) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let reply = match command {
+        WeightsCommand::Get { service } => {
+            api.get_weights(request(conn, GetWeightsRequest { service }))
+                .await
+        }
+        WeightsCommand::Set {
+            service,
+            weights,
+            bp,
+            reason,
+            owner,
+            expected_version,
+        } => {
+            let weights = weights
+                .iter()
+                .map(|w| parse_weight(w, bp))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let message = SetWeightsRequest {
+                service,
+                weights,
+                expected_version,
+                reason,
+                owner,
+            };
+            api.set_weights(request(conn, message)).await
+        }
+        WeightsCommand::Clear {
+            service,
+            reason,
+            owner,
+        } => {
+            let message = ClearWeightsRequest {
+                service,
+                expected_version: 0,
+                reason,
+                owner,
+            };
+            api.clear_weights(request(conn, message)).await
+        }
+    }
+    .map_err(status_error)?
+    .into_inner();
+    if conn.output == Output::Json {
+        let weights: serde_json::Map<String, serde_json::Value> = reply
+            .weights
+            .iter()
+            .map(|w| (w.cluster.clone(), json!(w.basis_points)))
+            .collect();
+        println!(
+            "{}",
+            json!({"service": reply.service, "weights_bp": weights, "source": reply.source, "policy_version": reply.policy_version})
+        );
+        return Ok(());
+    }
+    println!(
+        "{}  (from {}, policy version {})",
+        reply.service, reply.source, reply.policy_version
+    );
+    for w in &reply.weights {
+        println!("  {:<20} {:>8}", w.cluster, percent(w.basis_points));
+    }
+    Ok(())
+}
+
+pub async fn pin(
+    conn: &Conn,
+    service: String,
+    owner: String,
+    reason: String,
+    ttl: u64,
+) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let pin = api
+        .pin(request(
+            conn,
+            PinRequest {
+                service,
+                owner,
+                reason,
+                ttl_seconds: ttl,
+            },
+        ))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_pins(conn, &[pin]);
+    Ok(())
+}
+
+pub async fn unpin(
+    conn: &Conn,
+    service: String,
+    owner: String,
+    reason: String,
+) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let reply = api
+        .unpin(request(
+            conn,
+            UnpinRequest {
+                service: service.clone(),
+                owner,
+                reason,
+            },
+        ))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{service} unpinned (policy version {})",
+        reply.policy_version
+    );
+    Ok(())
+}
+
+pub async fn pins(conn: &Conn) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let pins = api
+        .list_pins(request(conn, ListPinsRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .pins;
+    print_pins(conn, &pins);
+    Ok(())
+}
+
+fn print_pins(conn: &Conn, pins: &[PinRecord]) {
+    if conn.output == Output::Json {
+        let list: Vec<_> = pins
+            .iter()
+            .map(|p| json!({"service": p.service, "owner": p.owner, "reason": p.reason, "pinned_at_unix_ms": p.pinned_at_unix_ms, "expires_at_unix_ms": p.expires_at_unix_ms}))
+            .collect();
+        println!("{}", json!(list));
+        return;
+    }
+    println!("{:<32} {:<20} {:<12} REASON", "SERVICE", "OWNER", "EXPIRES");
+    for p in pins {
+        let expires = if p.expires_at_unix_ms == 0 {
+            "never".to_owned()
+        } else {
+            let left = (p.expires_at_unix_ms - ferry_migrate::policy::now_ms()).max(0) / 1000;
+            format!("in {left}s")
+        };
+        println!(
+            "{:<32} {:<20} {:<12} {}",
+            p.service, p.owner, expires, p.reason
+        );
+    }
+}
+
+pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let entries = api
+        .list_audit(request(
+            conn,
+            ListAuditRequest {
+                service: service.unwrap_or_default(),
+                limit,
+            },
+        ))
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .entries;
+    if conn.output == Output::Json {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|e| json!({"policy_version": e.policy_version, "at_unix_ms": e.at_unix_ms, "actor": e.actor, "action": e.action, "service": e.service, "reason": e.reason, "detail": e.detail}))
+            .collect();
+        println!("{}", json!(list));
+        return Ok(());
+    }
+    println!(
+        "{:>7} {:<14} {:<16} {:<16} {:<28} DETAIL / REASON",
+        "VERSION", "AT(unix ms)", "ACTOR", "ACTION", "SERVICE"
+    );
+    for e in &entries {
+        println!(
+            "{:>7} {:<14} {:<16} {:<16} {:<28} {} — {}",
+            e.policy_version, e.at_unix_ms, e.actor, e.action, e.service, e.detail, e.reason
+        );
+    }
+    Ok(())
+}
+
+pub async fn status(conn: &Conn) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let reply = api
+        .list_services(request(conn, ListServicesRequest {}))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if conn.output == Output::Json {
+        let services: Vec<_> = reply
+            .services
+            .iter()
+            .map(|s| {
+                let backends: Vec<_> = s
+                    .backends
+                    .iter()
+                    .map(|b| json!({"cluster": b.cluster, "weight_bp": b.basis_points, "endpoints": b.endpoints, "ready": b.ready}))
+                    .collect();
+                json!({"service": s.service, "weights_from": s.weights_source, "pinned_by": s.pin.as_ref().map(|p| p.owner.clone()), "backends": backends})
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"policy_version": reply.policy_version, "services": services})
+        );
+        return Ok(());
+    }
+    println!("policy version {}", reply.policy_version);
+    println!(
+        "{:<32} {:<14} {:>9} {:>11} {:<16} PIN",
+        "SERVICE", "CLUSTER", "WEIGHT", "READY/ALL", "FROM"
+    );
+    for s in &reply.services {
+        for (i, b) in s.backends.iter().enumerate() {
+            let (name, from, pin) = if i == 0 {
+                (
+                    s.service.as_str(),
+                    s.weights_source.as_str(),
+                    s.pin.as_ref().map(|p| p.owner.as_str()).unwrap_or("-"),
+                )
+            } else {
+                ("", "", "")
+            };
+            println!(
+                "{:<32} {:<14} {:>9} {:>11} {:<16} {}",
+                name,
+                b.cluster,
+                percent(b.basis_points),
+                format!("{}/{}", b.ready, b.endpoints),
+                from,
+                pin
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_weights_take_two_decimals() {
+        assert_eq!(parse_weight("old=90", false).unwrap().basis_points, 9000);
+        assert_eq!(parse_weight("new=0.01", false).unwrap().basis_points, 1);
+        assert_eq!(parse_weight("new=12.5", false).unwrap().basis_points, 1250);
+        assert_eq!(parse_weight("new=9000", true).unwrap().basis_points, 9000);
+        assert!(parse_weight("new=0.001", false).is_err());
+        assert!(parse_weight("new", false).is_err());
+        assert!(parse_weight("new=-1", false).is_err());
+    }
+}
