@@ -8,6 +8,9 @@
 //! watched load assignment, with the health the flipped endpoint has there.
 //! Nothing from the network is trusted: a malformed response is an error
 //! event, never a panic.
+//!
+//! [`DeltaStream`] (open, subscribe wildcard, ACK each response) and the
+//! load-assignment helpers are shared with the `kube_scale` test.
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -42,6 +45,8 @@ pub enum Event {
         at: Instant,
         clusters: usize,
         load_assignments: usize,
+        /// Encoded size of the initial CDS and EDS responses.
+        bytes: usize,
     },
     /// An EDS response carried the watched load assignment.
     Target {
@@ -101,30 +106,19 @@ async fn session(id: usize, channel: Channel, shared: &Shared) -> anyhow::Result
     let permit = shared.sync_permits.clone().acquire_owned().await?;
     let mut permit = Some(permit);
     let opened = Instant::now();
-    let (tx, rx) = mpsc::channel(16);
-    let node = Node {
-        id: format!("loadtest-{id}"),
-        cluster: "ferry-loadtests".to_owned(),
-        ..Default::default()
-    };
-    // Wildcard subscriptions: the first request of each type names nothing.
-    tx.send(request(type_url::CLUSTER, Some(node), String::new()))
-        .await?;
-    tx.send(request(type_url::ENDPOINT, None, String::new()))
-        .await?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
-    let mut inbound = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut stream = DeltaStream::open_wildcard(
+        channel,
+        format!("loadtest-{id}"),
+        &[type_url::CLUSTER, type_url::ENDPOINT],
+    )
+    .await?;
 
     let (mut clusters, mut load_assignments) = (None, None);
-    let mut synced = false;
-    while let Some(response) = inbound.message().await? {
-        let at = Instant::now();
-        tx.send(request(&response.type_url, None, response.nonce.clone()))
-            .await?;
+    let (mut synced, mut bytes) = (false, 0);
+    while let Some((at, response)) = stream.next().await? {
+        if !synced {
+            bytes += response.encoded_len();
+        }
         if response.type_url == type_url::CLUSTER {
             clusters.get_or_insert(response.resources.len());
         } else if response.type_url == type_url::ENDPOINT {
@@ -142,10 +136,60 @@ async fn session(id: usize, channel: Channel, shared: &Shared) -> anyhow::Result
                 at,
                 clusters,
                 load_assignments,
+                bytes,
             });
         }
     }
     anyhow::bail!("the server ended the stream")
+}
+
+/// One delta ADS stream that ACKs every response as it arrives, as Envoy
+/// does when it accepts a config.
+#[derive(Debug)]
+pub struct DeltaStream {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    inbound: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaStream {
+    /// Opens `DeltaAggregatedResources` on `channel` as node `node_id` and
+    /// subscribes wildcard to each of `type_urls`, in order (the first
+    /// request of a type names nothing).
+    pub async fn open_wildcard(
+        channel: Channel,
+        node_id: String,
+        type_urls: &[&str],
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut node = Some(Node {
+            id: node_id,
+            cluster: "ferry-loadtests".to_owned(),
+            ..Default::default()
+        });
+        for url in type_urls {
+            tx.send(request(url, node.take(), String::new())).await?;
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
+        let inbound = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self { tx, inbound })
+    }
+
+    /// The next response with the time it arrived, ACKed before it is
+    /// returned; `None` once the server ends the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<(Instant, DeltaDiscoveryResponse)>> {
+        let Some(response) = self.inbound.message().await? else {
+            return Ok(None);
+        };
+        let at = Instant::now();
+        self.tx
+            .send(request(&response.type_url, None, response.nonce.clone()))
+            .await?;
+        Ok(Some((at, response)))
+    }
 }
 
 fn report_target(id: usize, response: &DeltaDiscoveryResponse, at: Instant, shared: &Shared) {
@@ -163,9 +207,25 @@ fn report_target(id: usize, response: &DeltaDiscoveryResponse, at: Instant, shar
 /// Whether the endpoint at `address` is HEALTHY in a delta resource holding
 /// a `ClusterLoadAssignment`.
 fn target_health(resource: &Resource, address: Ipv4Addr) -> Option<bool> {
+    let cla = decode_load_assignment(resource)?;
+    endpoint_health(&cla, &address.to_string()).map(|h| h == HealthStatus::Healthy)
+}
+
+/// The `ClusterLoadAssignment` in a delta resource; `None` if it is missing
+/// or does not decode.
+pub fn decode_load_assignment(resource: &Resource) -> Option<ClusterLoadAssignment> {
     let body = resource.resource.as_ref()?;
-    let cla = ClusterLoadAssignment::decode(body.value.as_slice()).ok()?;
-    let wanted = address.to_string();
+    ClusterLoadAssignment::decode(body.value.as_slice()).ok()
+}
+
+/// Endpoints in a load assignment, over every locality.
+pub fn endpoint_count(cla: &ClusterLoadAssignment) -> usize {
+    cla.endpoints.iter().map(|l| l.lb_endpoints.len()).sum()
+}
+
+/// The health of the endpoint with IP `ip` (and a port) in a load
+/// assignment; `None` if it is not there.
+pub fn endpoint_health(cla: &ClusterLoadAssignment, ip: &str) -> Option<HealthStatus> {
     cla.endpoints
         .iter()
         .flat_map(|locality| &locality.lb_endpoints)
@@ -176,11 +236,11 @@ fn target_health(resource: &Resource, address: Ipv4Addr) -> Option<bool> {
             matches!(
                 endpoint.address.as_ref().and_then(|a| a.address.as_ref()),
                 Some(address::Address::SocketAddress(sa))
-                    if sa.address == wanted
+                    if sa.address == ip
                         && matches!(sa.port_specifier, Some(socket_address::PortSpecifier::PortValue(_)))
             )
         })
-        .map(|lb| lb.health_status == HealthStatus::Healthy as i32)
+        .map(|lb| HealthStatus::try_from(lb.health_status).unwrap_or(HealthStatus::Unknown))
 }
 
 #[cfg(test)]

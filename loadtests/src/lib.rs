@@ -19,10 +19,15 @@
 //! is killed when the test ends, however it ends. The binary `xds_fanout`
 //! is the command line; `tests/loadtest_smoke.rs` runs a small instance in
 //! CI.
+//!
+//! [`kube_scale`] is the second test: Ferry's Kubernetes source against
+//! three fake API servers holding 100,000 endpoints (binary `kube_scale`,
+//! smoke test `tests/kube_scale_smoke.rs`).
 
 pub mod catalog;
 pub mod client;
 pub mod ferry;
+pub mod kube_scale;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -75,6 +80,10 @@ pub struct Config {
     pub results_dir: Option<PathBuf>,
     /// Where to copy Ferry's log at the end; `None`: it is discarded.
     pub keep_ferry_log: Option<PathBuf>,
+    /// Ferry is killed and the test stopped if Ferry's and the load
+    /// generator's resident memory together pass this: a load that does not
+    /// fit the machine stops cleanly instead of meeting the OOM killer.
+    pub max_rss_bytes: u64,
     /// Progress lines on stderr.
     pub progress: bool,
 }
@@ -96,6 +105,7 @@ impl Default for Config {
             ferry_log: "info".to_owned(),
             results_dir: None,
             keep_ferry_log: None,
+            max_rss_bytes: 14 << 30,
             progress: false,
         }
     }
@@ -114,6 +124,8 @@ pub struct Setup {
     pub rounds: usize,
     pub debounce_ms: f64,
     pub round_timeout_s: f64,
+    /// Limit on Ferry's + the load generator's RSS.
+    pub max_rss_bytes: u64,
     /// The load assignment whose endpoint flips.
     pub target_resource: String,
     pub ferry_binary: PathBuf,
@@ -131,6 +143,8 @@ pub struct InitialSync {
     pub failed_clients: usize,
     /// Clients whose initial CDS or EDS did not hold every resource.
     pub incomplete_config: usize,
+    /// Encoded size of one client's initial CDS + EDS responses (mean).
+    pub config_bytes_per_client: usize,
     /// Per client, from opening its stream to holding CDS and EDS.
     pub per_client: Summary,
 }
@@ -165,19 +179,25 @@ pub struct Change {
     pub rounds: Vec<RoundResult>,
 }
 
-/// Ferry's resources.
+/// Ferry's resources. A sample is `None` when the test stopped before it.
 #[derive(Debug, Clone, Serialize)]
 pub struct FerryUsage {
     /// From spawn to `/readyz` 200 (the catalog parsed and translated).
     pub ready_s: f64,
     pub at_ready: ProcSample,
-    pub idle_after_sync: ProcSample,
-    pub after_rounds: ProcSample,
+    pub idle_after_sync: Option<ProcSample>,
+    pub after_rounds: Option<ProcSample>,
+    /// After every client disconnected: what Ferry gives back.
+    pub after_disconnect: Option<ProcSample>,
+    /// Just before Ferry was killed, when the test was aborted.
+    pub at_abort: Option<ProcSample>,
+    /// The largest resident size seen (VmHWM, or the watchdog's samples).
+    pub peak_rss_bytes: u64,
     /// CPU seconds Ferry spent from ready to idle after the initial sync.
-    pub cpu_sync_s: f64,
+    pub cpu_sync_s: Option<f64>,
     /// CPU seconds Ferry spent during the rounds.
-    pub cpu_rounds_s: f64,
-    /// A few of Ferry's own metrics at the end.
+    pub cpu_rounds_s: Option<f64>,
+    /// A few of Ferry's own metrics after the rounds.
     pub metrics: Vec<String>,
 }
 
@@ -186,16 +206,83 @@ pub struct FerryUsage {
 pub struct Report {
     pub test: &'static str,
     pub setup: Setup,
+    /// Why the test stopped early (memory over the limit), if it did.
+    pub aborted: Option<String>,
     pub initial_sync: InitialSync,
     pub change: Change,
     pub ferry: FerryUsage,
     /// CPU seconds of the load generator itself (it shares the machine).
     pub load_generator_cpu_s: f64,
+    /// Peak resident memory of the load generator (its clients hold their
+    /// own copy of the config, and tonic's per-stream read buffers).
+    pub load_generator_peak_rss_bytes: u64,
     /// The first few distinct client errors.
     pub client_errors: Vec<String>,
     /// The result files written.
     #[serde(skip)]
     pub files: Vec<PathBuf>,
+}
+
+/// Stops the test when Ferry's and the load generator's resident memory
+/// together pass a limit, so a load that does not fit cannot push the
+/// machine into the OOM killer.
+struct RssGuard {
+    pid: u32,
+    limit: u64,
+    interval: tokio::time::Interval,
+    /// Ferry's largest RSS seen.
+    peak: u64,
+}
+
+impl RssGuard {
+    fn new(pid: u32, limit: u64) -> Self {
+        let mut interval = tokio::time::interval(Duration::from_millis(200));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            pid,
+            limit,
+            interval,
+            peak: 0,
+        }
+    }
+
+    /// Why to stop, if over the limit.
+    fn check(&mut self) -> Option<String> {
+        let rss = ferry::sample_process(self.pid).ok()?.rss_bytes;
+        let own = ferry::sample_process(std::process::id()).map_or(0, |s| s.rss_bytes);
+        self.peak = self.peak.max(rss);
+        (rss + own > self.limit).then(|| {
+            format!(
+                "ferry's RSS reached {} and the load generator's {} (limit {} together); ferry was killed",
+                fmt_mib(rss),
+                fmt_mib(own),
+                fmt_mib(self.limit)
+            )
+        })
+    }
+}
+
+/// The coordinator's side of a run: client events, bounded by a deadline
+/// and by the memory guard.
+struct Coordinator {
+    events: mpsc::UnboundedReceiver<Event>,
+    clients: Clients,
+    guard: RssGuard,
+    aborted: Option<String>,
+}
+
+impl Coordinator {
+    /// The next client event; `None` at the deadline, or once aborted.
+    async fn next(&mut self, deadline: tokio::time::Instant) -> Option<Event> {
+        while self.aborted.is_none() {
+            tokio::select! {
+                event = self.events.recv() => return event,
+                _ = tokio::time::sleep_until(deadline) => return None,
+                _ = self.guard.interval.tick() => self.aborted = self.guard.check(),
+            }
+        }
+        None
+    }
 }
 
 /// Runs the `xds_fanout` load test and writes its results.
@@ -259,7 +346,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     }
     let connect_s = connect_started.elapsed().as_secs_f64();
 
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let permits = match config.sync_concurrency {
         0 => config.clients,
         n => n.min(config.clients),
@@ -272,7 +359,12 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         sync_permits: Arc::new(Semaphore::new(permits)),
         cancel: CancellationToken::new(),
     });
-    let mut clients = Clients::new(config.clients);
+    let mut co = Coordinator {
+        events,
+        clients: Clients::new(config.clients),
+        guard: RssGuard::new(ferry.pid, config.max_rss_bytes),
+        aborted: None,
+    };
     let mut tasks = JoinSet::new();
     let sync_started = Instant::now();
     for (id, channel) in (0..config.clients).zip(channels.iter().cycle()) {
@@ -287,10 +379,10 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let deadline = tokio::time::Instant::now() + config.sync_timeout;
     let mut sync_latencies = Vec::with_capacity(config.clients);
     let mut last_synced = None;
-    let mut incomplete = 0;
+    let (mut incomplete, mut config_bytes) = (0, 0);
     let mut next_progress = config.clients.div_ceil(10);
-    while clients.synced + clients.failed_before_sync < config.clients {
-        let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await else {
+    while co.clients.synced + co.clients.failed_before_sync < config.clients {
+        let Some(event) = co.next(deadline).await else {
             break;
         };
         match event {
@@ -300,57 +392,70 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                 at,
                 clusters,
                 load_assignments,
+                bytes,
             } => {
-                clients.on_synced(client);
+                co.clients.on_synced(client);
                 sync_latencies.push(at.saturating_duration_since(opened));
                 last_synced = Some(at);
+                config_bytes += bytes;
                 if clusters != spec.clusters() || load_assignments != spec.clusters() {
                     incomplete += 1;
                 }
-                if clients.synced >= next_progress {
+                if co.clients.synced >= next_progress {
+                    let rss = |pid| {
+                        ferry::sample_process(pid).map_or("?".to_owned(), |s| fmt_mib(s.rss_bytes))
+                    };
                     progress(format!(
-                        "{} clients synced after {:.2} s",
-                        clients.synced,
-                        sync_started.elapsed().as_secs_f64()
+                        "{} clients synced after {:.2} s, RSS ferry {} load generator {}",
+                        co.clients.synced,
+                        sync_started.elapsed().as_secs_f64(),
+                        rss(ferry.pid),
+                        rss(std::process::id())
                     ));
                     next_progress += config.clients.div_ceil(10);
                 }
             }
-            Event::Ended { client, error } => clients.on_ended(client, error),
-            Event::Target { .. } => clients.stray += 1,
+            Event::Ended { client, error } => co.clients.on_ended(client, error),
+            Event::Target { .. } => co.clients.stray += 1,
         }
     }
-    let all_synced = clients.synced == config.clients;
+    let synced = co.clients.synced;
     let initial_sync = InitialSync {
         all_synced_s: last_synced
-            .filter(|_| all_synced)
+            .filter(|_| synced == config.clients)
             .map(|at| at.saturating_duration_since(sync_started).as_secs_f64()),
         connect_s,
-        synced_clients: clients.synced,
-        failed_clients: config.clients - clients.synced,
+        synced_clients: synced,
+        failed_clients: config.clients - synced,
         incomplete_config: incomplete,
+        config_bytes_per_client: config_bytes / synced.max(1),
         per_client: Summary::of(&sync_latencies),
     };
     progress(format!(
-        "initial sync: {}/{} clients in {:.2} s",
-        clients.synced,
+        "initial sync: {synced}/{} clients in {:.2} s",
         config.clients,
         sync_started.elapsed().as_secs_f64()
     ));
 
     let settle = Duration::from_secs(2);
-    tokio::time::sleep(settle).await;
-    anyhow::ensure!(
-        ferry.is_running(),
-        "ferry died during the initial sync; its log ends with:\n{}",
-        ferry.log_tail(20)
-    );
-    let idle_after_sync = ferry.sample()?;
+    let mut idle_after_sync = None;
+    if co.aborted.is_none() {
+        tokio::time::sleep(settle).await;
+        anyhow::ensure!(
+            ferry.is_running(),
+            "ferry died during the initial sync; its log ends with:\n{}",
+            ferry.log_tail(20)
+        );
+        idle_after_sync = Some(ferry.sample()?);
+    }
 
     // Change rounds.
     let mut round_results = Vec::with_capacity(config.rounds);
     let mut all_latencies = Vec::new();
     for round in 1..=config.rounds {
+        if co.aborted.is_some() {
+            break;
+        }
         let target_ready = round % 2 == 0;
         let text = spec.render(target_ready);
         shared.round.store(round as u64, Ordering::SeqCst);
@@ -364,8 +469,8 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         let mut got: Vec<bool> = vec![false; config.clients];
         let mut latencies = Vec::with_capacity(config.clients);
         let mut wrong = 0;
-        while latencies.len() < clients.listening {
-            let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.recv()).await else {
+        while latencies.len() < co.clients.listening {
+            let Some(event) = co.next(deadline).await else {
                 break;
             };
             match event {
@@ -381,9 +486,9 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
                         wrong += 1;
                     }
                 }
-                Event::Target { .. } => clients.stray += 1,
-                Event::Synced { client, .. } => clients.on_synced(client),
-                Event::Ended { client, error } => clients.on_ended(client, error),
+                Event::Target { .. } => co.clients.stray += 1,
+                Event::Synced { client, .. } => co.clients.on_synced(client),
+                Event::Ended { client, error } => co.clients.on_ended(client, error),
             }
         }
         shared.round.store(0, Ordering::SeqCst);
@@ -410,24 +515,32 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         tokio::time::sleep(config.debounce + Duration::from_millis(500)).await;
     }
 
-    tokio::time::sleep(settle).await;
-    anyhow::ensure!(
-        ferry.is_running(),
-        "ferry died during the change rounds; its log ends with:\n{}",
-        ferry.log_tail(20)
-    );
-    let after_rounds = ferry.sample()?;
-    let metrics = ferry
-        .metrics(&[
-            "ferry_xds_translate_duration_seconds",
-            "ferry_xds_push_latency_seconds",
-            "ferry_xds_pushes_total",
-            "ferry_xds_nacks_total",
-            "ferry_xds_stale_requests_total",
-            "ferry_xds_connected_clients",
-        ])
-        .await
-        .unwrap_or_else(|e| vec![format!("metrics unavailable: {e:#}")]);
+    let (mut after_rounds, mut after_disconnect, mut metrics) = (None, None, Vec::new());
+    let mut at_abort = None;
+    if let Some(reason) = &co.aborted {
+        at_abort = ferry.sample().ok();
+        ferry.kill();
+        progress(format!("aborted: {reason}"));
+    } else {
+        tokio::time::sleep(settle).await;
+        anyhow::ensure!(
+            ferry.is_running(),
+            "ferry died during the change rounds; its log ends with:\n{}",
+            ferry.log_tail(20)
+        );
+        after_rounds = Some(ferry.sample()?);
+        metrics = ferry
+            .metrics(&[
+                "ferry_xds_translate_duration_seconds",
+                "ferry_xds_push_latency_seconds",
+                "ferry_xds_pushes_total",
+                "ferry_xds_nacks_total",
+                "ferry_xds_stale_requests_total",
+                "ferry_xds_connected_clients",
+            ])
+            .await
+            .unwrap_or_else(|e| vec![format!("metrics unavailable: {e:#}")]);
+    }
 
     shared.cancel.cancel();
     if tokio::time::timeout(Duration::from_secs(10), async {
@@ -439,15 +552,26 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         tasks.abort_all();
     }
     drop(channels);
-    let load_generator_cpu_s = ferry::sample_process(std::process::id())
-        .map(|s| s.cpu_seconds)
-        .unwrap_or(0.0);
+    if co.aborted.is_none() {
+        tokio::time::sleep(settle).await;
+        after_disconnect = ferry.sample().ok();
+    }
+    let load_generator = ferry::sample_process(std::process::id()).unwrap_or_default();
     drop(ferry);
     if let Some(copy) = &config.keep_ferry_log {
         std::fs::copy(dir.path().join("ferry.log"), copy)
             .with_context(|| format!("copying ferry's log to {}", copy.display()))?;
     }
 
+    let last_sample = at_abort
+        .or(after_disconnect)
+        .or(after_rounds)
+        .or(idle_after_sync);
+    let peak_rss_bytes = last_sample
+        .map(|s| s.peak_rss_bytes)
+        .unwrap_or(0)
+        .max(co.guard.peak)
+        .max(at_ready.peak_rss_bytes);
     let expected = config.clients * config.rounds;
     let received = all_latencies.len();
     let report = Report {
@@ -463,9 +587,11 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             rounds: config.rounds,
             debounce_ms: config.debounce.as_secs_f64() * 1e3,
             round_timeout_s: config.round_timeout.as_secs_f64(),
+            max_rss_bytes: config.max_rss_bytes,
             target_resource: spec.target_resource(),
             ferry_binary: config.ferry.clone(),
         },
+        aborted: co.aborted,
         initial_sync,
         change: Change {
             measured: "from the catalog file's rename to the client's receipt of the EDS response carrying the changed load assignment; includes ferry's 30 ms file-settle delay and its --debounce",
@@ -473,7 +599,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             received,
             missed: expected - received,
             wrong_content: round_results.iter().map(|r| r.wrong_content).sum(),
-            stray: clients.stray,
+            stray: co.clients.stray,
             latency: Summary::of(&all_latencies),
             rounds: round_results,
         },
@@ -482,12 +608,18 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             at_ready,
             idle_after_sync,
             after_rounds,
-            cpu_sync_s: idle_after_sync.cpu_seconds - at_ready.cpu_seconds,
-            cpu_rounds_s: after_rounds.cpu_seconds - idle_after_sync.cpu_seconds,
+            after_disconnect,
+            at_abort,
+            peak_rss_bytes,
+            cpu_sync_s: idle_after_sync.map(|s| s.cpu_seconds - at_ready.cpu_seconds),
+            cpu_rounds_s: after_rounds
+                .zip(idle_after_sync)
+                .map(|(a, b)| a.cpu_seconds - b.cpu_seconds),
             metrics,
         },
-        load_generator_cpu_s,
-        client_errors: clients.errors,
+        load_generator_cpu_s: load_generator.cpu_seconds,
+        load_generator_peak_rss_bytes: load_generator.peak_rss_bytes,
+        client_errors: co.clients.errors,
         files: Vec::new(),
     };
     write_results(report, config.results_dir.as_deref())
@@ -577,6 +709,9 @@ impl Report {
         let sync = &self.initial_sync;
         let c = &self.change;
         let f = &self.ferry;
+        let mib =
+            |sample: Option<ProcSample>| sample.map_or("—".to_owned(), |x| fmt_mib(x.rss_bytes));
+        let secs = |v: Option<f64>| v.map_or("—".to_owned(), |x| format!("{x:.2} s"));
         let all_synced = match sync.all_synced_s {
             Some(secs) => format!("{secs:.2} s"),
             None => format!("not all: {}/{} synced", sync.synced_clients, s.clients),
@@ -597,6 +732,10 @@ impl Report {
                 ),
             ),
             (
+                "initial config per client (CDS + EDS)".to_owned(),
+                format!("{:.0} KiB", sync.config_bytes_per_client as f64 / 1024.0),
+            ),
+            (
                 "ferry ready (parse + translate)".to_owned(),
                 format!("{:.2} s", f.ready_s),
             ),
@@ -613,45 +752,62 @@ impl Report {
             (
                 format!(
                     "change → receipt p50 / p99 / max ({} rounds, incl. {} ms debounce)",
-                    s.rounds, s.debounce_ms
+                    c.rounds.len(),
+                    s.debounce_ms
                 ),
-                format!(
-                    "{} / {} / {}",
-                    fmt_ms(c.latency.p50_ms),
-                    fmt_ms(c.latency.p99_ms),
-                    fmt_ms(c.latency.max_ms)
-                ),
+                if c.latency.samples == 0 {
+                    "—".to_owned()
+                } else {
+                    format!(
+                        "{} / {} / {}",
+                        fmt_ms(c.latency.p50_ms),
+                        fmt_ms(c.latency.p99_ms),
+                        fmt_ms(c.latency.max_ms)
+                    )
+                },
             ),
             (
                 "updates received / missed / wrong content".to_owned(),
                 format!("{} / {} / {}", c.received, c.missed, c.wrong_content),
             ),
             (
-                "ferry RSS: ready / idle after sync / after rounds / peak".to_owned(),
+                "ferry RSS: ready / idle after sync / after rounds / clients gone / peak"
+                    .to_owned(),
                 format!(
-                    "{} / {} / {} / {}",
+                    "{} / {} / {} / {} / {}",
                     fmt_mib(f.at_ready.rss_bytes),
-                    fmt_mib(f.idle_after_sync.rss_bytes),
-                    fmt_mib(f.after_rounds.rss_bytes),
-                    fmt_mib(f.after_rounds.peak_rss_bytes)
+                    mib(f.idle_after_sync),
+                    mib(f.after_rounds),
+                    mib(f.after_disconnect),
+                    fmt_mib(f.peak_rss_bytes)
                 ),
             ),
             (
-                "ferry CPU: initial sync / rounds / total".to_owned(),
+                "ferry CPU: initial sync / rounds".to_owned(),
+                format!("{} / {}", secs(f.cpu_sync_s), secs(f.cpu_rounds_s)),
+            ),
+            (
+                "load generator CPU / peak RSS (same machine)".to_owned(),
                 format!(
-                    "{:.2} s / {:.2} s / {:.2} s",
-                    f.cpu_sync_s, f.cpu_rounds_s, f.after_rounds.cpu_seconds
+                    "{:.2} s / {}",
+                    self.load_generator_cpu_s,
+                    fmt_mib(self.load_generator_peak_rss_bytes)
                 ),
-            ),
-            (
-                "load generator CPU (same machine)".to_owned(),
-                format!("{:.2} s", self.load_generator_cpu_s),
             ),
         ];
         if sync.failed_clients > 0 || sync.incomplete_config > 0 {
             rows.push((
                 "clients failed / incomplete initial config".to_owned(),
                 format!("{} / {}", sync.failed_clients, sync.incomplete_config),
+            ));
+        }
+        if let Some(reason) = &self.aborted {
+            rows.push(("**aborted**".to_owned(), reason.clone()));
+        }
+        if let Some(at) = f.at_abort {
+            rows.push((
+                "ferry at abort: RSS / CPU since start".to_owned(),
+                format!("{} / {:.2} s", fmt_mib(at.rss_bytes), at.cpu_seconds),
             ));
         }
         let mut out = format!(
@@ -661,9 +817,11 @@ impl Report {
         for (k, v) in rows {
             out.push_str(&format!("| {k} | {v} |\n"));
         }
-        out.push_str(
-            "\n| round | target ready | received | p50 | p99 | max |\n|---|---|---|---|---|---|\n",
-        );
+        if !c.rounds.is_empty() {
+            out.push_str(
+                "\n| round | target ready | received | p50 | p99 | max |\n|---|---|---|---|---|---|\n",
+            );
+        }
         for r in &c.rounds {
             out.push_str(&format!(
                 "| {} | {} | {}/{} | {} | {} | {} |\n",

@@ -66,6 +66,11 @@ struct Args {
     #[arg(long, default_value = "info")]
     ferry_log: String,
 
+    /// Kill Ferry and stop if its and this process's resident memory
+    /// together pass this many MiB (a load that does not fit the machine).
+    #[arg(long, default_value_t = 14 * 1024)]
+    max_rss_mib: u64,
+
     /// Copy Ferry's log here at the end (it is discarded otherwise).
     #[arg(long, value_name = "FILE")]
     keep_ferry_log: Option<PathBuf>,
@@ -92,6 +97,7 @@ async fn main() -> ExitCode {
         ferry_log: args.ferry_log,
         results_dir: Some(args.results_dir),
         keep_ferry_log: args.keep_ferry_log,
+        max_rss_bytes: args.max_rss_mib << 20,
         progress: true,
         ..Config::default()
     };
@@ -100,6 +106,10 @@ async fn main() -> ExitCode {
             println!("{}", report.markdown());
             for file in &report.files {
                 println!("wrote {}", file.display());
+            }
+            if let Some(reason) = &report.aborted {
+                eprintln!("xds_fanout: aborted: {reason}");
+                return ExitCode::FAILURE;
             }
             if report.change.missed > 0 || report.initial_sync.failed_clients > 0 {
                 eprintln!(
