@@ -93,24 +93,10 @@ fn main() -> ExitCode {
             // One TLS crypto provider for every client (kube-rs among them),
             // chosen here rather than left to feature unification.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ferry: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(control::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "ferry control failed");
-                    eprintln!("ferry control: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+                .build();
+            block_on(runtime, control::run(args), "ferry control")
         }
         Command::Check { catalog } => check(&catalog),
         Command::Weights { command, conn } => run_client(cli::weights(&conn, command)),
@@ -138,20 +124,31 @@ fn main() -> ExitCode {
 }
 
 fn run_client(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
+        .build();
+    block_on(runtime, work, "ferry")
+}
+
+/// Runs `work` to completion on `runtime`, reporting failure on stderr
+/// (and in the log, for the control plane).
+fn block_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+    what: &str,
+) -> ExitCode {
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ferry: cannot start the async runtime: {e}");
+            eprintln!("{what}: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "{what} failed");
+            eprintln!("{what}: {e:#}");
             ExitCode::FAILURE
         }
     }

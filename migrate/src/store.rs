@@ -132,32 +132,10 @@ impl Store {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             if let Some(weights) = &change.weights {
-                let mut table = txn.open_table(WEIGHTS).map_err(db_err)?;
-                match weights {
-                    Some(w) => {
-                        let json = serde_json::to_string(w).map_err(db_err)?;
-                        table
-                            .insert(change.service.as_str(), json.as_str())
-                            .map_err(db_err)?;
-                    }
-                    None => {
-                        table.remove(change.service.as_str()).map_err(db_err)?;
-                    }
-                }
+                put_or_remove(&txn, WEIGHTS, &change.service, weights.as_ref())?;
             }
             if let Some(pin) = &change.pin {
-                let mut table = txn.open_table(PINS).map_err(db_err)?;
-                match pin {
-                    Some(p) => {
-                        let json = serde_json::to_string(p).map_err(db_err)?;
-                        table
-                            .insert(change.service.as_str(), json.as_str())
-                            .map_err(db_err)?;
-                    }
-                    None => {
-                        table.remove(change.service.as_str()).map_err(db_err)?;
-                    }
-                }
+                put_or_remove(&txn, PINS, &change.service, pin.as_ref())?;
             }
             let json = serde_json::to_string(&change.audit).map_err(db_err)?;
             txn.open_table(AUDIT)
@@ -194,6 +172,26 @@ impl Store {
         out.reverse();
         Ok(out)
     }
+}
+
+/// Stores `value` as JSON under `key`, or removes `key` for `None`.
+fn put_or_remove<T: Serialize>(
+    txn: &redb::WriteTransaction,
+    table: TableDefinition<&str, &str>,
+    key: &str,
+    value: Option<&T>,
+) -> Result<(), StoreError> {
+    let mut table = txn.open_table(table).map_err(db_err)?;
+    match value {
+        Some(v) => {
+            let json = serde_json::to_string(v).map_err(db_err)?;
+            table.insert(key, json.as_str()).map_err(db_err)?;
+        }
+        None => {
+            table.remove(key).map_err(db_err)?;
+        }
+    }
+    Ok(())
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T, StoreError> {
