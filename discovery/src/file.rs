@@ -376,12 +376,12 @@ impl<'a> Validator<'a> {
         })?;
         let mut target_ports = BTreeMap::new();
         for port in ports {
+            // An explicit port by name; else the address's port for a
+            // single-port service; else the service port, as in Kubernetes.
             let target = detail
                 .ports
                 .get(&port.name)
                 .copied()
-                .or(if ports.len() == 1 { address_port } else { None });
-            let target = target
                 .or(address_port.filter(|_| ports.len() == 1))
                 .unwrap_or(port.port);
             if target == 0 {
