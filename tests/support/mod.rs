@@ -76,6 +76,13 @@ impl Proc {
         }
     }
 
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.0.as_ref().map(|c| c.id())
     }
@@ -113,9 +120,40 @@ impl Ferry {
             api_port: free_port(),
             proc: Proc(None),
         };
-        ferry.launch();
-        ferry.wait_ready().await;
-        ferry
+        // A port picked free can be taken by another test before ferry
+        // binds it; ferry then exits at once, and gets fresh ports.
+        for _ in 0..3 {
+            ferry.launch();
+            if ferry.ready_or_exited().await {
+                return ferry;
+            }
+            ferry.xds_port = free_port();
+            ferry.admin_port = free_port();
+            ferry.listener_port = free_port();
+            ferry.api_port = free_port();
+        }
+        panic!("ferry control did not start:\n{}", ferry.log());
+    }
+
+    /// Waits for /readyz; false if the process exited first.
+    async fn ready_or_exited(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.proc.exited() {
+                return false;
+            }
+            if matches!(
+                http_get(self.admin_port, "localhost", "/readyz").await,
+                Ok((200, _))
+            ) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "timed out after 20s waiting for ferry /readyz:\n{}",
+            self.log()
+        );
     }
 
     fn launch(&mut self) {
