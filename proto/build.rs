@@ -4,7 +4,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ferry/v1/traffic.proto"];
+    let protos = ["ferry/v1/traffic.proto", "ferry/v1/migration.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

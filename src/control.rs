@@ -11,7 +11,9 @@ use ferry_discovery::Catalog;
 use ferry_discovery::file::FileSource;
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
-use ferry_migrate::{Policy, Store};
+use ferry_migrate::migration_api::MigrationsApi;
+use ferry_migrate::{Engine, EngineConfig, Policy, Store};
+use ferry_xds::lrs::{LoadReports, LrsServer};
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
 use ferry_xds::{AdsServer, SnapshotCache, TranslateOptions, Translator};
@@ -59,6 +61,15 @@ pub struct ControlArgs {
     #[arg(long, default_value = "127.0.0.1:18001", value_name = "ADDR")]
     api_addr: SocketAddr,
 
+    /// Migrations that may be in flight at once; more wait their turn.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    max_concurrent_migrations: usize,
+
+    /// How often proxies report load (LRS) to the control plane; the
+    /// migration gates read these reports.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    lrs_interval: Duration,
+
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -81,6 +92,19 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let policy =
         Arc::new(Policy::load(store, catalog.clone()).context("loading the traffic policy")?);
     let clients = Arc::new(ClientRegistry::default());
+    let loads = Arc::new(LoadReports::default());
+    let engine = Engine::load(
+        policy.clone(),
+        catalog.clone(),
+        cache.clone(),
+        clients.clone(),
+        loads.clone(),
+        EngineConfig {
+            concurrency: args.max_concurrent_migrations.max(1),
+            ..EngineConfig::default()
+        },
+    )
+    .context("loading the persisted migrations")?;
 
     let source = FileSource::new(&args.catalog);
     let file_status = source.status();
@@ -141,15 +165,21 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let api_task = tokio::spawn(serve_api(
         api_listener,
         TrafficApi::new(policy, catalog.clone()),
+        MigrationsApi::new(engine.clone()),
         shutdown.clone(),
     ));
+    // Migrations resume once the served snapshot carries the persisted
+    // policy (translation starts from it), so nothing shifts on stale state.
+    let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
 
     let ads = AdsServer::new(cache, clients, shutdown.clone());
+    let lrs = LrsServer::new(loads, args.lrs_interval, shutdown.clone());
     let incoming = tokio_stream_incoming(xds_listener);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(ads.into_service())
+        .add_service(lrs.into_service())
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
@@ -161,6 +191,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         Ok(Ok(())) => {}
     }
     let _ = translate_task.await;
+    let _ = engine_task.await;
     if let Ok(Err(e)) = api_task.await {
         tracing::warn!(error = %e, "traffic API server ended with an error");
     }
@@ -175,18 +206,23 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 async fn serve_api(
     listener: TcpListener,
     api: TrafficApi,
+    migrations: MigrationsApi,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ferry_proto::ferry::v1::traffic_server::TrafficServer<TrafficApi>>()
         .await;
+    health_reporter
+        .set_serving::<ferry_proto::ferry::v1::migrations_server::MigrationsServer<MigrationsApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferry_proto::ferry::v1::FILE_DESCRIPTOR_SET)
         .build_v1();
     let mut router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(api.into_service());
+        .add_service(api.into_service())
+        .add_service(migrations.into_service());
     if let Ok(reflection) = reflection {
         router = router.add_service(reflection);
     }

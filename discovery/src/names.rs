@@ -36,7 +36,10 @@ pub fn check_dns_label(label: &str) -> Result<(), NameError> {
 }
 
 /// A service, `name.namespace`, as Kubernetes names it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct ServiceName {
     name: String,
     namespace: String,
@@ -76,7 +79,10 @@ impl fmt::Display for ServiceName {
 }
 
 /// The name of a Kubernetes cluster that hosts backends.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct ClusterName(String);
 
 impl ClusterName {
@@ -93,6 +99,32 @@ impl ClusterName {
 impl fmt::Display for ClusterName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(n: ServiceName) -> String {
+        n.to_string()
+    }
+}
+
+impl TryFrom<String> for ClusterName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::new(&s)
+    }
+}
+
+impl From<ClusterName> for String {
+    fn from(n: ClusterName) -> String {
+        n.0
     }
 }
 

@@ -49,6 +49,35 @@ pub enum WeightsError {
     Empty,
 }
 
+/// Splits `total` basis points in proportion to `shares` by the
+/// largest-remainder method (ties to the cluster that sorts first), so the
+/// parts sum to exactly `total`; with all shares zero, equally.
+pub fn split_proportionally(
+    total: u32,
+    shares: &BTreeMap<ClusterName, u64>,
+) -> BTreeMap<ClusterName, u32> {
+    let sum: u64 = shares.values().sum();
+    let equal = sum == 0;
+    let sum = if equal { shares.len() as u64 } else { sum };
+    let share = |s: u64| if equal { 1 } else { s };
+    let mut floors: BTreeMap<ClusterName, u32> = BTreeMap::new();
+    let mut remainders: Vec<(u64, &ClusterName)> = Vec::with_capacity(shares.len());
+    for (cluster, &s) in shares {
+        let scaled = share(s) * u64::from(total);
+        floors.insert(cluster.clone(), (scaled / sum) as u32);
+        remainders.push((scaled % sum, cluster));
+    }
+    let assigned: u32 = floors.values().sum();
+    // Larger remainder first; equal remainders in name order (stable sort).
+    remainders.sort_by_key(|r| std::cmp::Reverse(r.0));
+    for (_, cluster) in remainders.into_iter().take((total - assigned) as usize) {
+        if let Some(w) = floors.get_mut(cluster) {
+            *w += 1;
+        }
+    }
+    floors
+}
+
 /// Per-cluster weights of one service, summing to exactly 10000.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Weights(BTreeMap<ClusterName, Weight>);
@@ -81,30 +110,7 @@ impl Weights {
         if shares.is_empty() {
             return Err(WeightsError::Empty);
         }
-        let total: u64 = shares.values().sum();
-        let equal = total == 0;
-        let total = if equal { shares.len() as u64 } else { total };
-        let share = |s: u64| if equal { 1 } else { s };
-
-        let mut floors: BTreeMap<ClusterName, u32> = BTreeMap::new();
-        let mut remainders: Vec<(u64, &ClusterName)> = Vec::with_capacity(shares.len());
-        for (cluster, &s) in shares {
-            let scaled = share(s) * u64::from(TOTAL_WEIGHT);
-            floors.insert(cluster.clone(), (scaled / total) as u32);
-            remainders.push((scaled % total, cluster));
-        }
-        let assigned: u32 = floors.values().sum();
-        // Larger remainder first; equal remainders in name order (stable sort).
-        remainders.sort_by_key(|r| std::cmp::Reverse(r.0));
-        for (_, cluster) in remainders
-            .into_iter()
-            .take((TOTAL_WEIGHT - assigned) as usize)
-        {
-            if let Some(w) = floors.get_mut(cluster) {
-                *w += 1;
-            }
-        }
-        Self::new(floors)
+        Self::new(split_proportionally(TOTAL_WEIGHT, shares))
     }
 
     /// All traffic to one cluster.

@@ -44,7 +44,9 @@ impl From<PolicyError> for Status {
         match e {
             PolicyError::InvalidArgument { .. } => Status::invalid_argument(message),
             PolicyError::NotFound(_) => Status::not_found(message),
-            PolicyError::Pinned { .. } => Status::failed_precondition(message),
+            PolicyError::Pinned { .. } | PolicyError::Precondition(_) => {
+                Status::failed_precondition(message)
+            }
             PolicyError::VersionMismatch { .. } => Status::aborted(message),
             PolicyError::Store(_) => Status::internal(message),
         }
@@ -75,7 +77,7 @@ fn audit_entry(r: AuditRecord) -> AuditEntry {
 
 /// The actor of a request: its `x-ferry-actor` metadata, else the owner
 /// it acts as, else "anonymous".
-fn actor<T>(request: &Request<T>, owner: &str) -> String {
+pub(crate) fn actor<T>(request: &Request<T>, owner: &str) -> String {
     request
         .metadata()
         .get("x-ferry-actor")

@@ -8,8 +8,12 @@
 //! - [`api`]: the `ferry.v1.Traffic` gRPC service.
 
 pub mod api;
+pub mod engine;
+pub mod migration;
+pub mod migration_api;
 pub mod policy;
 pub mod store;
 
+pub use engine::{Engine, EngineConfig};
 pub use policy::{Policy, PolicyError};
 pub use store::{Store, StoreError};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_discovery::{Catalog, ClusterName, ServiceName, TOTAL_WEIGHT, Weights};
-use ferry_xds::translate::WeightOverrides;
+use ferry_xds::translate::{PolicyOverrides, WeightOverrides};
 use tokio::sync::{broadcast, watch};
 
 use crate::store::{AuditRecord, Commit, Store, StoreError, StoredPin};
@@ -22,6 +22,10 @@ pub enum PolicyError {
     InvalidArgument { field: String, reason: String },
     #[error("{0}")]
     NotFound(String),
+    /// The request is well formed but the system is not in a state to
+    /// accept it (e.g. a migration already runs on the service).
+    #[error("{0}")]
+    Precondition(String),
     #[error("service {service} is pinned by {owner:?} ({reason}); only that owner may change it")]
     Pinned {
         service: String,
@@ -69,6 +73,48 @@ pub struct Pin {
     pub expires_at_ms: i64,
 }
 
+/// One change to the policy, persisted as one transaction.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub service: ServiceName,
+    pub actor: String,
+    pub action: String,
+    pub reason: String,
+    pub detail: String,
+    /// `Some(Some(w))` sets weights, `Some(None)` clears them.
+    pub weights: Option<Option<Weights>>,
+    /// `Some(Some(p))` sets the pin, `Some(None)` releases it.
+    pub pin: Option<Option<StoredPin>>,
+    /// The pin owner this change acts as: refused when another owner pins
+    /// the service.
+    pub acting_owner: Option<String>,
+    /// `(id, JSON)` of the acting migration's record, written with the change.
+    pub migration: Option<(String, String)>,
+}
+
+impl Change {
+    /// A change that, until fields are set, only writes its audit entry.
+    pub fn new(
+        service: ServiceName,
+        actor: impl Into<String>,
+        action: impl Into<String>,
+        reason: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            service,
+            actor: actor.into(),
+            action: action.into(),
+            reason: reason.into(),
+            detail: detail.into(),
+            weights: None,
+            pin: None,
+            acting_owner: None,
+            migration: None,
+        }
+    }
+}
+
 /// A weights change request, as parsed from the API.
 #[derive(Debug, Clone, Default)]
 pub struct WeightsChange {
@@ -93,7 +139,7 @@ struct Inner {
 pub struct Policy {
     inner: Mutex<Inner>,
     catalog: Arc<Catalog>,
-    overrides: watch::Sender<Arc<WeightOverrides>>,
+    overrides: watch::Sender<Arc<PolicyOverrides>>,
     events: broadcast::Sender<AuditRecord>,
 }
 
@@ -149,7 +195,10 @@ impl Policy {
             "traffic policy loaded"
         );
         metrics::gauge!("ferry_migrate_policy_version").set(loaded.version as f64);
-        let (overrides, _) = watch::channel(Arc::new(weights.clone()));
+        let (overrides, _) = watch::channel(Arc::new(PolicyOverrides {
+            version: loaded.version,
+            weights: weights.clone(),
+        }));
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             inner: Mutex::new(Inner {
@@ -169,7 +218,7 @@ impl Policy {
     }
 
     /// The weight overrides the xDS translation applies.
-    pub fn overrides(&self) -> watch::Receiver<Arc<WeightOverrides>> {
+    pub fn overrides(&self) -> watch::Receiver<Arc<PolicyOverrides>> {
         self.overrides.subscribe()
     }
 
@@ -243,30 +292,23 @@ impl Policy {
                 "service {name} has no weights set through the API"
             )));
         }
-        let version = inner.version + 1;
         let (action, detail) = match &requested {
             Some(w) => ("set_weights", format_weights(w)),
             None => ("clear_weights", "back to the catalog's weights".to_owned()),
         };
-        let commit = Commit {
-            version,
-            service: name.to_string(),
-            weights: Some(requested.as_ref().map(|w| {
-                w.iter()
-                    .map(|(c, bp)| (c.to_string(), bp.basis_points()))
-                    .collect()
-            })),
-            pin: None,
-            audit: audit(version, actor, action, &name, &change.reason, detail),
-        };
-        inner.store.commit(&commit)?;
-        match requested {
-            Some(w) => inner.weights.insert(name.clone(), w),
-            None => inner.weights.remove(&name),
-        };
-        self.accepted(&mut inner, commit.audit);
-        self.overrides.send_replace(Arc::new(inner.weights.clone()));
-        Ok(version)
+        self.commit_locked(
+            &mut inner,
+            Change {
+                weights: Some(requested),
+                ..Change::new(
+                    name,
+                    actor.to_owned(),
+                    action.to_owned(),
+                    change.reason.clone(),
+                    detail,
+                )
+            },
+        )
     }
 
     /// Pins a service for `owner`; the owner may refresh its own pin.
@@ -308,22 +350,24 @@ impl Policy {
                 now + ttl_seconds as i64 * 1000
             },
         };
-        let version = inner.version + 1;
         let detail = if ttl_seconds == 0 {
             "no expiry".to_owned()
         } else {
             format!("ttl {ttl_seconds}s")
         };
-        let commit = Commit {
-            version,
-            service: name.to_string(),
-            weights: None,
-            pin: Some(Some(pin.clone())),
-            audit: audit(version, owner, "pin", &name, reason, detail),
-        };
-        inner.store.commit(&commit)?;
-        inner.pins.insert(name.clone(), pin.clone());
-        self.accepted(&mut inner, commit.audit);
+        self.commit_locked(
+            &mut inner,
+            Change {
+                pin: Some(Some(pin.clone())),
+                ..Change::new(
+                    name.clone(),
+                    owner.to_owned(),
+                    "pin".to_owned(),
+                    reason.to_owned(),
+                    detail,
+                )
+            },
+        )?;
         Ok(to_pin(&name, &pin))
     }
 
@@ -373,30 +417,92 @@ impl Policy {
         action: &str,
         reason: &str,
     ) -> Result<u64, PolicyError> {
-        let version = inner.version + 1;
         let owner = inner
             .pins
             .get(name)
             .map(|p| p.owner.clone())
             .unwrap_or_default();
+        self.commit_locked(
+            inner,
+            Change {
+                pin: Some(None),
+                ..Change::new(
+                    name.clone(),
+                    actor.to_owned(),
+                    action.to_owned(),
+                    reason.to_owned(),
+                    format!("pin of {owner:?} released"),
+                )
+            },
+        )
+    }
+
+    /// Applies one change made on behalf of a pin owner (the migration
+    /// engine): weights, pin and the owner's own record, persisted in one
+    /// transaction before any of it takes effect. Refused, changing
+    /// nothing, when another owner holds the service's pin.
+    pub fn transact(&self, change: Change) -> Result<u64, PolicyError> {
+        let mut inner = self.lock();
+        if let Some(owner) = &change.acting_owner {
+            check_pin(&inner, &change.service, owner)?;
+        }
+        self.commit_locked(&mut inner, change)
+    }
+
+    /// Persists `change`, then applies and publishes it.
+    fn commit_locked(&self, inner: &mut Inner, change: Change) -> Result<u64, PolicyError> {
+        let version = inner.version + 1;
         let commit = Commit {
             version,
-            service: name.to_string(),
-            weights: None,
-            pin: Some(None),
-            audit: audit(
+            service: change.service.to_string(),
+            weights: change.weights.as_ref().map(|w| {
+                w.as_ref().map(|w| {
+                    w.iter()
+                        .map(|(c, bp)| (c.to_string(), bp.basis_points()))
+                        .collect()
+                })
+            }),
+            pin: change.pin.clone(),
+            migration: change.migration,
+            audit: AuditRecord {
                 version,
-                actor,
-                action,
-                name,
-                reason,
-                format!("pin of {owner:?} released"),
-            ),
+                at_ms: now_ms(),
+                actor: change.actor,
+                action: change.action,
+                service: change.service.to_string(),
+                reason: change.reason,
+                detail: change.detail,
+            },
         };
         inner.store.commit(&commit)?;
-        inner.pins.remove(name);
+        if let Some(weights) = change.weights {
+            match weights {
+                Some(w) => inner.weights.insert(change.service.clone(), w),
+                None => inner.weights.remove(&change.service),
+            };
+        }
+        match change.pin {
+            Some(Some(pin)) => {
+                inner.pins.insert(change.service.clone(), pin);
+            }
+            Some(None) => {
+                inner.pins.remove(&change.service);
+            }
+            None => {}
+        }
         self.accepted(inner, commit.audit);
+        if commit.weights.is_some() {
+            self.overrides.send_replace(Arc::new(PolicyOverrides {
+                version,
+                weights: inner.weights.clone(),
+            }));
+        }
         Ok(version)
+    }
+
+    /// Stored migration records (id → JSON), for the engine to resume.
+    pub fn stored_migrations(&self) -> Result<BTreeMap<String, String>, PolicyError> {
+        Ok(self.lock().store.load()?.migrations)
     }
 
     pub fn pins(&self) -> Vec<Pin> {
@@ -436,25 +542,6 @@ fn to_pin(name: &ServiceName, p: &StoredPin) -> Pin {
         reason: p.reason.clone(),
         pinned_at_ms: p.pinned_at_ms,
         expires_at_ms: p.expires_at_ms,
-    }
-}
-
-fn audit(
-    version: u64,
-    actor: &str,
-    action: &str,
-    name: &ServiceName,
-    reason: &str,
-    detail: String,
-) -> AuditRecord {
-    AuditRecord {
-        version,
-        at_ms: now_ms(),
-        actor: actor.to_owned(),
-        action: action.to_owned(),
-        service: name.to_string(),
-        reason: reason.to_owned(),
-        detail,
     }
 }
 
@@ -569,6 +656,6 @@ mod tests {
         assert_eq!(policy.pins().len(), 1);
         let audit = policy.audit(None, 10).unwrap();
         assert_eq!(audit.len(), 2);
-        assert_eq!(policy.overrides().borrow().len(), 1);
+        assert_eq!(policy.overrides().borrow().weights.len(), 1);
     }
 }

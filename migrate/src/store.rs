@@ -13,6 +13,7 @@ const WEIGHTS: TableDefinition<&str, &str> = TableDefinition::new("weights");
 const PINS: TableDefinition<&str, &str> = TableDefinition::new("pins");
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MIGRATIONS: TableDefinition<&str, &str> = TableDefinition::new("migrations");
 const VERSION_KEY: &str = "policy_version";
 
 /// Why the store failed.
@@ -57,6 +58,8 @@ pub struct Loaded {
     /// Service → cluster → basis points.
     pub weights: BTreeMap<String, BTreeMap<String, u32>>,
     pub pins: BTreeMap<String, StoredPin>,
+    /// Migration id → its record (JSON, owned by the migration engine).
+    pub migrations: BTreeMap<String, String>,
 }
 
 /// One accepted change, written atomically.
@@ -68,6 +71,8 @@ pub struct Commit {
     pub weights: Option<Option<BTreeMap<String, u32>>>,
     /// `Some(Some(p))` sets a pin, `Some(None)` removes it.
     pub pin: Option<Option<StoredPin>>,
+    /// `(id, JSON)` of a migration record to write with the change.
+    pub migration: Option<(String, String)>,
     pub audit: AuditRecord,
 }
 
@@ -87,6 +92,7 @@ impl Store {
             txn.open_table(PINS).map_err(db_err)?;
             txn.open_table(AUDIT).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
+            txn.open_table(MIGRATIONS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Self { db })
@@ -124,6 +130,17 @@ impl Store {
             let pin = parse(k.value(), v.value())?;
             loaded.pins.insert(k.value().to_owned(), pin);
         }
+        for row in txn
+            .open_table(MIGRATIONS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            loaded
+                .migrations
+                .insert(k.value().to_owned(), v.value().to_owned());
+        }
         Ok(loaded)
     }
 
@@ -136,6 +153,12 @@ impl Store {
             }
             if let Some(pin) = &change.pin {
                 put_or_remove(&txn, PINS, &change.service, pin.as_ref())?;
+            }
+            if let Some((id, json)) = &change.migration {
+                txn.open_table(MIGRATIONS)
+                    .map_err(db_err)?
+                    .insert(id.as_str(), json.as_str())
+                    .map_err(db_err)?;
             }
             let json = serde_json::to_string(&change.audit).map_err(db_err)?;
             txn.open_table(AUDIT)

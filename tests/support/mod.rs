@@ -287,6 +287,11 @@ dynamic_resources:
     set_node_on_first_message_only: true
   cds_config: {{ads: {{}}, resource_api_version: V3}}
   lds_config: {{ads: {{}}, resource_api_version: V3}}
+cluster_manager:
+  load_stats_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
 static_resources:
   clusters:
     - name: ferry_xds
@@ -355,6 +360,8 @@ admin:
 pub struct Backends {
     pub addrs: BTreeMap<String, SocketAddr>,
     pub hits: BTreeMap<String, Arc<AtomicU64>>,
+    /// The HTTP status each backend answers with (200 unless set).
+    statuses: BTreeMap<String, Arc<std::sync::atomic::AtomicU16>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -370,6 +377,7 @@ impl Backends {
     pub async fn start_at(labels: &[(&str, &str)]) -> Self {
         let mut addrs = BTreeMap::new();
         let mut hits = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
         let mut tasks = Vec::new();
         for (label, ip) in labels {
             let listener = tokio::net::TcpListener::bind((*ip, 0))
@@ -377,23 +385,23 @@ impl Backends {
                 .expect("bind backend");
             let addr = listener.local_addr().expect("addr");
             let counter = Arc::new(AtomicU64::new(0));
+            let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
             let body = Bytes::from(label.to_string());
-            let c = counter.clone();
+            let (c, st) = (counter.clone(), status.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
-                    let (body, c) = (body.clone(), c.clone());
+                    let (body, c, st) = (body.clone(), c.clone(), st.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |_req| {
                             c.fetch_add(1, Ordering::Relaxed);
-                            let body = body.clone();
-                            async move {
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                    body,
-                                )))
-                            }
+                            let mut response = hyper::Response::new(Full::new(body.clone()));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(st.load(Ordering::Relaxed))
+                                    .unwrap_or(hyper::StatusCode::OK);
+                            async move { Ok::<_, std::convert::Infallible>(response) }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -403,8 +411,19 @@ impl Backends {
             }));
             addrs.insert(label.to_string(), addr);
             hits.insert(label.to_string(), counter);
+            statuses.insert(label.to_string(), status);
         }
-        Self { addrs, hits, tasks }
+        Self {
+            addrs,
+            hits,
+            statuses,
+            tasks,
+        }
+    }
+
+    /// Makes a backend answer every request with `code` from now on.
+    pub fn set_status(&self, label: &str, code: u16) {
+        self.statuses[label].store(code, Ordering::Relaxed);
     }
 
     pub fn addr(&self, label: &str) -> String {
@@ -490,13 +509,18 @@ pub struct Steady {
 
 impl Steady {
     pub fn start(port: u16, host: &str) -> Self {
+        Self::start_for(port, host, Duration::from_secs(60))
+    }
+
+    /// Like `start`, stopping by itself after `limit`.
+    pub fn start_for(port: u16, host: &str, limit: Duration) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, host) = (stop.clone(), host.to_owned());
         let task = tokio::spawn(async move {
             let client = client();
             let mut answers = Vec::new();
             // Bounded in count and time even if nobody stops it.
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let deadline = Instant::now() + limit;
             while !s.load(Ordering::Relaxed) && answers.len() < 200_000 && Instant::now() < deadline
             {
                 let key = match http_get_with(&client, port, &host, "/").await {

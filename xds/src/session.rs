@@ -90,6 +90,10 @@ struct TypeState {
     force_response: bool,
     sent_version: Option<String>,
     acked_version: Option<String>,
+    /// The snapshot version of the last response sent, and of the last
+    /// one the client acknowledged.
+    sent_snapshot: u64,
+    acked_snapshot: u64,
     last_nack: Option<NackRecord>,
     nacks: u64,
 }
@@ -239,6 +243,7 @@ impl Session {
             }
             None => {
                 st.acked_version = st.sent_version.clone();
+                st.acked_snapshot = st.sent_snapshot;
                 if self.variant == Variant::Sotw && !version_info.is_empty() {
                     st.acked_version = Some(version_info.to_owned());
                 }
@@ -412,10 +417,11 @@ impl Session {
 
     /// Records a response of `kind` at `version` as sent, awaiting its
     /// ACK; returns its nonce.
-    fn mark_sent(&mut self, kind: ResourceType, version: &str) -> String {
+    fn mark_sent(&mut self, kind: ResourceType, version: &str, snapshot: u64) -> String {
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         let st = &mut self.types[kind.index()];
+        st.sent_snapshot = snapshot;
         st.nonce = Some(nonce.clone());
         st.awaiting_ack = true;
         st.sent_version = Some(version.to_owned());
@@ -453,7 +459,7 @@ impl Session {
             }
             let version = format!("{:016x}", hasher.digest());
             let resources = view.values().map(|r| r.body.clone()).collect();
-            let nonce = self.mark_sent(kind, &version);
+            let nonce = self.mark_sent(kind, &version, snapshot.version);
             out.push(DiscoveryResponse {
                 version_info: version,
                 resources,
@@ -477,7 +483,7 @@ impl Session {
                 continue;
             };
             let version = snapshot.version.to_string();
-            let nonce = self.mark_sent(kind, &version);
+            let nonce = self.mark_sent(kind, &version, snapshot.version);
             out.push(DeltaDiscoveryResponse {
                 system_version_info: version,
                 resources: update
@@ -535,6 +541,7 @@ impl Session {
                     names: st.sub.names.iter().take(20).cloned().collect(),
                     sent_version: st.sent_version.clone(),
                     acked_version: st.acked_version.clone(),
+                    acked_snapshot: st.acked_snapshot,
                     awaiting_ack: st.awaiting_ack,
                     nacks: st.nacks,
                     last_nack: st.last_nack.clone(),

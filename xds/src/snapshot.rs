@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::resources::ResourceType;
-use crate::translate::{ResourceMaps, Translator, WeightOverrides};
+use crate::translate::{PolicyOverrides, ResourceMaps, Translator};
 
 /// Every resource Ferry serves, at one version.
 #[derive(Debug, Default)]
@@ -28,6 +28,12 @@ pub struct Snapshot {
     pub changed: [BTreeSet<String>; 4],
     /// When the catalog change that led here was published.
     pub catalog_published_at: Option<Instant>,
+    /// The traffic policy version translated into this snapshot.
+    pub policy_version: u64,
+    /// Per type, the snapshot version at which any resource of that type
+    /// last changed: a client that has acknowledged that version (or a
+    /// later one) of the type holds what this snapshot serves.
+    pub last_changed: [u64; 4],
 }
 
 impl Snapshot {
@@ -72,6 +78,19 @@ impl SnapshotCache {
     /// Publishes translated resources as a new version when anything
     /// differs from the current snapshot; returns whether it did.
     pub fn publish(&self, resources: ResourceMaps, catalog: &CatalogSnapshot) -> bool {
+        self.publish_at(resources, catalog, self.current().policy_version)
+    }
+
+    /// Like [`publish`](Self::publish), recording the policy version the
+    /// resources were translated with. A new policy version alone (with no
+    /// resource changed) still makes a new snapshot, so a caller waiting
+    /// for its change to be served sees it.
+    pub fn publish_at(
+        &self,
+        resources: ResourceMaps,
+        catalog: &CatalogSnapshot,
+        policy_version: u64,
+    ) -> bool {
         let current = self.current();
         let mut changed: [BTreeSet<String>; 4] = Default::default();
         for kind in ResourceType::ALL {
@@ -84,11 +103,23 @@ impl SnapshotCache {
             }
             set.extend(old.keys().filter(|n| !new.contains_key(*n)).cloned());
         }
-        if current.is_ready() && changed.iter().all(BTreeSet::is_empty) {
+        if current.is_ready()
+            && changed.iter().all(BTreeSet::is_empty)
+            && current.policy_version == policy_version
+        {
             return false;
         }
+        let version = current.version + 1;
+        let mut last_changed = current.last_changed;
+        for kind in ResourceType::ALL {
+            if !changed[kind.index()].is_empty() || !current.is_ready() {
+                last_changed[kind.index()] = version;
+            }
+        }
         let snapshot = Snapshot {
-            version: current.version + 1,
+            version,
+            policy_version,
+            last_changed,
             catalog_version: catalog.version,
             resources,
             changed,
@@ -133,7 +164,7 @@ impl Default for Debounce {
 /// `cancel`. The first loaded catalog is translated without delay.
 pub async fn run_translation(
     mut catalog: watch::Receiver<Arc<CatalogSnapshot>>,
-    mut policy: watch::Receiver<Arc<WeightOverrides>>,
+    mut policy: watch::Receiver<Arc<PolicyOverrides>>,
     cache: Arc<SnapshotCache>,
     mut translator: Translator,
     debounce: Debounce,
@@ -145,12 +176,12 @@ pub async fn run_translation(
         let overrides = policy.borrow_and_update().clone();
         if current.is_loaded() {
             let started = Instant::now();
-            let maps = translator.translate_with(&current, &overrides);
+            let maps = translator.translate_with(&current, &overrides.weights);
             metrics::histogram!("ferry_xds_translate_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("ferry_xds_services_translated_total")
                 .increment(translator.last_translated() as u64);
-            cache.publish(maps, &current);
+            cache.publish_at(maps, &current, overrides.version);
             first = false;
         }
         tokio::select! {
@@ -224,7 +255,7 @@ mod tests {
         let cache = Arc::new(SnapshotCache::new());
         let cancel = CancellationToken::new();
         catalog.replace(services(1));
-        let (_policy, policy_rx) = watch::channel(Arc::new(WeightOverrides::new()));
+        let (_policy, policy_rx) = watch::channel(Arc::new(PolicyOverrides::default()));
         let task = tokio::spawn(run_translation(
             catalog.subscribe(),
             policy_rx,

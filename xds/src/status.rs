@@ -26,6 +26,8 @@ pub struct TypeStatus {
     pub names: Vec<String>,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
+    /// The snapshot version of the last update the client acknowledged.
+    pub acked_snapshot: u64,
     pub awaiting_ack: bool,
     pub nacks: u64,
     pub last_nack: Option<NackRecord>,
@@ -81,6 +83,23 @@ impl ClientRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many connected clients subscribed to `kind` have acknowledged
+    /// snapshot `version` (or a later one) of it, out of how many.
+    pub fn ack_share(&self, kind: &str, version: u64) -> (usize, usize) {
+        let handles: Vec<_> = self.lock().values().cloned().collect();
+        let (mut acked, mut total) = (0, 0);
+        for h in handles {
+            let status = h.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = status.types.get(kind) {
+                total += 1;
+                if t.acked_snapshot >= version {
+                    acked += 1;
+                }
+            }
+        }
+        (acked, total)
     }
 
     /// A copy of every client's status.

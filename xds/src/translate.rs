@@ -84,6 +84,15 @@ struct Cached {
 /// over the catalog's declared or default weights.
 pub type WeightOverrides = BTreeMap<ServiceName, Weights>;
 
+/// The traffic policy as translation sees it: weights per service at one
+/// policy version (carried into the snapshot so callers can tell when a
+/// policy change is being served).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyOverrides {
+    pub version: u64,
+    pub weights: WeightOverrides,
+}
+
 /// All resources of a catalog, by type then name.
 pub type ResourceMaps = [BTreeMap<String, Arc<Resource>>; 4];
 

@@ -1,0 +1,574 @@
+//! The migration engine: runs every migration's stage machine on a tick,
+//! under a concurrency limit, one migration per service.
+//!
+//! Every transition goes through [`Policy::transact`]: the migration's
+//! record, its weights or pin and the audit entry are written in one
+//! transaction before anything takes effect. On start the engine loads the
+//! records and resumes each migration where it was.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_discovery::{Catalog, CatalogSnapshot, ClusterName, Service, ServiceName, Weights};
+use ferry_xds::lrs::{Load, LoadReports};
+use ferry_xds::status::ClientRegistry;
+use ferry_xds::{ResourceType, Snapshot, SnapshotCache};
+use tokio::sync::{Notify, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::migration::{
+    self, GateOutcome, Migration, Next, Phase, Plan, Stage, Transition, World, begin_rollback,
+};
+use crate::policy::{Change, Policy, PolicyError, now_ms};
+
+/// How the engine runs.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Migrations that may be in flight at once; more wait in VALIDATE.
+    pub concurrency: usize,
+    /// How often every migration is looked at.
+    pub tick: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The migration engine.
+#[derive(Debug)]
+pub struct Engine {
+    policy: Arc<Policy>,
+    catalog: Arc<Catalog>,
+    cache: Arc<SnapshotCache>,
+    clients: Arc<ClientRegistry>,
+    loads: Arc<LoadReports>,
+    config: EngineConfig,
+    migrations: Mutex<BTreeMap<String, Migration>>,
+    updates: broadcast::Sender<Migration>,
+    wake: Notify,
+}
+
+/// The live control plane as the stage machine sees it.
+struct LiveWorld<'a> {
+    catalog: &'a CatalogSnapshot,
+    snapshot: &'a Snapshot,
+    clients: &'a ClientRegistry,
+    loads: &'a LoadReports,
+    policy: &'a Policy,
+}
+
+impl World for LiveWorld<'_> {
+    fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.catalog.services.get(name).map(|s| &**s)
+    }
+
+    fn weights(&self, name: &ServiceName) -> Option<Weights> {
+        self.policy
+            .weights(&name.to_string())
+            .ok()
+            .map(|(_, w, _, _)| w)
+    }
+
+    fn served(&self) -> (u64, u64) {
+        (
+            self.snapshot.policy_version,
+            self.snapshot.last_changed[ResourceType::Route.index()],
+        )
+    }
+
+    fn acks(&self, route_version: u64) -> (usize, usize) {
+        self.clients
+            .ack_share(ResourceType::Route.short(), route_version)
+    }
+
+    fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load {
+        self.loads
+            .since(&service.to_string(), cluster.as_str(), since_ms)
+    }
+}
+
+impl Engine {
+    /// Loads the persisted migrations; those in flight resume on [`run`](Self::run).
+    pub fn load(
+        policy: Arc<Policy>,
+        catalog: Arc<Catalog>,
+        cache: Arc<SnapshotCache>,
+        clients: Arc<ClientRegistry>,
+        loads: Arc<LoadReports>,
+        config: EngineConfig,
+    ) -> Result<Arc<Self>, PolicyError> {
+        let mut migrations = BTreeMap::new();
+        let loaded_version = policy.version();
+        for (id, json) in policy.stored_migrations()? {
+            let mut m: Migration =
+                serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {
+                    key: format!("migrations/{id}"),
+                    reason: e.to_string(),
+                })?;
+            // Whatever a migration awaits was persisted at or before the
+            // loaded version.
+            m.applied_version = loaded_version;
+            if !m.stage.is_terminal() {
+                tracing::info!(
+                    id = %m.id, service = %m.plan.service, stage = m.stage.as_str(),
+                    phase = m.phase.as_str(), step = m.step + 1, "migration resumes"
+                );
+            }
+            migrations.insert(id, m);
+        }
+        let (updates, _) = broadcast::channel(1024);
+        let engine = Arc::new(Self {
+            policy,
+            catalog,
+            cache,
+            clients,
+            loads,
+            config,
+            migrations: Mutex::new(migrations),
+            updates,
+            wake: Notify::new(),
+        });
+        engine.export_gauges(&engine.lock());
+        Ok(engine)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Migration>> {
+        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every change to any migration, from now on.
+    pub fn updates(&self) -> broadcast::Receiver<Migration> {
+        self.updates.subscribe()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Migration, PolicyError> {
+        self.lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))
+    }
+
+    /// Migrations (of one service, if given), oldest first.
+    pub fn list(&self, service: Option<&str>, active_only: bool) -> Vec<Migration> {
+        let mut out: Vec<Migration> = self
+            .lock()
+            .values()
+            .filter(|m| service.is_none_or(|s| m.plan.service.to_string() == s))
+            .filter(|m| !active_only || !m.stage.is_terminal())
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        out
+    }
+
+    /// Validates a plan and records the migration; the engine starts it
+    /// when a slot is free. A refused plan changes nothing.
+    pub fn create(&self, plan: Plan, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+        if reason.trim().is_empty() {
+            return Err(PolicyError::InvalidArgument {
+                field: "reason".into(),
+                reason: "a reason is required; it goes into the audit log".into(),
+            });
+        }
+        let mut map = self.lock();
+        if let Some(running) = map
+            .values()
+            .find(|m| m.plan.service == plan.service && !m.stage.is_terminal())
+        {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} is already {} on service {}",
+                running.id,
+                running.stage.as_str(),
+                plan.service
+            )));
+        }
+        if let Some(pin) = self.policy.pin_of(&plan.service) {
+            return Err(PolicyError::Pinned {
+                service: plan.service.to_string(),
+                owner: pin.owner,
+                reason: pin.reason,
+            });
+        }
+        let catalog = self.catalog.current();
+        migration::validate(&plan, catalog.services.get(&plan.service).map(|s| &**s))?;
+        let (_, current, _, _) = self.policy.weights(&plan.service.to_string())?;
+        let source_weights = migration::source_weights(&plan, &current)?;
+        let next_number = map
+            .keys()
+            .filter_map(|id| id.strip_prefix("mig-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = now_ms();
+        let m = Migration {
+            id: format!("mig-{next_number}"),
+            plan,
+            stage: Stage::Validate,
+            phase: Phase::None,
+            step: 0,
+            paused_from: None,
+            source_weights,
+            weights: BTreeMap::new(),
+            reason: String::new(),
+            purpose: reason.to_owned(),
+            gates: Vec::new(),
+            created_by: actor.to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            phase_started_ms: now,
+            applied_version: 0,
+            acks: (0, 0),
+        };
+        let detail = format!(
+            "{} → {}, steps {:?} bp, bake {:?}",
+            m.plan
+                .from
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join("+"),
+            m.plan.to,
+            m.plan.steps,
+            Duration::from_millis(m.plan.bake_ms)
+        );
+        let change = Change {
+            acting_owner: Some(actor.to_owned()),
+            migration: Some((m.id.clone(), encode(&m)?)),
+            ..Change::new(
+                m.plan.service.clone(),
+                actor,
+                "migration_created",
+                reason,
+                format!("{}: {detail}", m.id),
+            )
+        };
+        self.policy.transact(change)?;
+        tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
+        map.insert(m.id.clone(), m.clone());
+        self.export_gauges(&map);
+        let _ = self.updates.send(m.clone());
+        drop(map);
+        self.wake.notify_one();
+        Ok(m)
+    }
+
+    /// Holds a migration at its current weights.
+    pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+        self.operate(id, actor, reason, |m| match m.stage {
+            Stage::Validate | Stage::DoubleDeploy | Stage::Shift => {
+                let mut to = m.clone();
+                to.paused_from = Some((m.stage, m.phase));
+                to.stage = Stage::Paused;
+                to.reason = format!("paused by {actor}: {reason}");
+                Ok(("migration_paused", to))
+            }
+            s => Err(PolicyError::Precondition(format!(
+                "migration {id} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
+                s.as_str()
+            ))),
+        })
+    }
+
+    /// Continues a paused migration; a step that was baking bakes again in
+    /// full, a step awaiting acknowledgement waits afresh.
+    pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+        self.operate(id, actor, reason, |m| match (m.stage, m.paused_from) {
+            (Stage::Paused, Some((stage, phase))) => {
+                let mut to = m.clone();
+                to.stage = stage;
+                to.phase = phase;
+                to.paused_from = None;
+                to.reason = String::new();
+                to.phase_started_ms = now_ms();
+                Ok(("migration_resumed", to))
+            }
+            (s, _) => Err(PolicyError::Precondition(format!(
+                "migration {id} is {}, not PAUSED",
+                s.as_str()
+            ))),
+        })
+    }
+
+    /// Sends all traffic back to the sources at once and stops.
+    pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+        if reason.trim().is_empty() {
+            return Err(PolicyError::InvalidArgument {
+                field: "reason".into(),
+                reason: "a reason is required; it goes into the audit log".into(),
+            });
+        }
+        let mut map = self.lock();
+        let m = map
+            .get(id)
+            .cloned()
+            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))?;
+        let why = format!("aborted by {actor}: {reason}");
+        let now = now_ms();
+        let touched_weights = !m.weights.is_empty();
+        let t = match m.stage {
+            s if s.is_terminal() => {
+                return Err(PolicyError::Precondition(format!(
+                    "migration {id} has already ended ({})",
+                    s.as_str()
+                )));
+            }
+            Stage::RollingBack => {
+                return Err(PolicyError::Precondition(format!(
+                    "migration {id} is already rolling back"
+                )));
+            }
+            _ if touched_weights => match begin_rollback(&m, why, now) {
+                Next::Transition(t) => *t,
+                _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
+            },
+            _ => {
+                // No weight was changed yet: it ends here.
+                let mut to = m.clone();
+                to.stage = Stage::RolledBack;
+                to.phase = Phase::None;
+                to.reason = why.clone();
+                to.phase_started_ms = now;
+                let pinned = !matches!(m.stage, Stage::Validate)
+                    && !matches!(m.paused_from, Some((Stage::Validate, _)));
+                Transition {
+                    to,
+                    weights: None,
+                    pin: pinned.then_some(None),
+                    action: "migration_aborted",
+                    detail: why,
+                }
+            }
+        };
+        let done = self.apply(&mut map, t, actor)?;
+        drop(map);
+        self.wake.notify_one();
+        Ok(done)
+    }
+
+    fn operate(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        f: impl FnOnce(&Migration) -> Result<(&'static str, Migration), PolicyError>,
+    ) -> Result<Migration, PolicyError> {
+        if reason.trim().is_empty() {
+            return Err(PolicyError::InvalidArgument {
+                field: "reason".into(),
+                reason: "a reason is required; it goes into the audit log".into(),
+            });
+        }
+        let mut map = self.lock();
+        let m = map
+            .get(id)
+            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))?;
+        let (action, to) = f(m)?;
+        let t = Transition {
+            to,
+            weights: None,
+            pin: None,
+            action,
+            detail: reason.to_owned(),
+        };
+        let done = self.apply(&mut map, t, actor)?;
+        drop(map);
+        self.wake.notify_one();
+        Ok(done)
+    }
+
+    /// Persists a transition, then makes it the migration's state.
+    fn apply(
+        &self,
+        map: &mut BTreeMap<String, Migration>,
+        t: Transition,
+        actor: &str,
+    ) -> Result<Migration, PolicyError> {
+        let mut to = t.to;
+        to.updated_at_ms = now_ms();
+        let reason = if to.reason.is_empty() {
+            to.purpose.clone()
+        } else {
+            to.reason.clone()
+        };
+        let change = Change {
+            weights: t.weights.map(Some),
+            pin: t.pin,
+            acting_owner: Some(to.owner()),
+            migration: Some((to.id.clone(), encode(&to)?)),
+            ..Change::new(
+                to.plan.service.clone(),
+                actor,
+                t.action,
+                reason,
+                format!("{}: {}", to.id, t.detail),
+            )
+        };
+        let sets_weights = change.weights.is_some();
+        let version = self.policy.transact(change)?;
+        if sets_weights {
+            to.applied_version = version;
+        }
+        tracing::info!(
+            id = %to.id, service = %to.plan.service, stage = to.stage.as_str(),
+            phase = to.phase.as_str(), step = to.step + 1, action = t.action,
+            detail = %t.detail, "migration transition"
+        );
+        metrics::counter!("ferry_migrate_transitions_total", "action" => t.action).increment(1);
+        if let Some(g) = to.gates.last() {
+            metrics::counter!("ferry_migrate_gate_evaluations_total", "outcome" => g.outcome.as_str())
+                .increment(u64::from(g.outcome != GateOutcome::NotEnoughData));
+        }
+        map.insert(to.id.clone(), to.clone());
+        self.export_gauges(map);
+        let _ = self.updates.send(to.clone());
+        Ok(to)
+    }
+
+    fn export_gauges(&self, map: &BTreeMap<String, Migration>) {
+        let mut by_stage: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for m in map.values() {
+            *by_stage.entry(m.stage.as_str()).or_default() += 1;
+        }
+        for stage in [
+            Stage::Validate,
+            Stage::DoubleDeploy,
+            Stage::Shift,
+            Stage::Cleanup,
+            Stage::Unpin,
+            Stage::Done,
+            Stage::Paused,
+            Stage::RollingBack,
+            Stage::RolledBack,
+            Stage::Failed,
+        ] {
+            let n = by_stage.get(stage.as_str()).copied().unwrap_or(0);
+            metrics::gauge!("ferry_migrate_migrations", "stage" => stage.as_str()).set(n as f64);
+        }
+    }
+
+    /// Advances every migration once.
+    pub fn tick(&self) {
+        let catalog = self.catalog.current();
+        let snapshot = self.cache.current();
+        let world = LiveWorld {
+            catalog: &catalog,
+            snapshot: &snapshot,
+            clients: &self.clients,
+            loads: &self.loads,
+            policy: &self.policy,
+        };
+        let now = now_ms();
+        let mut map = self.lock();
+        let active = map.values().filter(|m| m.stage.is_active()).count();
+        let mut slots = self.config.concurrency.saturating_sub(active);
+        let mut order: Vec<(i64, String)> = map
+            .values()
+            .filter(|m| !m.stage.is_terminal() && m.stage != Stage::Paused)
+            .map(|m| (m.created_at_ms, m.id.clone()))
+            .collect();
+        order.sort();
+        for (_, id) in order {
+            let Some(m) = map.get(&id).cloned() else {
+                continue;
+            };
+            if m.stage == Stage::Validate {
+                if slots == 0 {
+                    continue;
+                }
+                slots -= 1;
+            }
+            match migration::next(&m, &world, now) {
+                Next::Wait => {}
+                Next::Observe(seen) => {
+                    let _ = self.updates.send((*seen).clone());
+                    map.insert(id, *seen);
+                }
+                Next::Transition(t) => {
+                    let actor = m.owner();
+                    match self.apply(&mut map, *t, &actor) {
+                        Ok(_) => {}
+                        Err(e @ PolicyError::Pinned { .. }) => {
+                            // Someone else holds the service: stop, changing nothing.
+                            let mut failed = m.clone();
+                            failed.stage = Stage::Failed;
+                            failed.reason = format!("cannot proceed: {e}");
+                            let t = Transition {
+                                to: failed,
+                                weights: None,
+                                pin: None,
+                                action: "migration_failed",
+                                detail: e.to_string(),
+                            };
+                            let change_owner = self.apply_unpinned(&mut map, t, &actor);
+                            if let Err(e) = change_owner {
+                                tracing::error!(id = %m.id, error = %e, "cannot record a failed migration");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(id = %m.id, error = %e, "migration transition not persisted; retrying");
+                            metrics::counter!("ferry_migrate_store_errors_total").increment(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a transition that touches neither weights nor pin, without
+    /// acting as the migration's pin owner.
+    fn apply_unpinned(
+        &self,
+        map: &mut BTreeMap<String, Migration>,
+        t: Transition,
+        actor: &str,
+    ) -> Result<Migration, PolicyError> {
+        let mut to = t.to;
+        to.updated_at_ms = now_ms();
+        let change = Change {
+            migration: Some((to.id.clone(), encode(&to)?)),
+            ..Change::new(
+                to.plan.service.clone(),
+                actor,
+                t.action,
+                to.reason.clone(),
+                format!("{}: {}", to.id, t.detail),
+            )
+        };
+        self.policy.transact(change)?;
+        map.insert(to.id.clone(), to.clone());
+        self.export_gauges(map);
+        let _ = self.updates.send(to.clone());
+        Ok(to)
+    }
+
+    /// Runs the engine until `cancel`.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        tracing::info!(
+            concurrency = self.config.concurrency,
+            "migration engine running"
+        );
+        loop {
+            self.tick();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.config.tick) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+}
+
+fn encode(m: &Migration) -> Result<String, PolicyError> {
+    serde_json::to_string(m).map_err(|e| {
+        PolicyError::Store(crate::StoreError::Db(format!(
+            "cannot encode migration {}: {e}",
+            m.id
+        )))
+    })
+}

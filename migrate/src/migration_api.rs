@@ -1,0 +1,356 @@
+//! The `ferry.v1.Migrations` gRPC service over the [`Engine`].
+//!
+//! Requests are parsed into a [`Plan`] with errors that name the field;
+//! everything else (state rules, persistence) is the engine's.
+
+use std::pin::Pin as BoxPin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_discovery::{ClusterName, ServiceName, TOTAL_WEIGHT};
+use ferry_proto::ferry::v1 as pb;
+use ferry_proto::ferry::v1::migrations_server::{Migrations, MigrationsServer};
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::api::actor;
+use crate::engine::Engine;
+use crate::migration::{Gates, Migration, Plan};
+use crate::policy::PolicyError;
+
+/// The migrations API.
+#[derive(Debug, Clone)]
+pub struct MigrationsApi {
+    engine: Arc<Engine>,
+}
+
+impl MigrationsApi {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    pub fn into_service(self) -> MigrationsServer<Self> {
+        MigrationsServer::new(self)
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> PolicyError {
+    PolicyError::InvalidArgument {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A duration field: empty takes the default; at most a day.
+fn duration(field: &str, text: &str, default: Duration) -> Result<u64, PolicyError> {
+    if text.trim().is_empty() {
+        return Ok(default.as_millis() as u64);
+    }
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(
+            field,
+            format!("{text:?} is not a duration (e.g. 30s, 5m): {e}"),
+        )
+    })?;
+    if d > Duration::from_secs(24 * 3600) {
+        return Err(invalid(field, format!("{text:?} is longer than a day")));
+    }
+    Ok(d.as_millis() as u64)
+}
+
+/// A fraction field: 0 takes the default.
+fn fraction(field: &str, value: f64, default: f64) -> Result<f64, PolicyError> {
+    if value == 0.0 {
+        return Ok(default);
+    }
+    if !value.is_finite() || !(0.0..=1.0).contains(&value) {
+        return Err(invalid(field, format!("{value} is not within 0..1")));
+    }
+    Ok(value)
+}
+
+fn percent(field: &str, value: f64) -> Result<f64, PolicyError> {
+    if !value.is_finite() || !(0.0..=100.0).contains(&value) {
+        return Err(invalid(
+            field,
+            format!("{value} is not a percentage within 0..100"),
+        ));
+    }
+    Ok(value / 100.0)
+}
+
+/// Parses and checks a create request; every error names its field.
+pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyError> {
+    let service = ServiceName::parse(&r.service)
+        .map_err(|e| invalid("service", format!("{e} (expected name.namespace)")))?;
+    if r.from.is_empty() {
+        return Err(invalid("from", "at least one source cluster is required"));
+    }
+    let mut from = Vec::with_capacity(r.from.len());
+    for (i, c) in r.from.iter().enumerate() {
+        let c = ClusterName::new(c).map_err(|e| invalid(&format!("from[{i}]"), e.to_string()))?;
+        if from.contains(&c) {
+            return Err(invalid(
+                &format!("from[{i}]"),
+                format!("cluster {c} is listed twice"),
+            ));
+        }
+        from.push(c);
+    }
+    let to = ClusterName::new(&r.to).map_err(|e| invalid("to", e.to_string()))?;
+    if from.contains(&to) {
+        return Err(invalid("to", format!("cluster {to} is also a source")));
+    }
+    if r.steps.is_empty() {
+        return Err(invalid(
+            "steps",
+            "at least one step is required, ending at 100",
+        ));
+    }
+    let mut steps = Vec::with_capacity(r.steps.len());
+    for (i, p) in r.steps.iter().enumerate() {
+        let field = format!("steps[{i}]");
+        if !p.is_finite() || *p <= 0.0 || *p > 100.0 {
+            return Err(invalid(
+                &field,
+                format!("{p} is not a percentage in (0, 100]"),
+            ));
+        }
+        let bp = (p * 100.0).round();
+        if (bp - p * 100.0).abs() > 1e-6 {
+            return Err(invalid(&field, format!("{p} has more than two decimals")));
+        }
+        let bp = bp as u32;
+        if steps.last().is_some_and(|last| bp <= *last) {
+            return Err(invalid(
+                &field,
+                format!("{p} does not increase on the step before"),
+            ));
+        }
+        steps.push(bp);
+    }
+    if steps.last() != Some(&TOTAL_WEIGHT) {
+        return Err(invalid(
+            &format!("steps[{}]", steps.len() - 1),
+            "the last step must be 100",
+        ));
+    }
+    let g = r.gates.clone().unwrap_or_default();
+    let defaults = Gates::default();
+    match g.provider.as_str() {
+        "" | "lrs" => {}
+        other => {
+            return Err(invalid(
+                "gates.provider",
+                format!("{other:?} is not a metrics provider Ferry has (it has: lrs)"),
+            ));
+        }
+    }
+    if g.max_p99_ratio != 0.0 || g.max_p99_ms != 0 || !g.prometheus_url.is_empty() {
+        return Err(invalid(
+            "gates.max_p99_ratio",
+            "latency gates need a latency source; the lrs provider reports request and error counts only",
+        ));
+    }
+    let gates = Gates {
+        max_error_rate_increase: if g.max_error_rate_increase_pct == 0.0 {
+            defaults.max_error_rate_increase
+        } else {
+            percent(
+                "gates.max_error_rate_increase_pct",
+                g.max_error_rate_increase_pct,
+            )?
+        },
+        max_error_rate: percent("gates.max_error_rate_pct", g.max_error_rate_pct)?,
+        min_requests: if g.min_requests == 0 {
+            defaults.min_requests
+        } else {
+            g.min_requests
+        },
+        data_timeout_ms: duration(
+            "gates.data_timeout",
+            &g.data_timeout,
+            Duration::from_millis(defaults.data_timeout_ms),
+        )?,
+    };
+    Ok(Plan {
+        service,
+        from,
+        to,
+        steps,
+        bake_ms: duration("bake", &r.bake, Duration::from_secs(60))?,
+        gates,
+        ack_share: fraction("ack_share", r.ack_share, 1.0)?,
+        ack_timeout_ms: duration("ack_timeout", &r.ack_timeout, Duration::from_secs(60))?,
+        double_deploy_timeout_ms: duration(
+            "double_deploy_timeout",
+            &r.double_deploy_timeout,
+            Duration::from_secs(300),
+        )?,
+        min_capacity: if r.min_capacity == 0.0 {
+            0.5
+        } else if r.min_capacity.is_finite() && r.min_capacity > 0.0 && r.min_capacity <= 10.0 {
+            r.min_capacity
+        } else {
+            return Err(invalid(
+                "min_capacity",
+                format!("{} is not a fraction within 0..10", r.min_capacity),
+            ));
+        },
+        drain_ms: duration("drain", &r.drain, Duration::from_secs(10))?,
+    })
+}
+
+/// The wire form of a migration.
+pub fn to_proto(m: &Migration) -> pb::Migration {
+    pb::Migration {
+        id: m.id.clone(),
+        service: m.plan.service.to_string(),
+        from: m.plan.from.iter().map(|c| c.to_string()).collect(),
+        to: m.plan.to.to_string(),
+        steps_bp: m.plan.steps.clone(),
+        stage: m.stage.as_str().to_owned(),
+        phase: m.phase.as_str().to_owned(),
+        step: m.step as u32,
+        weights: m.weights.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
+        reason: m.reason.clone(),
+        gates: m
+            .gates
+            .iter()
+            .map(|g| pb::GateResult {
+                step: g.step as u32,
+                outcome: g.outcome.as_str().to_owned(),
+                source_requests: g.source.0,
+                source_errors: g.source.1,
+                target_requests: g.target.0,
+                target_errors: g.target.1,
+                detail: g.detail.clone(),
+                at_unix_ms: g.at_ms,
+            })
+            .collect(),
+        created_by: m.created_by.clone(),
+        created_at_unix_ms: m.created_at_ms,
+        updated_at_unix_ms: m.updated_at_ms,
+        phase_started_at_unix_ms: m.phase_started_ms,
+        acked_clients: m.acks.0 as u32,
+        connected_clients: m.acks.1 as u32,
+        bake: humantime::format_duration(Duration::from_millis(m.plan.bake_ms)).to_string(),
+    }
+}
+
+type MigrationStream = BoxPin<Box<dyn Stream<Item = Result<pb::Migration, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Migrations for MigrationsApi {
+    async fn create_migration(
+        &self,
+        request: Request<pb::CreateMigrationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let actor = actor(&request, "");
+        let r = request.into_inner();
+        let plan = plan_from_request(&r)?;
+        let m = self.engine.create(plan, &actor, &r.reason)?;
+        Ok(Response::new(to_proto(&m)))
+    }
+
+    async fn get_migration(
+        &self,
+        request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        Ok(Response::new(to_proto(
+            &self.engine.get(&request.get_ref().id)?,
+        )))
+    }
+
+    async fn list_migrations(
+        &self,
+        request: Request<pb::ListMigrationsRequest>,
+    ) -> Result<Response<pb::ListMigrationsResponse>, Status> {
+        let r = request.into_inner();
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        Ok(Response::new(pb::ListMigrationsResponse {
+            migrations: self
+                .engine
+                .list(service, r.active_only)
+                .iter()
+                .map(to_proto)
+                .collect(),
+        }))
+    }
+
+    async fn pause_migration(
+        &self,
+        request: Request<pb::MigrationActionRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let actor = actor(&request, "");
+        let r = request.into_inner();
+        Ok(Response::new(to_proto(
+            &self.engine.pause(&r.id, &actor, &r.reason)?,
+        )))
+    }
+
+    async fn resume_migration(
+        &self,
+        request: Request<pb::MigrationActionRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let actor = actor(&request, "");
+        let r = request.into_inner();
+        Ok(Response::new(to_proto(
+            &self.engine.resume(&r.id, &actor, &r.reason)?,
+        )))
+    }
+
+    async fn abort_migration(
+        &self,
+        request: Request<pb::MigrationActionRequest>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let actor = actor(&request, "");
+        let r = request.into_inner();
+        Ok(Response::new(to_proto(
+            &self.engine.abort(&r.id, &actor, &r.reason)?,
+        )))
+    }
+
+    type WatchMigrationStream = MigrationStream;
+
+    async fn watch_migration(
+        &self,
+        request: Request<pb::GetMigrationRequest>,
+    ) -> Result<Response<MigrationStream>, Status> {
+        let id = request.into_inner().id;
+        // Subscribe before reading so no change falls between.
+        let updates = self.engine.updates();
+        let first = self.engine.get(&id)?;
+        let ended = first.stage.is_terminal();
+        let head = futures::stream::once({
+            let first = to_proto(&first);
+            async move { Ok(first) }
+        });
+        if ended {
+            return Ok(Response::new(Box::pin(head)));
+        }
+        let tail = tokio_stream::wrappers::BroadcastStream::new(updates)
+            .filter_map(move |u| {
+                let id = id.clone();
+                async move {
+                    match u {
+                        Ok(m) if m.id == id => Some(Ok(m)),
+                        Ok(_) => None,
+                        Err(e) => Some(Err(Status::data_loss(format!(
+                            "watcher fell behind: {e}; get the migration and watch again"
+                        )))),
+                    }
+                }
+            })
+            .scan(false, |done, item| {
+                // Stop after the update that ends the migration.
+                let out = if *done { None } else { Some(item) };
+                if let Some(Ok(m)) = &out {
+                    *done = m.stage.is_terminal();
+                }
+                futures::future::ready(out)
+            })
+            .map(|item| item.map(|m| to_proto(&m)));
+        Ok(Response::new(Box::pin(head.chain(tail))))
+    }
+}

@@ -1,0 +1,679 @@
+//! Migrations end to end: a real Ferry control plane, a real Envoy routing
+//! a steady stream of requests to in-test backends and reporting load over
+//! LRS, and the migration API over real gRPC.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
+use ferry_proto::ferry::v1::traffic_client::TrafficClient;
+use ferry_proto::ferry::v1::{
+    CreateMigrationRequest, Gates, GetMigrationRequest, GetWeightsRequest, ListAuditRequest,
+    ListMigrationsRequest, ListPinsRequest, Migration, MigrationActionRequest, PinRequest,
+};
+use futures::StreamExt;
+use support::{Ads, Backends, Envoy, Ferry, Steady, share, split};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const HOST: &str = "checkout.shop";
+
+fn catalog(backends: &Backends) -> String {
+    format!(
+        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
+        backends.addr("old/a"),
+        backends.addr("new/a")
+    )
+}
+
+async fn channel(ferry: &Ferry) -> Channel {
+    let url = format!("http://127.0.0.1:{}", ferry.api_port);
+    for _ in 0..100 {
+        if let Ok(endpoint) = Channel::from_shared(url.clone())
+            && let Ok(c) = endpoint.connect().await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("API not reachable at {url}");
+}
+
+fn plan(steps: &[f64], bake: &str) -> CreateMigrationRequest {
+    CreateMigrationRequest {
+        service: "checkout.shop".into(),
+        from: vec!["old".into()],
+        to: "new".into(),
+        steps: steps.to_vec(),
+        bake: bake.into(),
+        gates: Some(Gates {
+            min_requests: 20,
+            data_timeout: "10s".into(),
+            ..Default::default()
+        }),
+        ack_timeout: "10s".into(),
+        drain: "1s".into(),
+        reason: "move checkout to the new cluster".into(),
+        ..Default::default()
+    }
+}
+
+/// Follows a migration until it ends (or `limit`), recording each update
+/// with the time it arrived.
+async fn follow(
+    api: &mut MigrationsClient<Channel>,
+    id: &str,
+    limit: Duration,
+) -> Vec<(Instant, Migration)> {
+    let mut stream = api
+        .watch_migration(GetMigrationRequest { id: id.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        let ended = matches!(m.stage.as_str(), "DONE" | "ROLLED_BACK" | "FAILED");
+        seen.push((Instant::now(), m));
+        if ended {
+            break;
+        }
+    }
+    seen
+}
+
+/// The share of answers from `prefix` among those between `from` and `to`.
+fn share_between(
+    answers: &[(Instant, String)],
+    from: Instant,
+    to: Instant,
+    prefix: &str,
+) -> (f64, usize) {
+    let window: Vec<&String> = answers
+        .iter()
+        .filter(|(at, _)| *at >= from && *at <= to)
+        .map(|(_, k)| k)
+        .collect();
+    let hits = window.iter().filter(|k| k.starts_with(prefix)).count();
+    (hits as f64 / window.len().max(1) as f64, window.len())
+}
+
+/// The time windows in which each step baked: step index → (start, end).
+fn bake_windows(updates: &[(Instant, Migration)]) -> BTreeMap<u32, (Instant, Instant)> {
+    let mut windows = BTreeMap::new();
+    for (i, (at, m)) in updates.iter().enumerate() {
+        if m.stage == "SHIFT" && m.phase == "BAKING" && !windows.contains_key(&m.step) {
+            let end = updates[i + 1..]
+                .iter()
+                .find(|(_, n)| n.step != m.step || n.phase != "BAKING" || n.stage != "SHIFT")
+                .map(|(t, _)| *t)
+                .unwrap_or(*at);
+            windows.insert(m.step, (*at, end));
+        }
+    }
+    windows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_migration_moves_envoy_step_by_step_and_ends_unpinned() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
+        share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
+    })
+    .await;
+    let channel = channel(&ferry).await;
+    let mut api = MigrationsClient::new(channel.clone());
+    let mut traffic = TrafficClient::new(channel);
+
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(90));
+    let created = api
+        .create_migration(plan(&[10.0, 50.0, 100.0], "3s"))
+        .await
+        .expect("create")
+        .into_inner();
+    assert_eq!(created.stage, "VALIDATE");
+    let updates = follow(&mut api, &created.id, Duration::from_secs(75)).await;
+    let answers = steady.stop().await;
+    let last = &updates.last().expect("updates").1;
+    assert_eq!(
+        last.stage,
+        "DONE",
+        "migration ended {last:?}\n{}",
+        ferry.log()
+    );
+
+    // Every stage in order, as creation and the watch stream showed them.
+    let mut stages: Vec<&str> = std::iter::once(created.stage.as_str())
+        .chain(updates.iter().map(|(_, m)| m.stage.as_str()))
+        .collect();
+    stages.dedup();
+    assert_eq!(
+        stages,
+        [
+            "VALIDATE",
+            "DOUBLE_DEPLOY",
+            "SHIFT",
+            "CLEANUP",
+            "UNPIN",
+            "DONE"
+        ]
+    );
+    // Each step's weights show in Envoy's measured split while it bakes.
+    let windows = bake_windows(&updates);
+    assert_eq!(windows.len(), 3, "three steps baked: {windows:?}");
+    for (step, expected) in [(0u32, 0.10), (1, 0.50), (2, 1.0)] {
+        let (from, to) = windows[&step];
+        let (measured, n) = share_between(&answers, from, to, "new/");
+        assert!(
+            n >= 200,
+            "step {step}: only {n} requests in its bake window"
+        );
+        assert!(
+            (measured - expected).abs() <= 0.04,
+            "step {step}: new got {measured:.3} of {n} requests, expected {expected}"
+        );
+    }
+    // Every gate judged real reported load and passed.
+    assert!(last.gates.len() >= 3);
+    for g in &last.gates {
+        assert_eq!(g.outcome, "pass", "{g:?}");
+        assert!(g.target_requests >= 20, "{g:?}");
+    }
+    // Not one request lost along the way.
+    let failed: Vec<&String> = answers
+        .iter()
+        .map(|(_, k)| k)
+        .filter(|k| !k.starts_with("old/") && !k.starts_with("new/"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    // All traffic on the target, held by policy, and the service unpinned.
+    let weights = traffic
+        .get_weights(GetWeightsRequest {
+            service: "checkout.shop".into(),
+        })
+        .await
+        .expect("weights")
+        .into_inner();
+    assert_eq!(weights.source, "policy");
+    let new = weights
+        .weights
+        .iter()
+        .find(|w| w.cluster == "new")
+        .expect("new");
+    assert_eq!(new.basis_points, 10_000);
+    let pins = traffic
+        .list_pins(ListPinsRequest {})
+        .await
+        .expect("pins")
+        .into_inner();
+    assert!(pins.pins.is_empty(), "{pins:?}");
+    assert_eq!(
+        share(&split(envoy.listener_port, HOST, 100).await, "new/"),
+        1.0
+    );
+    // Every transition is in the audit log, in order.
+    let audit = traffic
+        .list_audit(ListAuditRequest {
+            service: "checkout.shop".into(),
+            limit: 100,
+        })
+        .await
+        .expect("audit")
+        .into_inner();
+    let actions: Vec<&str> = audit.entries.iter().map(|e| e.action.as_str()).collect();
+    for expected in [
+        "migration_created",
+        "migration_pin",
+        "migration_shift",
+        "migration_acked",
+        "migration_cleanup_started",
+        "migration_cleanup",
+        "migration_done",
+    ] {
+        assert!(
+            actions.contains(&expected),
+            "{expected} missing from {actions:?}"
+        );
+    }
+    let metrics = ferry.metrics().await;
+    assert!(
+        metrics.contains("ferry_migrate_migrations{stage=\"DONE\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_gate_rolls_back_to_the_source_at_once() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    // The new side answers every request with 503.
+    backends.set_status("new/a", 503);
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let envoy = Envoy::start(&ferry, Ads::Sotw).await;
+    support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
+        share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
+    })
+    .await;
+    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(60));
+    let created = api
+        .create_migration(plan(&[20.0, 100.0], "20s"))
+        .await
+        .expect("create")
+        .into_inner();
+    let updates = follow(&mut api, &created.id, Duration::from_secs(45)).await;
+    let rolled_back_at = updates.last().expect("updates").0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = split(envoy.listener_port, HOST, 200).await;
+    let answers = steady.stop().await;
+    let last = &updates.last().expect("updates").1;
+    assert_eq!(last.stage, "ROLLED_BACK", "{last:?}\n{}", ferry.log());
+    assert!(
+        last.reason.contains("gate failed at step 1") && last.reason.contains("error rate"),
+        "reason names the gate: {}",
+        last.reason
+    );
+    // It never went past the first step, and did not wait out the bake.
+    assert!(updates.iter().all(|(_, m)| m.step == 0));
+    let baking = updates
+        .iter()
+        .find(|(_, m)| m.phase == "BAKING")
+        .expect("baked")
+        .0;
+    assert!(rolled_back_at - baking < Duration::from_secs(20));
+    let g = last.gates.last().expect("gate result");
+    assert_eq!(g.outcome, "fail");
+    assert!(g.target_errors >= 20 && g.source_errors == 0, "{g:?}");
+    // Weights are back on the source: two seconds on, no traffic on the target.
+    assert_eq!(last.weights.get("new"), Some(&0));
+    assert_eq!(after.get("old/a"), Some(&200), "{after:?}");
+    let (late, n) = share_between(
+        &answers,
+        rolled_back_at + Duration::from_secs(2),
+        Instant::now(),
+        "status:503",
+    );
+    assert!(
+        n > 0 && late == 0.0,
+        "{late} of {n} answers were 503 after the rollback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_control_plane_killed_mid_shift_resumes_at_the_same_step() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let mut ferry = Ferry::start(&catalog(&backends)).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
+        share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
+    })
+    .await;
+    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(90));
+    let created = api
+        .create_migration(plan(&[20.0, 60.0, 100.0], "6s"))
+        .await
+        .expect("create")
+        .into_inner();
+    // Wait until the second step (60 %) bakes, then crash the control plane.
+    let mut before = None;
+    for _ in 0..300 {
+        let m = api
+            .get_migration(GetMigrationRequest {
+                id: created.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if m.step == 1 && m.phase == "BAKING" {
+            before = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = before.unwrap_or_else(|| panic!("never reached step 2\n{}", ferry.log()));
+    let killed_at = Instant::now();
+    ferry.kill();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ferry.restart().await;
+    let restarted_at = Instant::now();
+    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let after = api
+        .get_migration(GetMigrationRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .expect("get after restart")
+        .into_inner();
+    assert_eq!(
+        (after.stage.as_str(), after.step),
+        ("SHIFT", 1),
+        "{after:?}"
+    );
+    // The bake timer runs from the persisted time, not from the restart.
+    assert_eq!(
+        after.phase_started_at_unix_ms,
+        before.phase_started_at_unix_ms
+    );
+    let updates = follow(&mut api, &created.id, Duration::from_secs(60)).await;
+    let answers = steady.stop().await;
+    let last = &updates.last().expect("updates").1;
+    assert_eq!(last.stage, "DONE", "{last:?}\n{}", ferry.log());
+    // Envoy never saw default (catalog) weights: from the crash until well
+    // after the restart it kept the 60 % step.
+    let (during, n) = share_between(
+        &answers,
+        killed_at,
+        restarted_at + Duration::from_secs(1),
+        "new/",
+    );
+    assert!(n >= 100, "{n}");
+    assert!(
+        (during - 0.60).abs() <= 0.05,
+        "new got {during:.3} of {n} requests around the crash"
+    );
+    let lost = answers
+        .iter()
+        .filter(|(_, k)| !k.starts_with("old/") && !k.starts_with("new/"))
+        .count();
+    assert_eq!(lost, 0, "requests failed around the crash");
+    // The step after the crash did not start before the first one's bake ended.
+    let next_step = updates
+        .iter()
+        .find(|(_, m)| m.step == 2)
+        .expect("step 3")
+        .1
+        .clone();
+    assert!(next_step.phase_started_at_unix_ms >= before.phase_started_at_unix_ms + 6_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_migration_requests_are_refused_naming_the_field_and_change_nothing() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let channel = channel(&ferry).await;
+    let mut api = MigrationsClient::new(channel.clone());
+    let mut traffic = TrafficClient::new(channel);
+
+    async fn state(
+        api: &mut MigrationsClient<Channel>,
+        traffic: &mut TrafficClient<Channel>,
+    ) -> String {
+        let migrations = api
+            .list_migrations(ListMigrationsRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        let audit = traffic
+            .list_audit(ListAuditRequest::default())
+            .await
+            .expect("audit")
+            .into_inner();
+        let weights = traffic
+            .get_weights(GetWeightsRequest {
+                service: "checkout.shop".into(),
+            })
+            .await
+            .expect("weights")
+            .into_inner();
+        let pins = traffic
+            .list_pins(ListPinsRequest {})
+            .await
+            .expect("pins")
+            .into_inner();
+        format!("{migrations:?}\n{audit:?}\n{weights:?}\n{pins:?}")
+    }
+
+    let ok = plan(&[10.0, 100.0], "1m");
+    let cases: Vec<(&str, CreateMigrationRequest, Code, &str)> = vec![
+        (
+            "bad service",
+            CreateMigrationRequest {
+                service: "checkout".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "service",
+        ),
+        (
+            "unknown service",
+            CreateMigrationRequest {
+                service: "nope.shop".into(),
+                ..ok.clone()
+            },
+            Code::NotFound,
+            "nope.shop",
+        ),
+        (
+            "no source",
+            CreateMigrationRequest {
+                from: vec![],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "from",
+        ),
+        (
+            "unknown source",
+            CreateMigrationRequest {
+                from: vec!["mars".into()],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "from[0]",
+        ),
+        (
+            "unknown target",
+            CreateMigrationRequest {
+                to: "mars".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "to",
+        ),
+        (
+            "target is a source",
+            CreateMigrationRequest {
+                to: "old".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "to",
+        ),
+        (
+            "no steps",
+            CreateMigrationRequest {
+                steps: vec![],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "steps",
+        ),
+        (
+            "steps not increasing",
+            CreateMigrationRequest {
+                steps: vec![50.0, 10.0, 100.0],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "steps[1]",
+        ),
+        (
+            "last step not 100",
+            CreateMigrationRequest {
+                steps: vec![10.0, 50.0],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "steps[1]",
+        ),
+        (
+            "negative step",
+            CreateMigrationRequest {
+                steps: vec![-5.0, 100.0],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "steps[0]",
+        ),
+        (
+            "three decimals",
+            CreateMigrationRequest {
+                steps: vec![0.125, 100.0],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "steps[0]",
+        ),
+        (
+            "bad bake",
+            CreateMigrationRequest {
+                bake: "soon".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "bake",
+        ),
+        (
+            "bake too long",
+            CreateMigrationRequest {
+                bake: "3d".into(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "bake",
+        ),
+        (
+            "ack share above one",
+            CreateMigrationRequest {
+                ack_share: 1.5,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "ack_share",
+        ),
+        (
+            "unknown provider",
+            CreateMigrationRequest {
+                gates: Some(Gates {
+                    provider: "datadog".into(),
+                    ..Default::default()
+                }),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "gates.provider",
+        ),
+        (
+            "no reason",
+            CreateMigrationRequest {
+                reason: String::new(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "reason",
+        ),
+    ];
+    let before = state(&mut api, &mut traffic).await;
+    for (what, request, code, field) in cases {
+        let err = api.create_migration(request).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(
+            err.message().contains(field),
+            "{what}: {:?} does not name {field}",
+            err.message()
+        );
+        assert_eq!(
+            state(&mut api, &mut traffic).await,
+            before,
+            "{what} changed state"
+        );
+    }
+
+    // Pinned by someone else: refused, nothing changes.
+    traffic
+        .pin(PinRequest {
+            service: "checkout.shop".into(),
+            owner: "deploy-bot".into(),
+            reason: "release".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .expect("pin");
+    let pinned = state(&mut api, &mut traffic).await;
+    let err = api.create_migration(ok.clone()).await.expect_err("pinned");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("deploy-bot"), "{}", err.message());
+    assert_eq!(state(&mut api, &mut traffic).await, pinned);
+    traffic
+        .unpin(ferry_proto::ferry::v1::UnpinRequest {
+            service: "checkout.shop".into(),
+            owner: "deploy-bot".into(),
+            reason: "done".into(),
+        })
+        .await
+        .expect("unpin");
+
+    // One migration per service; unknown ids; actions that do not apply.
+    let first = api
+        .create_migration(ok.clone())
+        .await
+        .expect("create")
+        .into_inner();
+    let err = api.create_migration(ok.clone()).await.expect_err("second");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains(&first.id), "{}", err.message());
+    let action = |id: &str, reason: &str| MigrationActionRequest {
+        id: id.into(),
+        reason: reason.into(),
+    };
+    assert_eq!(
+        api.get_migration(GetMigrationRequest {
+            id: "mig-999".into()
+        })
+        .await
+        .expect_err("unknown")
+        .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        api.resume_migration(action(&first.id, "go"))
+            .await
+            .expect_err("not paused")
+            .code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        api.abort_migration(action(&first.id, ""))
+            .await
+            .expect_err("no reason")
+            .code(),
+        Code::InvalidArgument
+    );
+    // Abort works, and sends everything back to the source.
+    let aborted = api
+        .abort_migration(action(&first.id, "changed our minds"))
+        .await
+        .expect("abort")
+        .into_inner();
+    assert!(
+        matches!(aborted.stage.as_str(), "ROLLING_BACK" | "ROLLED_BACK"),
+        "{aborted:?}"
+    );
+    assert!(aborted.reason.contains("changed our minds"));
+    let err = api
+        .pause_migration(action(&first.id, "hold"))
+        .await
+        .expect_err("ended");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+}
