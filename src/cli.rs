@@ -20,13 +20,13 @@ pub struct Conn {
         default_value = "http://127.0.0.1:18001",
         env = "FERRY_SERVER"
     )]
-    server: String,
+    pub server: String,
     /// Output: a human table, or JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
-    output: Output,
+    pub output: Output,
     /// Who is acting (recorded in the audit log).
     #[arg(long, global = true, env = "FERRY_ACTOR", default_value = "")]
-    actor: String,
+    pub actor: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -75,7 +75,7 @@ async fn connect(conn: &Conn) -> anyhow::Result<TrafficClient<Channel>> {
         .with_context(|| format!("connecting to the traffic API at {}", conn.server))
 }
 
-fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
+pub fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     if !conn.actor.is_empty()
         && let Ok(v) = conn.actor.parse()
@@ -85,7 +85,7 @@ fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
     r
 }
 
-fn status_error(e: tonic::Status) -> anyhow::Error {
+pub fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
 

@@ -3,6 +3,7 @@
 mod admin;
 mod cli;
 mod control;
+mod migrate_cli;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -37,6 +38,13 @@ enum Command {
     Weights {
         #[command(subcommand)]
         command: cli::WeightsCommand,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
+    /// Start, list, inspect, pause, resume, abort and watch migrations.
+    Migrate {
+        #[command(subcommand)]
+        command: migrate_cli::MigrateCommand,
         #[command(flatten)]
         conn: cli::Conn,
     },
@@ -100,6 +108,7 @@ fn main() -> ExitCode {
         }
         Command::Check { catalog } => check(&catalog),
         Command::Weights { command, conn } => run_client(cli::weights(&conn, command)),
+        Command::Migrate { command, conn } => run_client(migrate_cli::run(&conn, command)),
         Command::Pin {
             service,
             owner,

@@ -14,7 +14,7 @@ use ferry_proto::ferry::v1::{
     ListMigrationsRequest, ListPinsRequest, Migration, MigrationActionRequest, PinRequest,
 };
 use futures::StreamExt;
-use support::{Ads, Backends, Envoy, Ferry, Steady, share, split};
+use support::{Ads, Backends, Envoy, Ferry, Steady, ferry_cli, share, split};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -676,4 +676,99 @@ async fn bad_migration_requests_are_refused_naming_the_field_and_change_nothing(
         .await
         .expect_err("ended");
     assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_steers_and_watches_migrations() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let cli = |args: &[&str]| ferry_cli(&ferry, args);
+
+    let (ok, out, err) = cli(&[
+        "migrate",
+        "start",
+        "checkout.shop",
+        "--from",
+        "old",
+        "--to",
+        "new",
+        "--steps",
+        "5,50,100",
+        "--bake",
+        "10m",
+        "--reason",
+        "cluster rebuild",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let started: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let id = started["id"].as_str().expect("id").to_owned();
+    assert_eq!(started["steps_bp"], serde_json::json!([500, 5000, 10000]));
+    assert_eq!(started["created_by"], "alice");
+
+    // No proxy is connected, so the first step applies at once and bakes.
+    support::eventually(Duration::from_secs(10), "first step baking", || async {
+        let (_, out, _) = cli(&["migrate", "get", &id, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|m| m["phase"] == "BAKING")
+    })
+    .await;
+    let (ok, out, _) = cli(&["migrate", "list", "--active"]);
+    assert!(ok);
+    assert!(
+        out.contains(&id) && out.contains("SHIFT") && out.contains("new=5.00%"),
+        "{out}"
+    );
+
+    // A bad plan is refused with the field named, and a non-zero exit.
+    let (ok, _, err) = cli(&[
+        "migrate",
+        "start",
+        "checkout.shop",
+        "--from",
+        "old",
+        "--to",
+        "new",
+        "--steps",
+        "50,10",
+        "--reason",
+        "x",
+    ]);
+    assert!(!ok && err.contains("steps[1]"), "{err}");
+
+    let (ok, out, err) = cli(&["migrate", "pause", &id, "--reason", "incident elsewhere"]);
+    assert!(ok && out.contains("PAUSED"), "{out}{err}");
+    let (ok, out, err) = cli(&["migrate", "resume", &id, "--reason", "incident over"]);
+    assert!(ok && out.contains("SHIFT"), "{out}{err}");
+    let (ok, out, err) = cli(&["migrate", "abort", &id, "--reason", "not today"]);
+    assert!(
+        ok && out.contains("ROLLING_BACK") || out.contains("ROLLED_BACK"),
+        "{out}{err}"
+    );
+
+    // Watching a migration that rolled back exits non-zero with its reason.
+    support::eventually(Duration::from_secs(10), "rolled back", || async {
+        let (_, out, _) = cli(&["migrate", "get", &id, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|m| m["stage"] == "ROLLED_BACK")
+    })
+    .await;
+    let (ok, out, err) = cli(&["migrate", "watch", &id]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("ROLLED_BACK") && err.contains("not today"),
+        "{err}"
+    );
+    let (ok, out, _) = cli(&["audit", "--service", "checkout.shop"]);
+    assert!(ok);
+    for action in [
+        "migration_created",
+        "migration_paused",
+        "migration_resumed",
+        "migration_rollback",
+    ] {
+        assert!(out.contains(action), "{action} not in\n{out}");
+    }
+    let (_, out, _) = cli(&["weights", "get", "checkout.shop", "-o", "json"]);
+    let w: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(w["weights_bp"]["old"], 10000, "{w}");
 }

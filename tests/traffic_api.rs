@@ -11,7 +11,7 @@ use ferry_proto::ferry::v1::{
     ClusterWeight, GetWeightsRequest, ListAuditRequest, ListPinsRequest, ListServicesRequest,
     PinRequest, SetWeightsRequest, UnpinRequest,
 };
-use support::{Ads, Backends, Envoy, Ferry, Steady, eventually, share, split};
+use support::{Ads, Backends, Envoy, Ferry, Steady, eventually, ferry_cli, share, split};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -373,20 +373,6 @@ async fn pins_have_owners_and_expire() {
     })
     .await
     .expect("anyone may once the pin expired");
-}
-
-fn ferry_cli(ferry: &Ferry, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .args(["--server", &format!("http://127.0.0.1:{}", ferry.api_port)])
-        .env("FERRY_ACTOR", "alice")
-        .output()
-        .expect("run ferry CLI");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

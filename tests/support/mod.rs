@@ -540,3 +540,19 @@ impl Steady {
         self.task.await.expect("steady stream task")
     }
 }
+
+/// Runs the `ferry` CLI against `ferry`'s API as actor "alice";
+/// (success, stdout, stderr).
+pub fn ferry_cli(ferry: &Ferry, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .args(["--server", &format!("http://127.0.0.1:{}", ferry.api_port)])
+        .env("FERRY_ACTOR", "alice")
+        .output()
+        .expect("run ferry CLI");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

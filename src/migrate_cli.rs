@@ -1,0 +1,356 @@
+//! `ferry migrate …`: start, inspect, steer and watch migrations over the
+//! `ferry.v1.Migrations` API.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
+use ferry_proto::ferry::v1::{
+    CreateMigrationRequest, Gates, GetMigrationRequest, ListMigrationsRequest, Migration,
+    MigrationActionRequest,
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::cli::{Conn, Output, request, status_error};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum MigrateCommand {
+    /// Start a migration: `ferry migrate start checkout.shop --from old
+    /// --to new --steps 1,5,25,50,100 --bake 30s`.
+    Start(Box<StartArgs>),
+    /// List migrations.
+    List {
+        /// Only this service's.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only those that have not ended.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Show one migration.
+    Get { id: String },
+    /// Hold a migration at its current weights.
+    Pause {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Continue a paused migration.
+    Resume {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Send all traffic back to the source at once and stop.
+    Abort {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Follow a migration live until it ends.
+    Watch { id: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    service: String,
+    /// Source cluster(s), comma separated.
+    #[arg(long, required = true, value_delimiter = ',')]
+    from: Vec<String>,
+    /// Target cluster.
+    #[arg(long)]
+    to: String,
+    /// Target share per step in percent, increasing, ending at 100.
+    #[arg(long, value_delimiter = ',', default_value = "1,5,25,50,100")]
+    steps: Vec<f64>,
+    /// Bake time per step.
+    #[arg(long, default_value = "60s")]
+    bake: String,
+    /// Gate: the target's error rate may exceed the source's by at
+    /// most this many percentage points.
+    #[arg(long, default_value_t = 1.0)]
+    max_error_rate_increase: f64,
+    /// Gate: hard ceiling on the target's error rate, percent (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    max_error_rate: f64,
+    /// Gate: requests each side needs per step before it decides.
+    #[arg(long, default_value_t = 50)]
+    min_requests: u64,
+    /// Gate: longest wait for enough data past the bake time.
+    #[arg(long, default_value = "5m")]
+    data_timeout: String,
+    /// Share of connected proxies that must acknowledge each step (0..1).
+    #[arg(long, default_value_t = 1.0)]
+    ack_share: f64,
+    /// Longest wait for those acknowledgements.
+    #[arg(long, default_value = "60s")]
+    ack_timeout: String,
+    /// Longest wait for both sides to be healthy.
+    #[arg(long, default_value = "5m")]
+    double_deploy_timeout: String,
+    /// The target's ready endpoints must be ≥ this × the source's.
+    #[arg(long, default_value_t = 0.5)]
+    min_capacity: f64,
+    /// How long the source drains at 0 % before it is released.
+    #[arg(long, default_value = "10s")]
+    drain: String,
+    /// Why (goes into the audit log).
+    #[arg(long)]
+    reason: String,
+    /// Follow the migration until it ends.
+    #[arg(long)]
+    watch: bool,
+}
+
+async fn connect(conn: &Conn) -> anyhow::Result<MigrationsClient<Channel>> {
+    MigrationsClient::connect(conn.server.clone())
+        .await
+        .with_context(|| format!("connecting to the migrations API at {}", conn.server))
+}
+
+pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
+    let mut api = connect(conn).await?;
+    let action = |id: String, reason: String| MigrationActionRequest { id, reason };
+    let m = match command {
+        MigrateCommand::Start(args) => {
+            let StartArgs {
+                service,
+                from,
+                to,
+                steps,
+                bake,
+                max_error_rate_increase,
+                max_error_rate,
+                min_requests,
+                data_timeout,
+                ack_share,
+                ack_timeout,
+                double_deploy_timeout,
+                min_capacity,
+                drain,
+                reason,
+                watch,
+            } = *args;
+            let message = CreateMigrationRequest {
+                service,
+                from,
+                to,
+                steps,
+                bake,
+                gates: Some(Gates {
+                    max_error_rate_increase_pct: max_error_rate_increase,
+                    max_error_rate_pct: max_error_rate,
+                    min_requests,
+                    data_timeout,
+                    ..Default::default()
+                }),
+                ack_share,
+                ack_timeout,
+                double_deploy_timeout,
+                min_capacity,
+                drain,
+                reason,
+            };
+            let m = api
+                .create_migration(request(conn, message))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if watch {
+                return follow(conn, &mut api, m.id).await;
+            }
+            m
+        }
+        MigrateCommand::List { service, active } => {
+            let list = api
+                .list_migrations(request(
+                    conn,
+                    ListMigrationsRequest {
+                        service: service.unwrap_or_default(),
+                        active_only: active,
+                    },
+                ))
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .migrations;
+            print_list(conn, &list);
+            return Ok(());
+        }
+        MigrateCommand::Get { id } => api
+            .get_migration(request(conn, GetMigrationRequest { id }))
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        MigrateCommand::Pause { id, reason } => api
+            .pause_migration(request(conn, action(id, reason)))
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        MigrateCommand::Resume { id, reason } => api
+            .resume_migration(request(conn, action(id, reason)))
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        MigrateCommand::Abort { id, reason } => api
+            .abort_migration(request(conn, action(id, reason)))
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        MigrateCommand::Watch { id } => return follow(conn, &mut api, id).await,
+    };
+    print_one(conn, &m);
+    Ok(())
+}
+
+/// Prints every update until the migration ends; the exit status says how
+/// it ended (success only for DONE).
+async fn follow(
+    conn: &Conn,
+    api: &mut MigrationsClient<Channel>,
+    id: String,
+) -> anyhow::Result<()> {
+    let mut stream = api
+        .watch_migration(request(conn, GetMigrationRequest { id: id.clone() }))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let live = conn.output == Output::Table && std::io::stdout().is_terminal();
+    let mut last: Option<Migration> = None;
+    while let Some(m) = stream.message().await.map_err(status_error)? {
+        if conn.output == Output::Json {
+            println!("{}", to_json(&m));
+        } else if live {
+            // Redraw one status line in place.
+            print!("\r\x1b[2K{}", progress_line(&m));
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        } else if last
+            .as_ref()
+            .is_none_or(|l| progress_line(l) != progress_line(&m))
+        {
+            println!("{}", progress_line(&m));
+        }
+        last = Some(m);
+    }
+    if live {
+        println!();
+    }
+    match last {
+        Some(m) if m.stage == "DONE" => Ok(()),
+        Some(m) if matches!(m.stage.as_str(), "ROLLED_BACK" | "FAILED") => {
+            anyhow::bail!("migration {id} ended {}: {}", m.stage, m.reason)
+        }
+        _ => anyhow::bail!("the watch of migration {id} ended before the migration did"),
+    }
+}
+
+fn pct(bp: u32) -> String {
+    format!("{}.{:02}%", bp / 100, bp % 100)
+}
+
+fn weights_text(m: &Migration) -> String {
+    let mut w: Vec<_> = m.weights.iter().collect();
+    w.sort();
+    w.iter()
+        .map(|(c, bp)| format!("{c}={}", pct(**bp)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One line: stage, step, weights, acks, the latest gate.
+pub fn progress_line(m: &Migration) -> String {
+    let mut line = format!("{} {} {}", m.id, m.service, m.stage);
+    if !m.phase.is_empty() {
+        line.push_str(&format!("/{}", m.phase));
+    }
+    if m.stage == "SHIFT" || m.stage == "PAUSED" {
+        let target = m.steps_bp.get(m.step as usize).copied().unwrap_or(0);
+        line.push_str(&format!(
+            " step {}/{} ({})",
+            m.step + 1,
+            m.steps_bp.len(),
+            pct(target)
+        ));
+    }
+    if !m.weights.is_empty() {
+        line.push_str(&format!(" [{}]", weights_text(m)));
+    }
+    if m.phase == "AWAITING_ACK" {
+        line.push_str(&format!(
+            " acked {}/{}",
+            m.acked_clients, m.connected_clients
+        ));
+    }
+    if let Some(g) = m.gates.last() {
+        line.push_str(&format!(" gate {}: {}", g.outcome, g.detail));
+    }
+    if !m.reason.is_empty() {
+        line.push_str(&format!(" — {}", m.reason));
+    }
+    line
+}
+
+fn to_json(m: &Migration) -> serde_json::Value {
+    let gates: Vec<_> = m
+        .gates
+        .iter()
+        .map(|g| json!({"step": g.step, "outcome": g.outcome, "source_requests": g.source_requests, "source_errors": g.source_errors, "target_requests": g.target_requests, "target_errors": g.target_errors, "detail": g.detail, "at_unix_ms": g.at_unix_ms}))
+        .collect();
+    json!({
+        "id": m.id, "service": m.service, "from": m.from, "to": m.to, "steps_bp": m.steps_bp,
+        "stage": m.stage, "phase": m.phase, "step": m.step, "weights_bp": m.weights,
+        "reason": m.reason, "gates": gates, "created_by": m.created_by,
+        "created_at_unix_ms": m.created_at_unix_ms, "updated_at_unix_ms": m.updated_at_unix_ms,
+        "phase_started_at_unix_ms": m.phase_started_at_unix_ms,
+        "acked_clients": m.acked_clients, "connected_clients": m.connected_clients, "bake": m.bake,
+    })
+}
+
+fn print_one(conn: &Conn, m: &Migration) {
+    if conn.output == Output::Json {
+        println!("{}", to_json(m));
+        return;
+    }
+    println!("{}  {}  {} → {}", m.id, m.service, m.from.join("+"), m.to);
+    println!("  stage     {} {}", m.stage, m.phase);
+    let steps: Vec<String> = m.steps_bp.iter().map(|bp| pct(*bp)).collect();
+    println!(
+        "  steps     {} (now {}), bake {}",
+        steps.join(", "),
+        m.step + 1,
+        m.bake
+    );
+    println!("  weights   {}", weights_text(m));
+    println!("  by        {}", m.created_by);
+    if !m.reason.is_empty() {
+        println!("  reason    {}", m.reason);
+    }
+    for g in &m.gates {
+        println!("  gate {}    {} — {}", g.step + 1, g.outcome, g.detail);
+    }
+}
+
+fn print_list(conn: &Conn, list: &[Migration]) {
+    if conn.output == Output::Json {
+        let all: Vec<_> = list.iter().map(to_json).collect();
+        println!("{}", json!(all));
+        return;
+    }
+    println!(
+        "{:<10} {:<28} {:<14} {:<14} {:>6} WEIGHTS",
+        "ID", "SERVICE", "STAGE", "PHASE", "STEP"
+    );
+    for m in list {
+        println!(
+            "{:<10} {:<28} {:<14} {:<14} {:>6} {}",
+            m.id,
+            m.service,
+            m.stage,
+            m.phase,
+            format!("{}/{}", m.step + 1, m.steps_bp.len()),
+            weights_text(m)
+        );
+    }
+}
