@@ -1,12 +1,12 @@
 //! Discovery from real-protocol Kubernetes API servers (one per fake
-//! cluster, HTTPS with bearer tokens, driven through the real kube-rs
-//! client), served to the real Envoy by `ferry control`.
+//! cluster, HTTPS with bearer tokens or client certificates, driven through
+//! the real kube-rs client), served to the real Envoy by `ferry control`.
 
 mod support;
 
 use std::time::Duration;
 
-use ferry_testkube::TestKube;
+use ferry_testkube::{ClientCert, Credentials, TestKube};
 use serde_json::Value;
 use support::{Ads, Backends, Envoy, Ferry, eventually, share, split};
 
@@ -33,12 +33,27 @@ async fn clusters(names: &[&'static str]) -> Vec<Cluster> {
 /// A catalog file section listing `clusters`, with kubeconfigs written
 /// into `dir` (`bad_token` gives that cluster the wrong token).
 fn kube_section(dir: &std::path::Path, clusters: &[&Cluster], bad_token: Option<&str>) -> String {
+    let with: Vec<(&Cluster, Credentials<'_>)> = clusters
+        .iter()
+        .map(|c| {
+            let token = if bad_token == Some(c.name) {
+                "wrong-token"
+            } else {
+                TOKEN
+            };
+            (*c, Credentials::Token(token))
+        })
+        .collect();
+    kube_section_with(dir, &with)
+}
+
+/// [`kube_section`] with each cluster's kubeconfig user given explicitly.
+fn kube_section_with(dir: &std::path::Path, clusters: &[(&Cluster, Credentials<'_>)]) -> String {
     let mut yaml = String::from("kubernetes:\n  clusters:\n");
-    for c in clusters {
+    for (c, credentials) in clusters {
         let path = dir.join(format!("{}.kubeconfig", c.name));
-        let token = (bad_token == Some(c.name)).then_some("wrong-token");
         c.kube
-            .kubeconfig(&path, c.name, token)
+            .kubeconfig_with(&path, c.name, *credentials)
             .expect("write kubeconfig");
         yaml.push_str(&format!(
             "    - {{name: {}, kubeconfig: {}}}\n",
@@ -89,12 +104,16 @@ fn settled(status: &Value) -> bool {
     status["xds"]["catalog_version"] == status["catalog"]["version"]
 }
 
-fn health(status: &Value, cluster: &str) -> Option<String> {
+/// The cluster's entry in `/status` (`catalog.kubernetes[]`).
+fn cluster_status<'a>(status: &'a Value, cluster: &str) -> Option<&'a Value> {
     status["catalog"]["kubernetes"]
         .as_array()?
         .iter()
         .find(|c| c["cluster"] == cluster)
-        .and_then(|c| c["health"].as_str().map(str::to_owned))
+}
+
+fn health(status: &Value, cluster: &str) -> Option<String> {
+    cluster_status(status, cluster).and_then(|c| c["health"].as_str().map(str::to_owned))
 }
 
 async fn wait_status(ferry: &Ferry, what: &str, within: Duration, check: impl Fn(&Value) -> bool) {
@@ -434,4 +453,161 @@ async fn clusters_added_and_removed_in_config_are_watched_and_withdrawn() {
     })
     .await;
     assert_eq!(ready_in(&status, "checkout.shop", "west"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_export_exports_a_service_and_a_cluster_without_its_crd_uses_labels() {
+    let cs = clusters(&["east", "west"]).await;
+    let backends = Backends::start_at(&[("east/a", "127.0.0.71"), ("west/a", "127.0.0.72")]).await;
+    // East exports checkout by a ServiceExport alone (no label), and runs
+    // cart without exporting it.
+    let east = &cs[0].kube;
+    east.apply_service("shop", "checkout", &[], &[("http", 8080)]);
+    set_slice(east, "checkout-0", &backends.addr("east/a"), true);
+    east.apply_service_export("shop", "checkout");
+    east.apply_service("shop", "cart", &[], &[("http", 80)]);
+    // West has no ServiceExport CRD: its label exports.
+    cs[1].kube.set_service_export_crd(false);
+    export_checkout(&cs[1].kube, &[backends.addr("west/a")]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ferry = Ferry::start(&kube_section(dir.path(), &[&cs[0], &cs[1]], None)).await;
+    wait_status(
+        &ferry,
+        "checkout in east (ServiceExport) and west (label)",
+        Duration::from_secs(15),
+        |s| {
+            ready_in(s, "checkout.shop", "east") == Some(1)
+                && ready_in(s, "checkout.shop", "west") == Some(1)
+                && health(s, "west").as_deref() == Some("connected")
+        },
+    )
+    .await;
+    let status = ferry.status().await;
+    assert!(
+        service(&status, "cart.shop").is_none(),
+        "cart is not exported"
+    );
+    let (east_status, west_status) = (
+        cluster_status(&status, "east").expect("east"),
+        cluster_status(&status, "west").expect("west"),
+    );
+    assert_eq!(east_status["service_exports"], "watched", "{east_status}");
+    assert_eq!(
+        west_status["service_exports"], "not_installed",
+        "{west_status}"
+    );
+    assert_eq!(west_status["last_error"], Value::Null, "{west_status}");
+    assert_eq!(east_status["services"], 1, "{east_status}");
+    let metrics = ferry.metrics().await;
+    assert!(metrics.contains("ferry_discovery_cluster_up{cluster=\"west\"} 1"));
+    assert!(metrics.contains("ferry_discovery_service_exports_watched{cluster=\"east\"} 1"));
+    assert!(metrics.contains("ferry_discovery_service_exports_watched{cluster=\"west\"} 0"));
+
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let counts = split(envoy.listener_port, "checkout.shop", 200).await;
+    assert!((share(&counts, "east/") - 0.5).abs() < 0.15, "{counts:?}");
+    assert!((share(&counts, "west/") - 0.5).abs() < 0.15, "{counts:?}");
+
+    // Deleting the ServiceExport withdraws east's backend, and its traffic.
+    assert!(east.delete_service_export("shop", "checkout"));
+    wait_status(&ferry, "east withdrawn", Duration::from_secs(10), |s| {
+        service(s, "checkout.shop").is_some_and(|svc| svc["clusters"].get("east").is_none())
+    })
+    .await;
+    let port = envoy.listener_port;
+    eventually(
+        Duration::from_secs(5),
+        "no traffic to east",
+        || async move { share(&split(port, "checkout.shop", 30).await, "east/") == 0.0 },
+    )
+    .await;
+    let after = split(port, "checkout.shop", 100).await;
+    assert_eq!(share(&after, "west/"), 1.0, "{after:?}");
+
+    // West never looked unhealthy: its missing CRD is an info line, not a
+    // warning or an error.
+    let log = ferry.log();
+    assert!(
+        log.lines().any(|l| l.contains("INFO")
+            && l.contains("no ServiceExport CRD")
+            && l.contains("west")),
+        "{log}"
+    );
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains("west"))
+        .collect();
+    assert!(loud.is_empty(), "{loud:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_kubeconfig_connects_and_a_foreign_one_is_unauthorized() {
+    let cs = clusters(&["east", "west", "north"]).await;
+    let backends = Backends::start_at(&[("east/a", "127.0.0.81"), ("north/a", "127.0.0.83")]).await;
+    export_checkout(&cs[0].kube, &[backends.addr("east/a")]);
+    export_checkout(&cs[1].kube, &["127.0.0.82:8080".to_owned()]);
+    export_checkout(&cs[2].kube, &[backends.addr("north/a")]);
+    // East: a certificate its CA signed. West: one from a CA it does not
+    // trust. North: a bearer token.
+    let east_cert = cs[0].kube.client_cert("ferry-east");
+    let foreign = ClientCert::foreign("ferry-west");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ferry = Ferry::start(&kube_section_with(
+        dir.path(),
+        &[
+            (&cs[0], Credentials::ClientCert(&east_cert)),
+            (&cs[1], Credentials::ClientCert(&foreign)),
+            (&cs[2], Credentials::Token(TOKEN)),
+        ],
+    ))
+    .await;
+    wait_status(
+        &ferry,
+        "east and north serving, west unauthorized",
+        Duration::from_secs(15),
+        |s| {
+            ready_in(s, "checkout.shop", "east") == Some(1)
+                && ready_in(s, "checkout.shop", "north") == Some(1)
+                && health(s, "west").as_deref() == Some("unauthorized")
+        },
+    )
+    .await;
+    let status = ferry.status().await;
+    assert_eq!(health(&status, "east").as_deref(), Some("connected"));
+    assert_eq!(health(&status, "north").as_deref(), Some("connected"));
+    let west = cluster_status(&status, "west").expect("west");
+    let error = west["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("client certificate") && error.contains("UnknownCA"),
+        "{west}"
+    );
+    let checkout = service(&status, "checkout.shop").expect("checkout");
+    assert!(checkout["clusters"].get("west").is_none(), "{checkout}");
+    // East's API server saw Ferry as the certificate's user.
+    let by_user = cs[0].kube.client_cert_requests();
+    assert!(
+        by_user.get("ferry-east").is_some_and(|n| *n >= 2),
+        "{by_user:?}"
+    );
+    assert!(
+        ferry
+            .metrics()
+            .await
+            .contains("ferry_discovery_cluster_up{cluster=\"west\"} 0")
+    );
+
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let counts = split(envoy.listener_port, "checkout.shop", 200).await;
+    assert!((share(&counts, "east/") - 0.5).abs() < 0.15, "{counts:?}");
+    assert!((share(&counts, "north/") - 0.5).abs() < 0.15, "{counts:?}");
+
+    // No key material in the log.
+    let log = ferry.log();
+    assert!(!log.contains("PRIVATE KEY"), "a key was logged");
+    for cert in [&east_cert, &foreign] {
+        for line in cert.key_pem().lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!log.contains(line), "a key was logged");
+        }
+    }
 }

@@ -4,7 +4,18 @@
 //! Each cluster's contribution goes into the catalog as its own source
 //! (`kubernetes/<cluster>`), so the same Service exported in several
 //! clusters becomes one service with one backend per cluster. One
-//! EndpointSlice event re-merges that one service only.
+//! EndpointSlice (or Service, or ServiceExport) event re-merges that one
+//! service only.
+//!
+//! **Exported** means the Service carries the label `ferry.io/export=true`
+//! *or* an MCS `ServiceExport` (`multicluster.x-k8s.io/v1alpha1`) of the
+//! same name and namespace exists. Services are therefore watched without a
+//! label selector and mirrored as small summaries (ports and the label
+//! flag), so a ServiceExport arriving later exports its Service without a
+//! re-list; only exported ones reach the catalog. The ServiceExport kind is
+//! optional: a cluster without its CRD (404) or that may not read it (403)
+//! exports by label alone, and is looked at again every few minutes and on
+//! every reconnect.
 //!
 //! **Stale but serving.** When a cluster's API server is unreachable or its
 //! watch fails, the cluster's last known endpoints stay in the catalog and
@@ -19,9 +30,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
@@ -34,6 +47,16 @@ use crate::names::{ClusterName, ServiceName};
 /// Services carrying this label (value `"true"`) are exported to Ferry.
 pub const EXPORT_LABEL: &str = "ferry.io/export";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The MCS API group of `ServiceExport`: a ServiceExport named like a
+/// Service in its namespace exports that Service.
+const SERVICE_EXPORT_GROUP: &str = "multicluster.x-k8s.io";
+const SERVICE_EXPORT_VERSION: &str = "v1alpha1";
+const SERVICE_EXPORT_KIND: &str = "ServiceExport";
+const SERVICE_EXPORT_PLURAL: &str = "serviceexports";
+/// How long a cluster whose ServiceExport kind could not be listed waits
+/// before looking again (it also looks on every reconnect).
+const SERVICE_EXPORT_RETRY: Duration = Duration::from_secs(180);
 
 /// How to reach one cluster's API server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +100,22 @@ pub enum ClusterHealth {
     Unauthorized,
 }
 
+/// Whether a cluster's MCS `ServiceExport`s are watched. Not an error
+/// either way: without them, Services are exported by label alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceExports {
+    /// Not listed yet.
+    Unknown,
+    /// The kind is served and watched.
+    Watched,
+    /// The API server does not know the kind (404: the CRD is not
+    /// installed).
+    NotInstalled,
+    /// The API server refused to list the kind (403: RBAC).
+    Forbidden,
+}
+
 /// One cluster's status.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterStatus {
@@ -84,9 +123,11 @@ pub struct ClusterStatus {
     pub health: ClusterHealth,
     pub last_sync: Option<SystemTime>,
     pub last_error: Option<String>,
+    /// Exported services (by label or ServiceExport).
     pub services: usize,
     pub endpoints: usize,
     pub relists: u64,
+    pub service_exports: ServiceExports,
 }
 
 /// Status of every watched cluster, shared with the admin endpoint.
@@ -103,6 +144,8 @@ enum WatchError {
     Config(String),
     #[error("unauthorized ({code}): {message}")]
     Unauthorized { code: u16, message: String },
+    #[error("client certificate refused in the TLS handshake (alert {0:?})")]
+    CertificateRefused(rustls::AlertDescription),
     #[error("{0}")]
     Watch(String),
     #[error("watch stream ended")]
@@ -192,6 +235,7 @@ async fn run_cluster(
             services: 0,
             endpoints: 0,
             relists: 0,
+            service_exports: ServiceExports::Unknown,
         },
     );
     let mut state = ClusterState::new(cfg.name.clone());
@@ -205,6 +249,14 @@ async fn run_cluster(
             Err(WatchError::Unauthorized { code, message }) => (
                 ClusterHealth::Unauthorized,
                 format!("API server refused the credentials ({code}): {message}"),
+            ),
+            Err(WatchError::CertificateRefused(alert)) => (
+                ClusterHealth::Unauthorized,
+                format!(
+                    "API server refused the client certificate in the TLS handshake \
+                     (alert {alert:?}): check that the kubeconfig's client certificate \
+                     is signed by a CA the cluster trusts"
+                ),
             ),
             Err(e) => (ClusterHealth::Stale, e.to_string()),
             Ok(()) => return,
@@ -253,64 +305,177 @@ async fn client_for(access: &Access) -> Result<Client, WatchError> {
     Client::try_from(config).map_err(|e| WatchError::Config(e.to_string()))
 }
 
-fn classify(error: watcher::Error) -> WatchError {
-    let api_status = match &error {
+/// The API server's `Status` behind a watcher error, if it sent one.
+fn api_status(error: &watcher::Error) -> Option<&kube::core::Status> {
+    match error {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
         | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
         watcher::Error::WatchError(s) => Some(s.as_ref()),
         _ => None,
-    };
-    match api_status {
-        Some(s) if s.code == 401 || s.code == 403 => WatchError::Unauthorized {
-            code: s.code,
-            message: s.message.clone(),
-        },
-        _ => WatchError::Watch(error.to_string()),
     }
 }
 
-/// One watch event of either kind, tagged with its stream (namespace) index.
+fn classify(error: watcher::Error) -> WatchError {
+    if let Some(s) = api_status(&error)
+        && (s.code == 401 || s.code == 403)
+    {
+        return WatchError::Unauthorized {
+            code: s.code,
+            message: s.message.clone(),
+        };
+    }
+    if let Some(alert) = refused_certificate(&error) {
+        return WatchError::CertificateRefused(alert);
+    }
+    WatchError::Watch(error.to_string())
+}
+
+/// The TLS alert by which the API server refused Ferry's client
+/// certificate, when that is what `error` comes down to. The server only
+/// sends certificate alerts about the client's certificate.
+fn refused_certificate(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<rustls::AlertDescription> {
+    use rustls::AlertDescription as A;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        // An io::Error's `source()` skips the error it wraps.
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(e), wrapped].into_iter().flatten() {
+            if let Some(rustls::Error::AlertReceived(alert)) = candidate.downcast_ref()
+                && matches!(
+                    alert,
+                    A::BadCertificate
+                        | A::UnsupportedCertificate
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::UnknownCA
+                        | A::AccessDenied
+                        | A::CertificateRequired
+                )
+            {
+                return Some(*alert);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// One watch event, tagged with its stream (namespace) index.
 #[derive(Debug)]
 pub enum Change {
     Service(usize, Box<Event<KubeService>>),
     Slice(usize, Box<Event<EndpointSlice>>),
+    Export(usize, Box<Event<DynamicObject>>),
+    /// The ServiceExport kind cannot be listed in this stream's scope
+    /// (why: not installed or forbidden); counts as an empty list.
+    ExportsUnavailable(usize, ServiceExports),
 }
+
+type ChangeStream = BoxStream<'static, Result<Change, watcher::Error>>;
 
 fn streams(
     client: &Client,
     namespaces: &[String],
-) -> impl Stream<Item = Result<Change, watcher::Error>> + Send {
+    cluster: &str,
+    export_retry: Duration,
+) -> impl Stream<Item = Result<Change, watcher::Error>> + Send + use<> {
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
     } else {
         namespaces.iter().cloned().map(Some).collect()
     };
-    let mut all = Vec::new();
+    let export_kind = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(
+            SERVICE_EXPORT_GROUP,
+            SERVICE_EXPORT_VERSION,
+            SERVICE_EXPORT_KIND,
+        ),
+        SERVICE_EXPORT_PLURAL,
+    );
+    let mut all: Vec<ChangeStream> = Vec::new();
     for (i, scope) in scopes.into_iter().enumerate() {
-        let (services, slices): (Api<KubeService>, Api<EndpointSlice>) = match &scope {
+        let (services, slices, exports): (Api<KubeService>, Api<EndpointSlice>, _) = match &scope {
             Some(ns) => (
                 Api::namespaced(client.clone(), ns),
                 Api::namespaced(client.clone(), ns),
+                Api::namespaced_with(client.clone(), ns, &export_kind),
             ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all_with(client.clone(), &export_kind),
+            ),
         };
-        let service_config = watcher::Config::default()
-            .labels(&format!("{EXPORT_LABEL}=true"))
-            .page_size(500);
-        let slice_config = watcher::Config::default().page_size(500);
+        // Every Service, not only labelled ones: a ServiceExport may export
+        // any of them.
+        let config = watcher::Config::default().page_size(500);
         all.push(
-            watcher::watcher(services, service_config)
+            watcher::watcher(services, config.clone())
                 .map(move |e| e.map(|e| Change::Service(i, Box::new(e))))
                 .boxed(),
         );
         all.push(
-            watcher::watcher(slices, slice_config)
+            watcher::watcher(slices, config)
                 .map(move |e| e.map(|e| Change::Slice(i, Box::new(e))))
                 .boxed(),
         );
+        all.push(export_stream(exports, i, export_retry, cluster.to_owned()));
     }
     futures::stream::select_all(all)
+}
+
+/// ServiceExports in one scope. The kind is optional: when the API server
+/// does not serve it (404) or refuses it (403), the stream says so once
+/// ([`Change::ExportsUnavailable`]) and looks again after `retry`; any
+/// other error is the cluster's, as for the other kinds.
+fn export_stream(
+    api: Api<DynamicObject>,
+    stream: usize,
+    retry: Duration,
+    cluster: String,
+) -> ChangeStream {
+    let open = |api: &Api<DynamicObject>| {
+        watcher::watcher(api.clone(), watcher::Config::default().page_size(500)).boxed()
+    };
+    let first = open(&api);
+    futures::stream::unfold(Some(first), move |current| {
+        let api = api.clone();
+        let cluster = cluster.clone();
+        async move {
+            let mut events = match current {
+                Some(events) => events,
+                None => {
+                    tokio::time::sleep(retry).await;
+                    tracing::debug!(cluster = %cluster, "looking for the ServiceExport kind again");
+                    open(&api)
+                }
+            };
+            let item = match events.next().await? {
+                Ok(event) => Ok(Change::Export(stream, Box::new(event))),
+                Err(e) => match exports_unavailable(&e) {
+                    Some(why) => return Some((Ok(Change::ExportsUnavailable(stream, why)), None)),
+                    None => Err(e),
+                },
+            };
+            Some((item, Some(events)))
+        }
+    })
+    .boxed()
+}
+
+fn exports_unavailable(error: &watcher::Error) -> Option<ServiceExports> {
+    match api_status(error)?.code {
+        404 => Some(ServiceExports::NotInstalled),
+        403 => Some(ServiceExports::Forbidden),
+        _ => None,
+    }
 }
 
 /// One watcher generation: list, then follow, until an error or `cancel`.
@@ -323,9 +488,9 @@ async fn watch_once(
     cancel: &CancellationToken,
 ) -> Result<(), WatchError> {
     let client = client_for(&cfg.access).await?;
-    let mut changes = Box::pin(streams(&client, namespaces));
-    state.begin_generation(namespaces);
     let cluster = cfg.name.to_string();
+    let mut changes = Box::pin(streams(&client, namespaces, &cluster, SERVICE_EXPORT_RETRY));
+    state.begin_generation(namespaces);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let change = tokio::select! {
@@ -340,7 +505,11 @@ async fn watch_once(
             change = changes.next() => change,
         };
         let change = change.ok_or(WatchError::Ended)?.map_err(classify)?;
+        let exports_before = state.service_exports();
         let touched = state.apply(change);
+        if state.service_exports() != exports_before {
+            announce_service_exports(&cluster, state.service_exports());
+        }
         if !touched.is_empty() {
             let (upserts, removals) = state.contributions(&touched);
             catalog.update_source(&source_id(&cfg.name), upserts, removals);
@@ -353,12 +522,16 @@ async fn watch_once(
             metrics::gauge!("ferry_discovery_cluster_up", "cluster" => cluster.clone()).set(1.0);
             metrics::gauge!("ferry_discovery_cluster_endpoints", "cluster" => cluster.clone())
                 .set(endpoints as f64);
+            let exports_watched = state.service_exports() == ServiceExports::Watched;
+            metrics::gauge!("ferry_discovery_service_exports_watched", "cluster" => cluster.clone())
+                .set(if exports_watched { 1.0 } else { 0.0 });
             if let Some(s) = lock(statuses).get_mut(&cluster) {
                 s.health = ClusterHealth::Connected;
                 s.last_sync = Some(SystemTime::now());
                 s.last_error = None;
                 s.services = services;
                 s.endpoints = endpoints;
+                s.service_exports = state.service_exports();
                 if newly {
                     s.relists += 1;
                 }
@@ -367,6 +540,28 @@ async fn watch_once(
                 tracing::info!(cluster = %cluster, services, endpoints, "cluster listed; watching");
             }
         }
+    }
+}
+
+/// Logs a change in whether the cluster's ServiceExports are watched.
+fn announce_service_exports(cluster: &str, now: ServiceExports) {
+    match now {
+        ServiceExports::Unknown => {}
+        ServiceExports::Watched => tracing::info!(
+            cluster = %cluster,
+            "watching ServiceExports: a ServiceExport exports the Service of its name"
+        ),
+        ServiceExports::NotInstalled => tracing::info!(
+            cluster = %cluster,
+            retry_in = ?SERVICE_EXPORT_RETRY,
+            "no ServiceExport CRD ({SERVICE_EXPORT_GROUP}); Services are exported by label only"
+        ),
+        ServiceExports::Forbidden => tracing::warn!(
+            cluster = %cluster,
+            retry_in = ?SERVICE_EXPORT_RETRY,
+            "listing ServiceExports ({SERVICE_EXPORT_GROUP}) is forbidden; Services are exported \
+             by label only (grant list/watch on serviceexports to use them)"
+        ),
     }
 }
 
@@ -452,9 +647,12 @@ impl<T> Mirror<T> {
     }
 }
 
+/// What Ferry keeps of every Service, exported or not.
 #[derive(Debug, Clone, PartialEq)]
 struct ServiceSummary {
     ports: Vec<ServicePort>,
+    /// Carries `ferry.io/export=true`.
+    labelled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -463,14 +661,18 @@ struct SliceSummary {
     endpoints: Vec<Endpoint>,
 }
 
-/// What one cluster's watchers know: a mirror of its exported Services
-/// and EndpointSlices, and the backends they make.
+/// What one cluster's watchers know: a mirror of its Services,
+/// ServiceExports and EndpointSlices, and the backends the exported
+/// Services make.
 #[derive(Debug)]
 pub struct ClusterState {
     cluster: ClusterName,
     scopes: Vec<Option<String>>,
     services: Mirror<ServiceSummary>,
     slices: Mirror<SliceSummary>,
+    /// Which ServiceExports exist (their content does not matter).
+    exports: Mirror<()>,
+    service_exports: ServiceExports,
     /// Slices by the service they belong to.
     by_service: HashMap<Key, BTreeSet<Key>>,
     streams: usize,
@@ -485,6 +687,8 @@ impl ClusterState {
             scopes: Vec::new(),
             services: Mirror::default(),
             slices: Mirror::default(),
+            exports: Mirror::default(),
+            service_exports: ServiceExports::Unknown,
             by_service: HashMap::new(),
             streams: 0,
             synced_once: false,
@@ -499,20 +703,41 @@ impl ClusterState {
         } else {
             namespaces.iter().cloned().map(Some).collect()
         };
-        self.streams = 2 * self.scopes.len();
+        self.streams = 3 * self.scopes.len();
         self.services.listed.clear();
         self.slices.listed.clear();
+        self.exports.listed.clear();
         self.services.pending.clear();
         self.slices.pending.clear();
+        self.exports.pending.clear();
     }
 
     fn all_listed(&self) -> bool {
-        self.services.listed.len() + self.slices.listed.len() >= self.streams
+        self.services.listed.len() + self.slices.listed.len() + self.exports.listed.len()
+            >= self.streams
     }
 
+    /// Whether the cluster's ServiceExports are watched (the last word of
+    /// any of its export streams).
+    pub fn service_exports(&self) -> ServiceExports {
+        self.service_exports
+    }
+
+    /// Exported services and all endpoints.
     fn counts(&self) -> (usize, usize) {
         let endpoints = self.slices.live.values().map(|s| s.endpoints.len()).sum();
-        (self.services.live.len(), endpoints)
+        let services = self
+            .services
+            .live
+            .iter()
+            .filter(|(key, summary)| self.is_exported(key, summary))
+            .count();
+        (services, endpoints)
+    }
+
+    /// Labelled, or named by a ServiceExport.
+    fn is_exported(&self, key: &Key, summary: &ServiceSummary) -> bool {
+        summary.labelled || self.exports.live.contains_key(key)
     }
 
     /// Applies a change; returns the services it touched.
@@ -551,6 +776,29 @@ impl ClusterState {
                     }
                 }
             }
+            Change::Export(i, event) => {
+                // `Init` comes before the list request; anything after it
+                // means the kind is served.
+                if !matches!(*event, Event::Init) {
+                    self.service_exports = ServiceExports::Watched;
+                }
+                let scope = self.scope(i);
+                let changed = self.exports.apply(i, scope.as_deref(), *event, |_| ());
+                touched.extend(changed.into_iter().map(|(key, _)| key));
+            }
+            Change::ExportsUnavailable(i, why) => {
+                self.service_exports = why;
+                let scope = self.scope(i);
+                self.exports
+                    .apply(i, scope.as_deref(), Event::<DynamicObject>::Init, |_| ());
+                let changed = self.exports.apply(
+                    i,
+                    scope.as_deref(),
+                    Event::<DynamicObject>::InitDone,
+                    |_| (),
+                );
+                touched.extend(changed.into_iter().map(|(key, _)| key));
+            }
         }
         touched
     }
@@ -569,7 +817,12 @@ impl ClusterState {
             let Ok(name) = ServiceName::new(&key.1, &key.0) else {
                 continue;
             };
-            let Some(summary) = self.services.live.get(key) else {
+            let Some(summary) = self
+                .services
+                .live
+                .get(key)
+                .filter(|summary| self.is_exported(key, summary))
+            else {
                 removals.push(name);
                 continue;
             };
@@ -643,7 +896,8 @@ fn service_summary(svc: &KubeService) -> ServiceSummary {
                 .collect()
         })
         .unwrap_or_default();
-    ServiceSummary { ports }
+    let labelled = svc.labels().get(EXPORT_LABEL).is_some_and(|v| v == "true");
+    ServiceSummary { ports, labelled }
 }
 
 fn slice_summary(slice: &EndpointSlice) -> SliceSummary {
@@ -844,5 +1098,193 @@ mod tests {
         let (upserts, removals) = s.contributions(&touched);
         assert!(upserts.is_empty());
         assert_eq!(removals, [ServiceName::new("checkout", "shop").unwrap()]);
+    }
+
+    fn unlabelled(name: &str) -> KubeService {
+        let mut service = svc(name);
+        service.metadata.labels = None;
+        service
+    }
+
+    fn export(name: &str) -> DynamicObject {
+        let kind = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(
+                SERVICE_EXPORT_GROUP,
+                SERVICE_EXPORT_VERSION,
+                SERVICE_EXPORT_KIND,
+            ),
+            SERVICE_EXPORT_PLURAL,
+        );
+        DynamicObject::new(name, &kind).within("shop")
+    }
+
+    fn ex(event: Event<DynamicObject>) -> Change {
+        Change::Export(0, Box::new(event))
+    }
+
+    fn checkout() -> Key {
+        ("shop".to_owned(), "checkout".to_owned())
+    }
+
+    fn exported(s: &ClusterState) -> bool {
+        let (upserts, removals) = s.contributions(&BTreeSet::from([checkout()]));
+        assert_eq!(upserts.len() + removals.len(), 1);
+        !upserts.is_empty()
+    }
+
+    #[test]
+    fn a_service_export_exports_an_unlabelled_service_until_deleted() {
+        let mut s = state();
+        s.apply(sv(Event::Apply(unlabelled("checkout"))));
+        s.apply(sl(Event::Apply(slice(
+            "a",
+            "checkout",
+            &[("10.0.0.1", true, false)],
+        ))));
+        assert!(!exported(&s), "neither label nor ServiceExport");
+        assert_eq!(s.counts().0, 0);
+
+        let touched = s.apply(ex(Event::Apply(export("checkout"))));
+        assert_eq!(touched, BTreeSet::from([checkout()]), "that service only");
+        assert!(exported(&s));
+        assert_eq!(s.service_exports(), ServiceExports::Watched);
+        assert_eq!(
+            endpoints(&s),
+            [("10.0.0.1:9000".into(), EndpointState::Ready)]
+        );
+        assert_eq!(s.counts().0, 1);
+
+        let touched = s.apply(ex(Event::Delete(export("checkout"))));
+        assert_eq!(touched, BTreeSet::from([checkout()]));
+        assert!(!exported(&s));
+    }
+
+    #[test]
+    fn the_label_or_a_service_export_is_enough() {
+        let mut s = state();
+        s.apply(sv(Event::Apply(svc("checkout"))));
+        s.apply(ex(Event::Apply(export("checkout"))));
+        s.apply(sv(Event::Apply(unlabelled("checkout"))));
+        assert!(exported(&s), "still named by its ServiceExport");
+        s.apply(sv(Event::Apply(svc("checkout"))));
+        s.apply(ex(Event::Delete(export("checkout"))));
+        assert!(exported(&s), "still labelled");
+        s.apply(sv(Event::Delete(svc("checkout"))));
+        assert!(!exported(&s), "no Service, nothing to export");
+        // A ServiceExport without its Service exports nothing.
+        s.apply(ex(Event::Apply(export("checkout"))));
+        assert!(!exported(&s));
+    }
+
+    #[test]
+    fn an_unavailable_export_kind_counts_as_listed_and_empty() {
+        let mut s = state();
+        for change in [
+            sv(Event::Init),
+            sv(Event::InitApply(unlabelled("checkout"))),
+            sv(Event::InitDone),
+            sl(Event::Init),
+            sl(Event::InitDone),
+            ex(Event::Init),
+            ex(Event::InitApply(export("checkout"))),
+            ex(Event::InitDone),
+        ] {
+            assert!(!s.all_listed());
+            s.apply(change);
+        }
+        assert!(s.all_listed());
+        assert!(exported(&s));
+
+        // The CRD goes away; the next generation cannot list the kind.
+        s.begin_generation(&[]);
+        s.apply(sv(Event::Init));
+        s.apply(sv(Event::InitApply(unlabelled("checkout"))));
+        s.apply(sv(Event::InitDone));
+        s.apply(sl(Event::Init));
+        s.apply(sl(Event::InitDone));
+        assert!(!s.all_listed(), "waits for the export stream");
+        assert!(exported(&s), "old exports kept until the kind answers");
+        let touched = s.apply(Change::ExportsUnavailable(0, ServiceExports::NotInstalled));
+        assert!(s.all_listed());
+        assert_eq!(touched, BTreeSet::from([checkout()]));
+        assert!(!exported(&s));
+        assert_eq!(s.service_exports(), ServiceExports::NotInstalled);
+    }
+
+    #[test]
+    fn a_certificate_alert_anywhere_in_the_chain_is_a_refused_certificate() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error")]
+        struct Outer(#[source] std::io::Error);
+
+        let alert = |a| {
+            Outer(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(a),
+            ))
+        };
+        assert_eq!(
+            refused_certificate(&alert(rustls::AlertDescription::UnknownCA)),
+            Some(rustls::AlertDescription::UnknownCA)
+        );
+        assert_eq!(
+            refused_certificate(&alert(rustls::AlertDescription::HandshakeFailure)),
+            None,
+            "not about a certificate"
+        );
+        // Ferry not trusting the server is not the server refusing Ferry.
+        let local = Outer(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert_eq!(refused_certificate(&local), None);
+    }
+
+    #[tokio::test]
+    async fn the_export_stream_reports_a_missing_crd_and_finds_it_later() {
+        let kube = ferry_testkube::TestKube::start("token").await;
+        kube.set_service_export_crd(false);
+        let client = kube.client().await;
+        let mut changes = Box::pin(streams(
+            &client,
+            &["shop".to_owned()],
+            "east",
+            Duration::from_millis(300),
+        ));
+        let mut next_export = async || loop {
+            let change = tokio::time::timeout(Duration::from_secs(10), changes.next())
+                .await
+                .expect("a change within 10 s")
+                .expect("streams never end")
+                .expect("no error");
+            match change {
+                Change::Export(_, event) => match *event {
+                    Event::Init => continue,
+                    Event::InitApply(o) | Event::Apply(o) => {
+                        return format!("apply {}", o.name_any());
+                    }
+                    Event::Delete(o) => return format!("delete {}", o.name_any()),
+                    Event::InitDone => return "listed".to_owned(),
+                },
+                Change::ExportsUnavailable(_, why) => return format!("{why:?}"),
+                Change::Service(..) | Change::Slice(..) => continue,
+            }
+        };
+        assert_eq!(next_export().await, "NotInstalled");
+        let lists = kube.list_requests();
+        // Installed later: found on the next look, without an error.
+        kube.set_service_export_crd(true);
+        kube.apply_service_export("shop", "checkout");
+        assert_eq!(next_export().await, "apply checkout");
+        assert_eq!(next_export().await, "listed");
+        assert!(kube.list_requests() > lists);
+        kube.delete_service_export("shop", "checkout");
+        assert_eq!(next_export().await, "delete checkout");
+        // And removed again: reported, not an error.
+        kube.apply_service_export("shop", "cart");
+        assert_eq!(next_export().await, "apply cart");
+        kube.set_service_export_crd(false);
+        assert_eq!(next_export().await, "delete cart");
+        assert_eq!(next_export().await, "NotInstalled");
     }
 }

@@ -1,8 +1,10 @@
-//! The HTTPS side of the fake API server: TLS accept loop, bearer-token
-//! authentication, routing of the Kubernetes REST paths, lists with paging and
-//! the chunked newline-delimited JSON watch stream (replay, live events,
-//! bookmarks, in-stream 410s, timeouts and test-forced aborts).
+//! The HTTPS side of the fake API server: TLS accept loop, client-certificate
+//! and bearer-token authentication, routing of the Kubernetes REST paths and
+//! API discovery, lists with paging and the chunked newline-delimited JSON
+//! watch stream (replay, live events, bookmarks, in-stream 410s, timeouts and
+//! test-forced aborts).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -44,6 +46,8 @@ pub(crate) struct Shared {
     pub open_watches: AtomicU64,
     /// Cancelled (and replaced) by `drop_watches`.
     pub watch_kill: Mutex<CancellationToken>,
+    /// Requests authenticated by a client certificate, by user (CN).
+    pub cert_requests: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Shared {
@@ -90,12 +94,23 @@ async fn serve_connection(
             _ => return,
         },
     };
+    // The handshake verified any certificate against the CA; its CN is the
+    // user, as for the real API server.
+    let cert_user: Option<Arc<str>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::tls::common_name(leaf))
+        .filter(|cn| !cn.is_empty())
+        .map(Arc::from);
     let conn2 = conn.clone();
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         let conn = conn2.clone();
         let tracker = tracker.clone();
-        async move { Ok::<_, Infallible>(handle(shared, conn, tracker, req).await) }
+        let cert_user = cert_user.clone();
+        async move { Ok::<_, Infallible>(handle(shared, conn, tracker, cert_user, req).await) }
     });
     let served = http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
     // Dropping the connection future closes the socket without a TLS
@@ -138,7 +153,22 @@ fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
     )
 }
 
-fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+/// Whether the request is authenticated: by a verified client certificate
+/// (counted per user) or else by the bearer token.
+fn authenticated(shared: &Shared, cert_user: Option<&str>, headers: &HeaderMap) -> bool {
+    if let Some(user) = cert_user {
+        *shared
+            .cert_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(user.to_owned())
+            .or_default() += 1;
+        return true;
+    }
+    bearer_token_matches(shared, headers)
+}
+
+fn bearer_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
@@ -208,38 +238,131 @@ impl Query {
 fn resource_route<'a>(
     segs: &[&'a str],
 ) -> Option<(ResourceKind, Option<&'a str>, Option<&'a str>)> {
-    let (kind, rest) = match segs {
-        ["api", "v1", rest @ ..] => (ResourceKind::Service, rest),
-        ["apis", "discovery.k8s.io", "v1", rest @ ..] => (ResourceKind::EndpointSlice, rest),
-        _ => return None,
-    };
-    let plural = kind.plural();
-    match rest {
-        [p] if *p == plural => Some((kind, None, None)),
-        ["namespaces", ns, p] if *p == plural => Some((kind, Some(*ns), None)),
-        ["namespaces", ns, p, name] if *p == plural => Some((kind, Some(*ns), Some(*name))),
-        _ => None,
-    }
+    ResourceKind::ALL.into_iter().find_map(|kind| {
+        let rest = match (kind.group(), segs) {
+            ("", ["api", version, rest @ ..]) if *version == kind.version() => rest,
+            (group, ["apis", g, version, rest @ ..])
+                if !group.is_empty() && *g == group && *version == kind.version() =>
+            {
+                rest
+            }
+            _ => return None,
+        };
+        let plural = kind.plural();
+        match rest {
+            [p] if *p == plural => Some((kind, None, None)),
+            ["namespaces", ns, p] if *p == plural => Some((kind, Some(*ns), None)),
+            ["namespaces", ns, p, name] if *p == plural => Some((kind, Some(*ns), Some(*name))),
+            _ => None,
+        }
+    })
 }
 
-fn api_resource(kind: ResourceKind, singular: &str, short: &str) -> Value {
+fn api_resource(kind: ResourceKind) -> Value {
     json!({
         "name": kind.plural(),
-        "singularName": singular,
+        "singularName": kind.singular(),
         "namespaced": true,
         "kind": kind.kind(),
         "verbs": ["get", "list", "watch"],
-        "shortNames": [short],
+        "shortNames": [kind.short()],
     })
+}
+
+fn group_version(group: &str, version: &str) -> Value {
+    json!({"groupVersion": format!("{group}/{version}"), "version": version})
+}
+
+fn api_group(group: &str, version: &str) -> Value {
+    json!({
+        "name": group,
+        "versions": [group_version(group, version)],
+        "preferredVersion": group_version(group, version),
+    })
+}
+
+/// API discovery (`/api`, `/apis`, a group, a group version) over the
+/// kinds served right now: a removed CRD's group is gone, as on a real
+/// server. `None` when the path is not a discovery path.
+fn discovery(shared: &Shared, segs: &[&str]) -> Option<Response<Body>> {
+    let served: Vec<ResourceKind> = {
+        let store = shared.store();
+        ResourceKind::ALL
+            .into_iter()
+            .filter(|k| store.is_installed(*k))
+            .collect()
+    };
+    let in_group = |group: &str, version: Option<&str>| -> Vec<ResourceKind> {
+        served
+            .iter()
+            .copied()
+            .filter(|k| k.group() == group && version.is_none_or(|v| v == k.version()))
+            .collect()
+    };
+    let ok = StatusCode::OK;
+    let value = match segs {
+        ["api"] => json!({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": shared.addr.to_string()}
+            ],
+        }),
+        ["api", "v1"] => json!({
+            "kind": "APIResourceList",
+            "groupVersion": "v1",
+            "resources": in_group("", Some("v1")).into_iter().map(api_resource).collect::<Vec<_>>(),
+        }),
+        ["apis"] => {
+            let mut groups: Vec<Value> = Vec::new();
+            for kind in served.iter().filter(|k| !k.group().is_empty()) {
+                let group = api_group(kind.group(), kind.version());
+                if !groups.contains(&group) {
+                    groups.push(group);
+                }
+            }
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+        }
+        ["apis", group] => {
+            let kind = *in_group(group, None).first()?;
+            let mut value = api_group(group, kind.version());
+            value["kind"] = "APIGroup".into();
+            value["apiVersion"] = "v1".into();
+            value
+        }
+        ["apis", group, version] => {
+            let kinds = in_group(group, Some(version));
+            if kinds.is_empty() {
+                return None;
+            }
+            json!({
+                "kind": "APIResourceList",
+                "apiVersion": "v1",
+                "groupVersion": format!("{group}/{version}"),
+                "resources": kinds.into_iter().map(api_resource).collect::<Vec<_>>(),
+            })
+        }
+        _ => return None,
+    };
+    Some(json_response(ok, &value))
+}
+
+fn not_found() -> Response<Body> {
+    status_response(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
 async fn handle(
     shared: Arc<Shared>,
     conn: CancellationToken,
     tracker: TaskTracker,
+    cert_user: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if !authorized(&shared, req.headers()) {
+    if !authenticated(&shared, cert_user.as_deref(), req.headers()) {
         return status_response(401, "Unauthorized", "Unauthorized");
     }
     if req.method() != Method::GET {
@@ -269,56 +392,12 @@ async fn handle(
             }),
         ),
         ["healthz" | "livez" | "readyz"] => full(ok, "text/plain", "ok".into()),
-        ["api"] => json_response(
-            ok,
-            &json!({
-                "kind": "APIVersions",
-                "versions": ["v1"],
-                "serverAddressByClientCIDRs": [
-                    {"clientCIDR": "0.0.0.0/0", "serverAddress": shared.addr.to_string()}
-                ],
-            }),
-        ),
-        ["apis"] => json_response(
-            ok,
-            &json!({
-                "kind": "APIGroupList",
-                "apiVersion": "v1",
-                "groups": [{
-                    "name": "discovery.k8s.io",
-                    "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
-                    "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
-                }],
-            }),
-        ),
-        ["apis", "discovery.k8s.io"] => json_response(
-            ok,
-            &json!({
-                "kind": "APIGroup",
-                "apiVersion": "v1",
-                "name": "discovery.k8s.io",
-                "versions": [{"groupVersion": "discovery.k8s.io/v1", "version": "v1"}],
-                "preferredVersion": {"groupVersion": "discovery.k8s.io/v1", "version": "v1"},
-            }),
-        ),
-        ["api", "v1"] => json_response(
-            ok,
-            &json!({
-                "kind": "APIResourceList",
-                "groupVersion": "v1",
-                "resources": [api_resource(ResourceKind::Service, "service", "svc")],
-            }),
-        ),
-        ["apis", "discovery.k8s.io", "v1"] => json_response(
-            ok,
-            &json!({
-                "kind": "APIResourceList",
-                "apiVersion": "v1",
-                "groupVersion": "discovery.k8s.io/v1",
-                "resources": [api_resource(ResourceKind::EndpointSlice, "endpointslice", "eps")],
-            }),
-        ),
+        ["api" | "apis", ..] if segs.len() <= 3 && resource_route(&segs).is_none() => {
+            discovery(&shared, &segs).unwrap_or_else(not_found)
+        }
         segs => match resource_route(segs) {
+            // A kind whose CRD is not installed does not exist.
+            Some((kind, ..)) if !shared.store().is_installed(kind) => not_found(),
             Some((kind, Some(ns), Some(name))) => match shared.store().get(kind, ns, name) {
                 Some(obj) => json_response(ok, &obj),
                 None => status_response(
@@ -328,11 +407,7 @@ async fn handle(
                 ),
             },
             Some((kind, ns, None)) => collection(&shared, conn, &tracker, kind, ns, &query),
-            _ => status_response(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
+            _ => not_found(),
         },
     }
 }
@@ -536,6 +611,9 @@ impl WatchTask {
                 }
                 Ok(())
             }
+            // The CRD is gone: the watch ends (cleanly, as on a real server).
+            Bus::Removed(kind) if kind == self.filter.kind => Err(Stop),
+            Bus::Removed(_) => Ok(()),
             Bus::Expired => {
                 self.expired(&format!(
                     "too old resource version: {} (history expired)",
@@ -627,7 +705,32 @@ mod tests {
             ]),
             Some((ResourceKind::EndpointSlice, Some("a"), Some("b")))
         );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "multicluster.x-k8s.io",
+                "v1alpha1",
+                "namespaces",
+                "shop",
+                "serviceexports"
+            ]),
+            Some((ResourceKind::ServiceExport, Some("shop"), None))
+        );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "multicluster.x-k8s.io",
+                "v1alpha1",
+                "serviceexports"
+            ]),
+            Some((ResourceKind::ServiceExport, None, None))
+        );
+        assert_eq!(
+            resource_route(&["apis", "multicluster.x-k8s.io", "v1", "serviceexports"]),
+            None
+        );
         assert_eq!(resource_route(&["api", "v1", "endpointslices"]), None);
         assert_eq!(resource_route(&["api", "v1", "pods"]), None);
+        assert_eq!(resource_route(&["api", "v1", "namespaces"]), None);
     }
 }

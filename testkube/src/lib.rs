@@ -2,9 +2,14 @@
 //! testing code that uses the real kube-rs client, `kube::runtime::watcher`
 //! and reflectors against one or more (fake) clusters.
 //!
-//! It speaks the real HTTP list/watch protocol over HTTPS: bearer-token auth
-//! (401 `Status` otherwise), core/v1 Services and discovery.k8s.io/v1
-//! EndpointSlices (cluster-wide and per namespace), `labelSelector`
+//! It speaks the real HTTP list/watch protocol over HTTPS: client-certificate
+//! auth (certificates signed by the server's CA, the user being the subject
+//! CN; [`TestKube::client_cert`]) or bearer-token auth (401 `Status`
+//! otherwise; a client certificate from another CA fails the TLS
+//! handshake), core/v1 Services, discovery.k8s.io/v1 EndpointSlices and
+//! multicluster.x-k8s.io/v1alpha1 ServiceExports (cluster-wide and per
+//! namespace; the ServiceExport CRD can be removed per server, its paths then
+//! answer 404 and API discovery drops its group), `labelSelector`
 //! (`k=v`, `k!=v`, `k`, `!k`), `fieldSelector` on `metadata.name` /
 //! `metadata.namespace` (other terms ignored), paging with `limit` and
 //! opaque `continue` tokens (HTTP 410 `Expired` when stale or invalid), and
@@ -20,7 +25,7 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! use ferry_testkube::TestKube;
+//! use ferry_testkube::{Credentials, TestKube};
 //! let cluster = TestKube::start("secret-token").await;
 //! cluster.apply_service("default", "web", &[("app", "web")], &[("http", 80)]);
 //! cluster.apply_endpoint_slice(
@@ -33,6 +38,14 @@
 //! cluster.kubeconfig(&path, "east", None).unwrap();
 //! let client = cluster.client().await; // or load `path` with kube::config
 //! # let _ = client;
+//!
+//! // MCS: export a Service by a ServiceExport instead of a label.
+//! cluster.apply_service_export("default", "web");
+//! // A kubeconfig authenticating with a client certificate.
+//! let cert = cluster.client_cert("ferry");
+//! cluster
+//!     .kubeconfig_with(&path, "east", Credentials::ClientCert(&cert))
+//!     .unwrap();
 //! # }
 //! ```
 //!
@@ -50,6 +63,7 @@ mod http;
 mod store;
 mod tls;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -71,6 +85,61 @@ pub use crate::store::{InvalidObject, ResourceKind};
 
 /// One endpoint of an EndpointSlice: `(ip, ready, serving, terminating, zone)`.
 pub type EndpointSpec<'a> = (&'a str, bool, bool, bool, Option<&'a str>);
+
+/// A client certificate and its private key (PEM), for kubeconfigs'
+/// `client-certificate-data` / `client-key-data`. `Debug` never shows the
+/// key.
+#[derive(Clone)]
+pub struct ClientCert {
+    user: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl ClientCert {
+    /// A certificate for `user` signed by a throwaway CA that no
+    /// [`TestKube`] trusts: presenting it fails the TLS handshake. Panics if
+    /// the certificate cannot be generated.
+    pub fn foreign(user: &str) -> ClientCert {
+        let pem = tls::foreign_client_cert(user)
+            .expect("ferry-testkube: failed to generate a client certificate");
+        ClientCert {
+            user: user.to_owned(),
+            cert_pem: pem.cert,
+            key_pem: pem.key,
+        }
+    }
+
+    /// The user the certificate names (its subject CN).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+}
+
+impl std::fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a kubeconfig's user authenticates.
+#[derive(Clone, Copy, Debug)]
+pub enum Credentials<'a> {
+    /// `token:` (a bearer token).
+    Token(&'a str),
+    /// `client-certificate-data:` and `client-key-data:`.
+    ClientCert(&'a ClientCert),
+}
 
 /// Installs rustls' ring `CryptoProvider` as the process default, unless a
 /// default is already installed (then that one stays). Safe to call any
@@ -115,6 +184,7 @@ struct Running {
 pub struct TestKube {
     shared: Arc<Shared>,
     ca_pem: String,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
     running: Mutex<Option<Running>>,
 }
 
@@ -158,10 +228,12 @@ impl TestKube {
             watch_requests: AtomicU64::new(0),
             open_watches: AtomicU64::new(0),
             watch_kill: Mutex::new(CancellationToken::new()),
+            cert_requests: Mutex::new(BTreeMap::new()),
         });
         let kube = TestKube {
             shared,
             ca_pem: material.ca_pem,
+            ca: material.ca,
             running: Mutex::new(None),
         };
         kube.serve(listener);
@@ -214,13 +286,41 @@ impl TestKube {
         self.running_lock().is_some()
     }
 
+    /// A client certificate for `user` signed by this server's CA: requests
+    /// presenting it are authenticated as `user` (the subject CN). Panics if
+    /// the certificate cannot be generated.
+    pub fn client_cert(&self, user: &str) -> ClientCert {
+        let pem = tls::client_cert(&self.ca, user)
+            .expect("ferry-testkube: failed to generate a client certificate");
+        ClientCert {
+            user: user.to_owned(),
+            cert_pem: pem.cert,
+            key_pem: pem.key,
+        }
+    }
+
     /// A kubeconfig YAML for this server: one cluster `cluster_name` (server
     /// URL and `certificate-authority-data`), one user with the server's token
     /// (or `token_override`), one context, set as current-context.
     pub fn kubeconfig_yaml(&self, cluster_name: &str, token_override: Option<&str>) -> String {
-        let q = |s: &str| Value::String(s.to_string()).to_string();
-        let ca = base64::engine::general_purpose::STANDARD.encode(self.ca_pem.as_bytes());
         let token = token_override.unwrap_or(&self.shared.token);
+        self.kubeconfig_yaml_with(cluster_name, Credentials::Token(token))
+    }
+
+    /// [`TestKube::kubeconfig_yaml`] with the user's `credentials`: a token,
+    /// or a client certificate and key (`client-certificate-data`,
+    /// `client-key-data`).
+    pub fn kubeconfig_yaml_with(&self, cluster_name: &str, credentials: Credentials<'_>) -> String {
+        let q = |s: &str| Value::String(s.to_string()).to_string();
+        let b64 = |s: &str| q(&base64::engine::general_purpose::STANDARD.encode(s.as_bytes()));
+        let user_fields = match credentials {
+            Credentials::Token(token) => format!("    token: {}\n", q(token)),
+            Credentials::ClientCert(cert) => format!(
+                "    client-certificate-data: {}\n    client-key-data: {}\n",
+                b64(&cert.cert_pem),
+                b64(&cert.key_pem),
+            ),
+        };
         let user = format!("{cluster_name}-user");
         format!(
             "apiVersion: v1\n\
@@ -232,8 +332,8 @@ impl TestKube {
                  certificate-authority-data: {ca}\n\
              users:\n\
              - name: {user}\n  \
-               user:\n    \
-                 token: {token}\n\
+               user:\n\
+             {user_fields}\
              contexts:\n\
              - name: {name}\n  \
                context:\n    \
@@ -243,9 +343,8 @@ impl TestKube {
              preferences: {{}}\n",
             name = q(cluster_name),
             server = q(&self.url()),
-            ca = q(&ca),
+            ca = b64(&self.ca_pem),
             user = q(&user),
-            token = q(token),
         )
     }
 
@@ -261,6 +360,16 @@ impl TestKube {
         std::fs::write(path, self.kubeconfig_yaml(cluster_name, token_override))
     }
 
+    /// Writes [`TestKube::kubeconfig_yaml_with`] to `path`.
+    pub fn kubeconfig_with(
+        &self,
+        path: impl AsRef<Path>,
+        cluster_name: &str,
+        credentials: Credentials<'_>,
+    ) -> io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml_with(cluster_name, credentials))
+    }
+
     /// A kube client for this server (built from the kubeconfig, so it goes
     /// through the same TLS and auth path). Panics on failure.
     pub async fn client(&self) -> kube::Client {
@@ -269,10 +378,16 @@ impl TestKube {
 
     /// A kube client that presents `token` instead of the server's token.
     pub async fn client_with_token(&self, token: &str) -> kube::Client {
+        self.client_with(Credentials::Token(token)).await
+    }
+
+    /// A kube client authenticating with `credentials`. Panics on failure.
+    pub async fn client_with(&self, credentials: Credentials<'_>) -> kube::Client {
         install_crypto_provider();
-        let kc =
-            kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml("testkube", Some(token)))
-                .expect("ferry-testkube: kubeconfig must parse");
+        let kc = kube::config::Kubeconfig::from_yaml(
+            &self.kubeconfig_yaml_with("testkube", credentials),
+        )
+        .expect("ferry-testkube: kubeconfig must parse");
         let config =
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
@@ -410,6 +525,41 @@ impl TestKube {
         self.delete(ResourceKind::EndpointSlice, namespace, name)
     }
 
+    /// Creates (or keeps) the MCS ServiceExport `namespace/name`, exporting
+    /// the Service of the same name. Returns its resourceVersion. Panics if
+    /// the ServiceExport CRD is not installed.
+    pub fn apply_service_export(&self, namespace: &str, name: &str) -> u64 {
+        let object = json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {},
+        });
+        self.apply(ResourceKind::ServiceExport, object)
+            .expect("a generated ServiceExport is valid and its CRD installed")
+    }
+
+    /// Deletes a ServiceExport; returns whether it existed.
+    pub fn delete_service_export(&self, namespace: &str, name: &str) -> bool {
+        self.delete(ResourceKind::ServiceExport, namespace, name)
+    }
+
+    /// Installs or removes the ServiceExport CRD (installed at start).
+    /// Removed: every ServiceExport is deleted (watchers see the DELETED
+    /// events), open ServiceExport watches end, and the kind's paths answer
+    /// 404 `NotFound` with its group gone from API discovery, as on a
+    /// cluster without the CRD.
+    pub fn set_service_export_crd(&self, installed: bool) {
+        self.shared
+            .store()
+            .set_installed(ResourceKind::ServiceExport, installed);
+    }
+
+    /// Whether the ServiceExport CRD is installed.
+    pub fn service_export_crd_installed(&self) -> bool {
+        self.shared
+            .store()
+            .is_installed(ResourceKind::ServiceExport)
+    }
+
     // ---- faults --------------------------------------------------------
 
     /// Compacts the history by force: the counter moves on by one, every
@@ -481,6 +631,16 @@ impl TestKube {
     /// Watch streams open right now.
     pub fn open_watches(&self) -> u64 {
         self.shared.open_watches.load(Ordering::SeqCst)
+    }
+
+    /// Requests authenticated by a client certificate so far, by user (the
+    /// certificate's CN).
+    pub fn client_cert_requests(&self) -> BTreeMap<String, u64> {
+        self.shared
+            .cert_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

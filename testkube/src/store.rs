@@ -7,7 +7,7 @@
 //! watch that subscribes under the lock sees every later change exactly once
 //! and in resourceVersion order.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -23,33 +23,62 @@ pub enum ResourceKind {
     Service,
     /// discovery.k8s.io/v1 `EndpointSlice`.
     EndpointSlice,
+    /// multicluster.x-k8s.io/v1alpha1 `ServiceExport` (Multi-Cluster
+    /// Services API). A custom resource: its CRD can be removed per server
+    /// ([`crate::TestKube::set_service_export_crd`]).
+    ServiceExport,
 }
 
 impl ResourceKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ResourceKind; 2] = [ResourceKind::Service, ResourceKind::EndpointSlice];
+    pub const ALL: [ResourceKind; 3] = [
+        ResourceKind::Service,
+        ResourceKind::EndpointSlice,
+        ResourceKind::ServiceExport,
+    ];
 
-    /// The object `kind` (`"Service"`, `"EndpointSlice"`).
+    /// The object `kind` (`"Service"`, `"EndpointSlice"`, `"ServiceExport"`).
     pub fn kind(self) -> &'static str {
         match self {
             ResourceKind::Service => "Service",
             ResourceKind::EndpointSlice => "EndpointSlice",
+            ResourceKind::ServiceExport => "ServiceExport",
         }
     }
 
-    /// The list `kind` (`"ServiceList"`, `"EndpointSliceList"`).
+    /// The list `kind` (`"ServiceList"`, ...).
     pub fn list_kind(self) -> &'static str {
         match self {
             ResourceKind::Service => "ServiceList",
             ResourceKind::EndpointSlice => "EndpointSliceList",
+            ResourceKind::ServiceExport => "ServiceExportList",
         }
     }
 
-    /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`).
+    /// The API group (`""` for core).
+    pub fn group(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "",
+            ResourceKind::EndpointSlice => "discovery.k8s.io",
+            ResourceKind::ServiceExport => "multicluster.x-k8s.io",
+        }
+    }
+
+    /// The API version within the group.
+    pub fn version(self) -> &'static str {
+        match self {
+            ResourceKind::Service | ResourceKind::EndpointSlice => "v1",
+            ResourceKind::ServiceExport => "v1alpha1",
+        }
+    }
+
+    /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`,
+    /// `"multicluster.x-k8s.io/v1alpha1"`).
     pub fn api_version(self) -> &'static str {
         match self {
             ResourceKind::Service => "v1",
             ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
+            ResourceKind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
         }
     }
 
@@ -58,7 +87,22 @@ impl ResourceKind {
         match self {
             ResourceKind::Service => "services",
             ResourceKind::EndpointSlice => "endpointslices",
+            ResourceKind::ServiceExport => "serviceexports",
         }
+    }
+
+    /// The singular resource name, as API discovery reports it.
+    pub fn singular(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "service",
+            ResourceKind::EndpointSlice => "endpointslice",
+            ResourceKind::ServiceExport => "serviceexport",
+        }
+    }
+
+    /// Whether the kind comes from a CRD (and so can be absent).
+    pub fn is_custom(self) -> bool {
+        self == ResourceKind::ServiceExport
     }
 
     /// Looks a kind up by its object `kind` name.
@@ -66,10 +110,12 @@ impl ResourceKind {
         Self::ALL.into_iter().find(|k| k.kind() == kind)
     }
 
-    fn short(self) -> &'static str {
+    /// The short name (`kubectl get svc`), also used in continue tokens.
+    pub fn short(self) -> &'static str {
         match self {
             ResourceKind::Service => "svc",
             ResourceKind::EndpointSlice => "eps",
+            ResourceKind::ServiceExport => "svcex",
         }
     }
 
@@ -121,6 +167,8 @@ pub(crate) enum Bus {
     /// The history was compacted by force: open watches end with an
     /// in-stream 410.
     Expired,
+    /// The kind's CRD was removed: its open watches end.
+    Removed(ResourceKind),
 }
 
 /// A parsed `labelSelector`.
@@ -292,6 +340,8 @@ pub(crate) struct Store {
     uid_prefix: u32,
     uid_seq: u64,
     bus: broadcast::Sender<Bus>,
+    /// Custom kinds whose CRD is not installed: not served, not stored.
+    uninstalled: BTreeSet<ResourceKind>,
 }
 
 impl Store {
@@ -316,6 +366,7 @@ impl Store {
             uid_prefix,
             uid_seq: 0,
             bus,
+            uninstalled: BTreeSet::new(),
         }
     }
 
@@ -339,6 +390,13 @@ impl Store {
     /// identical to the stored one is a no-op. Returns the object's
     /// resourceVersion.
     pub fn apply(&mut self, kind: ResourceKind, mut object: Value) -> Result<u64, InvalidObject> {
+        if !self.is_installed(kind) {
+            return Err(InvalidObject(format!(
+                "the {} CRD ({}) is not installed",
+                kind.kind(),
+                kind.api_version()
+            )));
+        }
         let obj = object
             .as_object_mut()
             .ok_or_else(|| InvalidObject("not a JSON object".into()))?;
@@ -445,6 +503,37 @@ impl Store {
         }
         // No receivers is fine.
         let _ = self.bus.send(Bus::Change(change));
+    }
+
+    /// Whether `kind` is served (built-in kinds always are).
+    pub fn is_installed(&self, kind: ResourceKind) -> bool {
+        !self.uninstalled.contains(&kind)
+    }
+
+    /// Installs or removes a custom kind's CRD. Removing it deletes every
+    /// object of the kind (watchers see the DELETED events) and then ends
+    /// the kind's open watches, as the real API server does; afterwards the
+    /// kind's paths answer 404. Built-in kinds cannot be removed. Returns
+    /// whether anything changed.
+    pub fn set_installed(&mut self, kind: ResourceKind, installed: bool) -> bool {
+        if !kind.is_custom() || installed == self.is_installed(kind) {
+            return false;
+        }
+        if installed {
+            self.uninstalled.remove(&kind);
+            return true;
+        }
+        let keys: Vec<Key> = self
+            .objects
+            .get(&kind)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for (ns, name) in keys {
+            self.delete(kind, &ns, &name);
+        }
+        self.uninstalled.insert(kind);
+        let _ = self.bus.send(Bus::Removed(kind));
+        true
     }
 
     /// Forgets the whole history: the counter moves on by one, watches and
@@ -811,5 +900,59 @@ mod tests {
         assert!(
             matches!(s.start_watch(&filter(""), Some(3)).1, WatchStart::Replay { ref lines, .. } if lines.len() == 2)
         );
+    }
+
+    #[test]
+    fn removing_a_crd_deletes_its_objects_and_ends_its_watches() {
+        let (bus, mut rx) = broadcast::channel(16);
+        let mut s = Store::new(100, bus);
+        let export = json!({"metadata": {"name": "web", "namespace": "ns"}});
+        s.apply(ResourceKind::ServiceExport, export.clone())
+            .unwrap();
+        s.apply(ResourceKind::Service, svc("web", json!({})))
+            .unwrap();
+        assert!(!s.set_installed(ResourceKind::Service, false), "built-in");
+        assert!(s.set_installed(ResourceKind::ServiceExport, false));
+        assert!(!s.is_installed(ResourceKind::ServiceExport));
+        assert_eq!(s.count(ResourceKind::ServiceExport), 0);
+        assert_eq!(s.count(ResourceKind::Service), 1);
+        let mut seen = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            seen.push(match msg {
+                Bus::Change(c) => format!("{:?} {}", c.op, c.kind.kind()),
+                Bus::Removed(k) => format!("removed {}", k.kind()),
+                Bus::Expired => "expired".into(),
+            });
+        }
+        assert_eq!(
+            seen,
+            [
+                "Added ServiceExport",
+                "Added Service",
+                "Deleted ServiceExport",
+                "removed ServiceExport"
+            ]
+        );
+        assert!(
+            s.apply(ResourceKind::ServiceExport, export.clone())
+                .is_err()
+        );
+        assert!(s.set_installed(ResourceKind::ServiceExport, true));
+        s.apply(ResourceKind::ServiceExport, export).unwrap();
+        assert_eq!(s.count(ResourceKind::ServiceExport), 1);
+    }
+
+    #[test]
+    fn continue_tokens_name_their_kind() {
+        for kind in ResourceKind::ALL {
+            let t = ContinueToken {
+                kind,
+                namespace: Some("ns".into()),
+                rv: 3,
+                after: ("ns".into(), "a".into()),
+            };
+            assert_eq!(ContinueToken::decode(&t.encode()), Some(t));
+            assert_eq!(ResourceKind::from_kind(kind.kind()), Some(kind));
+        }
     }
 }

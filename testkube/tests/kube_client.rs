@@ -1,16 +1,21 @@
 //! Drives `ferry-testkube` with the real kube-rs client, `watcher` and
-//! reflector: auth, kubeconfig loading, paging, selectors, raw watch events,
-//! in-stream 410s, and the watcher's recovery from history expiry, dropped
-//! watches and a server stop/restart.
+//! reflector: token and client-certificate auth, kubeconfig loading, paging,
+//! selectors, raw watch events, in-stream 410s, the watcher's recovery from
+//! history expiry, dropped watches and a server stop/restart, and MCS
+//! ServiceExports with and without their CRD.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ferry_testkube::{ResourceKind, TestKube};
+use ferry_testkube::{ClientCert, Credentials, ResourceKind, TestKube};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use kube::ResourceExt;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent, WatchParams,
+};
+use kube::discovery::Discovery;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio::sync::mpsc;
 
@@ -733,4 +738,215 @@ async fn service_watcher_with_label_selector() {
     )
     .unwrap();
     eventually("generic apply seen", 20, || names(&reader).len() == 2).await;
+}
+
+fn service_exports(client: kube::Client, ns: Option<&str>) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", "ServiceExport");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "serviceexports");
+    match ns {
+        Some(ns) => Api::namespaced_with(client, ns, &resource),
+        None => Api::all_with(client, &resource),
+    }
+}
+
+fn export_names(list: &[DynamicObject]) -> BTreeSet<String> {
+    list.iter()
+        .map(|o| format!("{}/{}", o.namespace().unwrap(), o.name_any()))
+        .collect()
+}
+
+#[tokio::test]
+async fn service_exports_list_watch_and_vanish_with_their_crd() {
+    let kube = TestKube::start(TOKEN).await;
+    assert!(kube.service_export_crd_installed());
+    kube.apply_service_export("shop", "checkout");
+    kube.apply_service_export("pay", "ledger");
+    let client = kube.client().await;
+
+    // API discovery knows the kind.
+    let gvk = GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", "ServiceExport");
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let (resource, caps) = discovery
+        .resolve_gvk(&gvk)
+        .expect("ServiceExport discovered");
+    assert_eq!(resource.plural, "serviceexports");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+
+    // Lists, cluster-wide and per namespace, with server metadata.
+    let all = service_exports(client.clone(), None)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        export_names(&all.items),
+        BTreeSet::from(["pay/ledger".to_string(), "shop/checkout".to_string()])
+    );
+    assert!(all.items[0].metadata.resource_version.is_some());
+    let shop = service_exports(client.clone(), Some("shop"));
+    let got = shop.get("checkout").await.unwrap();
+    assert_eq!(
+        got.types.as_ref().map(|t| t.kind.as_str()),
+        Some("ServiceExport")
+    );
+
+    // A runtime watcher follows applies and deletes.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut stream = watcher(shop.clone(), watcher::Config::default()).boxed();
+    tokio::spawn(async move {
+        while let Some(ev) = stream.next().await {
+            let seen = match ev {
+                Ok(watcher::Event::InitApply(o)) => format!("init {}", o.name_any()),
+                Ok(watcher::Event::InitDone) => "init done".to_string(),
+                Ok(watcher::Event::Apply(o)) => format!("apply {}", o.name_any()),
+                Ok(watcher::Event::Delete(o)) => format!("delete {}", o.name_any()),
+                Ok(watcher::Event::Init) => continue,
+                Err(e) => format!("error {e}"),
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send("ended".to_string());
+    });
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a watcher event within 10 s")
+            .expect("watcher running")
+    };
+    assert_eq!(next().await, "init checkout");
+    assert_eq!(next().await, "init done");
+    eventually("the watch is open", 10, || kube.open_watches() == 1).await;
+    kube.apply_service_export("shop", "cart");
+    assert_eq!(next().await, "apply cart");
+    assert!(kube.delete_service_export("shop", "cart"));
+    assert_eq!(next().await, "delete cart");
+
+    // Without the CRD: its objects are deleted, the watch ends, and the
+    // kind answers 404 (the watcher's re-watch included) and leaves
+    // discovery.
+    kube.set_service_export_crd(false);
+    assert_eq!(next().await, "delete checkout");
+    let error = next().await;
+    assert!(
+        error.starts_with("error") && error.contains("404"),
+        "{error}"
+    );
+    eventually("the watch is closed", 10, || kube.open_watches() == 0).await;
+    let err = service_exports(client.clone(), None)
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"),
+        "{err:?}"
+    );
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    assert!(discovery.resolve_gvk(&gvk).is_none());
+    assert!(!discovery.has_group("multicluster.x-k8s.io"));
+    assert!(discovery.has_group("discovery.k8s.io"));
+    let refused = kube.apply(
+        ResourceKind::ServiceExport,
+        serde_json::json!({"metadata": {"name": "x", "namespace": "shop"}}),
+    );
+    assert!(refused.is_err(), "no ServiceExport without its CRD");
+
+    // Installed again: empty, and served.
+    kube.set_service_export_crd(true);
+    kube.apply_service_export("shop", "again");
+    let list = service_exports(client, Some("shop"))
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        export_names(&list.items),
+        BTreeSet::from(["shop/again".to_string()])
+    );
+}
+
+/// Every error in `error`'s source chain, as text.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(" <- ");
+        text.push_str(&e.to_string());
+        next = e.source();
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            text.push_str(" <- ");
+            text.push_str(&inner.to_string());
+        }
+    }
+    text
+}
+
+#[tokio::test]
+async fn client_certificates_authenticate_and_a_foreign_one_fails_the_handshake() {
+    let kube = TestKube::start(TOKEN).await;
+    kube.apply_service("default", "web", &[], &[("http", 80)]);
+
+    // A kubeconfig file with client-certificate-data / client-key-data and
+    // no token.
+    let cert = kube.client_cert("ferry-east");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cert.yaml");
+    kube.kubeconfig_with(&path, "east", Credentials::ClientCert(&cert))
+        .unwrap();
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    assert!(yaml.contains("client-certificate-data:") && yaml.contains("client-key-data:"));
+    assert!(!yaml.contains("token:"), "{yaml}");
+    assert!(
+        !format!("{cert:?}").contains("PRIVATE"),
+        "Debug shows no key"
+    );
+    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let list = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    // Watches authenticate the same way.
+    let api = Api::<Service>::all(client);
+    let reader = {
+        let (reader, writer) = reflector::store::<Service>();
+        let stream = reflector(writer, watcher(api, watcher::Config::default()));
+        tokio::spawn(stream.for_each(|_| async {}));
+        reader.wait_until_ready().await.unwrap();
+        reader
+    };
+    kube.apply_service("default", "db", &[], &[("pg", 5432)]);
+    eventually("the watch sees db", 10, || reader.len() == 2).await;
+    let by_user = kube.client_cert_requests();
+    assert_eq!(by_user.keys().collect::<Vec<_>>(), ["ferry-east"]);
+    assert!(by_user["ferry-east"] >= 2, "{by_user:?}");
+
+    // A certificate from another CA: the handshake fails, nothing is served.
+    let lists = kube.list_requests();
+    let foreign = ClientCert::foreign("ferry-east");
+    let client = kube.client_with(Credentials::ClientCert(&foreign)).await;
+    let err = Api::<Service>::all(client)
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    let text = chain(&err);
+    assert!(
+        text.contains("UnknownCA") || text.contains("BadCertificate"),
+        "expected a TLS alert about the client certificate: {text}"
+    );
+    assert_eq!(kube.list_requests(), lists);
+
+    // Bearer tokens keep working next to client certificates.
+    let list = Api::<Service>::all(kube.client().await)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 2);
+    assert_eq!(kube.client_cert_requests().len(), 1);
 }
