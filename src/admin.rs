@@ -25,6 +25,9 @@ pub struct AdminState {
     pub file_status: Arc<Mutex<FileStatus>>,
     pub clusters: ClusterStatuses,
     pub policy: Arc<ferry_migrate::Policy>,
+    pub engine: Arc<ferry_migrate::Engine>,
+    /// "embedded" (redb under --data-dir) or "etcd".
+    pub store: &'static str,
     pub metrics: PrometheusHandle,
 }
 
@@ -70,6 +73,29 @@ struct StatusPage {
     ready: bool,
     catalog: CatalogStatus,
     xds: XdsStatus,
+    policy: PolicyStatus,
+}
+
+#[derive(Serialize)]
+struct PolicyStatus {
+    version: u64,
+    store: &'static str,
+    /// Whether this control plane writes and runs migrations (always with
+    /// the embedded store; the elected leader with etcd).
+    leading: bool,
+    migrations: Vec<MigrationStatus>,
+}
+
+#[derive(Serialize)]
+struct MigrationStatus {
+    id: String,
+    service: String,
+    stage: &'static str,
+    phase: &'static str,
+    step: usize,
+    steps: usize,
+    weights_bp: BTreeMap<String, u32>,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -171,8 +197,29 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .into_iter()
         .map(|k| (k.short(), snapshot.of(k).len()))
         .collect();
+    let migrations = state
+        .engine
+        .list(None, false)
+        .into_iter()
+        .map(|m| MigrationStatus {
+            id: m.id,
+            service: m.plan.service.to_string(),
+            stage: m.stage.as_str(),
+            phase: m.phase.as_str(),
+            step: m.step + 1,
+            steps: m.plan.steps.len(),
+            weights_bp: m.weights.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
+            reason: m.reason,
+        })
+        .collect();
     Json(StatusPage {
         ready: catalog.is_loaded() && snapshot.is_ready(),
+        policy: PolicyStatus {
+            version: state.policy.version(),
+            store: state.store,
+            leading: state.engine.is_leading(),
+            migrations,
+        },
         catalog: CatalogStatus {
             version: catalog.version,
             source,

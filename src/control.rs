@@ -61,6 +61,28 @@ pub struct ControlArgs {
     #[arg(long, default_value = "127.0.0.1:18001", value_name = "ADDR")]
     api_addr: SocketAddr,
 
+    /// etcd endpoints (comma separated, e.g. http://10.0.0.5:2379): keep
+    /// the policy in etcd instead of `--data-dir`, for several control
+    /// planes behind one state. One of them, elected on an etcd lease,
+    /// writes and runs migrations; all of them serve xDS. Needs a ferry
+    /// built with the `etcd` feature.
+    #[arg(long, value_delimiter = ',', value_name = "URLS")]
+    etcd_endpoints: Vec<String>,
+
+    /// Key prefix of this deployment's state in etcd.
+    #[arg(long, default_value = "/ferry", value_name = "PREFIX")]
+    etcd_prefix: String,
+
+    /// TTL of the leadership lease in etcd: a leader that stops renewing
+    /// it is replaced within this time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    etcd_lease_ttl: Duration,
+
+    /// This control plane's name in the leader election (default: the
+    /// host name and the API address).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+
     /// Migrations that may be in flight at once; more wait their turn.
     #[arg(long, default_value_t = 10, value_name = "N")]
     max_concurrent_migrations: usize,
@@ -85,26 +107,38 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
 
     // The persisted policy is loaded before anything is translated or
     // served, so a restart never serves default weights.
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
-    let store = Store::open(&args.data_dir.join("policy.redb"))
-        .with_context(|| format!("opening the policy store in {}", args.data_dir.display()))?;
-    let policy =
-        Arc::new(Policy::load(store, catalog.clone()).context("loading the traffic policy")?);
+    let store = open_store(&args).await?;
+    let policy = Arc::new(
+        Policy::load(store.backend(), catalog.clone()).context("loading the traffic policy")?,
+    );
     let clients = Arc::new(ClientRegistry::default());
     let loads = Arc::new(LoadReports::default());
+    let fleet = Arc::new(ferry_migrate::fleet::Fleet::default());
     let engine = Engine::load(
         policy.clone(),
         catalog.clone(),
         cache.clone(),
         clients.clone(),
         loads.clone(),
+        fleet.clone(),
         EngineConfig {
             concurrency: args.max_concurrent_migrations.max(1),
             ..EngineConfig::default()
         },
     )
     .context("loading the persisted migrations")?;
+    let store_kind = store.kind();
+    store.start(
+        Shared {
+            policy: policy.clone(),
+            engine: engine.clone(),
+            cache: cache.clone(),
+            clients: clients.clone(),
+            loads: loads.clone(),
+            fleet,
+        },
+        shutdown.clone(),
+    );
 
     let source = FileSource::new(&args.catalog);
     let file_status = source.status();
@@ -157,6 +191,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         file_status,
         clusters,
         policy: policy.clone(),
+        engine: engine.clone(),
+        store: store_kind,
         metrics,
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
@@ -200,6 +236,124 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     }
     tracing::info!("ferry control stopped");
     Ok(())
+}
+
+/// The policy store chosen by the flags.
+enum PolicyStore {
+    Embedded(Store),
+    #[cfg(feature = "etcd")]
+    Etcd(Box<EtcdStore>),
+}
+
+/// The etcd store, this control plane's election, and its name in it.
+#[cfg(feature = "etcd")]
+struct EtcdStore {
+    store: ferry_migrate::etcd::EtcdStore,
+    election: ferry_migrate::etcd::Election,
+    node: String,
+}
+
+/// What the HA store keeps in step with its peers.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+struct Shared {
+    policy: Arc<Policy>,
+    engine: Arc<Engine>,
+    cache: Arc<SnapshotCache>,
+    clients: Arc<ClientRegistry>,
+    loads: Arc<LoadReports>,
+    fleet: Arc<ferry_migrate::fleet::Fleet>,
+}
+
+impl PolicyStore {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Embedded(_) => "embedded",
+            #[cfg(feature = "etcd")]
+            Self::Etcd(_) => "etcd",
+        }
+    }
+
+    fn backend(&self) -> Box<dyn ferry_migrate::store::Backend> {
+        match self {
+            Self::Embedded(store) => Box::new(store.clone()),
+            #[cfg(feature = "etcd")]
+            Self::Etcd(etcd) => Box::new(etcd.store.clone()),
+        }
+    }
+
+    /// With etcd: campaign for leadership, follow the shared state and
+    /// share observations with the peers; the engine runs only while
+    /// leading.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    fn start(self, shared: Shared, shutdown: CancellationToken) {
+        match self {
+            Self::Embedded(_) => {}
+            #[cfg(feature = "etcd")]
+            Self::Etcd(parts) => {
+                use ferry_migrate::etcd;
+                let EtcdStore {
+                    store,
+                    election,
+                    node,
+                } = *parts;
+                shared.engine.set_leading(false);
+                tokio::spawn(election.run(shutdown.clone()));
+                tokio::spawn(etcd::share_observations(
+                    store.clone(),
+                    node,
+                    shared.cache,
+                    shared.clients,
+                    shared.loads,
+                    shared.fleet,
+                    shutdown.clone(),
+                ));
+                tokio::spawn(etcd::follow(store, shared.policy, shared.engine, shutdown));
+            }
+        }
+    }
+}
+
+async fn open_store(args: &ControlArgs) -> anyhow::Result<PolicyStore> {
+    if args.etcd_endpoints.is_empty() {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
+        let store = Store::open(&args.data_dir.join("policy.redb"))
+            .with_context(|| format!("opening the policy store in {}", args.data_dir.display()))?;
+        return Ok(PolicyStore::Embedded(store));
+    }
+    open_etcd(args).await
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(args: &ControlArgs) -> anyhow::Result<PolicyStore> {
+    let node = args.node_name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "ferry".to_owned());
+        format!("{host}/{}", args.api_addr)
+    });
+    let config = ferry_migrate::etcd::EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.clone(),
+        node: node.clone(),
+        lease_ttl: args.etcd_lease_ttl,
+    };
+    let (store, election) = ferry_migrate::etcd::connect(config)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
+    tracing::info!(node = %node, endpoints = %args.etcd_endpoints.join(","), prefix = %args.etcd_prefix, "policy store: etcd");
+    Ok(PolicyStore::Etcd(Box::new(EtcdStore {
+        store,
+        election,
+        node,
+    })))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &ControlArgs) -> anyhow::Result<PolicyStore> {
+    anyhow::bail!(
+        "--etcd-endpoints: this ferry was built without etcd support; build it with `--features etcd`"
+    )
 }
 
 /// The traffic API with gRPC health and reflection, so `grpcurl` works.

@@ -48,6 +48,10 @@ impl From<PolicyError> for Status {
                 Status::failed_precondition(message)
             }
             PolicyError::VersionMismatch { .. } => Status::aborted(message),
+            // Another control plane leads: retry there (or later).
+            PolicyError::Store(
+                crate::StoreError::NotLeader { .. } | crate::StoreError::Fenced(_),
+            ) => Status::unavailable(message),
             PolicyError::Store(_) => Status::internal(message),
         }
     }

@@ -7,20 +7,22 @@
 //! records and resumes each migration where it was.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_discovery::{Catalog, CatalogSnapshot, ClusterName, Service, ServiceName, Weights};
 use ferry_xds::lrs::{Load, LoadReports};
 use ferry_xds::status::ClientRegistry;
-use ferry_xds::{ResourceType, Snapshot, SnapshotCache};
+use ferry_xds::{Snapshot, SnapshotCache};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
     self, GateOutcome, Migration, Next, Phase, Plan, Stage, Transition, World, begin_rollback,
 };
-use crate::policy::{Change, Policy, PolicyError, now_ms};
+use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
 
 /// How the engine runs.
 #[derive(Debug, Clone, Copy)]
@@ -48,10 +50,14 @@ pub struct Engine {
     cache: Arc<SnapshotCache>,
     clients: Arc<ClientRegistry>,
     loads: Arc<LoadReports>,
+    fleet: Arc<Fleet>,
     config: EngineConfig,
     migrations: Mutex<BTreeMap<String, Migration>>,
     updates: broadcast::Sender<Migration>,
     wake: Notify,
+    /// Whether migrations run here: always with the embedded store; with
+    /// etcd, only while this control plane is the elected leader.
+    leading: AtomicBool,
 }
 
 /// The live control plane as the stage machine sees it.
@@ -61,6 +67,7 @@ struct LiveWorld<'a> {
     clients: &'a ClientRegistry,
     loads: &'a LoadReports,
     policy: &'a Policy,
+    fleet: &'a Fleet,
 }
 
 impl World for LiveWorld<'_> {
@@ -75,16 +82,10 @@ impl World for LiveWorld<'_> {
             .map(|(_, w, _, _)| w)
     }
 
-    fn served(&self) -> (u64, u64) {
-        (
-            self.snapshot.policy_version,
-            self.snapshot.last_changed[ResourceType::Route.index()],
-        )
-    }
-
-    fn acks(&self, route_version: u64) -> (usize, usize) {
-        self.clients
-            .ack_share(ResourceType::Route.short(), route_version)
+    fn acks(&self, policy_version: u64) -> (usize, usize) {
+        let (acked, total) = local_acks(self.snapshot, self.clients, policy_version);
+        let (peers_acked, peers_total) = self.fleet.acks(policy_version);
+        (acked + peers_acked, total + peers_total)
     }
 
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load {
@@ -101,27 +102,10 @@ impl Engine {
         cache: Arc<SnapshotCache>,
         clients: Arc<ClientRegistry>,
         loads: Arc<LoadReports>,
+        fleet: Arc<Fleet>,
         config: EngineConfig,
     ) -> Result<Arc<Self>, PolicyError> {
-        let mut migrations = BTreeMap::new();
-        let loaded_version = policy.version();
-        for (id, json) in policy.stored_migrations()? {
-            let mut m: Migration =
-                serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {
-                    key: format!("migrations/{id}"),
-                    reason: e.to_string(),
-                })?;
-            // Whatever a migration awaits was persisted at or before the
-            // loaded version.
-            m.applied_version = loaded_version;
-            if !m.stage.is_terminal() {
-                tracing::info!(
-                    id = %m.id, service = %m.plan.service, stage = m.stage.as_str(),
-                    phase = m.phase.as_str(), step = m.step + 1, "migration resumes"
-                );
-            }
-            migrations.insert(id, m);
-        }
+        let migrations = stored_migrations(&policy)?;
         let (updates, _) = broadcast::channel(1024);
         let engine = Arc::new(Self {
             policy,
@@ -129,17 +113,58 @@ impl Engine {
             cache,
             clients,
             loads,
+            fleet,
             config,
             migrations: Mutex::new(migrations),
             updates,
             wake: Notify::new(),
+            leading: AtomicBool::new(true),
         });
         engine.export_gauges(&engine.lock());
         Ok(engine)
     }
 
+    /// Starts or stops running migrations here (leadership).
+    pub fn set_leading(&self, leading: bool) {
+        let was = self.leading.swap(leading, Ordering::SeqCst);
+        if was != leading {
+            tracing::info!(
+                leading,
+                "migration engine {}",
+                if leading {
+                    "runs"
+                } else {
+                    "stopped: not the leader"
+                }
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn is_leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the migrations with the stored ones (a follower following
+    /// the leader, or a new leader taking over).
+    pub fn reload(&self) -> Result<(), PolicyError> {
+        let migrations = stored_migrations(&self.policy)?;
+        let mut map = self.lock();
+        for (id, m) in &migrations {
+            if map.get(id) != Some(m) {
+                let _ = self.updates.send(m.clone());
+            }
+        }
+        *map = migrations;
+        self.export_gauges(&map);
+        Ok(())
+    }
+
+    /// The migrations, locked. A holder may be writing to the store (a
+    /// network round trip with etcd), so the wait never stalls a runtime
+    /// worker.
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Migration>> {
-        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
+        blocking(|| self.migrations.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Every change to any migration, from now on.
@@ -452,8 +477,11 @@ impl Engine {
         }
     }
 
-    /// Advances every migration once.
+    /// Advances every migration once (only while leading).
     pub fn tick(&self) {
+        if !self.is_leading() {
+            return;
+        }
         let catalog = self.catalog.current();
         let snapshot = self.cache.current();
         let world = LiveWorld {
@@ -462,6 +490,7 @@ impl Engine {
             clients: &self.clients,
             loads: &self.loads,
             policy: &self.policy,
+            fleet: &self.fleet,
         };
         let now = now_ms();
         let mut map = self.lock();
@@ -562,6 +591,30 @@ impl Engine {
             }
         }
     }
+}
+
+/// The stored migrations, ready to resume.
+fn stored_migrations(policy: &Policy) -> Result<BTreeMap<String, Migration>, PolicyError> {
+    let mut migrations = BTreeMap::new();
+    let loaded_version = policy.version();
+    for (id, json) in policy.stored_migrations()? {
+        let mut m: Migration =
+            serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {
+                key: format!("migrations/{id}"),
+                reason: e.to_string(),
+            })?;
+        // Whatever a migration awaits was persisted at or before the
+        // loaded version.
+        m.applied_version = loaded_version;
+        if !m.stage.is_terminal() {
+            tracing::info!(
+                id = %m.id, service = %m.plan.service, stage = m.stage.as_str(),
+                phase = m.phase.as_str(), step = m.step + 1, "migration loaded"
+            );
+        }
+        migrations.insert(id, m);
+    }
+    Ok(migrations)
 }
 
 fn encode(m: &Migration) -> Result<String, PolicyError> {

@@ -9,6 +9,9 @@
 
 pub mod api;
 pub mod engine;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod fleet;
 pub mod migration;
 pub mod migration_api;
 pub mod policy;

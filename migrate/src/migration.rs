@@ -204,12 +204,10 @@ pub trait World {
     fn service(&self, name: &ServiceName) -> Option<&Service>;
     /// The weights the service's traffic follows now.
     fn weights(&self, name: &ServiceName) -> Option<Weights>;
-    /// The policy version the served xDS snapshot was translated with, and
-    /// the snapshot version at which its routes last changed.
-    fn served(&self) -> (u64, u64);
-    /// Connected proxies that hold route version `route_version` or later,
-    /// out of all connected proxies that take routes.
-    fn acks(&self, route_version: u64) -> (usize, usize);
+    /// Connected proxies (of every control plane) that hold routes
+    /// translated from policy version `policy_version` or later, out of all
+    /// connected proxies that take routes.
+    fn acks(&self, policy_version: u64) -> (usize, usize);
     /// The load a service's backend in `cluster` reported since `since_ms`.
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load;
 }
@@ -486,15 +484,9 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
 }
 
 fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
-    let (served_policy, route_version) = world.served();
-    let acks = if served_policy >= m.applied_version {
-        world.acks(route_version)
-    } else {
-        (0, world.acks(u64::MAX).1)
-    };
+    let acks = world.acks(m.applied_version);
     let (acked, total) = acks;
-    let enough = served_policy >= m.applied_version
-        && (total == 0 || acked as f64 >= (m.plan.ack_share * total as f64).ceil());
+    let enough = total == 0 || acked as f64 >= (m.plan.ack_share * total as f64).ceil();
     let timed_out = elapsed.as_millis() as u64 > m.plan.ack_timeout_ms;
     if m.stage == Stage::RollingBack {
         if enough || timed_out {
@@ -684,5 +676,288 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
         }
         _ if judged.gates != m.gates => Next::Observe(Box::new(judged)),
         _ => Next::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_discovery::file::parse_catalog;
+    use std::path::Path;
+
+    /// A world whose every reading the test sets.
+    struct Fixed {
+        service: Service,
+        acks: (usize, usize),
+        load: BTreeMap<String, Load>,
+    }
+
+    impl World for Fixed {
+        fn service(&self, _: &ServiceName) -> Option<&Service> {
+            Some(&self.service)
+        }
+        fn weights(&self, _: &ServiceName) -> Option<Weights> {
+            self.service.effective_weights()
+        }
+        fn acks(&self, _: u64) -> (usize, usize) {
+            self.acks
+        }
+        fn load(&self, _: &ServiceName, cluster: &ClusterName, _: i64) -> Load {
+            self.load.get(cluster.as_str()).copied().unwrap_or_default()
+        }
+    }
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).unwrap()
+    }
+
+    fn world() -> Fixed {
+        let yaml = "services:\n  - name: a\n    namespace: ns\n    ports: [{name: http, port: 80}]\n    backends:\n      old1: {endpoints: [\"127.0.0.1:1\", \"127.0.0.2:1\"]}\n      old2: {endpoints: [\"127.0.0.3:1\"]}\n      new: {endpoints: [\"127.0.0.4:1\", \"127.0.0.5:1\"]}\n    weights: {old1: 7500, old2: 2500, new: 0}\n";
+        let service = parse_catalog(Path::new("t.yaml"), yaml).unwrap().remove(0);
+        Fixed {
+            service,
+            acks: (0, 0),
+            load: BTreeMap::new(),
+        }
+    }
+
+    fn migration() -> Migration {
+        Migration {
+            id: "mig-1".into(),
+            plan: Plan {
+                service: ServiceName::parse("a.ns").unwrap(),
+                from: vec![c("old1"), c("old2")],
+                to: c("new"),
+                steps: vec![1000, 5000, 10000],
+                bake_ms: 1000,
+                gates: Gates {
+                    min_requests: 10,
+                    data_timeout_ms: 5000,
+                    ..Gates::default()
+                },
+                ack_share: 1.0,
+                ack_timeout_ms: 2000,
+                double_deploy_timeout_ms: 3000,
+                min_capacity: 0.5,
+                drain_ms: 500,
+            },
+            stage: Stage::Validate,
+            phase: Phase::None,
+            step: 0,
+            paused_from: None,
+            source_weights: BTreeMap::new(),
+            weights: BTreeMap::new(),
+            reason: String::new(),
+            purpose: "test".into(),
+            gates: Vec::new(),
+            created_by: "t".into(),
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            phase_started_ms: 0,
+            applied_version: 0,
+            acks: (0, 0),
+        }
+    }
+
+    fn take(next: Next) -> Transition {
+        match next {
+            Next::Transition(t) => *t,
+            other => panic!("expected a transition, got {other:?}"),
+        }
+    }
+
+    fn bp(w: &Weights, cluster: &str) -> u32 {
+        w.get(&c(cluster)).basis_points()
+    }
+
+    #[test]
+    fn a_migration_walks_every_stage_and_splits_sources_as_they_were() {
+        let mut w = world();
+        let mut m = migration();
+        // Validate → pinned, sources' split recorded.
+        let t = take(next(&m, &w, 0));
+        assert_eq!(t.to.stage, Stage::DoubleDeploy);
+        assert!(matches!(&t.pin, Some(Some(p)) if p.owner == "migration/mig-1"));
+        assert_eq!(
+            t.to.source_weights,
+            BTreeMap::from([(c("old1"), 7500), (c("old2"), 2500)])
+        );
+        m = t.to;
+        // Double deploy → first step: 10 % to new, 90 % split 3:1.
+        let t = take(next(&m, &w, 10));
+        let weights = t.weights.clone().unwrap();
+        assert_eq!(
+            (
+                bp(&weights, "new"),
+                bp(&weights, "old1"),
+                bp(&weights, "old2")
+            ),
+            (1000, 6750, 2250)
+        );
+        m = t.to;
+        assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
+        // Waits for every proxy, then bakes.
+        w.acks = (1, 2);
+        assert!(matches!(next(&m, &w, 20), Next::Observe(_)));
+        w.acks = (2, 2);
+        m = take(next(&m, &w, 30)).to;
+        assert_eq!(m.phase, Phase::Baking);
+        // Healthy data, but the bake is not over: no step yet.
+        w.load.insert(
+            "old1".into(),
+            Load {
+                requests: 100,
+                errors: 1,
+            },
+        );
+        w.load.insert(
+            "new".into(),
+            Load {
+                requests: 20,
+                errors: 0,
+            },
+        );
+        assert!(!matches!(next(&m, &w, 500), Next::Transition(_)));
+        let t = take(next(&m, &w, 1100));
+        assert_eq!(t.to.step, 1);
+        assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 5000);
+        m = t.to;
+        m = take(next(&m, &w, 1200)).to; // acked
+        m = take(next(&m, &w, 2300)).to; // step 3
+        assert_eq!(m.step, 2);
+        m = take(next(&m, &w, 2400)).to; // acked
+        // Last step: the sources carry nothing; the reference is the
+        // source's rate from the step before.
+        w.load.remove("old1");
+        let t = take(next(&m, &w, 3500));
+        assert_eq!(t.to.stage, Stage::Cleanup);
+        assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 10000);
+        m = t.to;
+        assert!(matches!(next(&m, &w, 3600), Next::Wait), "drains first");
+        m = take(next(&m, &w, 4100)).to;
+        assert_eq!(m.stage, Stage::Unpin);
+        let t = take(next(&m, &w, 4200));
+        assert_eq!(t.to.stage, Stage::Done);
+        assert_eq!(t.pin, Some(None), "the pin is released");
+    }
+
+    #[test]
+    fn a_worse_target_rolls_back_at_once_to_the_sources() {
+        let mut w = world();
+        let mut m = migration();
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        assert_eq!(m.phase, Phase::Baking);
+        w.load.insert(
+            "old1".into(),
+            Load {
+                requests: 100,
+                errors: 0,
+            },
+        );
+        w.load.insert(
+            "new".into(),
+            Load {
+                requests: 10,
+                errors: 3,
+            },
+        );
+        // Well before the bake ends.
+        let t = take(next(&m, &w, 100));
+        assert_eq!(t.to.stage, Stage::RollingBack);
+        assert!(
+            t.to.reason.contains("gate failed at step 1"),
+            "{}",
+            t.to.reason
+        );
+        let weights = t.weights.unwrap();
+        assert_eq!(
+            (
+                bp(&weights, "new"),
+                bp(&weights, "old1"),
+                bp(&weights, "old2")
+            ),
+            (0, 7500, 2500)
+        );
+        assert_eq!(t.to.gates.last().unwrap().outcome, GateOutcome::Fail);
+        // Once proxies hold the source weights: rolled back and unpinned.
+        let t = take(next(&t.to, &w, 200));
+        assert_eq!(t.to.stage, Stage::RolledBack);
+        assert_eq!(t.pin, Some(None));
+    }
+
+    #[test]
+    fn not_enough_data_is_never_a_pass() {
+        let mut w = world();
+        let mut m = migration();
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        w.load.insert(
+            "old1".into(),
+            Load {
+                requests: 100,
+                errors: 0,
+            },
+        );
+        w.load.insert(
+            "new".into(),
+            Load {
+                requests: 3,
+                errors: 0,
+            },
+        );
+        // Past the bake, within the data timeout: keeps waiting.
+        match next(&m, &w, 2000) {
+            Next::Observe(seen) => {
+                assert_eq!(
+                    seen.gates.last().unwrap().outcome,
+                    GateOutcome::NotEnoughData
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // Past bake + data timeout: the gate fails.
+        let t = take(next(&m, &w, 7000));
+        assert_eq!(t.to.stage, Stage::RollingBack);
+        assert!(t.to.reason.contains("not enough data"), "{}", t.to.reason);
+    }
+
+    #[test]
+    fn proxies_that_never_ack_roll_the_step_back() {
+        let mut w = world();
+        let mut m = migration();
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        w.acks = (1, 3);
+        assert!(!matches!(next(&m, &w, 1000), Next::Transition(_)));
+        let t = take(next(&m, &w, 2500));
+        assert_eq!(t.to.stage, Stage::RollingBack);
+        assert!(
+            t.to.reason.contains("only 1 of 3 proxies"),
+            "{}",
+            t.to.reason
+        );
+    }
+
+    #[test]
+    fn validation_names_what_is_wrong() {
+        let w = world();
+        let mut plan = migration().plan;
+        plan.to = c("mars");
+        let e = validate(&plan, Some(&w.service)).unwrap_err().to_string();
+        assert!(e.starts_with("to:") && e.contains("mars"), "{e}");
+        let mut plan = migration().plan;
+        plan.from = vec![c("old1")];
+        // old2 carries 25 % and is neither source nor target.
+        let e = source_weights(&plan, &w.service.effective_weights().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("old2"), "{e}");
+        let mut plan = migration().plan;
+        plan.min_capacity = 2.0;
+        let e = validate(&plan, Some(&w.service)).unwrap_err().to_string();
+        assert!(e.contains("ready endpoints"), "{e}");
     }
 }

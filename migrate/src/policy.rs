@@ -6,14 +6,14 @@
 //! weights, pins, version and served config exactly as they were.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_discovery::{Catalog, ClusterName, ServiceName, TOTAL_WEIGHT, Weights};
 use ferry_xds::translate::{PolicyOverrides, WeightOverrides};
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{AuditRecord, Commit, Store, StoreError, StoredPin};
+use crate::store::{AuditRecord, Backend, Commit, Loaded, StoreError, StoredPin};
 
 /// Why a policy change was refused. Each names the field or rule.
 #[derive(Debug, thiserror::Error)]
@@ -126,9 +126,10 @@ pub struct WeightsChange {
     pub owner: String,
 }
 
-#[derive(Debug)]
-struct Inner {
-    store: Store,
+/// The policy at one version. Replaced whole on every change, so readers
+/// never wait on a writer (whose store write may take a network round trip).
+#[derive(Debug, Clone, Default)]
+struct State {
     version: u64,
     weights: WeightOverrides,
     pins: BTreeMap<ServiceName, StoredPin>,
@@ -137,10 +138,25 @@ struct Inner {
 /// The traffic policy and every rule about changing it.
 #[derive(Debug)]
 pub struct Policy {
-    inner: Mutex<Inner>,
+    store: Box<dyn Backend>,
+    /// Serializes writers: a change is validated against, and applied on
+    /// top of, the state no other writer can move meanwhile.
+    writer: Mutex<()>,
+    state: RwLock<Arc<State>>,
     catalog: Arc<Catalog>,
     overrides: watch::Sender<Arc<PolicyOverrides>>,
     events: broadcast::Sender<AuditRecord>,
+}
+
+/// Runs work that may block (store I/O, or waiting for a writer that is
+/// doing it) without stalling the async runtime's worker threads.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -160,34 +176,9 @@ fn format_weights(w: &Weights) -> String {
 impl Policy {
     /// Loads the persisted policy. Call before serving xDS so a restart
     /// never serves default weights.
-    pub fn load(store: Store, catalog: Arc<Catalog>) -> Result<Self, PolicyError> {
-        let loaded = store.load()?;
-        let mut weights = WeightOverrides::new();
-        for (service, entries) in loaded.weights {
-            let name = ServiceName::parse(&service).map_err(|e| StoreError::Corrupt {
-                key: service.clone(),
-                reason: e.to_string(),
-            })?;
-            let mut map = BTreeMap::new();
-            for (cluster, bp) in entries {
-                let c = ClusterName::new(&cluster).map_err(|e| StoreError::Corrupt {
-                    key: service.clone(),
-                    reason: e.to_string(),
-                })?;
-                map.insert(c, bp);
-            }
-            let w = Weights::new(map).map_err(|e| StoreError::Corrupt {
-                key: service.clone(),
-                reason: e.to_string(),
-            })?;
-            weights.insert(name, w);
-        }
-        let mut pins = BTreeMap::new();
-        for (service, pin) in loaded.pins {
-            if let Ok(name) = ServiceName::parse(&service) {
-                pins.insert(name, pin);
-            }
-        }
+    pub fn load(store: Box<dyn Backend>, catalog: Arc<Catalog>) -> Result<Self, PolicyError> {
+        let loaded = blocking(|| store.load())?;
+        let (weights, pins) = decode(&loaded)?;
         tracing::info!(
             version = loaded.version,
             services_with_weights = weights.len(),
@@ -201,20 +192,62 @@ impl Policy {
         }));
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
-            inner: Mutex::new(Inner {
-                store,
+            store,
+            writer: Mutex::new(()),
+            state: RwLock::new(Arc::new(State {
                 version: loaded.version,
                 weights,
                 pins,
-            }),
+            })),
             catalog,
             overrides,
             events,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    /// Reloads the policy from the store when it holds a newer version
+    /// (another control plane wrote it); returns whether anything changed.
+    pub fn reload(&self) -> Result<bool, PolicyError> {
+        blocking(|| {
+            let _writer = self.writer();
+            let current = self.state();
+            let loaded = self.store.load()?;
+            if loaded.version == current.version {
+                return Ok(false);
+            }
+            let (weights, pins) = decode(&loaded)?;
+            tracing::info!(
+                from = current.version,
+                to = loaded.version,
+                "traffic policy followed the store"
+            );
+            self.publish(State {
+                version: loaded.version,
+                weights,
+                pins,
+            });
+            Ok(true)
+        })
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The policy now.
+    fn state(&self) -> Arc<State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes `next` the policy and hands its weights to translation.
+    fn publish(&self, next: State) {
+        metrics::gauge!("ferry_migrate_policy_version").set(next.version as f64);
+        let overrides = Arc::new(PolicyOverrides {
+            version: next.version,
+            weights: next.weights.clone(),
+        });
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        self.overrides.send_replace(overrides);
     }
 
     /// The weight overrides the xDS translation applies.
@@ -228,7 +261,7 @@ impl Policy {
     }
 
     pub fn version(&self) -> u64 {
-        self.lock().version
+        self.state().version
     }
 
     /// The weights `service` follows now, their source, and the version.
@@ -237,7 +270,7 @@ impl Policy {
         service: &str,
     ) -> Result<(ServiceName, Weights, WeightsSource, u64), PolicyError> {
         let name = parse_service(service)?;
-        let inner = self.lock();
+        let inner = self.state();
         let catalog = self.catalog.current();
         let svc = catalog.services.get(&name).ok_or_else(|| {
             PolicyError::NotFound(format!("service {name} is not in the catalog"))
@@ -258,6 +291,10 @@ impl Policy {
 
     /// Sets (or, with no weights, clears) a service's weights.
     pub fn set_weights(&self, change: &WeightsChange, actor: &str) -> Result<u64, PolicyError> {
+        blocking(|| self.set_weights_now(change, actor))
+    }
+
+    fn set_weights_now(&self, change: &WeightsChange, actor: &str) -> Result<u64, PolicyError> {
         let name = parse_service(&change.service)?;
         if change.reason.trim().is_empty() {
             return Err(invalid(
@@ -266,7 +303,8 @@ impl Policy {
             ));
         }
         let requested = parse_weights(&change.weights)?;
-        let mut inner = self.lock();
+        let _writer = self.writer();
+        let inner = self.state();
         let catalog = self.catalog.current();
         let service = catalog.services.get(&name).ok_or_else(|| {
             PolicyError::NotFound(format!("service {name} is not in the catalog"))
@@ -297,7 +335,7 @@ impl Policy {
             None => ("clear_weights", "back to the catalog's weights".to_owned()),
         };
         self.commit_locked(
-            &mut inner,
+            &inner,
             Change {
                 weights: Some(requested),
                 ..Change::new(
@@ -319,6 +357,16 @@ impl Policy {
         reason: &str,
         ttl_seconds: u64,
     ) -> Result<Pin, PolicyError> {
+        blocking(|| self.pin_now(service, owner, reason, ttl_seconds))
+    }
+
+    fn pin_now(
+        &self,
+        service: &str,
+        owner: &str,
+        reason: &str,
+        ttl_seconds: u64,
+    ) -> Result<Pin, PolicyError> {
         let name = parse_service(service)?;
         if owner.trim().is_empty() {
             return Err(invalid("owner", "an owner is required"));
@@ -332,7 +380,8 @@ impl Policy {
         if ttl_seconds > 365 * 24 * 3600 {
             return Err(invalid("ttl_seconds", "at most one year"));
         }
-        let mut inner = self.lock();
+        let _writer = self.writer();
+        let inner = self.state();
         if !self.catalog.current().services.contains_key(&name) {
             return Err(PolicyError::NotFound(format!(
                 "service {name} is not in the catalog"
@@ -356,7 +405,7 @@ impl Policy {
             format!("ttl {ttl_seconds}s")
         };
         self.commit_locked(
-            &mut inner,
+            &inner,
             Change {
                 pin: Some(Some(pin.clone())),
                 ..Change::new(
@@ -373,11 +422,16 @@ impl Policy {
 
     /// Releases a pin; only its owner may.
     pub fn unpin(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
+        blocking(|| self.unpin_now(service, owner, reason))
+    }
+
+    fn unpin_now(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
         let name = parse_service(service)?;
         if owner.trim().is_empty() {
             return Err(invalid("owner", "an owner is required"));
         }
-        let mut inner = self.lock();
+        let _writer = self.writer();
+        let inner = self.state();
         let Some(pin) = inner.pins.get(&name) else {
             return Err(PolicyError::NotFound(format!(
                 "service {name} is not pinned"
@@ -390,12 +444,17 @@ impl Policy {
                 reason: pin.reason.clone(),
             });
         }
-        self.remove_pin(&mut inner, &name, owner, "unpin", reason)
+        self.remove_pin(&inner, &name, owner, "unpin", reason)
     }
 
     /// Releases every pin whose TTL has passed; returns how many.
     pub fn expire_pins(&self) -> Result<usize, PolicyError> {
-        let mut inner = self.lock();
+        blocking(|| self.expire_pins_now())
+    }
+
+    fn expire_pins_now(&self) -> Result<usize, PolicyError> {
+        let _writer = self.writer();
+        let inner = self.state();
         let now = now_ms();
         let expired: Vec<ServiceName> = inner
             .pins
@@ -404,14 +463,14 @@ impl Policy {
             .map(|(n, _)| n.clone())
             .collect();
         for name in &expired {
-            self.remove_pin(&mut inner, name, "ferry", "pin_expired", "TTL passed")?;
+            self.remove_pin(&self.state(), name, "ferry", "pin_expired", "TTL passed")?;
         }
         Ok(expired.len())
     }
 
     fn remove_pin(
         &self,
-        inner: &mut Inner,
+        inner: &State,
         name: &ServiceName,
         actor: &str,
         action: &str,
@@ -442,15 +501,20 @@ impl Policy {
     /// transaction before any of it takes effect. Refused, changing
     /// nothing, when another owner holds the service's pin.
     pub fn transact(&self, change: Change) -> Result<u64, PolicyError> {
-        let mut inner = self.lock();
+        blocking(|| self.transact_now(change))
+    }
+
+    fn transact_now(&self, change: Change) -> Result<u64, PolicyError> {
+        let _writer = self.writer();
+        let inner = self.state();
         if let Some(owner) = &change.acting_owner {
             check_pin(&inner, &change.service, owner)?;
         }
-        self.commit_locked(&mut inner, change)
+        self.commit_locked(&inner, change)
     }
 
     /// Persists `change`, then applies and publishes it.
-    fn commit_locked(&self, inner: &mut Inner, change: Change) -> Result<u64, PolicyError> {
+    fn commit_locked(&self, inner: &State, change: Change) -> Result<u64, PolicyError> {
         let version = inner.version + 1;
         let commit = Commit {
             version,
@@ -474,43 +538,44 @@ impl Policy {
                 detail: change.detail,
             },
         };
-        inner.store.commit(&commit)?;
+        self.store.commit(&commit)?;
+        let mut next = inner.clone();
+        next.version = version;
         if let Some(weights) = change.weights {
             match weights {
-                Some(w) => inner.weights.insert(change.service.clone(), w),
-                None => inner.weights.remove(&change.service),
+                Some(w) => next.weights.insert(change.service.clone(), w),
+                None => next.weights.remove(&change.service),
             };
         }
         match change.pin {
             Some(Some(pin)) => {
-                inner.pins.insert(change.service.clone(), pin);
+                next.pins.insert(change.service.clone(), pin);
             }
             Some(None) => {
-                inner.pins.remove(&change.service);
+                next.pins.remove(&change.service);
             }
             None => {}
         }
-        self.accepted(inner, commit.audit);
-        if commit.weights.is_some() {
-            self.overrides.send_replace(Arc::new(PolicyOverrides {
-                version,
-                weights: inner.weights.clone(),
-            }));
-        }
+        self.publish(next);
+        self.accepted(commit.audit);
         Ok(version)
     }
 
     /// Stored migration records (id → JSON), for the engine to resume.
     pub fn stored_migrations(&self) -> Result<BTreeMap<String, String>, PolicyError> {
-        Ok(self.lock().store.load()?.migrations)
+        Ok(blocking(|| self.store.load())?.migrations)
     }
 
     pub fn pins(&self) -> Vec<Pin> {
-        self.lock().pins.iter().map(|(n, p)| to_pin(n, p)).collect()
+        self.state()
+            .pins
+            .iter()
+            .map(|(n, p)| to_pin(n, p))
+            .collect()
     }
 
     pub fn pin_of(&self, name: &ServiceName) -> Option<Pin> {
-        self.lock().pins.get(name).map(|p| to_pin(name, p))
+        self.state().pins.get(name).map(|p| to_pin(name, p))
     }
 
     pub fn audit(
@@ -518,12 +583,10 @@ impl Policy {
         service: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, PolicyError> {
-        Ok(self.lock().store.audit(service, limit)?)
+        Ok(blocking(|| self.store.audit(service, limit))?)
     }
 
-    fn accepted(&self, inner: &mut Inner, record: AuditRecord) {
-        inner.version = record.version;
-        metrics::gauge!("ferry_migrate_policy_version").set(record.version as f64);
+    fn accepted(&self, record: AuditRecord) {
         metrics::counter!("ferry_migrate_policy_changes_total", "action" => record.action.clone())
             .increment(1);
         tracing::info!(
@@ -533,6 +596,34 @@ impl Policy {
         );
         let _ = self.events.send(record);
     }
+}
+
+type Decoded = (WeightOverrides, BTreeMap<ServiceName, StoredPin>);
+
+/// Weights and pins from their stored form; a record that does not parse
+/// is corruption, named by its key.
+fn decode(loaded: &Loaded) -> Result<Decoded, PolicyError> {
+    let corrupt = |key: &str, e: &dyn std::fmt::Display| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut weights = WeightOverrides::new();
+    for (service, entries) in &loaded.weights {
+        let name = ServiceName::parse(service).map_err(|e| corrupt(service, &e))?;
+        let mut map = BTreeMap::new();
+        for (cluster, bp) in entries {
+            let c = ClusterName::new(cluster).map_err(|e| corrupt(service, &e))?;
+            map.insert(c, *bp);
+        }
+        let w = Weights::new(map).map_err(|e| corrupt(service, &e))?;
+        weights.insert(name, w);
+    }
+    let mut pins = BTreeMap::new();
+    for (service, pin) in &loaded.pins {
+        let name = ServiceName::parse(service).map_err(|e| corrupt(service, &e))?;
+        pins.insert(name, pin.clone());
+    }
+    Ok((weights, pins))
 }
 
 fn to_pin(name: &ServiceName, p: &StoredPin) -> Pin {
@@ -577,7 +668,7 @@ fn parse_weights(entries: &[(String, u32)]) -> Result<Option<Weights>, PolicyErr
         .map_err(|e| invalid("weights", e.to_string()))
 }
 
-fn check_pin(inner: &Inner, name: &ServiceName, owner: &str) -> Result<(), PolicyError> {
+fn check_pin(inner: &State, name: &ServiceName, owner: &str) -> Result<(), PolicyError> {
     match inner.pins.get(name) {
         Some(pin)
             if pin.owner != owner && (pin.expires_at_ms == 0 || pin.expires_at_ms > now_ms()) =>
@@ -592,7 +683,7 @@ fn check_pin(inner: &Inner, name: &ServiceName, owner: &str) -> Result<(), Polic
     }
 }
 
-fn check_version(inner: &Inner, expected: u64) -> Result<(), PolicyError> {
+fn check_version(inner: &State, expected: u64) -> Result<(), PolicyError> {
     if expected != 0 && expected != inner.version {
         return Err(PolicyError::VersionMismatch {
             expected,
@@ -605,6 +696,7 @@ fn check_version(inner: &Inner, expected: u64) -> Result<(), PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
     use ferry_discovery::file::parse_catalog;
     use std::path::Path;
 
@@ -634,7 +726,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.redb");
         {
-            let policy = Policy::load(Store::open(&path).unwrap(), catalog()).unwrap();
+            let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog()).unwrap();
             assert_eq!(
                 policy
                     .set_weights(&change(&[("old", 2500), ("new", 7500)]), "t")
@@ -645,7 +737,7 @@ mod tests {
             assert!(policy.set_weights(&change(&[("old", 1)]), "t").is_err());
             assert_eq!(policy.version(), 2);
         }
-        let policy = Policy::load(Store::open(&path).unwrap(), catalog()).unwrap();
+        let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog()).unwrap();
         assert_eq!(policy.version(), 2);
         let (_, w, source, _) = policy.weights("a.ns").unwrap();
         assert_eq!(source, WeightsSource::Policy);

@@ -1,7 +1,10 @@
-//! The embedded policy store: one `redb` file, written in one transaction
-//! per accepted change (weights or pin, audit entry and policy version
-//! together), so a crash never leaves half a change and nothing accepted is
-//! lost.
+//! Where the policy lives. Every [`Backend`] writes one accepted change
+//! (weights or pin, migration record, audit entry and policy version) in
+//! one transaction, so a crash never leaves half a change and nothing
+//! accepted is lost.
+//!
+//! [`Store`] is the embedded default: one `redb` file under `--data-dir`.
+//! The etcd backend (feature `etcd`) is in [`crate::etcd`].
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +26,23 @@ pub enum StoreError {
     Db(String),
     #[error("policy store: corrupt record {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// This instance does not lead; only the leader writes.
+    #[error("this control plane is not the leader ({leader}); send changes to the leader")]
+    NotLeader { leader: String },
+    /// The write carried a leadership that is no longer current: a deposed
+    /// leader's late write, refused by the store.
+    #[error("write refused: this control plane's leadership ended ({0})")]
+    Fenced(String),
+}
+
+/// A policy store.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Everything stored, as of now.
+    fn load(&self) -> Result<Loaded, StoreError>;
+    /// Writes one change; returns once it is durable.
+    fn commit(&self, change: &Commit) -> Result<(), StoreError>;
+    /// The newest `limit` audit entries (about `service`, if given), oldest first.
+    fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
@@ -76,10 +96,10 @@ pub struct Commit {
     pub audit: AuditRecord,
 }
 
-/// The policy store.
-#[derive(Debug)]
+/// The embedded policy store (cheap to clone: one shared file handle).
+#[derive(Debug, Clone)]
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
 }
 
 impl Store {
@@ -95,10 +115,14 @@ impl Store {
             txn.open_table(MIGRATIONS).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: std::sync::Arc::new(db),
+        })
     }
+}
 
-    pub fn load(&self) -> Result<Loaded, StoreError> {
+impl Backend for Store {
+    fn load(&self) -> Result<Loaded, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let mut loaded = Loaded {
             version: txn
@@ -144,8 +168,7 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Writes one change; returns once it is durable.
-    pub fn commit(&self, change: &Commit) -> Result<(), StoreError> {
+    fn commit(&self, change: &Commit) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             if let Some(weights) = &change.weights {
@@ -173,12 +196,7 @@ impl Store {
         txn.commit().map_err(db_err)
     }
 
-    /// The newest `limit` audit entries (about `service`, if given), oldest first.
-    pub fn audit(
-        &self,
-        service: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(AUDIT).map_err(db_err)?;
         let mut out = Vec::new();
@@ -217,7 +235,7 @@ fn put_or_remove<T: Serialize>(
     Ok(())
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T, StoreError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
         key: key.to_owned(),
         reason: e.to_string(),

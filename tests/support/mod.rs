@@ -76,7 +76,10 @@ pub struct Proc(Option<Child>);
 
 impl Proc {
     fn spawn(cmd: &mut Command) -> Self {
-        Self(Some(cmd.spawn().expect("spawn")))
+        match cmd.spawn() {
+            Ok(child) => Self(Some(child)),
+            Err(e) => panic!("cannot start {:?}: {e}", cmd.get_program()),
+        }
     }
 
     pub fn kill(&mut self) {
@@ -113,11 +116,18 @@ pub struct Ferry {
     pub admin_port: u16,
     pub listener_port: u16,
     pub api_port: u16,
+    /// Extra `ferry control` flags.
+    extra: Vec<String>,
     proc: Proc,
 }
 
 impl Ferry {
     pub async fn start(catalog_yaml: &str) -> Self {
+        Self::start_with(catalog_yaml, &[]).await
+    }
+
+    /// Starts with extra `ferry control` flags.
+    pub async fn start_with(catalog_yaml: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let catalog = dir.path().join("catalog.yaml");
         std::fs::write(&catalog, catalog_yaml).expect("write catalog");
@@ -128,6 +138,7 @@ impl Ferry {
             admin_port: free_port(),
             listener_port: free_port(),
             api_port: free_port(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             proc: Proc(None),
         };
         // A port picked free can be taken by another test before ferry
@@ -186,6 +197,7 @@ impl Ferry {
                 .args(["--api-addr", &format!("127.0.0.1:{}", self.api_port)])
                 .arg("--data-dir")
                 .arg(self.dir.path().join("data"))
+                .args(&self.extra)
                 .env("RUST_LOG", "info,ferry_xds=debug")
                 .stdout(Stdio::null())
                 .stderr(log),
@@ -555,4 +567,46 @@ pub fn ferry_cli(ferry: &Ferry, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A real etcd (Debian's etcd-server; FERRY_ETCD names another binary) on
+/// loopback ports, with its data in a temporary directory.
+pub struct Etcd {
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Etcd {
+    pub async fn start() -> Self {
+        let bin = std::env::var("FERRY_ETCD").unwrap_or_else(|_| "etcd".to_owned());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+        let proc = Proc::spawn(
+            Command::new(&bin)
+                .args(["--name", "ferry-test"])
+                .arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &endpoint])
+                .args(["--advertise-client-urls", &endpoint])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("ferry-test={peer_url}")])
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        let etcd = Self {
+            endpoint,
+            _dir: dir,
+            _proc: proc,
+        };
+        eventually(Duration::from_secs(20), "etcd healthy", || async move {
+            matches!(http_get(client, "localhost", "/health").await, Ok((200, body)) if body.contains("true"))
+        })
+        .await;
+        etcd
+    }
 }

@@ -51,6 +51,9 @@ struct Sample {
 #[derive(Debug)]
 pub struct LoadReports {
     series: Mutex<BTreeMap<(String, String), VecDeque<Sample>>>,
+    /// Everything this control plane's own clients reported since it
+    /// started, per (service, cluster): what it shares with its peers.
+    totals: Mutex<BTreeMap<(String, String), Load>>,
     retention: Duration,
 }
 
@@ -79,6 +82,7 @@ impl LoadReports {
     pub fn new(retention: Duration) -> Self {
         Self {
             series: Mutex::new(BTreeMap::new()),
+            totals: Mutex::new(BTreeMap::new()),
             retention,
         }
     }
@@ -98,6 +102,32 @@ impl LoadReports {
         metrics::counter!("ferry_lrs_requests_total", "outcome" => "total")
             .increment(load.requests);
         metrics::counter!("ferry_lrs_requests_total", "outcome" => "error").increment(load.errors);
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+            let total = totals
+                .entry((service.to_owned(), cluster.to_owned()))
+                .or_default();
+            total.requests += load.requests;
+            total.errors += load.errors;
+        }
+        self.record_remote(service, cluster, load, at_ms);
+    }
+
+    /// Everything this control plane's own clients reported since it
+    /// started, per (service, cluster).
+    pub fn totals(&self) -> BTreeMap<(String, String), Load> {
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records load another control plane's clients reported (shared
+    /// through the HA store), at `at_ms`.
+    pub fn record_remote(&self, service: &str, cluster: &str, load: Load, at_ms: i64) {
+        if load == Load::default() {
+            return;
+        }
         let mut series = self.lock();
         let entry = series
             .entry((service.to_owned(), cluster.to_owned()))
