@@ -24,9 +24,66 @@ pub struct Conn {
     /// Output: a human table, or JSON for scripts.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
-    /// Who is acting (recorded in the audit log).
+    /// Who is acting (recorded in the audit log when the API does not
+    /// authenticate callers).
     #[arg(long, global = true, env = "FERRY_ACTOR", default_value = "")]
     pub actor: String,
+    /// Bearer token for an API that requires one.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub token: String,
+    /// CA (PEM) that signed the API's certificate (for an https:// server).
+    #[arg(long, global = true, env = "FERRY_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for an API that takes mutual TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_CERT",
+        value_name = "FILE",
+        requires = "key"
+    )]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "FERRY_KEY",
+        value_name = "FILE",
+        requires = "cert"
+    )]
+    pub key: Option<std::path::PathBuf>,
+}
+
+/// A channel to the API, with TLS (and a client certificate) as asked.
+pub async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
+    let mut endpoint = Channel::from_shared(conn.server.clone())
+        .with_context(|| format!("--server {:?} is not a URL", conn.server))?;
+    if conn.server.starts_with("https://") || conn.ca.is_some() || conn.cert.is_some() {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &conn.ca {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(tls).context("API TLS settings")?;
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the API at {}", conn.server))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
@@ -70,9 +127,7 @@ pub enum WeightsCommand {
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<TrafficClient<Channel>> {
-    TrafficClient::connect(conn.server.clone())
-        .await
-        .with_context(|| format!("connecting to the traffic API at {}", conn.server))
+    Ok(TrafficClient::new(channel(conn).await?))
 }
 
 pub fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
@@ -81,6 +136,11 @@ pub fn request<T>(conn: &Conn, message: T) -> tonic::Request<T> {
         && let Ok(v) = conn.actor.parse()
     {
         r.metadata_mut().insert("x-ferry-actor", v);
+    }
+    if !conn.token.is_empty()
+        && let Ok(v) = format!("Bearer {}", conn.token).parse()
+    {
+        r.metadata_mut().insert("authorization", v);
     }
     r
 }

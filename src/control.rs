@@ -83,6 +83,27 @@ pub struct ControlArgs {
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
 
+    /// Serve the traffic and migrations APIs over TLS with this
+    /// certificate chain (PEM); needs --api-tls-key.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    api_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --api-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_tls_key: Option<PathBuf>,
+
+    /// Accept client certificates signed by this CA (PEM): mutual TLS. The
+    /// certificate's subject CN is the caller's identity. Needs
+    /// --api-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    api_client_ca: Option<PathBuf>,
+
+    /// Identities and roles (YAML: bearer tokens and client certificate
+    /// names, each `read` or `write`). With it, every API call must be
+    /// authenticated, and the identity is the audit log's actor.
+    #[arg(long, value_name = "FILE")]
+    api_auth: Option<PathBuf>,
+
     /// Migrations that may be in flight at once; more wait their turn.
     #[arg(long, default_value_t = 10, value_name = "N")]
     max_concurrent_migrations: usize,
@@ -173,6 +194,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(args.admin_addr)
         .await
         .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    let api_security = ApiSecurity::load(&args)?;
     let api_listener = TcpListener::bind(args.api_addr)
         .await
         .with_context(|| format!("binding the traffic API address {}", args.api_addr))?;
@@ -200,6 +222,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     tokio::spawn(expire_pins(policy.clone(), shutdown.clone()));
     let api_task = tokio::spawn(serve_api(
         api_listener,
+        api_security,
         TrafficApi::new(policy, catalog.clone()),
         MigrationsApi::new(engine.clone()),
         shutdown.clone(),
@@ -357,8 +380,55 @@ async fn open_etcd(_: &ControlArgs) -> anyhow::Result<PolicyStore> {
 }
 
 /// The traffic API with gRPC health and reflection, so `grpcurl` works.
+/// TLS and auth of the API server, read from the flags' files.
+struct ApiSecurity {
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    auth: ferry_migrate::auth::AuthLayer,
+}
+
+impl ApiSecurity {
+    fn load(args: &ControlArgs) -> anyhow::Result<Self> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("{what}: reading {}", path.display()))
+        };
+        let tls = match (&args.api_tls_cert, &args.api_tls_key) {
+            (Some(cert), Some(key)) => {
+                let identity = tonic::transport::Identity::from_pem(
+                    read(cert, "--api-tls-cert")?,
+                    read(key, "--api-tls-key")?,
+                );
+                let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+                if let Some(ca) = &args.api_client_ca {
+                    tls = tls
+                        .client_ca_root(tonic::transport::Certificate::from_pem(read(
+                            ca,
+                            "--api-client-ca",
+                        )?))
+                        // Bearer tokens remain a way in; the auth layer
+                        // refuses calls with neither.
+                        .client_auth_optional(args.api_auth.is_some());
+                }
+                Some(tls)
+            }
+            _ => None,
+        };
+        let auth = match &args.api_auth {
+            Some(path) => Some(ferry_migrate::auth::AuthConfig::load(path).context("--api-auth")?),
+            None => None,
+        };
+        if auth.is_none() && !args.api_addr.ip().is_loopback() {
+            tracing::warn!(addr = %args.api_addr, "the traffic API is open to anyone who can reach it: use --api-auth");
+        }
+        Ok(Self {
+            tls,
+            auth: ferry_migrate::auth::AuthLayer::new(auth),
+        })
+    }
+}
+
 async fn serve_api(
     listener: TcpListener,
+    security: ApiSecurity,
     api: TrafficApi,
     migrations: MigrationsApi,
     shutdown: CancellationToken,
@@ -373,7 +443,18 @@ async fn serve_api(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferry_proto::ferry::v1::FILE_DESCRIPTOR_SET)
         .build_v1();
-    let mut router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls {
+        server = match server.tls_config(tls) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid API TLS configuration");
+                return Err(e);
+            }
+        };
+    }
+    let mut router = server
+        .layer(security.auth)
         .add_service(health)
         .add_service(api.into_service())
         .add_service(migrations.into_service());

@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 
-use anyhow::Context;
 use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
 use ferry_proto::ferry::v1::{
     CreateMigrationRequest, Gates, GetMigrationRequest, ListMigrationsRequest, Migration,
@@ -104,9 +103,7 @@ pub struct StartArgs {
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<MigrationsClient<Channel>> {
-    MigrationsClient::connect(conn.server.clone())
-        .await
-        .with_context(|| format!("connecting to the migrations API at {}", conn.server))
+    Ok(MigrationsClient::new(crate::cli::channel(conn).await?))
 }
 
 pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@
 //! - [`api`]: the `ferry.v1.Traffic` gRPC service.
 
 pub mod api;
+pub mod auth;
 pub mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;
