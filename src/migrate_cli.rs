@@ -76,6 +76,21 @@ pub struct StartArgs {
     /// Gate: requests each side needs per step before it decides.
     #[arg(long, default_value_t = 50)]
     min_requests: u64,
+    /// Gate: the target's p99 may be at most this many times the source's
+    /// (0: off). Needs --prometheus-url.
+    #[arg(long, default_value_t = 0.0)]
+    max_p99_ratio: f64,
+    /// Gate: the target's p99 may be at most this many milliseconds (0: off).
+    /// Needs --prometheus-url.
+    #[arg(long, default_value_t = 0)]
+    max_p99_ms: u64,
+    /// Prometheus server the latency gates query (http://host:port).
+    #[arg(long, default_value = "")]
+    prometheus_url: String,
+    /// PromQL for one side's p99 in ms ({name}, {namespace}, {cluster},
+    /// {window}); default: Envoy's upstream request time histogram.
+    #[arg(long, default_value = "")]
+    p99_query: String,
     /// Gate: longest wait for enough data past the bake time.
     #[arg(long, default_value = "5m")]
     data_timeout: String,
@@ -120,6 +135,10 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                 max_error_rate_increase,
                 max_error_rate,
                 min_requests,
+                max_p99_ratio,
+                max_p99_ms,
+                prometheus_url,
+                p99_query,
                 data_timeout,
                 ack_share,
                 ack_timeout,
@@ -140,7 +159,10 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                     max_error_rate_pct: max_error_rate,
                     min_requests,
                     data_timeout,
-                    ..Default::default()
+                    prometheus_url,
+                    max_p99_ratio,
+                    max_p99_ms,
+                    p99_query,
                 }),
                 ack_share,
                 ack_timeout,

@@ -14,7 +14,7 @@ use ferry_proto::ferry::v1::{
     ListMigrationsRequest, ListPinsRequest, Migration, MigrationActionRequest, PinRequest,
 };
 use futures::StreamExt;
-use support::{Ads, Backends, Envoy, Ferry, Steady, ferry_cli, share, split};
+use support::{Ads, Backends, Envoy, Ferry, Prometheus, Steady, ferry_cli, share, split};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -563,16 +563,16 @@ async fn bad_migration_requests_are_refused_naming_the_field_and_change_nothing(
             "ack_share",
         ),
         (
-            "unknown provider",
+            "latency gate without Prometheus",
             CreateMigrationRequest {
                 gates: Some(Gates {
-                    provider: "datadog".into(),
+                    max_p99_ratio: 2.0,
                     ..Default::default()
                 }),
                 ..ok.clone()
             },
             Code::InvalidArgument,
-            "gates.provider",
+            "gates.prometheus_url",
         ),
         (
             "no reason",
@@ -771,4 +771,54 @@ async fn the_cli_starts_steers_and_watches_migrations() {
     let (_, out, _) = cli(&["weights", "get", "checkout.shop", "-o", "json"]);
     let w: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(w["weights_bp"]["old"], 10000, "{w}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slower_target_fails_the_latency_gate_read_from_prometheus() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    // The new side answers correctly, but slowly.
+    backends.set_delay("new/a", 80);
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let prometheus = Prometheus::start(&envoy).await;
+    support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
+        share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
+    })
+    .await;
+    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(60));
+    let mut request = plan(&[50.0, 100.0], "8s");
+    request.gates = Some(Gates {
+        min_requests: 20,
+        data_timeout: "20s".into(),
+        prometheus_url: prometheus.url.clone(),
+        max_p99_ratio: 3.0,
+        ..Default::default()
+    });
+    let created = api
+        .create_migration(request)
+        .await
+        .expect("create")
+        .into_inner();
+    let updates = follow(&mut api, &created.id, Duration::from_secs(45)).await;
+    let answers = steady.stop().await;
+    let last = &updates.last().expect("updates").1;
+    assert_eq!(last.stage, "ROLLED_BACK", "{last:?}\n{}", ferry.log());
+    assert!(
+        last.reason.contains("gate failed at step 1") && last.reason.contains("p99"),
+        "reason names the latency gate: {}",
+        last.reason
+    );
+    let g = last.gates.last().expect("gate result");
+    assert_eq!(g.outcome, "fail");
+    assert!(g.target_p99_ms >= 60.0, "target p99 {} ms", g.target_p99_ms);
+    assert!(g.source_p99_ms < 25.0, "source p99 {} ms", g.source_p99_ms);
+    // No error anywhere: only latency told the sides apart.
+    assert_eq!(g.target_errors, 0);
+    assert!(
+        answers
+            .iter()
+            .all(|(_, k)| k.starts_with("old/") || k.starts_with("new/"))
+    );
+    assert_eq!(last.weights.get("new"), Some(&0));
 }

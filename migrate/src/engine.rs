@@ -20,9 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
-    self, GateOutcome, Migration, Next, Phase, Plan, Stage, Transition, World, begin_rollback,
+    self, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
+    begin_rollback,
 };
 use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
+use crate::prometheus::{Prometheus, render};
 
 /// How the engine runs.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +60,8 @@ pub struct Engine {
     /// Whether migrations run here: always with the embedded store; with
     /// etcd, only while this control plane is the elected leader.
     leading: AtomicBool,
+    prometheus: Prometheus,
+    latencies: Mutex<BTreeMap<String, LatencyReading>>,
 }
 
 /// The live control plane as the stage machine sees it.
@@ -68,6 +72,7 @@ struct LiveWorld<'a> {
     loads: &'a LoadReports,
     policy: &'a Policy,
     fleet: &'a Fleet,
+    latencies: &'a BTreeMap<String, LatencyReading>,
 }
 
 impl World for LiveWorld<'_> {
@@ -92,6 +97,23 @@ impl World for LiveWorld<'_> {
         self.loads
             .since(&service.to_string(), cluster.as_str(), since_ms)
     }
+
+    fn latency(&self, m: &Migration) -> Latency {
+        self.latencies
+            .get(&m.id)
+            .filter(|r| r.step == m.step && r.phase_started_ms == m.phase_started_ms)
+            .map(|r| r.latency)
+            .unwrap_or_default()
+    }
+}
+
+/// The latest p99 readings of one migration's baking step.
+#[derive(Debug, Clone, Copy)]
+struct LatencyReading {
+    step: usize,
+    phase_started_ms: i64,
+    fetched: std::time::Instant,
+    latency: Latency,
 }
 
 impl Engine {
@@ -119,6 +141,8 @@ impl Engine {
             updates,
             wake: Notify::new(),
             leading: AtomicBool::new(true),
+            prometheus: Prometheus::default(),
+            latencies: Mutex::new(BTreeMap::new()),
         });
         engine.export_gauges(&engine.lock());
         Ok(engine)
@@ -484,7 +508,13 @@ impl Engine {
         }
         let catalog = self.catalog.current();
         let snapshot = self.cache.current();
+        let latencies = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let world = LiveWorld {
+            latencies: &latencies,
             catalog: &catalog,
             snapshot: &snapshot,
             clients: &self.clients,
@@ -576,6 +606,79 @@ impl Engine {
         Ok(to)
     }
 
+    /// Reads the p99 latencies of every baking step with latency gates from
+    /// Prometheus, at most once a second each. A failed query leaves no
+    /// reading: the gate then sees "not enough data", never a pass.
+    async fn refresh_latencies(&self) {
+        if !self.is_leading() {
+            return;
+        }
+        let due: Vec<Migration> = self
+            .lock()
+            .values()
+            .filter(|m| m.stage == Stage::Shift && m.phase == Phase::Baking)
+            .filter(|m| m.plan.gates.latency.is_some())
+            .cloned()
+            .collect();
+        for m in due {
+            let Some(gate) = &m.plan.gates.latency else {
+                continue;
+            };
+            let fresh = self
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&m.id)
+                .is_some_and(|r| {
+                    r.step == m.step
+                        && r.phase_started_ms == m.phase_started_ms
+                        && r.fetched.elapsed() < Duration::from_secs(1)
+                });
+            if fresh {
+                continue;
+            }
+            let window = Duration::from_millis((now_ms() - m.phase_started_ms).max(0) as u64);
+            let (name, namespace) = (m.plan.service.name(), m.plan.service.namespace());
+            let sources = format!(
+                "({})",
+                m.plan
+                    .from
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            );
+            let mut reading = Latency::default();
+            for (side, cluster) in [("source", sources), ("target", m.plan.to.to_string())] {
+                let query = render(&gate.p99_query, name, namespace, &cluster, window);
+                let value = match self.prometheus.scalar(&gate.prometheus_url, &query).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        metrics::counter!("ferry_migrate_prometheus_errors_total").increment(1);
+                        tracing::warn!(id = %m.id, side, error = %e, "cannot read p99 from Prometheus");
+                        None
+                    }
+                };
+                match side {
+                    "source" => reading.source_p99_ms = value,
+                    _ => reading.target_p99_ms = value,
+                }
+            }
+            self.latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    m.id.clone(),
+                    LatencyReading {
+                        step: m.step,
+                        phase_started_ms: m.phase_started_ms,
+                        fetched: std::time::Instant::now(),
+                        latency: reading,
+                    },
+                );
+        }
+    }
+
     /// Runs the engine until `cancel`.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         tracing::info!(
@@ -583,6 +686,7 @@ impl Engine {
             "migration engine running"
         );
         loop {
+            self.refresh_latencies().await;
             self.tick();
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod migration;
 pub mod migration_api;
 pub mod policy;
+pub mod prometheus;
 pub mod store;
 
 pub use engine::{Engine, EngineConfig};

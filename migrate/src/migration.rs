@@ -96,6 +96,9 @@ pub struct Gates {
     pub min_requests: u64,
     /// Longest wait for enough data past the bake time.
     pub data_timeout_ms: u64,
+    /// Latency gates, read from Prometheus.
+    #[serde(default)]
+    pub latency: Option<LatencyGate>,
 }
 
 impl Default for Gates {
@@ -105,8 +108,36 @@ impl Default for Gates {
             max_error_rate: 0.0,
             min_requests: 50,
             data_timeout_ms: 300_000,
+            latency: None,
         }
     }
+}
+
+/// The default p99 query: Envoy's upstream request time (milliseconds) of
+/// one side's clusters, which Ferry names `name_namespace_port_cluster` for
+/// statistics.
+pub const DEFAULT_P99_QUERY: &str = r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"{name}_{namespace}_[0-9]+_{cluster}"}[{window}])))"#;
+
+/// p99 latency gates: target against source, from a Prometheus server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyGate {
+    /// Base URL of the Prometheus server (`http://host:port`).
+    pub prometheus_url: String,
+    /// PromQL with `{name}`, `{namespace}`, `{cluster}`, `{window}`; the
+    /// result is one side's p99 in milliseconds.
+    pub p99_query: String,
+    /// Target p99 ≤ this × source p99 (0 = off).
+    pub max_p99_ratio: f64,
+    /// Target p99 ≤ this many milliseconds (0 = off).
+    pub max_p99_ms: u64,
+}
+
+/// p99 latencies (milliseconds) of both sides over a step's window, when
+/// Prometheus has them.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub source_p99_ms: Option<f64>,
+    pub target_p99_ms: Option<f64>,
 }
 
 /// What a migration was asked to do.
@@ -136,6 +167,8 @@ pub struct GateResult {
     pub outcome: GateOutcome,
     pub source: (u64, u64),
     pub target: (u64, u64),
+    #[serde(default)]
+    pub latency: Latency,
     pub detail: String,
     pub at_ms: i64,
 }
@@ -210,6 +243,9 @@ pub trait World {
     fn acks(&self, policy_version: u64) -> (usize, usize);
     /// The load a service's backend in `cluster` reported since `since_ms`.
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load;
+    /// The latest p99 readings for migration `m`'s current step (latency
+    /// gates only).
+    fn latency(&self, m: &Migration) -> Latency;
 }
 
 /// One transition: the new record and what changes with it.
@@ -552,6 +588,7 @@ pub fn judge(
     source: Load,
     target: Load,
     baseline: Option<Load>,
+    latency: Latency,
 ) -> (GateOutcome, String) {
     let reference = if source.requests >= gates.min_requests {
         Some(source)
@@ -596,7 +633,49 @@ pub fn judge(
             ),
         );
     }
-    (GateOutcome::Pass, describe)
+    let Some(gate) = &gates.latency else {
+        return (GateOutcome::Pass, describe);
+    };
+    let Some(target_p99) = latency.target_p99_ms else {
+        return (
+            GateOutcome::NotEnoughData,
+            format!("{describe}; no p99 for the target from Prometheus yet"),
+        );
+    };
+    if gate.max_p99_ms > 0 && target_p99 > gate.max_p99_ms as f64 {
+        return (
+            GateOutcome::Fail,
+            format!(
+                "{describe}; target p99 {target_p99:.1} ms is above {} ms",
+                gate.max_p99_ms
+            ),
+        );
+    }
+    if gate.max_p99_ratio > 0.0 {
+        let Some(source_p99) = latency.source_p99_ms.filter(|s| *s > 0.0) else {
+            return (
+                GateOutcome::NotEnoughData,
+                format!("{describe}; no p99 for the source from Prometheus yet"),
+            );
+        };
+        if target_p99 > gate.max_p99_ratio * source_p99 {
+            return (
+                GateOutcome::Fail,
+                format!(
+                    "{describe}; target p99 {target_p99:.1} ms is more than {:.2} × the source's {source_p99:.1} ms",
+                    gate.max_p99_ratio
+                ),
+            );
+        }
+        return (
+            GateOutcome::Pass,
+            format!("{describe}; p99 {target_p99:.1} ms vs {source_p99:.1} ms"),
+        );
+    }
+    (
+        GateOutcome::Pass,
+        format!("{describe}; target p99 {target_p99:.1} ms"),
+    )
 }
 
 fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
@@ -614,12 +693,23 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
             requests: g.source.0,
             errors: g.source.1,
         });
-    let (outcome, detail) = judge(&m.plan.gates, source, target, baseline);
+    let mut latency = world.latency(m);
+    if latency.source_p99_ms.is_none() {
+        // Likewise for the source's latency.
+        latency.source_p99_ms = m
+            .gates
+            .iter()
+            .rev()
+            .filter(|g| g.outcome == GateOutcome::Pass)
+            .find_map(|g| g.latency.source_p99_ms);
+    }
+    let (outcome, detail) = judge(&m.plan.gates, source, target, baseline, latency);
     let result = GateResult {
         step: m.step,
         outcome,
         source: (source.requests, source.errors),
         target: (target.requests, target.errors),
+        latency,
         detail: detail.clone(),
         at_ms: now,
     };
@@ -690,6 +780,7 @@ mod tests {
         service: Service,
         acks: (usize, usize),
         load: BTreeMap<String, Load>,
+        latency: Latency,
     }
 
     impl World for Fixed {
@@ -705,6 +796,9 @@ mod tests {
         fn load(&self, _: &ServiceName, cluster: &ClusterName, _: i64) -> Load {
             self.load.get(cluster.as_str()).copied().unwrap_or_default()
         }
+        fn latency(&self, _: &Migration) -> Latency {
+            self.latency
+        }
     }
 
     fn c(name: &str) -> ClusterName {
@@ -718,6 +812,7 @@ mod tests {
             service,
             acks: (0, 0),
             load: BTreeMap::new(),
+            latency: Latency::default(),
         }
     }
 
@@ -959,5 +1054,59 @@ mod tests {
         plan.min_capacity = 2.0;
         let e = validate(&plan, Some(&w.service)).unwrap_err().to_string();
         assert!(e.contains("ready endpoints"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    fn gates(ratio: f64, max_ms: u64) -> Gates {
+        Gates {
+            min_requests: 10,
+            latency: Some(LatencyGate {
+                prometheus_url: "http://127.0.0.1:9090".into(),
+                p99_query: DEFAULT_P99_QUERY.into(),
+                max_p99_ratio: ratio,
+                max_p99_ms: max_ms,
+            }),
+            ..Gates::default()
+        }
+    }
+
+    #[test]
+    fn latency_gates_need_readings_and_judge_them() {
+        let load = Load {
+            requests: 100,
+            errors: 0,
+        };
+        let read = |s: Option<f64>, t: Option<f64>| Latency {
+            source_p99_ms: s,
+            target_p99_ms: t,
+        };
+        let judge_with = |g: &Gates, l| judge(g, load, load, None, l).0;
+        assert_eq!(
+            judge_with(&gates(2.0, 0), read(Some(10.0), None)),
+            GateOutcome::NotEnoughData
+        );
+        assert_eq!(
+            judge_with(&gates(2.0, 0), read(None, Some(10.0))),
+            GateOutcome::NotEnoughData
+        );
+        assert_eq!(
+            judge_with(&gates(2.0, 0), read(Some(10.0), Some(19.0))),
+            GateOutcome::Pass
+        );
+        assert_eq!(
+            judge_with(&gates(2.0, 0), read(Some(10.0), Some(25.0))),
+            GateOutcome::Fail
+        );
+        assert_eq!(
+            judge_with(&gates(0.0, 50), read(None, Some(49.0))),
+            GateOutcome::Pass
+        );
+        let (outcome, detail) = judge(&gates(0.0, 50), load, load, None, read(None, Some(80.0)));
+        assert_eq!(outcome, GateOutcome::Fail);
+        assert!(detail.contains("p99 80.0 ms is above 50 ms"), "{detail}");
     }
 }

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::actor;
 use crate::engine::Engine;
-use crate::migration::{Gates, Migration, Plan};
+use crate::migration::{DEFAULT_P99_QUERY, Gates, LatencyGate, Migration, Plan};
 use crate::policy::PolicyError;
 
 /// The migrations API.
@@ -137,21 +137,43 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
     }
     let g = r.gates.clone().unwrap_or_default();
     let defaults = Gates::default();
-    match g.provider.as_str() {
-        "" | "lrs" => {}
-        other => {
+    let latency = if g.max_p99_ratio != 0.0 || g.max_p99_ms != 0 {
+        if !g.prometheus_url.starts_with("http://") {
             return Err(invalid(
-                "gates.provider",
-                format!("{other:?} is not a metrics provider Ferry has (it has: lrs)"),
+                "gates.prometheus_url",
+                "latency gates read p99s from Prometheus: give its http:// URL",
             ));
         }
-    }
-    if g.max_p99_ratio != 0.0 || g.max_p99_ms != 0 || !g.prometheus_url.is_empty() {
+        if !g.max_p99_ratio.is_finite() || g.max_p99_ratio < 0.0 {
+            return Err(invalid(
+                "gates.max_p99_ratio",
+                format!("{} is not a ratio ≥ 0", g.max_p99_ratio),
+            ));
+        }
+        let p99_query = if g.p99_query.trim().is_empty() {
+            DEFAULT_P99_QUERY.to_owned()
+        } else if g.p99_query.contains("{cluster}") {
+            g.p99_query.clone()
+        } else {
+            return Err(invalid(
+                "gates.p99_query",
+                "must use {cluster} (and usually {name}, {namespace}, {window})",
+            ));
+        };
+        Some(LatencyGate {
+            prometheus_url: g.prometheus_url.clone(),
+            p99_query,
+            max_p99_ratio: g.max_p99_ratio,
+            max_p99_ms: g.max_p99_ms,
+        })
+    } else if !g.prometheus_url.is_empty() || !g.p99_query.is_empty() {
         return Err(invalid(
             "gates.max_p99_ratio",
-            "latency gates need a latency source; the lrs provider reports request and error counts only",
+            "a Prometheus URL or query without max_p99_ratio or max_p99_ms gates nothing",
         ));
-    }
+    } else {
+        None
+    };
     let gates = Gates {
         max_error_rate_increase: if g.max_error_rate_increase_pct == 0.0 {
             defaults.max_error_rate_increase
@@ -172,6 +194,7 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
             &g.data_timeout,
             Duration::from_millis(defaults.data_timeout_ms),
         )?,
+        latency,
     };
     Ok(Plan {
         service,
@@ -224,6 +247,8 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
                 source_errors: g.source.1,
                 target_requests: g.target.0,
                 target_errors: g.target.1,
+                source_p99_ms: g.latency.source_p99_ms.unwrap_or(f64::NAN),
+                target_p99_ms: g.latency.target_p99_ms.unwrap_or(f64::NAN),
                 detail: g.detail.clone(),
                 at_unix_ms: g.at_ms,
             })

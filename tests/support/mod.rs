@@ -374,6 +374,8 @@ pub struct Backends {
     pub hits: BTreeMap<String, Arc<AtomicU64>>,
     /// The HTTP status each backend answers with (200 unless set).
     statuses: BTreeMap<String, Arc<std::sync::atomic::AtomicU16>>,
+    /// How long each backend waits before answering (ms; 0 unless set).
+    delays: BTreeMap<String, Arc<AtomicU64>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -390,6 +392,7 @@ impl Backends {
         let mut addrs = BTreeMap::new();
         let mut hits = BTreeMap::new();
         let mut statuses = BTreeMap::new();
+        let mut delays = BTreeMap::new();
         let mut tasks = Vec::new();
         for (label, ip) in labels {
             let listener = tokio::net::TcpListener::bind((*ip, 0))
@@ -398,14 +401,15 @@ impl Backends {
             let addr = listener.local_addr().expect("addr");
             let counter = Arc::new(AtomicU64::new(0));
             let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+            let delay = Arc::new(AtomicU64::new(0));
             let body = Bytes::from(label.to_string());
-            let (c, st) = (counter.clone(), status.clone());
+            let (c, st, dl) = (counter.clone(), status.clone(), delay.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
-                    let (body, c, st) = (body.clone(), c.clone(), st.clone());
+                    let (body, c, st, dl) = (body.clone(), c.clone(), st.clone(), dl.clone());
                     tokio::spawn(async move {
                         let svc = hyper::service::service_fn(move |_req| {
                             c.fetch_add(1, Ordering::Relaxed);
@@ -413,7 +417,13 @@ impl Backends {
                             *response.status_mut() =
                                 hyper::StatusCode::from_u16(st.load(Ordering::Relaxed))
                                     .unwrap_or(hyper::StatusCode::OK);
-                            async move { Ok::<_, std::convert::Infallible>(response) }
+                            let wait = Duration::from_millis(dl.load(Ordering::Relaxed));
+                            async move {
+                                if !wait.is_zero() {
+                                    tokio::time::sleep(wait).await;
+                                }
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
@@ -424,13 +434,20 @@ impl Backends {
             addrs.insert(label.to_string(), addr);
             hits.insert(label.to_string(), counter);
             statuses.insert(label.to_string(), status);
+            delays.insert(label.to_string(), delay);
         }
         Self {
             addrs,
             hits,
             statuses,
+            delays,
             tasks,
         }
+    }
+
+    /// Makes a backend wait `ms` before each answer from now on.
+    pub fn set_delay(&self, label: &str, ms: u64) {
+        self.delays[label].store(ms, Ordering::Relaxed);
     }
 
     /// Makes a backend answer every request with `code` from now on.
@@ -608,5 +625,52 @@ impl Etcd {
         })
         .await;
         etcd
+    }
+}
+
+/// A real Prometheus (Debian's; FERRY_PROMETHEUS names another binary)
+/// scraping one Envoy's admin `/stats/prometheus` every second.
+pub struct Prometheus {
+    pub url: String,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Prometheus {
+    pub async fn start(envoy: &Envoy) -> Self {
+        let bin = std::env::var("FERRY_PROMETHEUS").unwrap_or_else(|_| "prometheus".to_owned());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: envoy\n    metrics_path: /stats/prometheus\n    static_configs: [{{targets: [\"127.0.0.1:{}\"]}}]\n",
+                envoy.admin_port
+            ),
+        )
+        .expect("write prometheus.yml");
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+        let proc = Proc::spawn(
+            Command::new(&bin)
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        let prometheus = Self {
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            _proc: proc,
+        };
+        eventually(Duration::from_secs(30), "prometheus ready", || async move {
+            matches!(http_get(port, "localhost", "/-/ready").await, Ok((200, _)))
+        })
+        .await;
+        prometheus
     }
 }

@@ -64,6 +64,18 @@ pub fn cluster_resource_name(service: &ServiceName, port: u16, cluster: &str) ->
     format!("{service}:{port}@{cluster}")
 }
 
+/// The name a cluster's statistics go by (Envoy's `alt_stat_name`):
+/// `name_namespace_port_cluster`. Envoy cuts stat names at dots, so the
+/// resource name itself would garble the `envoy_cluster_name` label; every
+/// part is a DNS label (no `_`), so this one splits back unambiguously.
+pub fn cluster_stat_name(service: &ServiceName, port: u16, cluster: &str) -> String {
+    format!(
+        "{}_{}_{port}_{cluster}",
+        service.name(),
+        service.namespace()
+    )
+}
+
 /// What one service translates to.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceResources {
@@ -230,7 +242,11 @@ pub fn translate_service(
             let name = cluster_resource_name(&service.name, port.port, cluster_name.as_str());
             out.clusters.push(Arc::new(Resource::new(
                 name.clone(),
-                &eds_cluster(&name, options),
+                &eds_cluster(
+                    &name,
+                    &cluster_stat_name(&service.name, port.port, cluster_name.as_str()),
+                    options,
+                ),
             )));
             let cla = load_assignment(&name, &port.name, backend);
             out.endpoints
@@ -322,7 +338,7 @@ fn ads_config_source() -> ConfigSource {
     }
 }
 
-fn eds_cluster(name: &str, options: &TranslateOptions) -> Cluster {
+fn eds_cluster(name: &str, stat_name: &str, options: &TranslateOptions) -> Cluster {
     let timeout = options.connect_timeout;
     Cluster {
         name: name.to_owned(),
@@ -337,6 +353,7 @@ fn eds_cluster(name: &str, options: &TranslateOptions) -> Cluster {
             seconds: timeout.as_secs() as i64,
             nanos: timeout.subsec_nanos() as i32,
         }),
+        alt_stat_name: stat_name.to_owned(),
         lb_policy: cluster::LbPolicy::LeastRequest as i32,
         // Never spread load onto unready endpoints: Envoy's default 50 %
         // panic threshold would send traffic to them when few are ready.
