@@ -146,16 +146,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .values()
         .cloned()
         .collect();
-    let stale: std::collections::BTreeSet<&str> = clusters
-        .iter()
-        .filter(|c| {
-            matches!(
-                c.health,
-                kubernetes::ClusterHealth::Stale | kubernetes::ClusterHealth::Unauthorized
-            )
-        })
-        .map(|c| c.cluster.as_str())
-        .collect();
+    let stale = kubernetes::stale_clusters(&state.clusters);
     let services = catalog
         .services
         .values()

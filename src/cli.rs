@@ -385,7 +385,7 @@ pub async fn status(conn: &Conn) -> anyhow::Result<()> {
                 let backends: Vec<_> = s
                     .backends
                     .iter()
-                    .map(|b| json!({"cluster": b.cluster, "weight_bp": b.basis_points, "endpoints": b.endpoints, "ready": b.ready}))
+                    .map(|b| json!({"cluster": b.cluster, "weight_bp": b.basis_points, "endpoints": b.endpoints, "ready": b.ready, "stale": b.stale}))
                     .collect();
                 json!({"service": s.service, "weights_from": s.weights_source, "pinned_by": s.pin.as_ref().map(|p| p.owner.clone()), "backends": backends})
             })
@@ -398,8 +398,8 @@ pub async fn status(conn: &Conn) -> anyhow::Result<()> {
     }
     println!("policy version {}", reply.policy_version);
     println!(
-        "{:<32} {:<14} {:>9} {:>11} {:<16} PIN",
-        "SERVICE", "CLUSTER", "WEIGHT", "READY/ALL", "FROM"
+        "{:<32} {:<14} {:>9} {:>11} {:<6} {:<16} PIN",
+        "SERVICE", "CLUSTER", "WEIGHT", "READY/ALL", "STALE", "FROM"
     );
     for s in &reply.services {
         for (i, b) in s.backends.iter().enumerate() {
@@ -413,11 +413,12 @@ pub async fn status(conn: &Conn) -> anyhow::Result<()> {
                 ("", "", "")
             };
             println!(
-                "{:<32} {:<14} {:>9} {:>11} {:<16} {}",
+                "{:<32} {:<14} {:>9} {:>11} {:<6} {:<16} {}",
                 name,
                 b.cluster,
                 percent(b.basis_points),
                 format!("{}/{}", b.ready, b.endpoints),
+                if b.stale { "yes" } else { "-" },
                 from,
                 pin
             );

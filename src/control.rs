@@ -211,7 +211,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         cache: cache.clone(),
         clients: clients.clone(),
         file_status,
-        clusters,
+        clusters: clusters.clone(),
         policy: policy.clone(),
         engine: engine.clone(),
         store: store_kind,
@@ -223,7 +223,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let api_task = tokio::spawn(serve_api(
         api_listener,
         api_security,
-        TrafficApi::new(policy, catalog.clone()),
+        TrafficApi::new(policy, catalog.clone(), clusters.clone()),
         MigrationsApi::new(engine.clone()),
         shutdown.clone(),
     ));

@@ -270,6 +270,19 @@ async fn a_lost_api_server_leaves_its_endpoints_serving_and_stale() {
             .await
             .contains("ferry_discovery_cluster_up{cluster=\"east\"} 0")
     );
+    // `ferry status` (the traffic API) flags it too.
+    let (ok, out, err) = support::ferry_cli(&ferry, &["status", "-o", "json"]);
+    assert!(ok, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let backends = &listed["services"][0]["backends"];
+    let stale_of = |cluster: &str| {
+        backends
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["cluster"] == cluster))
+            .map(|b| b["stale"].clone())
+    };
+    assert_eq!(stale_of("east"), Some(serde_json::json!(true)), "{listed}");
+    assert_eq!(stale_of("west"), Some(serde_json::json!(false)), "{listed}");
 
     // Changes made while Ferry could not see them converge on return.
     set_slice(&cs[0].kube, "checkout-1", &east[1], true);

@@ -822,3 +822,72 @@ async fn a_slower_target_fails_the_latency_gate_read_from_prometheus() {
     );
     assert_eq!(last.weights.get("new"), Some(&0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_beyond_the_concurrency_limit_wait_their_turn() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let two = format!(
+        "{}  - name: cart\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
+        catalog(&backends),
+        backends.addr("old/a"),
+        backends.addr("new/a")
+    );
+    let ferry = Ferry::start_with(&two, &["--max-concurrent-migrations", "1"]).await;
+    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let first = api
+        .create_migration(plan(&[10.0, 100.0], "10m"))
+        .await
+        .expect("first")
+        .into_inner();
+    let second = api
+        .create_migration(CreateMigrationRequest {
+            service: "cart.shop".into(),
+            ..plan(&[10.0, 100.0], "10m")
+        })
+        .await
+        .expect("second")
+        .into_inner();
+    let get = |id: String| GetMigrationRequest { id };
+    support::eventually(Duration::from_secs(10), "first shifting", || {
+        let mut api = api.clone();
+        let id = first.id.clone();
+        async move {
+            api.get_migration(get(id))
+                .await
+                .is_ok_and(|m| m.into_inner().stage == "SHIFT")
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let waiting = api
+        .get_migration(get(second.id.clone()))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(waiting.stage, "VALIDATE", "the second must wait for a slot");
+    assert!(waiting.weights.is_empty());
+    api.abort_migration(MigrationActionRequest {
+        id: first.id.clone(),
+        reason: "make room".into(),
+    })
+    .await
+    .expect("abort");
+    support::eventually(Duration::from_secs(10), "second starts", || {
+        let mut api = api.clone();
+        let id = second.id.clone();
+        async move {
+            api.get_migration(get(id))
+                .await
+                .is_ok_and(|m| m.into_inner().stage == "SHIFT")
+        }
+    })
+    .await;
+    let status = ferry.status().await;
+    let stages: Vec<String> = status["policy"]["migrations"]
+        .as_array()
+        .expect("migrations")
+        .iter()
+        .map(|m| m["stage"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(stages, ["ROLLED_BACK", "SHIFT"]);
+}

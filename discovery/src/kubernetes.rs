@@ -133,6 +133,16 @@ pub struct ClusterStatus {
 /// Status of every watched cluster, shared with the admin endpoint.
 pub type ClusterStatuses = Arc<Mutex<BTreeMap<String, ClusterStatus>>>;
 
+/// Clusters whose endpoints are last-known only: the API server is
+/// unreachable or refuses Ferry.
+pub fn stale_clusters(statuses: &ClusterStatuses) -> std::collections::BTreeSet<String> {
+    lock(statuses)
+        .values()
+        .filter(|c| matches!(c.health, ClusterHealth::Stale | ClusterHealth::Unauthorized))
+        .map(|c| c.cluster.clone())
+        .collect()
+}
+
 /// The catalog source id of a cluster.
 pub fn source_id(cluster: &ClusterName) -> String {
     format!("kubernetes/{cluster}")

@@ -8,6 +8,7 @@ use std::pin::Pin as BoxPin;
 use std::sync::Arc;
 
 use ferry_discovery::Catalog;
+use ferry_discovery::kubernetes::{ClusterStatuses, stale_clusters};
 use ferry_proto::ferry::v1::traffic_server::{Traffic, TrafficServer};
 use ferry_proto::ferry::v1::{
     AuditEntry, BackendInfo, ClearWeightsRequest, ClusterWeight, GetWeightsRequest,
@@ -26,11 +27,17 @@ use crate::store::AuditRecord;
 pub struct TrafficApi {
     policy: Arc<Policy>,
     catalog: Arc<Catalog>,
+    clusters: ClusterStatuses,
 }
 
 impl TrafficApi {
-    pub fn new(policy: Arc<Policy>, catalog: Arc<Catalog>) -> Self {
-        Self { policy, catalog }
+    /// `clusters`: the Kubernetes clusters' health, for staleness.
+    pub fn new(policy: Arc<Policy>, catalog: Arc<Catalog>, clusters: ClusterStatuses) -> Self {
+        Self {
+            policy,
+            catalog,
+            clusters,
+        }
     }
 
     pub fn into_service(self) -> TrafficServer<Self> {
@@ -119,6 +126,7 @@ impl Traffic for TrafficApi {
         _: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
         let catalog = self.catalog.current();
+        let stale = stale_clusters(&self.clusters);
         let mut services = Vec::with_capacity(catalog.services.len());
         for (name, svc) in &catalog.services {
             let (_, weights, source, _) = self.policy.weights(&name.to_string())?;
@@ -132,6 +140,7 @@ impl Traffic for TrafficApi {
                         basis_points: weights.get(c).basis_points(),
                         endpoints: b.endpoints.len() as u32,
                         ready: b.ready_endpoints() as u32,
+                        stale: stale.contains(c.as_str()),
                     })
                     .collect(),
                 weights_source: source.as_str().to_owned(),
