@@ -120,11 +120,7 @@ async fn a_deposed_leaders_late_writes_are_refused() {
 }
 
 fn catalog(backends: &Backends) -> String {
-    format!(
-        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
-        backends.addr("old/a"),
-        backends.addr("new/a")
-    )
+    support::checkout_catalog(backends)
 }
 
 async fn leading(ferry: &Ferry) -> bool {

@@ -21,11 +21,7 @@ use tonic::transport::Channel;
 const HOST: &str = "checkout.shop";
 
 fn catalog(backends: &Backends) -> String {
-    format!(
-        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
-        backends.addr("old/a"),
-        backends.addr("new/a")
-    )
+    support::checkout_catalog(backends)
 }
 
 async fn channel(ferry: &Ferry) -> Channel {

@@ -55,7 +55,9 @@ pub struct Engine {
     fleet: Arc<Fleet>,
     config: EngineConfig,
     migrations: Mutex<BTreeMap<String, Migration>>,
-    updates: broadcast::Sender<Migration>,
+    /// Every change, numbered in the order it was made (under the lock).
+    updates: broadcast::Sender<(u64, Migration)>,
+    sequence: std::sync::atomic::AtomicU64,
     wake: Notify,
     /// Whether migrations run here: always with the embedded store; with
     /// etcd, only while this control plane is the elected leader.
@@ -139,6 +141,7 @@ impl Engine {
             config,
             migrations: Mutex::new(migrations),
             updates,
+            sequence: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
             leading: AtomicBool::new(true),
             prometheus: Prometheus::default(),
@@ -176,7 +179,7 @@ impl Engine {
         let mut map = self.lock();
         for (id, m) in &migrations {
             if map.get(id) != Some(m) {
-                let _ = self.updates.send(m.clone());
+                self.announce(m.clone());
             }
         }
         *map = migrations;
@@ -191,16 +194,28 @@ impl Engine {
         blocking(|| self.migrations.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Every change to any migration, from now on.
-    pub fn updates(&self) -> broadcast::Receiver<Migration> {
+    /// Every change to any migration from now on, each with its sequence
+    /// number.
+    pub fn updates(&self) -> broadcast::Receiver<(u64, Migration)> {
         self.updates.subscribe()
     }
 
+    /// A migration with the sequence number of the last change made before
+    /// it was read: updates numbered up to it are already in it.
+    pub fn get_numbered(&self, id: &str) -> Result<(u64, Migration), PolicyError> {
+        let map = self.lock();
+        let m = map.get(id).cloned().ok_or_else(|| not_found(id))?;
+        Ok((self.sequence.load(Ordering::SeqCst), m))
+    }
+
+    /// Numbers and sends one change (called with the migrations locked).
+    fn announce(&self, m: Migration) {
+        let n = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.updates.send((n, m));
+    }
+
     pub fn get(&self, id: &str) -> Result<Migration, PolicyError> {
-        self.lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))
+        self.lock().get(id).cloned().ok_or_else(|| not_found(id))
     }
 
     /// Migrations (of one service, if given), oldest first.
@@ -219,12 +234,7 @@ impl Engine {
     /// Validates a plan and records the migration; the engine starts it
     /// when a slot is free. A refused plan changes nothing.
     pub fn create(&self, plan: Plan, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        if reason.trim().is_empty() {
-            return Err(PolicyError::InvalidArgument {
-                field: "reason".into(),
-                reason: "a reason is required; it goes into the audit log".into(),
-            });
-        }
+        require_reason(reason)?;
         let mut map = self.lock();
         if let Some(running) = map
             .values()
@@ -301,7 +311,7 @@ impl Engine {
         tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
         map.insert(m.id.clone(), m.clone());
         self.export_gauges(&map);
-        let _ = self.updates.send(m.clone());
+        self.announce(m.clone());
         drop(map);
         self.wake.notify_one();
         Ok(m)
@@ -346,17 +356,9 @@ impl Engine {
 
     /// Sends all traffic back to the sources at once and stops.
     pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        if reason.trim().is_empty() {
-            return Err(PolicyError::InvalidArgument {
-                field: "reason".into(),
-                reason: "a reason is required; it goes into the audit log".into(),
-            });
-        }
+        require_reason(reason)?;
         let mut map = self.lock();
-        let m = map
-            .get(id)
-            .cloned()
-            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))?;
+        let m = map.get(id).cloned().ok_or_else(|| not_found(id))?;
         let why = format!("aborted by {actor}: {reason}");
         let now = now_ms();
         let touched_weights = !m.weights.is_empty();
@@ -407,16 +409,9 @@ impl Engine {
         reason: &str,
         f: impl FnOnce(&Migration) -> Result<(&'static str, Migration), PolicyError>,
     ) -> Result<Migration, PolicyError> {
-        if reason.trim().is_empty() {
-            return Err(PolicyError::InvalidArgument {
-                field: "reason".into(),
-                reason: "a reason is required; it goes into the audit log".into(),
-            });
-        }
+        require_reason(reason)?;
         let mut map = self.lock();
-        let m = map
-            .get(id)
-            .ok_or_else(|| PolicyError::NotFound(format!("no migration {id:?}")))?;
+        let m = map.get(id).ok_or_else(|| not_found(id))?;
         let (action, to) = f(m)?;
         let t = Transition {
             to,
@@ -475,7 +470,7 @@ impl Engine {
         }
         map.insert(to.id.clone(), to.clone());
         self.export_gauges(map);
-        let _ = self.updates.send(to.clone());
+        self.announce(to.clone());
         Ok(to)
     }
 
@@ -545,7 +540,7 @@ impl Engine {
             match migration::next(&m, &world, now) {
                 Next::Wait => {}
                 Next::Observe(seen) => {
-                    let _ = self.updates.send((*seen).clone());
+                    self.announce((*seen).clone());
                     map.insert(id, *seen);
                 }
                 Next::Transition(t) => {
@@ -602,7 +597,7 @@ impl Engine {
         self.policy.transact(change)?;
         map.insert(to.id.clone(), to.clone());
         self.export_gauges(map);
-        let _ = self.updates.send(to.clone());
+        self.announce(to.clone());
         Ok(to)
     }
 
@@ -695,6 +690,20 @@ impl Engine {
             }
         }
     }
+}
+
+fn require_reason(reason: &str) -> Result<(), PolicyError> {
+    if reason.trim().is_empty() {
+        return Err(PolicyError::InvalidArgument {
+            field: "reason".into(),
+            reason: "a reason is required; it goes into the audit log".into(),
+        });
+    }
+    Ok(())
+}
+
+fn not_found(id: &str) -> PolicyError {
+    PolicyError::NotFound(format!("no migration {id:?}"))
 }
 
 /// The stored migrations, ready to resume.

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::Engine;
 use crate::policy::Policy;
-use crate::store::{AuditRecord, Backend, Commit, Loaded, StoreError, parse};
+use crate::store::{AuditRecord, Backend, Commit, Loaded, StoreError, newest_of, parse};
 
 /// How to reach etcd and take part in the election.
 #[derive(Debug, Clone)]
@@ -278,19 +278,11 @@ impl EtcdStore {
             .get(self.key("audit/"), Some(options))
             .await
             .map_err(etcd_err)?;
-        let mut out = Vec::new();
-        for kv in response.kvs() {
+        let newest_first = response.kvs().iter().map(|kv| {
             let key = kv.key_str().map_err(etcd_err)?;
-            let record: AuditRecord = parse(key, kv.value_str().map_err(etcd_err)?)?;
-            if service.is_none_or(|s| s == record.service) {
-                out.push(record);
-                if out.len() >= limit {
-                    break;
-                }
-            }
-        }
-        out.reverse();
-        Ok(out)
+            parse(key, kv.value_str().map_err(etcd_err)?)
+        });
+        newest_of(newest_first, service, limit)
     }
 }
 

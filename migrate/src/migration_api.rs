@@ -263,6 +263,21 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
     }
 }
 
+impl MigrationsApi {
+    /// Pause, resume or abort: the engine's `action` on the request's
+    /// migration, as the caller.
+    fn act(
+        &self,
+        request: Request<pb::MigrationActionRequest>,
+        action: fn(&Engine, &str, &str, &str) -> Result<Migration, PolicyError>,
+    ) -> Result<Response<pb::Migration>, Status> {
+        let actor = actor(&request, "");
+        let r = request.into_inner();
+        let m = action(&self.engine, &r.id, &actor, &r.reason)?;
+        Ok(Response::new(to_proto(&m)))
+    }
+}
+
 type MigrationStream = BoxPin<Box<dyn Stream<Item = Result<pb::Migration, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -307,33 +322,21 @@ impl Migrations for MigrationsApi {
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        let actor = actor(&request, "");
-        let r = request.into_inner();
-        Ok(Response::new(to_proto(
-            &self.engine.pause(&r.id, &actor, &r.reason)?,
-        )))
+        self.act(request, Engine::pause)
     }
 
     async fn resume_migration(
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        let actor = actor(&request, "");
-        let r = request.into_inner();
-        Ok(Response::new(to_proto(
-            &self.engine.resume(&r.id, &actor, &r.reason)?,
-        )))
+        self.act(request, Engine::resume)
     }
 
     async fn abort_migration(
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        let actor = actor(&request, "");
-        let r = request.into_inner();
-        Ok(Response::new(to_proto(
-            &self.engine.abort(&r.id, &actor, &r.reason)?,
-        )))
+        self.act(request, Engine::abort)
     }
 
     type WatchMigrationStream = MigrationStream;
@@ -345,7 +348,7 @@ impl Migrations for MigrationsApi {
         let id = request.into_inner().id;
         // Subscribe before reading so no change falls between.
         let updates = self.engine.updates();
-        let first = self.engine.get(&id)?;
+        let (seen, first) = self.engine.get_numbered(&id)?;
         let ended = first.stage.is_terminal();
         let head = futures::stream::once({
             let first = to_proto(&first);
@@ -359,7 +362,9 @@ impl Migrations for MigrationsApi {
                 let id = id.clone();
                 async move {
                     match u {
-                        Ok(m) if m.id == id => Some(Ok(m)),
+                        // Skip what the first answer already holds, so
+                        // the stream never goes back in time.
+                        Ok((n, m)) if m.id == id && n > seen => Some(Ok(m)),
                         Ok(_) => None,
                         Err(e) => Some(Err(Status::data_loss(format!(
                             "watcher fell behind: {e}; get the migration and watch again"

@@ -199,20 +199,33 @@ impl Backend for Store {
     fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(AUDIT).map_err(db_err)?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(db_err)?.rev() {
+        let newest_first = table.iter().map_err(db_err)?.rev().map(|row| {
             let (k, v) = row.map_err(db_err)?;
-            let record: AuditRecord = parse(&k.value().to_string(), v.value())?;
-            if service.is_none_or(|s| s == record.service) {
-                out.push(record);
-                if out.len() >= limit {
-                    break;
-                }
+            parse(&k.value().to_string(), v.value())
+        });
+        newest_of(newest_first, service, limit)
+    }
+}
+
+/// The first `limit` records about `service` (all, without one) from
+/// records newest first; returned oldest first.
+pub(crate) fn newest_of(
+    newest_first: impl Iterator<Item = Result<AuditRecord, StoreError>>,
+    service: Option<&str>,
+    limit: usize,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    let mut out = Vec::new();
+    for record in newest_first {
+        let record = record?;
+        if service.is_none_or(|s| s == record.service) {
+            out.push(record);
+            if out.len() >= limit {
+                break;
             }
         }
-        out.reverse();
-        Ok(out)
     }
+    out.reverse();
+    Ok(out)
 }
 
 /// Stores `value` as JSON under `key`, or removes `key` for `None`.

@@ -674,3 +674,13 @@ impl Prometheus {
         prometheus
     }
 }
+
+/// The catalog most tests use: `checkout.shop` on backends `old/a` and
+/// `new/a`, all traffic declared on `old`.
+pub fn checkout_catalog(backends: &Backends) -> String {
+    format!(
+        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
+        backends.addr("old/a"),
+        backends.addr("new/a")
+    )
+}
