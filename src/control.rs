@@ -485,7 +485,7 @@ fn tokio_stream_incoming(listener: TcpListener) -> tonic::transport::server::Tcp
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-async fn watch_signals(shutdown: CancellationToken) {
+pub async fn watch_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -4,6 +4,7 @@ mod admin;
 mod cli;
 mod control;
 mod migrate_cli;
+mod proxy_cmd;
 mod telemetry;
 
 use std::path::PathBuf;
@@ -34,6 +35,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         catalog: PathBuf,
     },
+    /// Run the proxy: take config from a control plane over delta xDS and
+    /// forward user traffic to each service's cluster backends by weight.
+    Proxy(proxy_cmd::ProxyArgs),
     /// Get, set or clear a service's weights through the traffic API.
     Weights {
         #[command(subcommand)]
@@ -105,6 +109,18 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build();
             block_on(runtime, control::run(args), "ferry control")
+        }
+        Command::Proxy(args) => {
+            telemetry::init_tracing();
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.workers() {
+                builder.worker_threads(n.max(1));
+            }
+            block_on(
+                builder.enable_all().build(),
+                proxy_cmd::run(args),
+                "ferry proxy",
+            )
         }
         Command::Check { catalog } => check(&catalog),
         Command::Weights { command, conn } => run_client(cli::weights(&conn, command)),

@@ -1,0 +1,314 @@
+//! The proxy's routing table: one immutable snapshot built from the xDS
+//! resources it holds, validated as a whole, swapped in atomically.
+//!
+//! From the Listener it takes the name of its RouteConfiguration; from
+//! that, virtual hosts (domains → routes → weighted clusters, with an
+//! optional hash header for sticky picks); from Clusters and
+//! ClusterLoadAssignments, each cluster's endpoints that may take new
+//! requests (healthy or unknown; never unhealthy or draining).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use ferry_proto::envoy::config::cluster::v3::Cluster;
+use ferry_proto::envoy::config::core::v3::{HealthStatus, address, socket_address};
+use ferry_proto::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use ferry_proto::envoy::config::listener::v3::Listener;
+use ferry_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action, route_match};
+use ferry_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
+use ferry_xds::ResourceType;
+use ferry_xds::client::Resources;
+use prost::Message;
+
+/// One upstream endpoint; its counters outlive config swaps.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// Requests in flight to it.
+    pub outstanding: AtomicU32,
+}
+
+/// A cluster and the endpoints that may take new requests.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// The service (`name.namespace`) and Kubernetes cluster it stands for,
+    /// from Ferry's naming (`name.namespace:port@cluster`), for metrics.
+    pub service: String,
+    pub kube_cluster: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+}
+
+/// A weighted target of a route.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+/// One route of a virtual host.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    pub targets: Vec<Target>,
+    /// Hash requests on this header's value for sticky picks.
+    pub hash_header: Option<http::HeaderName>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub routes: Vec<Route>,
+}
+
+/// Everything the request path needs, at one config version.
+#[derive(Debug, Default)]
+pub struct Routing {
+    /// Versions of the resources it was built from, per type.
+    pub versions: BTreeMap<&'static str, BTreeMap<String, String>>,
+    pub route_config: String,
+    exact: HashMap<String, Arc<VirtualHost>>,
+    /// `*.suffix` (stored as `.suffix`) and `prefix*` domains.
+    suffixes: Vec<(String, Arc<VirtualHost>)>,
+    prefixes: Vec<(String, Arc<VirtualHost>)>,
+    any: Option<Arc<VirtualHost>>,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Routing {
+    /// The virtual host for a request's authority (as Envoy matches
+    /// domains: exact, then the longest `*.suffix`, then the longest
+    /// `prefix*`, then `*`).
+    pub fn virtual_host(&self, authority: &str) -> Option<Arc<VirtualHost>> {
+        let host = authority.to_ascii_lowercase();
+        if let Some(v) = self.exact.get(&host) {
+            return Some(v.clone());
+        }
+        let best = |list: &[(String, Arc<VirtualHost>)], hit: &dyn Fn(&str) -> bool| {
+            list.iter()
+                .filter(|(p, _)| hit(p))
+                .max_by_key(|(p, _)| p.len())
+                .map(|(_, v)| v.clone())
+        };
+        best(&self.suffixes, &|s| host.ends_with(s))
+            .or_else(|| best(&self.prefixes, &|p| host.starts_with(p)))
+            .or_else(|| self.any.clone())
+    }
+
+    /// All endpoints, for keeping their counters across swaps.
+    fn endpoint(&self, cluster: &str, addr: SocketAddr) -> Option<Arc<Endpoint>> {
+        self.upstreams
+            .get(cluster)?
+            .endpoints
+            .iter()
+            .find(|e| e.addr == addr)
+            .cloned()
+    }
+}
+
+fn decode<M: Message + Default>(
+    kind: &str,
+    name: &str,
+    any: &ferry_proto::Any,
+) -> Result<M, String> {
+    M::decode(any.value.as_slice()).map_err(|e| format!("{kind} {name}: cannot decode: {e}"))
+}
+
+fn socket(addr: &Option<ferry_proto::envoy::config::core::v3::Address>) -> Option<SocketAddr> {
+    let address::Address::SocketAddress(sa) = addr.as_ref()?.address.as_ref()? else {
+        return None;
+    };
+    let ip: IpAddr = sa.address.parse().ok()?;
+    let socket_address::PortSpecifier::PortValue(port) = sa.port_specifier.as_ref()? else {
+        return None;
+    };
+    Some(SocketAddr::new(ip, u16::try_from(*port).ok()?))
+}
+
+/// Builds and validates a routing snapshot from every held resource. The
+/// error names the resource and what is wrong with it.
+pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, String> {
+    let mut routing = Routing::default();
+    for kind in ResourceType::ALL {
+        routing.versions.insert(
+            kind.short(),
+            resources[kind.index()]
+                .iter()
+                .map(|(n, (v, _))| (n.clone(), v.clone()))
+                .collect(),
+        );
+    }
+    // Clusters and their endpoints.
+    let assignments = &resources[ResourceType::Endpoint.index()];
+    for (name, (_, any)) in &resources[ResourceType::Cluster.index()] {
+        let cluster: Cluster = decode("cluster", name, any)?;
+        let service_name = cluster
+            .eds_cluster_config
+            .as_ref()
+            .map(|e| e.service_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| cluster.name.clone());
+        let mut endpoints = Vec::new();
+        if let Some((_, any)) = assignments.get(&service_name) {
+            let cla: ClusterLoadAssignment = decode("cluster load assignment", &service_name, any)?;
+            for (li, locality) in cla.endpoints.iter().enumerate() {
+                for (ei, lb) in locality.lb_endpoints.iter().enumerate() {
+                    let Some(lb_endpoint::HostIdentifier::Endpoint(e)) = &lb.host_identifier else {
+                        continue;
+                    };
+                    let addr = socket(&e.address).ok_or_else(|| {
+                        format!(
+                            "cluster load assignment {service_name}: endpoints[{li}].lb_endpoints[{ei}].endpoint.address: not an IP socket address"
+                        )
+                    })?;
+                    let usable = matches!(
+                        HealthStatus::try_from(lb.health_status),
+                        Ok(HealthStatus::Healthy | HealthStatus::Unknown)
+                    );
+                    if usable {
+                        let endpoint = previous.endpoint(name, addr).unwrap_or_else(|| {
+                            Arc::new(Endpoint {
+                                addr,
+                                outstanding: AtomicU32::new(0),
+                            })
+                        });
+                        endpoints.push(endpoint);
+                    }
+                }
+            }
+        }
+        let (service, kube_cluster) = ferry_xds::lrs::split_cluster_name(name)
+            .map(|(s, c)| (s.to_owned(), c.to_owned()))
+            .unwrap_or_else(|| (name.clone(), String::new()));
+        routing.upstreams.insert(
+            name.clone(),
+            Arc::new(Upstream {
+                name: name.clone(),
+                service,
+                kube_cluster,
+                endpoints,
+            }),
+        );
+    }
+    // The first listener's HTTP connection manager names its routes.
+    let Some((listener_name, (_, any))) = resources[ResourceType::Listener.index()].iter().next()
+    else {
+        return Ok(routing);
+    };
+    let listener: Listener = decode("listener", listener_name, any)?;
+    let hcm = listener
+        .filter_chains
+        .iter()
+        .flat_map(|c| c.filters.iter())
+        .find_map(|f| match &f.config_type {
+            Some(ferry_proto::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                any,
+            )) => HttpConnectionManager::decode(any.value.as_slice()).ok(),
+            _ => None,
+        })
+        .ok_or_else(|| format!("listener {listener_name}: no HTTP connection manager"))?;
+    let route_name = match hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => rds.route_config_name,
+        _ => {
+            return Err(format!(
+                "listener {listener_name}: the HTTP connection manager must take its routes by RDS"
+            ));
+        }
+    };
+    routing.route_config = route_name.clone();
+    let Some((_, any)) = resources[ResourceType::Route.index()].get(&route_name) else {
+        return Ok(routing);
+    };
+    let config: RouteConfiguration = decode("route configuration", &route_name, any)?;
+    for (vi, vh) in config.virtual_hosts.iter().enumerate() {
+        let mut routes = Vec::new();
+        for (ri, r) in vh.routes.iter().enumerate() {
+            let at = format!(
+                "route configuration {route_name}: virtual_hosts[{vi}] ({}).routes[{ri}]",
+                vh.name
+            );
+            let prefix = match r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()) {
+                Some(route_match::PathSpecifier::Prefix(p)) => p.clone(),
+                Some(route_match::PathSpecifier::Path(p)) => p.clone(),
+                None => "/".to_owned(),
+                Some(_) => {
+                    return Err(format!(
+                        "{at}.match: only prefix and path matches are supported"
+                    ));
+                }
+            };
+            let Some(route::Action::Route(action)) = &r.action else {
+                return Err(format!("{at}: only route actions are supported"));
+            };
+            let targets = match &action.cluster_specifier {
+                Some(route_action::ClusterSpecifier::Cluster(c)) => vec![Target {
+                    cluster: c.clone(),
+                    weight: 1,
+                }],
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w
+                    .clusters
+                    .iter()
+                    .map(|c| Target {
+                        cluster: c.name.clone(),
+                        weight: c.weight.as_ref().map(|w| w.value).unwrap_or(0),
+                    })
+                    .collect(),
+                _ => return Err(format!("{at}.route: needs a cluster or weighted clusters")),
+            };
+            let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
+            if total == 0 {
+                return Err(format!(
+                    "{at}.route.weighted_clusters: the weights sum to 0"
+                ));
+            }
+            let hash_header = action.hash_policy.iter().find_map(|h| match &h.policy_specifier {
+                Some(ferry_proto::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier::Header(header)) => {
+                    http::HeaderName::from_bytes(header.header_name.as_bytes()).ok()
+                }
+                _ => None,
+            });
+            let timeout = action
+                .timeout
+                .as_ref()
+                .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                .filter(|d| !d.is_zero());
+            routes.push(Route {
+                prefix,
+                targets,
+                hash_header,
+                timeout,
+            });
+        }
+        let host = Arc::new(VirtualHost {
+            name: vh.name.clone(),
+            routes,
+        });
+        for domain in &vh.domains {
+            let d = domain.to_ascii_lowercase();
+            let taken = if d == "*" {
+                routing.any.replace(host.clone()).is_some()
+            } else if let Some(suffix) = d.strip_prefix('*') {
+                routing.suffixes.push((suffix.to_owned(), host.clone()));
+                false
+            } else if let Some(prefix) = d.strip_suffix('*') {
+                routing.prefixes.push((prefix.to_owned(), host.clone()));
+                false
+            } else {
+                routing.exact.insert(d.clone(), host.clone()).is_some()
+            };
+            if taken {
+                return Err(format!(
+                    "route configuration {route_name}: virtual_hosts[{vi}] ({}): domain {domain:?} is already used by another virtual host",
+                    vh.name
+                ));
+            }
+        }
+    }
+    Ok(routing)
+}

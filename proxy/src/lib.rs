@@ -1,0 +1,101 @@
+//! Ferry's proxy: the L7 data plane that takes its whole config from a
+//! control plane over delta xDS and forwards user traffic to each
+//! service's cluster backends by weight.
+//!
+//! - [`config`]: the routing snapshot, built and validated from the xDS
+//!   resources held, swapped atomically;
+//! - [`pick`]: weighted and sticky cluster picks, endpoint choice;
+//! - [`server`]: the request path (HTTP/1.1 and h2c in, pooled HTTP/1.1 out);
+//! - [`admin`]: `/ready`, `/config_dump`, `/metrics`, `/drain`.
+
+pub mod admin;
+pub mod config;
+pub mod pick;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferry_xds::ResourceType;
+use ferry_xds::client::{ClientConfig, ConfigSink, Resources};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use server::Proxy;
+
+/// What `ferry proxy` was asked to do.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub xds: ClientConfig,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// Upstream request timeout when a route sets none.
+    pub default_timeout: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain_grace: Duration,
+}
+
+/// Takes validated config from the xDS client into the proxy.
+struct Sink {
+    proxy: Arc<Proxy>,
+}
+
+impl ConfigSink for Sink {
+    fn apply(&mut self, resources: &Resources, changed: ResourceType) -> Result<(), String> {
+        let current = self.proxy.routing.load_full();
+        let routing = config::build(resources, &current)?;
+        tracing::debug!(
+            r#type = changed.short(),
+            upstreams = routing.upstreams.len(),
+            "config applied"
+        );
+        self.proxy.routing.store(Arc::new(routing));
+        if !self.proxy.configured.swap(true, Ordering::SeqCst) {
+            tracing::info!("first config applied: serving");
+        }
+        metrics::counter!("ferry_proxy_config_swaps_total").increment(1);
+        Ok(())
+    }
+
+    fn connected(&mut self, up: bool) {
+        metrics::gauge!("ferry_proxy_xds_connected").set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// Runs the proxy until `shutdown`: the xDS client, the admin server and
+/// the listener; then drains.
+pub async fn run(
+    config: ProxyConfig,
+    metrics: admin::RenderMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let proxy = Proxy::new(config.default_timeout);
+    let listener = TcpListener::bind(config.listen).await?;
+    let admin_listener = TcpListener::bind(config.admin).await?;
+    tracing::info!(listen = %config.listen, admin = %config.admin, xds = %config.xds.server, node = %config.xds.node_id, "ferry proxy starting");
+    let xds = tokio::spawn(ferry_xds::client::run(
+        config.xds.clone(),
+        Sink {
+            proxy: proxy.clone(),
+        },
+        shutdown.clone(),
+    ));
+    // Draining (SIGTERM or /drain) stops the listener; the xDS client and
+    // the admin endpoint run until shutdown.
+    let drain = shutdown.child_token();
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        proxy.clone(),
+        metrics,
+        drain.clone(),
+        shutdown.clone(),
+    ));
+    server::serve(listener, proxy, drain, config.drain_grace).await;
+    shutdown.cancelled().await;
+    let _ = xds.await;
+    let _ = admin.await;
+    tracing::info!("ferry proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,78 @@
+//! `ferry proxy`: runs the data plane, taking its config from a control
+//! plane over delta xDS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_proxy::ProxyConfig;
+use ferry_xds::client::ClientConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry;
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyArgs {
+    /// The control plane's xDS address (http://host:port).
+    #[arg(long, default_value = "http://127.0.0.1:18000", value_name = "URL")]
+    xds: String,
+
+    /// This proxy's node id, as the control plane lists its clients.
+    #[arg(long, value_name = "ID")]
+    node_id: String,
+
+    /// The node's cluster (a fleet name).
+    #[arg(long, default_value = "ferry-proxy", value_name = "NAME")]
+    node_cluster: String,
+
+    /// Address for user traffic (HTTP/1.1 and HTTP/2 cleartext).
+    #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Admin address: /ready, /config_dump, /metrics, POST /drain.
+    #[arg(long, default_value = "127.0.0.1:9902", value_name = "ADDR")]
+    admin_addr: SocketAddr,
+
+    /// Worker threads (default: one per core).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// Upstream request timeout when a route sets none.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    timeout: Duration,
+
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    drain_grace: Duration,
+}
+
+impl ProxyArgs {
+    pub fn workers(&self) -> Option<usize> {
+        self.workers
+    }
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let metrics = telemetry::init_metrics().context("installing the metrics recorder")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::control::watch_signals(shutdown.clone()));
+    let config = ProxyConfig {
+        xds: ClientConfig {
+            server: args.xds,
+            node_id: args.node_id,
+            node_cluster: args.node_cluster,
+        },
+        listen: args.listen,
+        admin: args.admin_addr,
+        default_timeout: args.timeout,
+        drain_grace: args.drain_grace,
+    };
+    let render: ferry_proxy::admin::RenderMetrics = Arc::new(move || {
+        metrics.run_upkeep();
+        metrics.render()
+    });
+    ferry_proxy::run(config, render, shutdown)
+        .await
+        .context("ferry proxy")
+}

@@ -1,0 +1,264 @@
+//! `ferry proxy` end to end: config from a real Ferry control plane (or an
+//! in-test ADS server for refused config), real sockets, in-test backends.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::envoy::config::route::v3::{RouteConfiguration, route, route_action};
+use ferry_proto::ferry::v1::traffic_client::TrafficClient;
+use ferry_proto::ferry::v1::{ClusterWeight, SetWeightsRequest};
+use ferry_xds::status::ClientRegistry;
+use ferry_xds::{AdsServer, Resource, ResourceType, SnapshotCache, TranslateOptions, Translator};
+use prost::Message;
+use support::{Backends, Ferry, FerryProxy, eventually, http_get, share, split};
+use tokio_util::sync::CancellationToken;
+
+const HOST: &str = "checkout.shop";
+
+fn catalog(backends: &Backends, old: u32, new: u32) -> String {
+    format!(
+        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: {old}, new: {new}}}\n",
+        backends.addr("old/a"),
+        backends.addr("new/a")
+    )
+}
+
+async fn set_weights(ferry: &Ferry, old: u32, new: u32) {
+    let mut api = TrafficClient::connect(format!("http://127.0.0.1:{}", ferry.api_port))
+        .await
+        .expect("api");
+    api.set_weights(SetWeightsRequest {
+        service: HOST.into(),
+        weights: vec![
+            ClusterWeight {
+                cluster: "old".into(),
+                basis_points: old,
+            },
+            ClusterWeight {
+                cluster: "new".into(),
+                basis_points: new,
+            },
+        ],
+        reason: "proxy test".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("set weights");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_splits_by_weight_and_follows_changes_within_two_seconds() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends, 9_000, 1_000)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let counts = split(proxy.listen_port, HOST, 2_000).await;
+    let new = share(&counts, "new/");
+    assert!(
+        (new - 0.10).abs() <= 0.03,
+        "new got {new:.3}: {counts:?}\n{}",
+        proxy.log()
+    );
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        counts.get("old/a").unwrap_or(&0) + counts.get("new/a").unwrap_or(&0),
+        "{counts:?}"
+    );
+
+    // The control plane sees the proxy as an xDS client that ACKed.
+    let status = ferry.status().await;
+    let client = status["xds"]["clients"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["node_id"] == proxy.node_id.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("proxy not among clients: {status}"));
+    assert_eq!(client["variant"], "delta");
+    assert!(
+        client["types"]["rds"]["acked_version"].is_string(),
+        "{client}"
+    );
+
+    // A weight change reaches the proxy within 2 s.
+    set_weights(&ferry, 0, 10_000).await;
+    let changed = Instant::now();
+    eventually(Duration::from_secs(2), "all traffic on new", || async {
+        share(&split(proxy.listen_port, HOST, 20).await, "new/") == 1.0
+    })
+    .await;
+    assert!(changed.elapsed() < Duration::from_secs(2));
+
+    // Unknown hosts get a clear local reply.
+    let (code, body) = http_get(proxy.listen_port, "nope.example", "/")
+        .await
+        .expect("get");
+    assert_eq!(code, 404);
+    assert!(body.contains("nope.example"), "{body}");
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metrics.contains(
+            "ferry_proxy_requests_total{service=\"checkout.shop\",cluster=\"new\",class=\"2xx\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ferry_proxy_request_duration_seconds_bucket"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_keeps_serving_without_its_control_plane_and_converges_on_return() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let mut ferry = Ferry::start(&catalog(&backends, 10_000, 0)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    assert_eq!(
+        share(&split(proxy.listen_port, HOST, 50).await, "old/"),
+        1.0
+    );
+
+    ferry.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = split(proxy.listen_port, HOST, 200).await;
+    assert_eq!(
+        counts.get("old/a"),
+        Some(&200),
+        "served from the last config: {counts:?}"
+    );
+    let (code, _) = http_get(proxy.admin_port, "localhost", "/ready")
+        .await
+        .expect("ready");
+    assert_eq!(code, 200, "still ready without a control plane");
+
+    // The catalog changes while the proxy is cut off; on return it converges.
+    ferry.write_catalog(&catalog(&backends, 0, 10_000));
+    ferry.restart().await;
+    eventually(
+        Duration::from_secs(15),
+        "converged after the restart",
+        || async { share(&split(proxy.listen_port, HOST, 20).await, "new/") == 1.0 },
+    )
+    .await;
+}
+
+/// An in-test ADS server (Ferry's own, fed by hand) for config Ferry's
+/// control plane would never send.
+struct HandServer {
+    port: u16,
+    cache: Arc<SnapshotCache>,
+    clients: Arc<ClientRegistry>,
+    cancel: CancellationToken,
+}
+
+impl HandServer {
+    async fn start() -> Self {
+        let cache = Arc::new(SnapshotCache::new());
+        let clients = Arc::new(ClientRegistry::default());
+        let cancel = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let ads = AdsServer::new(cache.clone(), clients.clone(), cancel.clone());
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let shutdown = cancel.clone();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(ads.into_service())
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await;
+        });
+        Self {
+            port,
+            cache,
+            clients,
+            cancel,
+        }
+    }
+
+    /// Publishes the catalog's translation, with `edit` applied to the
+    /// route configuration.
+    fn publish(&self, yaml: &str, edit: impl FnOnce(&mut RouteConfiguration)) {
+        let catalog = ferry_discovery::Catalog::new();
+        catalog.replace(
+            ferry_discovery::file::parse_catalog(Path::new("hand.yaml"), yaml).expect("catalog"),
+        );
+        let snapshot = catalog.current();
+        let mut maps = Translator::new(TranslateOptions::default()).translate(&snapshot);
+        let routes = &mut maps[ResourceType::Route.index()];
+        let (name, resource) = routes
+            .iter()
+            .next()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .expect("route");
+        let mut config =
+            RouteConfiguration::decode(resource.body.value.as_slice()).expect("decode");
+        edit(&mut config);
+        routes.insert(name.clone(), Arc::new(Resource::new(name, &config)));
+        self.cache.publish(maps, &snapshot);
+    }
+}
+
+impl Drop for HandServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_config_is_nacked_with_a_reason_and_the_old_config_keeps_serving() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let server = HandServer::start().await;
+    server.publish(&catalog(&backends, 10_000, 0), |_| {});
+    let proxy = FerryProxy::start(server.port).await;
+    assert_eq!(
+        share(&split(proxy.listen_port, HOST, 20).await, "old/"),
+        1.0
+    );
+
+    // Every weight zero: the proxy must refuse the route configuration.
+    server.publish(&catalog(&backends, 0, 10_000), |config| {
+        for vh in &mut config.virtual_hosts {
+            for r in &mut vh.routes {
+                if let Some(route::Action::Route(action)) = &mut r.action
+                    && let Some(route_action::ClusterSpecifier::WeightedClusters(w)) =
+                        &mut action.cluster_specifier
+                {
+                    for c in &mut w.clusters {
+                        c.weight = Some(ferry_proto::google::protobuf::UInt32Value { value: 0 });
+                    }
+                }
+            }
+        }
+    });
+    let clients = server.clients.clone();
+    eventually(Duration::from_secs(5), "route NACKed", || {
+        let clients = clients.clone();
+        async move {
+            clients
+                .snapshot()
+                .iter()
+                .any(|c| c.types.get("rds").is_some_and(|t| t.nacks > 0))
+        }
+    })
+    .await;
+    let nack = server.clients.snapshot()[0].types["rds"]
+        .last_nack
+        .clone()
+        .expect("nack");
+    assert!(
+        nack.message.contains("weighted_clusters")
+            && nack.message.contains("sum to 0")
+            && nack.message.contains("checkout.shop"),
+        "the reason names the resource and field: {}",
+        nack.message
+    );
+    // The old routes keep serving.
+    let counts: BTreeMap<String, usize> = split(proxy.listen_port, HOST, 100).await;
+    assert_eq!(counts.get("old/a"), Some(&100), "{counts:?}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&proxy.admin("/config_dump").await).expect("json");
+    assert_eq!(dump["route_config"], "ferry_http");
+}
