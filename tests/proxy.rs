@@ -262,3 +262,113 @@ async fn refused_config_is_nacked_with_a_reason_and_the_old_config_keeps_serving
         serde_json::from_str(&proxy.admin("/config_dump").await).expect("json");
     assert_eq!(dump["route_config"], "ferry_http");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_without_losing_an_in_flight_request() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    backends.set_delay("old/a", 1_500);
+    let ferry = Ferry::start(&catalog(&backends, 10_000, 0)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let port = proxy.listen_port;
+    // Ten slow requests in flight, each on its own connection.
+    let in_flight: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(async move { http_get(port, HOST, "/").await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let pid = proxy.pid().expect("pid");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No new connections once draining.
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "the listener still accepts while draining\n{}",
+        proxy.log()
+    );
+    for request in in_flight {
+        let answer = request.await.expect("task");
+        assert!(
+            matches!(&answer, Ok((200, body)) if body == "old/a"),
+            "{answer:?}\n{}",
+            proxy.log()
+        );
+    }
+    eventually(Duration::from_secs(10), "proxy exited", || async {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
+    })
+    .await;
+    assert!(
+        proxy.log().contains("all connections finished"),
+        "{}",
+        proxy.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_gates_read_the_proxys_load_reports() {
+    use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
+    use ferry_proto::ferry::v1::{CreateMigrationRequest, Gates, GetMigrationRequest};
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    backends.set_status("new/a", 503);
+    let ferry = Ferry::start(&catalog(&backends, 10_000, 0)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let steady = support::Steady::start_for(proxy.listen_port, HOST, Duration::from_secs(45));
+    let mut api = MigrationsClient::connect(format!("http://127.0.0.1:{}", ferry.api_port))
+        .await
+        .expect("api");
+    let created = api
+        .create_migration(CreateMigrationRequest {
+            service: HOST.into(),
+            from: vec!["old".into()],
+            to: "new".into(),
+            steps: vec![20.0, 100.0],
+            bake: "20s".into(),
+            gates: Some(Gates {
+                min_requests: 20,
+                data_timeout: "10s".into(),
+                ..Default::default()
+            }),
+            ack_timeout: "10s".into(),
+            reason: "proxy load reports".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner();
+    let mut last = None;
+    for _ in 0..300 {
+        let m = api
+            .get_migration(GetMigrationRequest {
+                id: created.id.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if matches!(m.stage.as_str(), "ROLLED_BACK" | "DONE" | "FAILED") {
+            last = Some(m);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = steady.stop().await;
+    let last = last.unwrap_or_else(|| panic!("never ended\n{}", ferry.log()));
+    assert_eq!(last.stage, "ROLLED_BACK", "{last:?}");
+    let gate = last.gates.last().expect("gate");
+    assert!(
+        gate.target_errors >= 20 && gate.source_requests >= 20,
+        "{gate:?}"
+    );
+    assert!(
+        proxy
+            .admin("/metrics")
+            .await
+            .contains("ferry_proxy_load_reports_total")
+    );
+}

@@ -33,6 +33,14 @@ pub struct Endpoint {
     pub outstanding: AtomicU32,
 }
 
+/// Requests a cluster completed since the last load report.
+#[derive(Debug, Default)]
+pub struct LoadCounters {
+    pub successful: std::sync::atomic::AtomicU64,
+    /// 5xx answers and failed requests.
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
 /// A cluster and the endpoints that may take new requests.
 #[derive(Debug)]
 pub struct Upstream {
@@ -42,6 +50,8 @@ pub struct Upstream {
     pub service: String,
     pub kube_cluster: String,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// Kept across config swaps, like the endpoints' counters.
+    pub load: Arc<LoadCounters>,
 }
 
 /// A weighted target of a route.
@@ -193,6 +203,11 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                 service,
                 kube_cluster,
                 endpoints,
+                load: previous
+                    .upstreams
+                    .get(name)
+                    .map(|u| u.load.clone())
+                    .unwrap_or_default(),
             }),
         );
     }

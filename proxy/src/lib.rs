@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod lrs;
 pub mod pick;
 pub mod server;
 
@@ -82,6 +83,17 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
+    let lrs = tokio::spawn(lrs::run(
+        config.xds.server.clone(),
+        ferry_proto::envoy::config::core::v3::Node {
+            id: config.xds.node_id.clone(),
+            cluster: config.xds.node_cluster.clone(),
+            user_agent_name: "ferry-proxy".to_owned(),
+            ..Default::default()
+        },
+        proxy.clone(),
+        shutdown.clone(),
+    ));
     // Draining (SIGTERM or /drain) stops the listener; the xDS client and
     // the admin endpoint run until shutdown.
     let drain = shutdown.child_token();
@@ -95,6 +107,7 @@ pub async fn run(
     server::serve(listener, proxy, drain, config.drain_grace).await;
     shutdown.cancelled().await;
     let _ = xds.await;
+    let _ = lrs.await;
     let _ = admin.await;
     tracing::info!("ferry proxy stopped");
     Ok(())

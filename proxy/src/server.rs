@@ -234,7 +234,6 @@ pub async fn handle(
     let in_flight = InFlight::new(endpoint);
     let timeout = route.timeout.unwrap_or(proxy.default_timeout);
     let outcome = tokio::time::timeout(timeout, proxy.client.request(request)).await;
-    let (service, cluster) = (upstream.service.clone(), upstream.kube_cluster.clone());
     let response = match outcome {
         Ok(Ok(response)) => {
             let (mut parts, body) = response.into_parts();
@@ -250,7 +249,7 @@ pub async fn handle(
             Response::from_parts(parts, body)
         }
         Ok(Err(e)) => {
-            metrics::counter!("ferry_proxy_upstream_errors_total", "service" => service.clone(), "cluster" => cluster.clone())
+            metrics::counter!("ferry_proxy_upstream_errors_total", "service" => upstream.service.clone(), "cluster" => upstream.kube_cluster.clone())
                 .increment(1);
             tracing::debug!(error = %e, cluster = %upstream.name, "upstream request failed");
             text(
@@ -266,16 +265,22 @@ pub async fn handle(
             ),
         ),
     };
-    finish(response, started, &service, &cluster)
+    finish(response, started, &upstream)
 }
 
 fn finish(
     response: Response<Body>,
     started: Instant,
-    service: &str,
-    cluster: &str,
+    upstream: &crate::config::Upstream,
 ) -> Response<Body> {
     let status = response.status();
+    let counter = if status.is_server_error() {
+        &upstream.load.errors
+    } else {
+        &upstream.load.successful
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let (service, cluster) = (upstream.service.as_str(), upstream.kube_cluster.as_str());
     metrics::counter!("ferry_proxy_requests_total", "service" => service.to_owned(), "cluster" => cluster.to_owned(), "class" => class(status))
         .increment(1);
     metrics::histogram!("ferry_proxy_request_duration_seconds", "service" => service.to_owned(), "cluster" => cluster.to_owned())
@@ -321,6 +326,8 @@ pub async fn serve(
         });
     }
     proxy.draining.store(true, Ordering::SeqCst);
+    // New connections are refused from here on.
+    drop(listener);
     tracing::info!(
         ?grace,
         "draining: no new connections; finishing in-flight requests"

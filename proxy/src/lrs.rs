@@ -1,0 +1,122 @@
+//! Load reports (LRS) to the control plane: per cluster, the requests
+//! completed and failed since the last report, at the interval the
+//! control plane asks for. Ferry's migration gates compare these between a
+//! service's source and target clusters.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ferry_proto::envoy::config::core::v3::Node;
+use ferry_proto::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
+use ferry_proto::envoy::service::load_stats::v3::LoadStatsRequest;
+use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Proxy;
+
+/// Reports load until `cancel`, reconnecting with backoff; a control
+/// plane without LRS just gets no reports.
+pub async fn run(server: String, node: Node, proxy: Arc<Proxy>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(500);
+    while !cancel.is_cancelled() {
+        match report(&server, &node, &proxy, &cancel).await {
+            Ok(()) => backoff = Duration::from_millis(500),
+            Err(e) => tracing::debug!(error = %e, "load reporting stream ended"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn report(
+    server: &str,
+    node: &Node,
+    proxy: &Proxy,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let mut client = LoadReportingServiceClient::connect(server.to_owned())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(LoadStatsRequest {
+        node: Some(node.clone()),
+        cluster_stats: Vec::new(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut inbound = client
+        .stream_load_stats(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    let first = inbound
+        .message()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("the control plane closed the load reporting stream")?;
+    let mut interval = first
+        .load_reporting_interval
+        .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(10));
+    tracing::info!(?interval, "reporting load to the control plane");
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+            message = inbound.message() => {
+                match message.map_err(|e| e.to_string())? {
+                    Some(update) => {
+                        if let Some(d) = update.load_reporting_interval {
+                            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+                            if !d.is_zero() {
+                                interval = d;
+                            }
+                        }
+                        continue;
+                    }
+                    None => return Ok(()),
+                }
+            }
+        }
+        let elapsed = last.elapsed();
+        last = tokio::time::Instant::now();
+        let routing = proxy.routing.load_full();
+        let cluster_stats: Vec<ClusterStats> = routing
+            .upstreams
+            .values()
+            .filter_map(|u| {
+                let ok = u.load.successful.swap(0, Ordering::Relaxed);
+                let errors = u.load.errors.swap(0, Ordering::Relaxed);
+                (ok + errors > 0).then(|| ClusterStats {
+                    cluster_name: u.name.clone(),
+                    upstream_locality_stats: vec![UpstreamLocalityStats {
+                        total_successful_requests: ok,
+                        total_error_requests: errors,
+                        total_issued_requests: ok + errors,
+                        ..Default::default()
+                    }],
+                    load_report_interval: Some(ferry_proto::google::protobuf::Duration {
+                        seconds: elapsed.as_secs() as i64,
+                        nanos: elapsed.subsec_nanos() as i32,
+                    }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        metrics::counter!("ferry_proxy_load_reports_total").increment(1);
+        tx.send(LoadStatsRequest {
+            node: None,
+            cluster_stats,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+}
