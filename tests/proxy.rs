@@ -372,3 +372,42 @@ async fn migration_gates_read_the_proxys_load_reports() {
             .contains("ferry_proxy_load_reports_total")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unready_endpoints_get_no_traffic() {
+    let backends = Backends::start_at(&[
+        ("old/a", "127.0.0.1"),
+        ("old/b", "127.0.0.2"),
+        ("new/a", "127.0.0.3"),
+    ])
+    .await;
+    let yaml = |b_ready: bool| {
+        format!(
+            "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\", {{address: \"{}\", ready: {b_ready}}}]}}\n      new: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new: 0}}\n",
+            backends.addr("old/a"),
+            backends.addr("old/b"),
+            backends.addr("new/a")
+        )
+    };
+    let ferry = Ferry::start(&yaml(true)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(
+        Duration::from_secs(5),
+        "both old endpoints used",
+        || async {
+            let c = split(proxy.listen_port, HOST, 40).await;
+            c.get("old/a").is_some() && c.get("old/b").is_some()
+        },
+    )
+    .await;
+    ferry.write_catalog(&yaml(false));
+    eventually(Duration::from_secs(2), "old/b drained", || async {
+        split(proxy.listen_port, HOST, 20)
+            .await
+            .get("old/b")
+            .is_none()
+    })
+    .await;
+    let counts = split(proxy.listen_port, HOST, 200).await;
+    assert_eq!(counts.get("old/a"), Some(&200), "{counts:?}");
+}
