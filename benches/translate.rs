@@ -66,6 +66,7 @@ fn catalog_services() -> Vec<Service> {
                 hosts: Vec::new(),
                 backends,
                 weights: None,
+                sticky_header: None,
             }
         })
         .collect()

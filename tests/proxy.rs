@@ -410,3 +410,85 @@ async fn unready_endpoints_get_no_traffic() {
     let counts = split(proxy.listen_port, HOST, 200).await;
     assert_eq!(counts.get("old/a"), Some(&200), "{counts:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_keys_move_to_the_target_once_and_never_back() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let yaml = format!(
+        "{}    sticky: {{header: x-user}}\n",
+        catalog(&backends, 10_000, 0)
+    );
+    let ferry = Ferry::start(&yaml).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let client = support::client();
+    let users: Vec<String> = (0..300).map(|i| format!("user-{i}")).collect();
+    let mut previous: BTreeMap<String, String> = BTreeMap::new();
+    for new_bp in [0u32, 1_000, 3_000, 6_000, 10_000] {
+        set_weights(&ferry, 10_000 - new_bp, new_bp).await;
+        let expect_all_new = new_bp == 10_000;
+        eventually(Duration::from_secs(3), "weights applied", || {
+            let client = client.clone();
+            async move {
+                let probe: Vec<bool> = futures::future::join_all((0..40).map(|i| {
+                    let client = client.clone();
+                    async move {
+                        let user = format!("probe-{i}");
+                        support::http_get_headers(
+                            &client,
+                            proxy.listen_port,
+                            HOST,
+                            "/",
+                            &[("x-user", &user)],
+                        )
+                        .await
+                        .is_ok_and(|(_, b)| b == "new/a")
+                    }
+                }))
+                .await;
+                let on_new = probe.iter().filter(|b| **b).count();
+                if new_bp == 0 {
+                    on_new == 0
+                } else if expect_all_new {
+                    on_new == 40
+                } else {
+                    on_new > 0
+                }
+            }
+        })
+        .await;
+        let mut now = BTreeMap::new();
+        for user in &users {
+            // The same key lands on the same cluster every time.
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let (_, body) = support::http_get_headers(
+                    &client,
+                    proxy.listen_port,
+                    HOST,
+                    "/",
+                    &[("x-user", user)],
+                )
+                .await
+                .expect("get");
+                seen.push(body);
+            }
+            assert_eq!(
+                seen[0], seen[1],
+                "{user} moved between two requests at {new_bp} bp"
+            );
+            now.insert(user.clone(), seen[0].clone());
+        }
+        for (user, was) in &previous {
+            assert!(
+                !(was == "new/a" && now[user] == "old/a"),
+                "{user} went back to old at {new_bp} bp"
+            );
+        }
+        let share_new = now.values().filter(|b| *b == "new/a").count() as f64 / users.len() as f64;
+        assert!(
+            (share_new - f64::from(new_bp) / 10_000.0).abs() <= 0.08,
+            "{share_new:.3} of keys on new at {new_bp} bp"
+        );
+        previous = now;
+    }
+}

@@ -225,6 +225,9 @@ fn merge<'a>(mut parts: impl Iterator<Item = &'a Arc<Service>>) -> Option<Arc<Se
                 merged.hosts.push(host.clone());
             }
         }
+        if merged.sticky_header.is_none() {
+            merged.sticky_header.clone_from(&part.sticky_header);
+        }
         if merged.weights.is_none() {
             merged.weights.clone_from(&part.weights);
         }
@@ -260,6 +263,7 @@ mod tests {
                 },
             )]),
             weights: None,
+            sticky_header: None,
         }
     }
 

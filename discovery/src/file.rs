@@ -100,6 +100,15 @@ struct RawService {
     hosts: Vec<String>,
     backends: BTreeMap<String, RawBackend>,
     weights: Option<BTreeMap<String, u32>>,
+    /// `sticky: {header: x-user-id}`
+    #[serde(default)]
+    sticky: Option<RawSticky>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSticky {
+    header: String,
 }
 
 fn default_namespace() -> String {
@@ -307,12 +316,30 @@ impl<'a> Validator<'a> {
             .weights
             .map(|w| self.weights(w, &backends))
             .transpose()?;
+        let sticky_header = match raw.sticky {
+            Some(s) => {
+                let header = s.header.trim().to_ascii_lowercase();
+                let valid = !header.is_empty()
+                    && header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !valid {
+                    return Err(self.err(
+                        "sticky.header",
+                        format!("{:?} is not an HTTP header name", s.header),
+                    ));
+                }
+                Some(header)
+            }
+            None => None,
+        };
         Ok(Service {
             name,
             ports,
             hosts,
             backends,
             weights,
+            sticky_header,
         })
     }
 

@@ -849,6 +849,7 @@ impl ClusterState {
                     self.backend(key, &summary.ports),
                 )]),
                 weights: None,
+                sticky_header: None,
             });
         }
         (upserts, removals)

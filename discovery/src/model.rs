@@ -71,6 +71,9 @@ pub struct Service {
     pub backends: BTreeMap<ClusterName, Backend>,
     /// Declared weights; `None` spreads traffic by ready endpoints.
     pub weights: Option<Weights>,
+    /// Requests carrying this header are sticky: the header's value picks
+    /// the cluster, the same on every Ferry proxy.
+    pub sticky_header: Option<String>,
 }
 
 impl Service {

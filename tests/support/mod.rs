@@ -468,7 +468,7 @@ impl Drop for Backends {
     }
 }
 
-fn client() -> Client<HttpConnector, Empty<Bytes>> {
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
@@ -483,10 +483,23 @@ async fn http_get_with(
     host: &str,
     path: &str,
 ) -> Result<(u16, String), String> {
-    let req = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
-        .header("host", host)
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+    http_get_headers(client, port, host, path, &[]).await
+}
+
+/// One GET with extra headers; (status, body).
+pub async fn http_get_headers(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    port: u16,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
+    let mut req =
+        hyper::Request::get(format!("http://127.0.0.1:{port}{path}")).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let fut = async {
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();

@@ -268,6 +268,7 @@ pub fn translate_service(
             format!("{}:{}", service.name, port.port),
             domains,
             weighted,
+            service.sticky_header.as_deref(),
         ));
     }
     out
@@ -302,7 +303,23 @@ fn virtual_host(
     name: String,
     domains: Vec<String>,
     clusters: Vec<weighted_cluster::ClusterWeight>,
+    sticky_header: Option<&str>,
 ) -> VirtualHost {
+    // A header hash policy makes Ferry's proxy pick the cluster by the
+    // header's value (Envoy uses it for load balancing within a cluster).
+    let hash_policy = sticky_header
+        .map(|header| {
+            vec![route_action::HashPolicy {
+                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Header(
+                    route_action::hash_policy::Header {
+                        header_name: header.to_owned(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }]
+        })
+        .unwrap_or_default();
     let action = RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
             WeightedCluster {
@@ -310,6 +327,7 @@ fn virtual_host(
                 ..Default::default()
             },
         )),
+        hash_policy,
         ..Default::default()
     };
     VirtualHost {
