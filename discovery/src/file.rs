@@ -686,6 +686,15 @@ services:
     }
 
     #[test]
+    fn sticky_headers_are_header_names() {
+        let sticky = format!("{GOOD}    sticky: {{header: X-User-Id}}\n");
+        let services = parse(&sticky).unwrap();
+        assert_eq!(services[0].sticky_header.as_deref(), Some("x-user-id"));
+        let e = error(&format!("{GOOD}    sticky: {{header: \"x user\"}}\n"));
+        assert!(e.contains("sticky.header") && e.contains("x user"), "{e}");
+    }
+
+    #[test]
     fn bad_addresses_and_duplicates_are_refused() {
         let e = error(&GOOD.replace("127.0.0.1:9101", "not-an-ip:80"));
         assert!(e.contains("backends.new.endpoints[0].address"), "{e}");
