@@ -143,6 +143,9 @@ async fn a_service_in_two_clusters_is_one_service_with_two_backends() {
         |s| {
             ready_in(s, "checkout.shop", "east") == Some(1)
                 && ready_in(s, "checkout.shop", "west") == Some(1)
+                && ["east", "west", "north"]
+                    .iter()
+                    .all(|c| health(s, c).as_deref() == Some("connected"))
         },
     )
     .await;
@@ -238,6 +241,7 @@ async fn a_lost_api_server_leaves_its_endpoints_serving_and_stale() {
     wait_status(&ferry, "east listed", Duration::from_secs(15), |s| {
         ready_in(s, "checkout.shop", "east") == Some(1)
             && health(s, "east").as_deref() == Some("connected")
+            && health(s, "west").as_deref() == Some("connected")
     })
     .await;
 
@@ -583,6 +587,8 @@ async fn a_client_certificate_kubeconfig_connects_and_a_foreign_one_is_unauthori
             ready_in(s, "checkout.shop", "east") == Some(1)
                 && ready_in(s, "checkout.shop", "north") == Some(1)
                 && health(s, "west").as_deref() == Some("unauthorized")
+                && health(s, "east").as_deref() == Some("connected")
+                && health(s, "north").as_deref() == Some("connected")
         },
     )
     .await;
