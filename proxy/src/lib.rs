@@ -13,6 +13,7 @@ pub mod config;
 pub mod lrs;
 pub mod pick;
 pub mod server;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
