@@ -67,6 +67,7 @@ fn catalog_services() -> Vec<Service> {
                 backends,
                 weights: None,
                 sticky_header: None,
+                requests: Default::default(),
             }
         })
         .collect()

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_proxy::ProxyConfig;
+use ferry_proxy::forward::PoolConfig;
 use ferry_xds::client::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +43,28 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     timeout: Duration,
 
+    /// Upstream connect timeout.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
+
+    /// Idle upstream connections are closed after this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    upstream_idle_timeout: Duration,
+
+    /// Address for TLS user traffic (HTTP/1.1 and HTTP/2 by ALPN); needs
+    /// --tls-cert.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    tls_listen: Option<SocketAddr>,
+
+    /// A certificate chain and its key, PEM: CERT,KEY. Repeat for more
+    /// names; each is served by SNI, the first to clients that send none.
+    #[arg(long, value_name = "CERT,KEY", requires = "tls_listen")]
+    tls_cert: Vec<ferry_proxy::tls::CertPair>,
+
+    /// How often certificate files are checked for changes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    tls_reload_interval: Duration,
+
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_grace: Duration,
@@ -64,6 +87,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             node_cluster: args.node_cluster,
         },
         listen: args.listen,
+        tls: args.tls_listen.map(|addr| ferry_proxy::TlsListen {
+            addr,
+            certs: args.tls_cert.clone(),
+            reload_every: args.tls_reload_interval,
+        }),
+        pool: PoolConfig {
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.upstream_idle_timeout,
+        },
         admin: args.admin_addr,
         default_timeout: args.timeout,
         drain_grace: args.drain_grace,

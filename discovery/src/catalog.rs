@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::model::Service;
+use crate::model::{RequestPolicy, Service};
 use crate::names::ServiceName;
 
 /// One immutable view of every service. Version 0 is the empty catalog
@@ -228,6 +228,9 @@ fn merge<'a>(mut parts: impl Iterator<Item = &'a Arc<Service>>) -> Option<Arc<Se
         if merged.sticky_header.is_none() {
             merged.sticky_header.clone_from(&part.sticky_header);
         }
+        if merged.requests == RequestPolicy::default() {
+            merged.requests.clone_from(&part.requests);
+        }
         if merged.weights.is_none() {
             merged.weights.clone_from(&part.weights);
         }
@@ -264,6 +267,7 @@ mod tests {
             )]),
             weights: None,
             sticky_header: None,
+            requests: Default::default(),
         }
     }
 

@@ -31,7 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
-use crate::model::{Backend, Endpoint, EndpointState, Service, ServicePort};
+use crate::model::{
+    Backend, Endpoint, EndpointState, OutlierDetection, Protocol, RequestPolicy, Retries, RetryOn,
+    Service, ServicePort,
+};
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
 
@@ -103,6 +106,33 @@ struct RawService {
     /// `sticky: {header: x-user-id}`
     #[serde(default)]
     sticky: Option<RawSticky>,
+    /// `http1` (default) or `http2` (h2c: gRPC).
+    protocol: Option<String>,
+    /// Whole-request timeout, e.g. `5s`.
+    timeout: Option<String>,
+    retries: Option<RawRetries>,
+    outlier_detection: Option<RawOutlierDetection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetries {
+    attempts: u32,
+    #[serde(default = "default_retry_on")]
+    on: Vec<String>,
+    per_try_timeout: Option<String>,
+}
+
+fn default_retry_on() -> Vec<String> {
+    vec!["connect-failure".to_owned()]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlierDetection {
+    consecutive_5xx: Option<u32>,
+    base_ejection_time: Option<String>,
+    max_ejection_percent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +363,12 @@ impl<'a> Validator<'a> {
             }
             None => None,
         };
+        let requests = self.requests(
+            raw.protocol,
+            raw.timeout,
+            raw.retries,
+            raw.outlier_detection,
+        )?;
         Ok(Service {
             name,
             ports,
@@ -340,6 +376,103 @@ impl<'a> Validator<'a> {
             backends,
             weights,
             sticky_header,
+            requests,
+        })
+    }
+
+    fn duration(&self, field: &str, text: &str) -> Result<Duration, CatalogError> {
+        let d = humantime::parse_duration(text)
+            .map_err(|e| self.err(field, format!("{text:?} is not a duration: {e}")))?;
+        if d.is_zero() {
+            return Err(self.err(field, "must be longer than 0"));
+        }
+        Ok(d)
+    }
+
+    fn requests(
+        &self,
+        protocol: Option<String>,
+        timeout: Option<String>,
+        retries: Option<RawRetries>,
+        outlier: Option<RawOutlierDetection>,
+    ) -> Result<RequestPolicy, CatalogError> {
+        let protocol = match protocol.as_deref() {
+            None | Some("http1") => Protocol::Http1,
+            Some("http2") | Some("grpc") => Protocol::Http2,
+            Some(other) => {
+                return Err(self.err(
+                    "protocol",
+                    format!("{other:?} is not one of http1, http2, grpc"),
+                ));
+            }
+        };
+        let timeout = timeout.map(|t| self.duration("timeout", &t)).transpose()?;
+        let retries = match retries {
+            None => None,
+            Some(r) => {
+                if r.attempts > 10 {
+                    return Err(self.err("retries.attempts", "at most 10 retries"));
+                }
+                let mut on = Vec::with_capacity(r.on.len());
+                for (i, name) in r.on.iter().enumerate() {
+                    let Some(condition) = RetryOn::parse(name) else {
+                        return Err(self.err(
+                            format!("retries.on[{i}]"),
+                            format!(
+                                "{name:?} is not one of connect-failure, reset, 5xx, gateway-error"
+                            ),
+                        ));
+                    };
+                    if !on.contains(&condition) {
+                        on.push(condition);
+                    }
+                }
+                on.sort_unstable();
+                let per_try_timeout = r
+                    .per_try_timeout
+                    .map(|t| self.duration("retries.per_try_timeout", &t))
+                    .transpose()?;
+                Some(Retries {
+                    attempts: r.attempts,
+                    on,
+                    per_try_timeout,
+                })
+            }
+        };
+        let outlier_detection = match outlier {
+            None => None,
+            Some(o) => {
+                let defaults = OutlierDetection::default();
+                let consecutive_5xx = o.consecutive_5xx.unwrap_or(defaults.consecutive_5xx);
+                if consecutive_5xx == 0 {
+                    return Err(self.err("outlier_detection.consecutive_5xx", "must be at least 1"));
+                }
+                let max_ejection_percent = o
+                    .max_ejection_percent
+                    .unwrap_or(defaults.max_ejection_percent);
+                if max_ejection_percent > 100 {
+                    return Err(self.err(
+                        "outlier_detection.max_ejection_percent",
+                        "must be between 0 and 100",
+                    ));
+                }
+                let base_ejection_time = o
+                    .base_ejection_time
+                    .map(|t| self.duration("outlier_detection.base_ejection_time", &t))
+                    .transpose()?
+                    .unwrap_or(defaults.base_ejection_time);
+                Some(OutlierDetection {
+                    consecutive_5xx,
+                    base_ejection_time,
+                    max_ejection_percent,
+                })
+            }
+        };
+        Ok(RequestPolicy {
+            protocol,
+            timeout,
+            retries,
+            outlier_detection,
         })
     }
 
@@ -683,6 +816,49 @@ services:
 
         let e = error(&GOOD.replace("new: 1000}", "new: 500, other: 500}"));
         assert!(e.contains("weights.other"), "{e}");
+    }
+
+    #[test]
+    fn request_policies_parse_and_name_bad_fields() {
+        let text = format!(
+            "{GOOD}    protocol: grpc\n    timeout: 3s\n    retries: {{attempts: 2, on: [5xx, connect-failure], per_try_timeout: 500ms}}\n    outlier_detection: {{consecutive_5xx: 3, base_ejection_time: 2s}}\n"
+        );
+        let services = parse(&text).unwrap();
+        let r = &services[0].requests;
+        assert_eq!(r.protocol, Protocol::Http2);
+        assert_eq!(r.timeout, Some(Duration::from_secs(3)));
+        let retries = r.retries.as_ref().unwrap();
+        assert_eq!(retries.attempts, 2);
+        assert_eq!(
+            retries.on,
+            vec![RetryOn::ConnectFailure, RetryOn::ServerError]
+        );
+        assert_eq!(retries.per_try_timeout, Some(Duration::from_millis(500)));
+        let o = r.outlier_detection.as_ref().unwrap();
+        assert_eq!((o.consecutive_5xx, o.max_ejection_percent), (3, 50));
+        assert_eq!(o.base_ejection_time, Duration::from_secs(2));
+        assert_eq!(parse(GOOD).unwrap()[0].requests, RequestPolicy::default());
+        for (extra, field) in [
+            ("    protocol: http3\n", "protocol"),
+            ("    timeout: soon\n", "timeout"),
+            ("    timeout: 0s\n", "timeout"),
+            (
+                "    retries: {attempts: 1, on: [teapot]}\n",
+                "retries.on[0]",
+            ),
+            ("    retries: {attempts: 99}\n", "retries.attempts"),
+            (
+                "    outlier_detection: {consecutive_5xx: 0}\n",
+                "outlier_detection.consecutive_5xx",
+            ),
+            (
+                "    outlier_detection: {max_ejection_percent: 101}\n",
+                "outlier_detection.max_ejection_percent",
+            ),
+        ] {
+            let e = error(&format!("{GOOD}{extra}"));
+            assert!(e.contains(field), "{extra}: {e}");
+        }
     }
 
     #[test]

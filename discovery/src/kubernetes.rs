@@ -41,7 +41,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::model::{Backend, Endpoint, EndpointState, Service, ServicePort};
+use crate::model::{
+    Backend, Endpoint, EndpointState, Protocol, RequestPolicy, Service, ServicePort,
+};
 use crate::names::{ClusterName, ServiceName};
 
 /// Services carrying this label (value `"true"`) are exported to Ferry.
@@ -661,6 +663,8 @@ impl<T> Mirror<T> {
 #[derive(Debug, Clone, PartialEq)]
 struct ServiceSummary {
     ports: Vec<ServicePort>,
+    /// From the first port's `appProtocol` (`kubernetes.io/h2c`, `grpc`).
+    protocol: Protocol,
     /// Carries `ferry.io/export=true`.
     labelled: bool,
 }
@@ -850,6 +854,10 @@ impl ClusterState {
                 )]),
                 weights: None,
                 sticky_header: None,
+                requests: RequestPolicy {
+                    protocol: summary.protocol,
+                    ..Default::default()
+                },
             });
         }
         (upserts, removals)
@@ -908,7 +916,24 @@ fn service_summary(svc: &KubeService) -> ServiceSummary {
         })
         .unwrap_or_default();
     let labelled = svc.labels().get(EXPORT_LABEL).is_some_and(|v| v == "true");
-    ServiceSummary { ports, labelled }
+    // The first port is the service's default; its appProtocol says how
+    // proxies must speak to the endpoints.
+    let protocol = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|ports| ports.first())
+        .and_then(|p| p.app_protocol.as_deref())
+        .map(|a| match a.to_ascii_lowercase().as_str() {
+            "kubernetes.io/h2c" | "h2c" | "grpc" | "http2" => Protocol::Http2,
+            _ => Protocol::Http1,
+        })
+        .unwrap_or_default();
+    ServiceSummary {
+        ports,
+        protocol,
+        labelled,
+    }
 }
 
 fn slice_summary(slice: &EndpointSlice) -> SliceSummary {

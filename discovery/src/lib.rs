@@ -14,6 +14,9 @@ pub mod names;
 pub mod weights;
 
 pub use catalog::{Catalog, CatalogSnapshot};
-pub use model::{Backend, Endpoint, EndpointState, Service, ServicePort};
+pub use model::{
+    Backend, Endpoint, EndpointState, OutlierDetection, Protocol, RequestPolicy, Retries, RetryOn,
+    Service, ServicePort,
+};
 pub use names::{ClusterName, NameError, ServiceName};
 pub use weights::{TOTAL_WEIGHT, Weight, Weights, WeightsError};

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::names::{ClusterName, ServiceName};
 use crate::weights::Weights;
@@ -74,6 +75,96 @@ pub struct Service {
     /// Requests carrying this header are sticky: the header's value picks
     /// the cluster, the same on every Ferry proxy.
     pub sticky_header: Option<String>,
+    /// How proxies talk to the service: protocol, timeout, retries,
+    /// outlier detection.
+    pub requests: RequestPolicy,
+}
+
+/// The protocol a service's endpoints speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (h2c, prior knowledge): gRPC services.
+    Http2,
+}
+
+/// How proxies send requests to a service. Everything is off unless the
+/// catalog (or the service's `appProtocol`) asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct RequestPolicy {
+    pub protocol: Protocol,
+    /// Whole-request timeout, retries included.
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// What makes an attempt worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RetryOn {
+    /// No connection could be made (nothing was sent: safe for any method).
+    ConnectFailure,
+    /// The connection broke before a response (idempotent methods only).
+    Reset,
+    /// Any 5xx answer or a per-try timeout (idempotent methods only).
+    ServerError,
+    /// 502, 503 or 504 (idempotent methods only).
+    GatewayError,
+}
+
+impl RetryOn {
+    /// The name in the catalog and in Envoy's `retry_on`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConnectFailure => "connect-failure",
+            Self::Reset => "reset",
+            Self::ServerError => "5xx",
+            Self::GatewayError => "gateway-error",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::ConnectFailure,
+            Self::Reset,
+            Self::ServerError,
+            Self::GatewayError,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
+}
+
+/// Retries of failed attempts, bounded by the proxy's retry budget.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Retries {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub on: Vec<RetryOn>,
+    pub per_try_timeout: Option<Duration>,
+}
+
+/// Passive health: endpoints that keep failing are ejected for a while.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers or connect failures that eject an endpoint.
+    pub consecutive_5xx: u32,
+    /// The first ejection's length; each further one doubles it.
+    pub base_ejection_time: Duration,
+    /// At most this share of a cluster's endpoints is ejected at once.
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 impl Service {

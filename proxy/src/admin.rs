@@ -84,11 +84,19 @@ struct Dump {
 struct UpstreamEndpoint {
     address: String,
     outstanding: u32,
+    /// Ejected by outlier detection right now.
+    ejected: bool,
+    /// Ejections in a row (the backoff's exponent).
+    ejections: u32,
+    /// The balancer's peak-EWMA latency estimate.
+    latency_ms: f64,
 }
 
 /// The config in use, with the version of every resource it came from.
 async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
     let routing = s.proxy.routing.load_full();
+    let now = std::time::Instant::now();
+    let now_ms = s.proxy.clock.ms(now);
     let upstreams = routing
         .upstreams
         .iter()
@@ -99,6 +107,9 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
                 .map(|e| UpstreamEndpoint {
                     address: e.addr.to_string(),
                     outstanding: e.outstanding.load(Ordering::Relaxed),
+                    ejected: e.health.ejected(now_ms),
+                    ejections: e.health.ejections(),
+                    latency_ms: (e.ewma.estimate(now) / 1e4).round() / 100.0,
                 })
                 .collect();
             (name.clone(), endpoints)

@@ -13,6 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+use tower::retry::budget::TpsBudget;
+
+use crate::balance::PeakEwma;
+use crate::outlier::{Health, OutlierConfig};
+use crate::retry::RetryConfig;
+
 use ferry_proto::envoy::config::cluster::v3::Cluster;
 use ferry_proto::envoy::config::core::v3::{HealthStatus, address, socket_address};
 use ferry_proto::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
@@ -25,12 +31,83 @@ use ferry_xds::ResourceType;
 use ferry_xds::client::Resources;
 use prost::Message;
 
-/// One upstream endpoint; its counters outlive config swaps.
+/// One upstream endpoint; its counters, latency estimate and health
+/// outlive config swaps.
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// Requests in flight to it.
     pub outstanding: AtomicU32,
+    pub ewma: PeakEwma,
+    pub health: Health,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            outstanding: AtomicU32::new(0),
+            ewma: PeakEwma::default(),
+            health: Health::default(),
+        }
+    }
+}
+
+/// The protocol spoken to a cluster's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): gRPC.
+    Http2,
+}
+
+/// Metric handles of one cluster, registered once per config build so the
+/// request path does no label lookups.
+#[derive(Debug, Clone)]
+pub struct UpstreamMetrics {
+    /// Requests by status class: 1xx … 5xx.
+    pub requests: [metrics::Counter; 5],
+    pub duration: metrics::Histogram,
+    pub upstream_errors: metrics::Counter,
+    pub retries: metrics::Counter,
+    pub retries_refused: metrics::Counter,
+    pub ejections: metrics::Counter,
+}
+
+impl UpstreamMetrics {
+    fn new(service: &str, cluster: &str) -> Self {
+        let labels = [
+            ("service", service.to_owned()),
+            ("cluster", cluster.to_owned()),
+        ];
+        let class = |c: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("class", c.to_owned()));
+            metrics::counter!("ferry_proxy_requests_total", &l)
+        };
+        Self {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: metrics::histogram!("ferry_proxy_request_duration_seconds", &labels),
+            upstream_errors: metrics::counter!("ferry_proxy_upstream_errors_total", &labels),
+            retries: metrics::counter!("ferry_proxy_retries_total", &labels),
+            retries_refused: metrics::counter!("ferry_proxy_retries_over_budget_total", &labels),
+            ejections: metrics::counter!("ferry_proxy_ejections_total", &labels),
+        }
+    }
+}
+
+/// The retry budget of a cluster: retries may add 20 % to its requests,
+/// plus 10 per second (linkerd's and Finagle's defaults).
+pub fn retry_budget() -> TpsBudget {
+    TpsBudget::new(Duration::from_secs(10), 10, 0.2)
 }
 
 /// Requests a cluster completed since the last load report.
@@ -52,6 +129,28 @@ pub struct Upstream {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Kept across config swaps, like the endpoints' counters.
     pub load: Arc<LoadCounters>,
+    pub protocol: Protocol,
+    pub outlier: Option<OutlierConfig>,
+    /// Kept across config swaps.
+    pub budget: Arc<TpsBudget>,
+    pub metrics: UpstreamMetrics,
+}
+
+impl Upstream {
+    /// A plain HTTP/1.1 cluster with no outlier detection.
+    pub fn for_tests(name: &str, endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            service: name.to_owned(),
+            kube_cluster: String::new(),
+            endpoints,
+            load: Default::default(),
+            protocol: Protocol::Http1,
+            outlier: None,
+            budget: Arc::new(retry_budget()),
+            metrics: UpstreamMetrics::new(name, ""),
+        }
+    }
 }
 
 /// A weighted target of a route.
@@ -69,6 +168,7 @@ pub struct Route {
     /// Hash requests on this header's value for sticky picks.
     pub hash_header: Option<http::HeaderName>,
     pub timeout: Option<Duration>,
+    pub retry: Option<Arc<RetryConfig>>,
 }
 
 #[derive(Debug)]
@@ -119,6 +219,41 @@ impl Routing {
             .iter()
             .find(|e| e.addr == addr)
             .cloned()
+    }
+}
+
+fn duration(d: &ferry_proto::google::protobuf::Duration) -> Duration {
+    Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    )
+}
+
+/// HTTP/2 when the cluster's `HttpProtocolOptions` say so explicitly.
+fn upstream_protocol(cluster: &Cluster) -> Result<Protocol, String> {
+    use ferry_proto::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions, http_protocol_options,
+    };
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
+    let Some(any) = cluster
+        .typed_extension_protocol_options
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    else {
+        return Ok(Protocol::Http1);
+    };
+    let options = HttpProtocolOptions::decode(any.value.as_slice())
+        .map_err(|e| format!("cannot decode HttpProtocolOptions: {e}"))?;
+    match options.upstream_protocol_options {
+        Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(c)) => {
+            match c.protocol_config {
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(Protocol::Http2),
+                Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
+                    Err("HTTP/3 upstreams are not supported".to_owned())
+                }
+                _ => Ok(Protocol::Http1),
+            }
+        }
+        _ => Ok(Protocol::Http1),
     }
 }
 
@@ -182,12 +317,9 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                         Ok(HealthStatus::Healthy | HealthStatus::Unknown)
                     );
                     if usable {
-                        let endpoint = previous.endpoint(name, addr).unwrap_or_else(|| {
-                            Arc::new(Endpoint {
-                                addr,
-                                outstanding: AtomicU32::new(0),
-                            })
-                        });
+                        let endpoint = previous
+                            .endpoint(name, addr)
+                            .unwrap_or_else(|| Arc::new(Endpoint::new(addr)));
                         endpoints.push(endpoint);
                     }
                 }
@@ -196,18 +328,47 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
         let (service, kube_cluster) = ferry_xds::lrs::split_cluster_name(name)
             .map(|(s, c)| (s.to_owned(), c.to_owned()))
             .unwrap_or_else(|| (name.clone(), String::new()));
+        let protocol = upstream_protocol(&cluster)
+            .map_err(|e| format!("cluster {name}: typed_extension_protocol_options: {e}"))?;
+        let outlier = cluster.outlier_detection.as_ref().map(|o| {
+            let defaults = OutlierConfig::default();
+            OutlierConfig {
+                consecutive_5xx: o
+                    .consecutive_5xx
+                    .map(|v| v.value)
+                    .unwrap_or(defaults.consecutive_5xx)
+                    .max(1),
+                base_ejection_time: o
+                    .base_ejection_time
+                    .as_ref()
+                    .map(duration)
+                    .unwrap_or(defaults.base_ejection_time),
+                max_ejection_time: o
+                    .max_ejection_time
+                    .as_ref()
+                    .map(duration)
+                    .unwrap_or(defaults.max_ejection_time),
+                max_ejection_percent: o
+                    .max_ejection_percent
+                    .map(|v| v.value.min(100))
+                    .unwrap_or(defaults.max_ejection_percent),
+            }
+        });
+        let kept = previous.upstreams.get(name);
         routing.upstreams.insert(
             name.clone(),
             Arc::new(Upstream {
                 name: name.clone(),
+                metrics: UpstreamMetrics::new(&service, &kube_cluster),
                 service,
                 kube_cluster,
                 endpoints,
-                load: previous
-                    .upstreams
-                    .get(name)
-                    .map(|u| u.load.clone())
-                    .unwrap_or_default(),
+                load: kept.map(|u| u.load.clone()).unwrap_or_default(),
+                protocol,
+                outlier,
+                budget: kept
+                    .map(|u| u.budget.clone())
+                    .unwrap_or_else(|| Arc::new(retry_budget())),
             }),
         );
     }
@@ -291,13 +452,22 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
             let timeout = action
                 .timeout
                 .as_ref()
-                .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                .map(duration)
                 .filter(|d| !d.is_zero());
+            let retry = action
+                .retry_policy
+                .as_ref()
+                .map(|p| {
+                    RetryConfig::from_xds(p).map_err(|e| format!("{at}.route.retry_policy: {e}"))
+                })
+                .transpose()?
+                .map(Arc::new);
             routes.push(Route {
                 prefix,
                 targets,
                 hash_header,
                 timeout,
+                retry,
             });
         }
         let host = Arc::new(VirtualHost {

@@ -4,15 +4,27 @@
 //!
 //! - [`config`]: the routing snapshot, built and validated from the xDS
 //!   resources held, swapped atomically;
-//! - [`pick`]: weighted and sticky cluster picks, endpoint choice;
-//! - [`server`]: the request path (HTTP/1.1 and h2c in, pooled HTTP/1.1 out);
+//! - [`pick`]: weighted and sticky cluster picks;
+//! - [`server`]: listeners (cleartext and [`tls`]), routing, header
+//!   rewriting, upgrades;
+//! - [`stack`]: the upstream layers in one place: [`observe`],
+//!   [`timeout`], [`retry`], [`balance`] (with [`outlier`] detection),
+//!   [`forward`];
 //! - [`admin`]: `/ready`, `/config_dump`, `/metrics`, `/drain`.
 
 pub mod admin;
+pub mod balance;
+pub mod call;
 pub mod config;
+pub mod forward;
 pub mod lrs;
+pub mod observe;
+pub mod outlier;
 pub mod pick;
+pub mod retry;
 pub mod server;
+pub mod stack;
+pub mod timeout;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -32,11 +44,23 @@ pub use server::Proxy;
 pub struct ProxyConfig {
     pub xds: ClientConfig,
     pub listen: SocketAddr,
+    /// A TLS listener and the certificates it serves by SNI.
+    pub tls: Option<TlsListen>,
     pub admin: SocketAddr,
     /// Upstream request timeout when a route sets none.
     pub default_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_grace: Duration,
+    pub pool: forward::PoolConfig,
+}
+
+/// Where TLS is terminated, and with which certificates.
+#[derive(Debug, Clone)]
+pub struct TlsListen {
+    pub addr: SocketAddr,
+    pub certs: Vec<tls::CertPair>,
+    /// How often the certificate files are checked for changes.
+    pub reload_every: Duration,
 }
 
 /// Takes validated config from the xDS client into the proxy.
@@ -73,8 +97,21 @@ pub async fn run(
     metrics: admin::RenderMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let proxy = Proxy::new(config.default_timeout);
-    let listener = TcpListener::bind(config.listen).await?;
+    let proxy = Proxy::new(config.default_timeout, config.pool);
+    let mut listeners = vec![server::Listener {
+        tcp: TcpListener::bind(config.listen).await?,
+        tls: None,
+    }];
+    if let Some(tls) = &config.tls {
+        let certs = tls::Certificates::load(tls.certs.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        tokio::spawn(certs.clone().watch(tls.reload_every, shutdown.clone()));
+        listeners.push(server::Listener {
+            tcp: TcpListener::bind(tls.addr).await?,
+            tls: Some(tokio_rustls::TlsAcceptor::from(tls::server_config(certs))),
+        });
+        tracing::info!(listen = %tls.addr, certificates = tls.certs.len(), "TLS listener");
+    }
     let admin_listener = TcpListener::bind(config.admin).await?;
     tracing::info!(listen = %config.listen, admin = %config.admin, xds = %config.xds.server, node = %config.xds.node_id, "ferry proxy starting");
     let xds = tokio::spawn(ferry_xds::client::run(
@@ -105,7 +142,7 @@ pub async fn run(
         drain.clone(),
         shutdown.clone(),
     ));
-    server::serve(listener, proxy, drain, config.drain_grace).await;
+    server::serve(listeners, proxy, drain, config.drain_grace).await;
     shutdown.cancelled().await;
     let _ = xds.await;
     let _ = lrs.await;

@@ -11,16 +11,12 @@
 //! most once, and never back while it keeps rising. (A cumulative-range
 //! layout has this property for two clusters but not for several sources.)
 //!
-//! Without a key, the cluster is drawn by weight. Within a cluster, two
-//! endpoints are drawn and the one with fewer requests in flight wins
-//! (power of two choices).
-
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+//! Without a key, the cluster is drawn by weight. The endpoint within the
+//! cluster is the balancer's ([`crate::balance`]).
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::config::{Endpoint, Target, Upstream};
+use crate::config::Target;
 
 /// The target for a request: by `key` (sticky) when given, else by weight.
 pub fn cluster<'a>(targets: &'a [Target], key: Option<&[u8]>) -> Option<&'a Target> {
@@ -64,31 +60,6 @@ pub fn sticky<'a>(targets: &'a [Target], key: &[u8]) -> Option<&'a Target> {
                 .then_with(|| b.1.cluster.cmp(&a.1.cluster))
         })
         .map(|(_, t)| t)
-}
-
-/// Power of two choices over requests in flight.
-pub fn endpoint(upstream: &Upstream) -> Option<Arc<Endpoint>> {
-    let n = upstream.endpoints.len();
-    match n {
-        0 => None,
-        1 => upstream.endpoints.first().cloned(),
-        _ => {
-            let a = rand::random::<u64>() as usize % n;
-            let mut b = rand::random::<u64>() as usize % (n - 1);
-            if b >= a {
-                b += 1;
-            }
-            let (ea, eb) = (&upstream.endpoints[a], &upstream.endpoints[b]);
-            let pick = if eb.outstanding.load(Ordering::Relaxed)
-                < ea.outstanding.load(Ordering::Relaxed)
-            {
-                eb
-            } else {
-                ea
-            };
-            Some(pick.clone())
-        }
-    }
 }
 
 #[cfg(test)]

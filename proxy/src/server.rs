@@ -1,6 +1,7 @@
 //! The request path: accept HTTP/1.1 and HTTP/2 (h2c), route by authority
-//! and path, pick a weighted cluster and an endpoint, forward with pooled
-//! upstream connections, stream bodies both ways.
+//! and path, pick a weighted cluster, rewrite the headers, and hand the
+//! request to the upstream layer stack ([`crate::stack`]). Upgrades
+//! (WebSocket) are spliced once both sides have switched.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,33 +10,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
-use crate::config::{Endpoint, Routing};
+use crate::call::{Body, Call};
+use crate::config::Routing;
+use crate::forward::{Forward, PoolConfig};
+use crate::observe::local_reply;
+use crate::outlier::Clock;
 use crate::pick;
-
-pub type Body = BoxBody<Bytes, hyper::Error>;
+use crate::stack::{self, Stack};
 
 /// The proxy's shared state: the routing snapshot in use and the upstream
-/// connection pool.
+/// layer stack with its connection pools.
 pub struct Proxy {
     pub routing: ArcSwap<Routing>,
     /// Set once the first config is in.
     pub configured: AtomicBool,
     /// Set by /drain or SIGTERM: stop taking new connections.
     pub draining: AtomicBool,
-    client: Client<HttpConnector, Body>,
-    default_timeout: Duration,
+    pub clock: Clock,
+    stack: Stack,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -48,49 +49,30 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    pub fn new(default_timeout: Duration) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+    pub fn new(default_timeout: Duration, pool: PoolConfig) -> Arc<Self> {
+        let clock = Clock {
+            epoch: Instant::now(),
+        };
         Arc::new(Self {
             routing: ArcSwap::from_pointee(Routing::default()),
             configured: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            client,
-            default_timeout,
+            clock,
+            stack: stack::build(Forward::new(pool), default_timeout, clock),
         })
     }
 }
 
-fn text(status: StatusCode, message: &str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(format!("{message}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response.headers_mut().insert(
-        HeaderName::from_static("x-ferry-proxy"),
-        HeaderValue::from_static("local-reply"),
-    );
-    response
-}
-
-/// Headers that belong to one connection, not to the request.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Headers that belong to one connection, not to the request. An upgrade
+/// keeps `upgrade` and `connection: upgrade`.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == header::UPGRADE))
         .collect();
     for name in listed {
         headers.remove(name);
@@ -105,7 +87,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRANSFER_ENCODING,
         header::UPGRADE,
     ] {
+        if upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+            continue;
+        }
         headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // `te: trailers` is end to end (gRPC needs it); other values are not.
     if headers
@@ -116,40 +104,53 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Decrements an endpoint's in-flight count however the request ends.
-struct InFlight(Arc<Endpoint>);
-
-impl InFlight {
-    fn new(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.outstanding.fetch_add(1, Ordering::Relaxed);
-        Self(endpoint)
-    }
+/// An HTTP/1.1 request asking to switch protocols (WebSocket).
+fn wants_upgrade(request: &Request<Incoming>) -> bool {
+    request.version() == http::Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
-    }
+/// Joins the two upgraded connections once both sides have switched.
+fn splice(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (down, up) = match tokio::try_join!(downstream, upstream) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        metrics::gauge!("ferry_proxy_upgraded_connections").increment(1.0);
+        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+        metrics::gauge!("ferry_proxy_upgraded_connections").decrement(1.0);
+    });
 }
 
-fn class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
+/// Where a request came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// `https` on a TLS listener.
+    pub scheme: &'static str,
 }
 
 /// Routes and forwards one request.
 pub async fn handle(
     proxy: Arc<Proxy>,
     mut request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Response<Body> {
-    let started = Instant::now();
-    let routing = proxy.routing.load_full();
+    let routing = proxy.routing.load();
     let authority = request
         .uri()
         .authority()
@@ -163,54 +164,39 @@ pub async fn handle(
         });
     let Some(host) = authority.as_deref().and_then(|a| routing.virtual_host(a)) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return text(
+        return local_reply(
             StatusCode::NOT_FOUND,
             &format!("no route for host {:?}", authority.unwrap_or_default()),
         );
     };
-    let path = request.uri().path().to_owned();
+    let path = request.uri().path();
     let Some(route) = host.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return text(StatusCode::NOT_FOUND, &format!("no route for path {path}"));
+        return local_reply(StatusCode::NOT_FOUND, &format!("no route for path {path}"));
     };
     let key = route
         .hash_header
         .as_ref()
         .and_then(|h| request.headers().get(h))
-        .map(|v| v.as_bytes().to_vec());
-    let Some(target) = pick::cluster(&route.targets, key.as_deref()) else {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "no cluster has weight");
+        .map(|v| v.as_bytes());
+    let Some(target) = pick::cluster(&route.targets, key) else {
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no cluster has weight");
     };
     let Some(upstream) = routing.upstreams.get(&target.cluster).cloned() else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "unknown_cluster")
             .increment(1);
-        return text(
+        return local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cluster {} is not known (yet)", target.cluster),
         );
     };
-    let Some(endpoint) = pick::endpoint(&upstream) else {
-        metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_endpoint")
-            .increment(1);
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("cluster {} has no healthy endpoint", target.cluster),
-        );
-    };
+    let (timeout, retry) = (route.timeout, route.retry.clone());
+    drop(routing);
 
-    // Rewrite for the upstream.
-    let path_and_query = request
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "/".to_owned());
-    let Ok(uri) = format!("http://{}{}", endpoint.addr, path_and_query).parse::<Uri>() else {
-        return text(StatusCode::BAD_REQUEST, "malformed request target");
-    };
-    *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_11;
+    let upgrade = wants_upgrade(&request);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let headers = request.headers_mut();
-    strip_hop_by_hop(headers);
+    strip_hop_by_hop(headers, upgrade);
     if let Some(a) = authority
         .as_deref()
         .and_then(|a| HeaderValue::from_str(a).ok())
@@ -218,90 +204,98 @@ pub async fn handle(
         headers.insert(header::HOST, a);
     }
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(prior) => format!("{prior}, {}", peer.addr.ip()),
+        None => peer.addr.ip().to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(peer.scheme),
+    );
     if !headers.contains_key("x-request-id")
         && let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
     {
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
-    let request = request.map(|b| b.boxed());
-
-    let in_flight = InFlight::new(endpoint);
-    let timeout = route.timeout.unwrap_or(proxy.default_timeout);
-    let outcome = tokio::time::timeout(timeout, proxy.client.request(request)).await;
-    let response = match outcome {
-        Ok(Ok(response)) => {
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            // The endpoint's in-flight count ends when the body does.
-            let guard = in_flight;
-            let body = body
-                .map_frame(move |frame| {
-                    let _held = &guard;
-                    frame
-                })
-                .boxed();
-            Response::from_parts(parts, body)
-        }
-        Ok(Err(e)) => {
-            metrics::counter!("ferry_proxy_upstream_errors_total", "service" => upstream.service.clone(), "cluster" => upstream.kube_cluster.clone())
-                .increment(1);
-            tracing::debug!(error = %e, cluster = %upstream.name, "upstream request failed");
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("upstream {} failed: {e}", upstream.name),
-            )
-        }
-        Err(_) => text(
-            StatusCode::GATEWAY_TIMEOUT,
-            &format!(
-                "upstream {} did not answer within {timeout:?}",
-                upstream.name
-            ),
-        ),
+    let call = Call {
+        request: request.map(|b| b.map_err(Into::into).boxed()),
+        upstream,
+        timeout,
+        retry,
+        endpoint: None,
+        attempt: 0,
     };
-    finish(response, started, &upstream)
-}
-
-fn finish(
-    response: Response<Body>,
-    started: Instant,
-    upstream: &crate::config::Upstream,
-) -> Response<Body> {
-    let status = response.status();
-    let counter = if status.is_server_error() {
-        &upstream.load.errors
-    } else {
-        &upstream.load.successful
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    let (service, cluster) = (upstream.service.as_str(), upstream.kube_cluster.as_str());
-    metrics::counter!("ferry_proxy_requests_total", "service" => service.to_owned(), "cluster" => cluster.to_owned(), "class" => class(status))
-        .increment(1);
-    metrics::histogram!("ferry_proxy_request_duration_seconds", "service" => service.to_owned(), "cluster" => cluster.to_owned())
-        .record(started.elapsed().as_secs_f64());
+    let Ok(mut response) = proxy.stack.clone().oneshot(call).await;
+    let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(response.headers_mut(), switched && upgrade);
+    if let (true, Some(downstream)) = (switched, downstream_upgrade) {
+        splice(downstream, hyper::upgrade::on(&mut response));
+    }
     response
 }
 
-/// Serves user traffic on `listener` until `shutdown`, then stops taking
+/// A listener for user traffic: cleartext, or TLS terminated here.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves user traffic on `listeners` until `shutdown`, then stops taking
 /// connections and lets in-flight requests finish within `grace`.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     proxy: Arc<Proxy>,
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        loops.spawn(accept(
+            listener,
+            proxy.clone(),
+            graceful.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Each loop drops its listener when shutdown comes: new connections
+    // are refused from then on.
+    while loops.join_next().await.is_some() {}
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        tracing::warn!("connections could not be drained");
+        return;
+    };
+    proxy.draining.store(true, Ordering::SeqCst);
+    tracing::info!(
+        ?grace,
+        "draining: no new connections; finishing in-flight requests"
+    );
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections finished"),
+        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
+    }
+}
+
+async fn accept(
+    listener: Listener,
+    proxy: Arc<Proxy>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    shutdown: CancellationToken,
+) {
+    let scheme = if listener.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     loop {
-        let (stream, peer) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.tcp.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -310,30 +304,54 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        metrics::gauge!("ferry_proxy_active_connections").increment(1.0);
         let proxy = proxy.clone();
-        let service = hyper::service::service_fn(move |request| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(handle(proxy, request, peer).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let peer = Peer { addr, scheme };
+        let watcher = graceful.watcher();
+        let tls = listener.tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            metrics::gauge!("ferry_proxy_active_connections").increment(1.0);
+            match tls {
+                None => connection(TokioIo::new(stream), proxy, peer, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            connection(TokioIo::new(stream), proxy, peer, watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            metrics::counter!("ferry_proxy_tls_handshake_errors_total")
+                                .increment(1);
+                            tracing::debug!(error = %e, peer = %addr, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics::counter!("ferry_proxy_tls_handshake_errors_total")
+                                .increment(1);
+                            tracing::debug!(peer = %addr, "TLS handshake timed out");
+                        }
+                    }
+                }
             }
             metrics::gauge!("ferry_proxy_active_connections").decrement(1.0);
         });
     }
-    proxy.draining.store(true, Ordering::SeqCst);
-    // New connections are refused from here on.
-    drop(listener);
-    tracing::info!(
-        ?grace,
-        "draining: no new connections; finishing in-flight requests"
-    );
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections finished"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2, told apart by the preface)
+/// until it ends or the drain closes it.
+async fn connection<I>(
+    io: I,
+    proxy: Arc<Proxy>,
+    peer: Peer,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(handle(proxy, request, peer).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }

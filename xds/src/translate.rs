@@ -15,8 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_discovery::{CatalogSnapshot, EndpointState, Service, ServiceName, Weights};
-use ferry_proto::envoy::config::cluster::v3::{Cluster, cluster};
+use ferry_discovery::{
+    CatalogSnapshot, EndpointState, Protocol, RequestPolicy, RetryOn, Service, ServiceName, Weights,
+};
+use ferry_proto::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
 use ferry_proto::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, SocketAddress,
     address, config_source, socket_address,
@@ -26,13 +28,17 @@ use ferry_proto::envoy::config::endpoint::v3::{
 };
 use ferry_proto::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use ferry_proto::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
-    route_action, route_match, weighted_cluster,
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
 use ferry_proto::envoy::extensions::filters::http::router::v3::Router;
 use ferry_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use ferry_proto::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use ferry_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use ferry_proto::envoy::r#type::v3::Percent;
 use ferry_proto::google::protobuf::{Duration as PbDuration, UInt32Value};
 use ferry_proto::pack;
@@ -245,6 +251,7 @@ pub fn translate_service(
                 &eds_cluster(
                     &name,
                     &cluster_stat_name(&service.name, port.port, cluster_name.as_str()),
+                    &service.requests,
                     options,
                 ),
             )));
@@ -269,6 +276,7 @@ pub fn translate_service(
             domains,
             weighted,
             service.sticky_header.as_deref(),
+            &service.requests,
         ));
     }
     out
@@ -304,6 +312,7 @@ fn virtual_host(
     domains: Vec<String>,
     clusters: Vec<weighted_cluster::ClusterWeight>,
     sticky_header: Option<&str>,
+    requests: &RequestPolicy,
 ) -> VirtualHost {
     // A header hash policy makes Ferry's proxy pick the cluster by the
     // header's value (Envoy uses it for load balancing within a cluster).
@@ -328,6 +337,27 @@ fn virtual_host(
             },
         )),
         hash_policy,
+        timeout: requests.timeout.map(pb_duration),
+        retry_policy: requests.retries.as_ref().map(|r| {
+            // 5xx and reset retries are for idempotent methods only.
+            let only_idempotent = r.on.iter().any(|o| *o != RetryOn::ConnectFailure);
+            RetryPolicy {
+                retry_on: r
+                    .on
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                num_retries: Some(UInt32Value { value: r.attempts }),
+                per_try_timeout: r.per_try_timeout.map(pb_duration),
+                retriable_request_headers: if only_idempotent {
+                    vec![idempotent_methods()]
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            }
+        }),
         ..Default::default()
     };
     VirtualHost {
@@ -356,9 +386,81 @@ fn ads_config_source() -> ConfigSource {
     }
 }
 
-fn eds_cluster(name: &str, stat_name: &str, options: &TranslateOptions) -> Cluster {
+/// Methods that may be sent twice (RFC 9110 section 9.2.2).
+pub const IDEMPOTENT_METHODS: &str = "GET|HEAD|OPTIONS|TRACE|PUT|DELETE";
+
+fn idempotent_methods() -> HeaderMatcher {
+    HeaderMatcher {
+        name: ":method".to_owned(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                    regex: IDEMPOTENT_METHODS.to_owned(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// The extension key Envoy reads a cluster's upstream HTTP options from.
+pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+fn eds_cluster(
+    name: &str,
+    stat_name: &str,
+    requests: &RequestPolicy,
+    options: &TranslateOptions,
+) -> Cluster {
     let timeout = options.connect_timeout;
+    let mut protocol_options = HashMap::new();
+    if requests.protocol == Protocol::Http2 {
+        protocol_options.insert(
+            HTTP_PROTOCOL_OPTIONS.to_owned(),
+            pack(&HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(
+                                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                    Default::default(),
+                                ),
+                            ),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+        );
+    }
+    let outlier_detection = requests
+        .outlier_detection
+        .as_ref()
+        .map(|o| OutlierDetection {
+            consecutive_5xx: Some(UInt32Value {
+                value: o.consecutive_5xx,
+            }),
+            // Connect failures count as 5xx (Envoy's default), the same
+            // as in Ferry's proxy.
+            base_ejection_time: Some(pb_duration(o.base_ejection_time)),
+            max_ejection_percent: Some(UInt32Value {
+                value: o.max_ejection_percent,
+            }),
+            interval: Some(pb_duration(Duration::from_secs(1))),
+            ..Default::default()
+        });
     Cluster {
+        typed_extension_protocol_options: protocol_options,
+        outlier_detection,
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
@@ -367,10 +469,7 @@ fn eds_cluster(name: &str, stat_name: &str, options: &TranslateOptions) -> Clust
             eds_config: Some(ads_config_source()),
             service_name: String::new(),
         }),
-        connect_timeout: Some(PbDuration {
-            seconds: timeout.as_secs() as i64,
-            nanos: timeout.subsec_nanos() as i32,
-        }),
+        connect_timeout: Some(pb_duration(timeout)),
         alt_stat_name: stat_name.to_owned(),
         lb_policy: cluster::LbPolicy::LeastRequest as i32,
         // Never spread load onto unready endpoints: Envoy's default 50 %
@@ -455,6 +554,11 @@ fn listener(options: &TranslateOptions) -> Resource {
             config_type: Some(http_filter::ConfigType::TypedConfig(pack(
                 &Router::default(),
             ))),
+            ..Default::default()
+        }],
+        // WebSocket upgrades pass through to the service.
+        upgrade_configs: vec![http_connection_manager::UpgradeConfig {
+            upgrade_type: "websocket".to_owned(),
             ..Default::default()
         }],
         ..Default::default()

@@ -1,0 +1,123 @@
+//! The innermost service: sends one attempt to the endpoint the balancer
+//! chose, over pooled connections: HTTP/1.1 with keep-alive, or HTTP/2
+//! (h2c, one multiplexed connection per endpoint) when the cluster says so.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::Service;
+
+use crate::call::{Body, Call, Failure, Outcome};
+use crate::config::Protocol;
+
+/// How upstream connections are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this long.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The upstream connection pools.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    http1: Client<HttpConnector, Body>,
+    http2: Client<HttpConnector, Body>,
+}
+
+impl Forward {
+    pub fn new(config: PoolConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(config.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .build(connector);
+        Self { http1, http2 }
+    }
+}
+
+/// The error and its causes, on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Service<Call> for Forward {
+    type Response = http::Response<Body>;
+    type Error = Failure;
+    type Future = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let Some(endpoint) = call.endpoint else {
+            return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
+        };
+        let mut request = call.request;
+        let path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let Ok(uri) = format!("http://{}{path}", endpoint.addr).parse::<Uri>() else {
+            return Box::pin(std::future::ready(Err(Failure::Reset(format!(
+                "cannot address {path:?} at {}",
+                endpoint.addr
+            )))));
+        };
+        *request.uri_mut() = uri;
+        let client = match call.upstream.protocol {
+            Protocol::Http1 => {
+                *request.version_mut() = http::Version::HTTP_11;
+                &self.http1
+            }
+            Protocol::Http2 => {
+                *request.version_mut() = http::Version::HTTP_2;
+                // The :authority comes from the URI.
+                request.headers_mut().remove(http::header::HOST);
+                &self.http2
+            }
+        };
+        let future = client.request(request);
+        Box::pin(async move {
+            match future.await {
+                Ok(response) => Ok(response.map(|b| b.map_err(Into::into).boxed())),
+                Err(e) if e.is_connect() => Err(Failure::Connect(chain(&e))),
+                Err(e) => Err(Failure::Reset(chain(&e))),
+            }
+        })
+    }
+}

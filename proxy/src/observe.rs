@@ -1,0 +1,120 @@
+//! The outermost layer: turns a failure into the local reply the user
+//! gets, and records every request once (retries included) in the
+//! cluster's Prometheus metrics and its load-report counters.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service};
+
+use crate::call::{Body, Call, Failure};
+use crate::config::Upstream;
+
+/// A reply made by the proxy itself, marked as such.
+pub fn local_reply(status: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.headers_mut().insert(
+        HeaderName::from_static("x-ferry-proxy"),
+        HeaderValue::from_static("local-reply"),
+    );
+    response
+}
+
+/// The reply for a request that got no response.
+pub fn failure_reply(upstream: &Upstream, failure: &Failure) -> Response<Body> {
+    let status = match failure {
+        Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        Failure::NoEndpoint | Failure::Connect(_) | Failure::Reset(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    local_reply(status, &format!("upstream {}: {failure}", upstream.name))
+}
+
+/// Records a finished request of `upstream`.
+pub fn record(upstream: &Upstream, status: StatusCode, started: Instant) {
+    let counter = if status.is_server_error() {
+        &upstream.load.errors
+    } else {
+        &upstream.load.successful
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let class = usize::from((status.as_u16() / 100).clamp(1, 5)) - 1;
+    upstream.metrics.requests[class].increment(1);
+    upstream
+        .metrics
+        .duration
+        .record(started.elapsed().as_secs_f64());
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ObserveLayer;
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+}
+
+impl<S> Service<Call> for Observe<S>
+where
+    S: Service<Call, Response = Response<Body>, Error = Failure>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Pending => Poll::Pending,
+            // The inner services are always ready; a failure here shows
+            // up again on the call.
+            Poll::Ready(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        let started = Instant::now();
+        let upstream = call.upstream.clone();
+        let future = self.inner.call(call);
+        Box::pin(async move {
+            let response = match future.await {
+                Ok(response) => response,
+                Err(failure) => {
+                    if matches!(failure, Failure::Connect(_) | Failure::Reset(_)) {
+                        upstream.metrics.upstream_errors.increment(1);
+                    }
+                    tracing::debug!(cluster = %upstream.name, %failure, "no upstream response");
+                    failure_reply(&upstream, &failure)
+                }
+            };
+            record(&upstream, response.status(), started);
+            Ok(response)
+        })
+    }
+}
