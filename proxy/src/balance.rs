@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
-use crate::call::{Body, Call, Failure, Outcome};
+use crate::call::{Body, Call, Failure, Outcome, Tried};
 use crate::config::{Endpoint, Upstream};
 use crate::outlier::{self, Clock};
 
@@ -91,11 +91,18 @@ pub fn cost(endpoint: &Endpoint, now: Instant) -> f64 {
 }
 
 /// Picks an endpoint of `upstream`: the cheaper of two drawn at random
-/// among those not ejected (among all if every one is).
-pub fn pick(upstream: &Upstream, now: Instant, now_ms: u64) -> Option<Arc<Endpoint>> {
+/// among those not ejected and not `tried` by an earlier attempt of the
+/// same request; failing that among those not ejected; failing that
+/// among all.
+pub fn pick(
+    upstream: &Upstream,
+    now: Instant,
+    now_ms: u64,
+    tried: Option<&Tried>,
+) -> Option<Arc<Endpoint>> {
     let all = &upstream.endpoints;
     let ejected = all.iter().any(|e| e.health.ejected(now_ms));
-    if !ejected {
+    if !ejected && tried.is_none() {
         return p2c(all, now, rand::random());
     }
     let live: Vec<Arc<Endpoint>> = all
@@ -103,6 +110,16 @@ pub fn pick(upstream: &Upstream, now: Instant, now_ms: u64) -> Option<Arc<Endpoi
         .filter(|e| !e.health.ejected(now_ms))
         .cloned()
         .collect();
+    if let Some(tried) = tried {
+        let fresh: Vec<Arc<Endpoint>> = live
+            .iter()
+            .filter(|e| !tried.contains(e.addr))
+            .cloned()
+            .collect();
+        if !fresh.is_empty() {
+            return p2c(&fresh, now, rand::random());
+        }
+    }
     if live.is_empty() {
         return p2c(all, now, rand::random());
     }
@@ -190,9 +207,13 @@ where
     fn call(&mut self, mut call: Call) -> Self::Future {
         let started = Instant::now();
         let clock = self.clock;
-        let Some(endpoint) = pick(&call.upstream, started, clock.ms(started)) else {
+        let tried = call.request.extensions().get::<Tried>();
+        let Some(endpoint) = pick(&call.upstream, started, clock.ms(started), tried) else {
             return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
         };
+        if let Some(tried) = tried {
+            tried.add(endpoint.addr);
+        }
         call.endpoint = Some(endpoint.clone());
         let upstream = call.upstream.clone();
         let in_flight = InFlight::new(endpoint.clone());
@@ -290,14 +311,38 @@ mod tests {
             crate::outlier::record(&config, &eps, e, crate::outlier::Outcome::Failure, 0);
         }
         for _ in 0..100 {
-            assert_eq!(pick(&upstream, now, 1).map(|e| e.addr), Some(eps[2].addr));
+            assert_eq!(
+                pick(&upstream, now, 1, None).map(|e| e.addr),
+                Some(eps[2].addr)
+            );
         }
         crate::outlier::record(&config, &eps, &eps[2], crate::outlier::Outcome::Failure, 0);
         assert!(
-            pick(&upstream, now, 1).is_some(),
+            pick(&upstream, now, 1, None).is_some(),
             "all ejected: use them all"
         );
         upstream.endpoints.clear();
-        assert!(pick(&upstream, now, 1).is_none());
+        assert!(pick(&upstream, now, 1, None).is_none());
+    }
+
+    #[test]
+    fn a_retry_goes_to_an_endpoint_not_tried_yet() {
+        let now = Instant::now();
+        let upstream = Upstream::for_tests("c", endpoints(3));
+        let eps = upstream.endpoints.clone();
+        // The cheapest endpoint would win every draw it is in.
+        eps[0].ewma.observe(Duration::from_micros(1), now);
+        let tried = Tried::default();
+        tried.add(eps[0].addr);
+        for _ in 0..100 {
+            let e = pick(&upstream, now, 0, Some(&tried)).map(|e| e.addr);
+            assert_ne!(e, Some(eps[0].addr));
+        }
+        tried.add(eps[1].addr);
+        tried.add(eps[2].addr);
+        assert!(
+            pick(&upstream, now, 0, Some(&tried)).is_some(),
+            "all tried: any will do"
+        );
     }
 }

@@ -30,6 +30,23 @@ pub struct Call {
     pub attempt: u32,
 }
 
+/// The endpoints a request's attempts went to, shared by its copies so a
+/// retry goes elsewhere when it can (as Envoy's `previous_hosts`).
+#[derive(Debug, Clone, Default)]
+pub struct Tried(pub Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>);
+
+impl Tried {
+    pub fn add(&self, addr: std::net::SocketAddr) {
+        if let Ok(mut tried) = self.0.lock() {
+            tried.push(addr);
+        }
+    }
+
+    pub fn contains(&self, addr: std::net::SocketAddr) -> bool {
+        self.0.lock().map(|t| t.contains(&addr)).unwrap_or(false)
+    }
+}
+
 /// Why an upstream exchange gave no response.
 #[derive(Debug)]
 pub enum Failure {

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tower::retry::budget::Budget;
 
-use crate::call::{Body, BoxError, Call, Failure};
+use crate::call::{Body, BoxError, Call, Failure, Tried};
 
 /// A route's retry policy, from its xDS `retry_policy`.
 #[derive(Debug, Clone, PartialEq)]
@@ -226,6 +226,7 @@ pub fn prepare(mut call: Call) -> Call {
         let (mut parts, body) = call.request.into_parts();
         let handoff = Handoff::new(body);
         parts.extensions.insert(Replay(handoff.clone()));
+        parts.extensions.insert(Tried::default());
         call.request = Request::from_parts(parts, handoff.body());
     }
     call
@@ -281,6 +282,9 @@ impl tower::retry::Policy<Call, Response<Body>, Failure> for Policy {
         }
         let mut request = copy(&call.request, handoff);
         request.extensions_mut().insert(Replay(handoff.clone()));
+        if let Some(tried) = call.request.extensions().get::<Tried>() {
+            request.extensions_mut().insert(tried.clone());
+        }
         Some(Call {
             request,
             upstream: call.upstream.clone(),

@@ -1,0 +1,317 @@
+//! `ferry proxy` when upstreams misbehave: outlier ejection and recovery,
+//! retries (idempotent requests and connect failures only, elsewhere when
+//! possible), and timeouts, with config from a real Ferry control plane
+//! and the policies written in its catalog.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, http_get};
+
+const HOST: &str = "checkout.shop";
+
+/// A catalog with one service in cluster `old` on `endpoints`, and extra
+/// service-level YAML (`    key: value` lines).
+fn catalog(endpoints: &[String], extra: &str) -> String {
+    let list: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [{}]}}\n{extra}",
+        list.join(", ")
+    )
+}
+
+/// What a scripted backend answers to its `n`th request (from 0).
+type Script = dyn Fn(u64, &hyper::Method) -> (u16, Duration) + Send + Sync;
+
+/// A backend whose answers follow a script; counts requests by method.
+struct Scripted {
+    addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn start(script: Arc<Script>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let count = Arc::new(AtomicU64::new(0));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (script, s, count) = (script.clone(), s.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                        let n = count.fetch_add(1, Ordering::SeqCst);
+                        *s.lock()
+                            .unwrap()
+                            .entry(req.method().to_string())
+                            .or_insert(0) += 1;
+                        let (status, delay) = script(n, req.method());
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            let mut r = hyper::Response::new(Full::new(Bytes::from("scripted")));
+                            *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn seen(&self, method: &str) -> u64 {
+        self.seen.lock().unwrap().get(method).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One request with `method` and no body through the proxy; its status.
+async fn send(port: u16, method: hyper::Method) -> u16 {
+    send_body(port, method, "").await
+}
+
+/// One request with `method` and `body` through the proxy; its status.
+async fn send_body(port: u16, method: hyper::Method, body: &'static str) -> u16 {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let body = Full::new(Bytes::from_static(body.as_bytes()));
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{port}/"))
+        .header("host", HOST)
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("no answer within 10 s")
+        .expect("request");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// The value of a metric line starting with `prefix` (0 when absent).
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_and_comes_back_when_healthy() {
+    let backends = Backends::start(&["old/a", "old/b"]).await;
+    let endpoints = [backends.addr("old/a"), backends.addr("old/b")];
+    let ferry = Ferry::start(&catalog(
+        &endpoints,
+        "    outlier_detection: {consecutive_5xx: 3, base_ejection_time: 2s, max_ejection_percent: 50}\n",
+    ))
+    .await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+
+    backends.set_status("old/b", 503);
+    let before = backends.hits["old/b"].load(Ordering::Relaxed);
+    let mut failed = 0;
+    for _ in 0..200 {
+        if send(proxy.listen_port, hyper::Method::GET).await == 503 {
+            failed += 1;
+        }
+    }
+    let b_hits = backends.hits["old/b"].load(Ordering::Relaxed) - before;
+    // Three 503s in a row eject b; it gets nothing more while ejected.
+    assert_eq!(failed, 3, "exactly the three failures that ejected b");
+    assert_eq!(b_hits, 3);
+    let dump: serde_json::Value = serde_json::from_str(&proxy.admin("/config_dump").await).unwrap();
+    let cluster = &dump["upstreams"]["checkout.shop:8080@old"];
+    let b = cluster
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == endpoints[1].as_str())
+        .unwrap();
+    assert_eq!(b["ejected"], true, "{dump}");
+    let metrics = proxy.admin("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "ferry_proxy_ejections_total{"),
+        1.0,
+        "{metrics}"
+    );
+
+    // Healthy again: once the 2 s ejection ends, b takes traffic again.
+    backends.set_status("old/b", 200);
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let before = backends.hits["old/b"].load(Ordering::Relaxed);
+    for _ in 0..300 {
+        assert_eq!(send(proxy.listen_port, hyper::Method::GET).await, 200);
+    }
+    let b_hits = backends.hits["old/b"].load(Ordering::Relaxed) - before;
+    assert!(b_hits > 0, "b never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_requests_are_retried_and_a_post_never_is() {
+    // Every other request fails: 503, 200, 503, 200, …
+    let backend = Scripted::start(Arc::new(|n: u64, _: &hyper::Method| {
+        (if n.is_multiple_of(2) { 503 } else { 200 }, Duration::ZERO)
+    }))
+    .await;
+    let ferry = Ferry::start(&catalog(
+        &[backend.addr.to_string()],
+        "    retries: {attempts: 2, on: [5xx, connect-failure]}\n",
+    ))
+    .await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        // Either answer means the route is in; retries make it 200.
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    let gets_before = backend.seen("GET");
+    // Sequential requests keep the alternation: each GET meets a 503,
+    // is retried and gets the 200.
+    for i in 0..20 {
+        assert_eq!(
+            send(proxy.listen_port, hyper::Method::GET).await,
+            200,
+            "GET {i}"
+        );
+    }
+    assert_eq!(backend.seen("GET") - gets_before, 40, "one retry per GET");
+
+    // A POST that meets a 503 is not sent again.
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(send(proxy.listen_port, hyper::Method::POST).await);
+    }
+    assert_eq!(
+        backend.seen("POST"),
+        10,
+        "no POST was retried: {statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 503).count(),
+        5,
+        "{statuses:?}"
+    );
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metric(&metrics, "ferry_proxy_retries_total{") >= 20.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_failure_is_retried_on_another_endpoint_even_for_a_post() {
+    let backends = Backends::start(&["old/a"]).await;
+    // A port nothing listens on: connections are refused.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let ferry = Ferry::start(&catalog(
+        &[backends.addr("old/a"), dead],
+        "    retries: {attempts: 1, on: [connect-failure]}\n",
+    ))
+    .await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    // Slow answers raise the live endpoint's cost, so concurrent requests
+    // go to the dead one too.
+    backends.set_delay("old/a", 100);
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let port = proxy.listen_port;
+        tasks.push(tokio::spawn(async move {
+            send_body(port, hyper::Method::POST, "{\"order\": 1}").await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metric(&metrics, "ferry_proxy_retries_total{") >= 1.0,
+        "the dead endpoint was never tried: {metrics}"
+    );
+    let failed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ferry_proxy_requests_total{") && l.contains("class=\"5xx\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(failed, 0.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_bound_the_request_and_each_attempt() {
+    // The route's timeout: a 2 s backend gets a 504 after 300 ms.
+    let slow = Scripted::start(Arc::new(|_: u64, _: &hyper::Method| {
+        (200, Duration::from_secs(2))
+    }))
+    .await;
+    let ferry = Ferry::start(&catalog(&[slow.addr.to_string()], "    timeout: 300ms\n")).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((504, _)))
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(send(proxy.listen_port, hyper::Method::GET).await, 504);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1_500),
+        "{took:?}"
+    );
+
+    // A per-try timeout: the first attempt hangs, the retry answers.
+    let first_hangs = Scripted::start(Arc::new(|n: u64, _: &hyper::Method| {
+        let delay = if n.is_multiple_of(2) {
+            Duration::from_secs(3)
+        } else {
+            Duration::ZERO
+        };
+        (200, delay)
+    }))
+    .await;
+    ferry.write_catalog(&catalog(
+        &[first_hangs.addr.to_string()],
+        "    timeout: 2s\n    retries: {attempts: 1, on: [5xx], per_try_timeout: 200ms}\n",
+    ));
+    eventually(Duration::from_secs(10), "the new catalog", || async {
+        first_hangs.seen("GET") > 0
+            || matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(send(proxy.listen_port, hyper::Method::GET).await, 200);
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1_000), "{took:?}");
+    }
+    let gets = first_hangs.seen("GET");
+    assert!(gets >= 10, "each GET took two attempts: {gets}");
+}
