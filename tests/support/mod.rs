@@ -709,6 +709,11 @@ pub struct FerryProxy {
 
 impl FerryProxy {
     pub async fn start(xds_port: u16) -> Self {
+        Self::start_with(xds_port, &[]).await
+    }
+
+    /// Starts a proxy with `extra` command-line flags.
+    pub async fn start_with(xds_port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (listen_port, admin_port) = (free_port(), free_port());
         let node_id = format!("ferry-proxy-{listen_port}");
@@ -721,6 +726,7 @@ impl FerryProxy {
                 .args(["--listen", &format!("127.0.0.1:{listen_port}")])
                 .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
                 .args(["--workers", "2"])
+                .args(extra)
                 .env("RUST_LOG", "info,ferry_xds=debug")
                 .stdout(Stdio::null())
                 .stderr(log),

@@ -1,0 +1,336 @@
+//! `ferry proxy` beyond plain HTTP/1.1: HTTP/2 clients, gRPC (tonic client
+//! and server, unary and streaming, trailers) to an HTTP/2 service,
+//! WebSocket upgrades, and TLS termination with certificates by SNI.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, http_get};
+use tokio_tungstenite::tungstenite::Message;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const HOST: &str = "checkout.shop";
+
+fn catalog(endpoint: &str, extra: &str) -> String {
+    format!(
+        "services:\n  - name: checkout\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{endpoint}\"]}}\n{extra}"
+    )
+}
+
+async fn routed(proxy: &FerryProxy) {
+    let port = proxy.listen_port;
+    eventually(
+        Duration::from_secs(10),
+        "routes in the proxy",
+        || async move { matches!(http_get(port, HOST, "/").await, Ok((code, _)) if code != 404) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_reaches_an_http1_service() {
+    let backends = Backends::start(&["old/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends.addr("old/a"), "")).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+    // Prior-knowledge HTTP/2 (h2c); the authority names the service.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    for _ in 0..20 {
+        let req = hyper::Request::get(format!("http://{HOST}/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("h2 request");
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"old/a");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_streaming_calls_pass_through_with_trailers() {
+    // A real gRPC server: tonic's health service.
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("checkout", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let ferry = Ferry::start(&catalog(&addr.to_string(), "    protocol: grpc\n")).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", proxy.listen_port))
+            .unwrap()
+            .origin(format!("http://{HOST}").parse().unwrap())
+            .connect()
+            .await
+            .expect("channel to the proxy");
+    let mut health = HealthClient::new(channel);
+    // Unary: the status arrives in trailers, which tonic requires.
+    for _ in 0..10 {
+        let reply = health
+            .check(HealthCheckRequest {
+                service: "checkout".into(),
+            })
+            .await
+            .expect("check through the proxy");
+        assert_eq!(reply.into_inner().status, ServingStatus::Serving as i32);
+    }
+    // An error status from the server comes through as that status.
+    let missing = health
+        .check(HealthCheckRequest {
+            service: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    // Server streaming: updates arrive one by one while the call lasts.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "checkout".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    reporter
+        .set_service_status("checkout", tonic_health::ServingStatus::NotServing)
+        .await;
+    let second = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the streamed update")
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.status, ServingStatus::NotServing as i32);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_passes_through_both_ways() {
+    // A WebSocket echo server.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        let _ = ws.send(message).await;
+                    }
+                }
+            });
+        }
+    });
+    let ferry = Ferry::start(&catalog(&addr.to_string(), "")).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(format!("ws://{HOST}/chat"), tcp)
+        .await
+        .expect("WebSocket handshake through the proxy");
+    assert_eq!(response.status(), 101);
+    for i in 0..20 {
+        let text = format!("message {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("echo")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), text);
+    }
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_data().as_ref(), &[0u8, 1, 2, 255]);
+    ws.close(None).await.unwrap();
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metrics.contains("ferry_proxy_upgraded_connections"),
+        "{metrics}"
+    );
+    server.abort();
+}
+
+struct Ca {
+    der: rustls::pki_types::CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn ca() -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        der: cert.der().clone(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// A certificate for `name` written to `dir`: (CERT,KEY argument, DER).
+fn leaf(ca: &Ca, dir: &Path, name: &str) -> (String, rustls::pki_types::CertificateDer<'static>) {
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    let write = |file: &str, text: String| -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let c = write(&format!("{name}.crt"), cert.pem());
+    let k = write(&format!("{name}.key"), key.serialize_pem());
+    (
+        format!("{},{}", c.display(), k.display()),
+        cert.der().clone(),
+    )
+}
+
+/// A TLS connection to `port` asking for `sni`, offering `alpn`; the
+/// stream and the certificate the server sent.
+async fn tls_connect(
+    ca: &Ca,
+    port: u16,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    let cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    (stream, cert)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_terminated_with_the_certificate_the_client_names() {
+    let backends = Backends::start(&["old/a"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    let (shop, shop_der) = leaf(&ca, dir.path(), "shop.example.com");
+    let (api, api_der) = leaf(&ca, dir.path(), "api.example.com");
+    let ferry = Ferry::start(&catalog(
+        &backends.addr("old/a"),
+        "    hosts: [shop.example.com, api.example.com]\n",
+    ))
+    .await;
+    let tls_port = free_port();
+    let listen = format!("127.0.0.1:{tls_port}");
+    let proxy = FerryProxy::start_with(
+        ferry.xds_port,
+        &[
+            "--tls-listen",
+            &listen,
+            "--tls-cert",
+            &shop,
+            "--tls-cert",
+            &api,
+            "--tls-reload-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    routed(&proxy).await;
+
+    // Each name gets its own certificate; HTTP/1.1 over TLS is routed.
+    for (name, der) in [
+        ("shop.example.com", &shop_der),
+        ("api.example.com", &api_der),
+    ] {
+        let (stream, cert) = tls_connect(&ca, tls_port, name, &[b"http/1.1"]).await;
+        assert_eq!(&cert, der, "{name} got another certificate");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(
+                hyper::Request::get("/")
+                    .header("host", name)
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"old/a");
+    }
+
+    // ALPN h2: HTTP/2 over TLS.
+    let (stream, _) = tls_connect(&ca, tls_port, "api.example.com", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            hyper::Request::get("https://api.example.com/")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A new certificate for a name is picked up without a restart.
+    let (_, renewed) = leaf(&ca, dir.path(), "shop.example.com");
+    assert_ne!(renewed, shop_der);
+    eventually(
+        Duration::from_secs(5),
+        "the renewed certificate",
+        || async { tls_connect(&ca, tls_port, "shop.example.com", &[]).await.1 == renewed },
+    )
+    .await;
+}
