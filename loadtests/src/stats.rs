@@ -13,6 +13,7 @@ pub struct Summary {
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
     pub mean_ms: f64,
 }
@@ -37,6 +38,7 @@ impl Summary {
             p50_ms: rank(50.0),
             p90_ms: rank(90.0),
             p99_ms: rank(99.0),
+            p999_ms: rank(99.9),
             max_ms: ms(sorted[sorted.len() - 1]),
             mean_ms: ms(total) / sorted.len() as f64,
         }
@@ -70,6 +72,7 @@ mod tests {
         assert_eq!(s.samples, 100);
         assert_eq!((s.min_ms, s.p50_ms, s.p90_ms), (1.0, 50.0, 90.0));
         assert_eq!((s.p99_ms, s.max_ms, s.mean_ms), (99.0, 100.0, 50.5));
+        assert_eq!(s.p999_ms, 100.0);
         let one = Summary::of(&[Duration::from_millis(7)]);
         assert_eq!((one.p50_ms, one.p99_ms), (7.0, 7.0));
         assert_eq!(Summary::of(&[]), Summary::default());

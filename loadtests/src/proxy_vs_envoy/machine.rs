@@ -1,0 +1,162 @@
+//! The machine a run measured, and the CPU pinning that keeps the proxy
+//! under test on its own core: processes start under `taskset -c`, and the
+//! in-process load threads pin themselves with `taskset -p -c`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use serde::Serialize;
+
+/// What the figures were measured on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// `model name` from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// Cores this process may run on.
+    pub cores: usize,
+    /// `/proc/sys/kernel/osrelease`.
+    pub kernel: String,
+    /// `MemTotal` from `/proc/meminfo`.
+    pub memory_bytes: u64,
+}
+
+impl Machine {
+    pub fn describe() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Self {
+            cpu_model: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown".to_owned()),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned()),
+            memory_bytes: field(&meminfo, "MemTotal")
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |kib| kib * 1024),
+        }
+    }
+}
+
+/// Cores the whole machine kept busy over `period` (from `/proc/stat`):
+/// another process's work on a machine meant to be quiet shows here.
+pub async fn busy_cores(period: std::time::Duration) -> Option<f64> {
+    let before = cpu_jiffies()?;
+    tokio::time::sleep(period).await;
+    let after = cpu_jiffies()?;
+    let total = after.1.checked_sub(before.1)?;
+    let busy = after.0.checked_sub(before.0)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(busy as f64 / total.max(1) as f64 * cores as f64)
+}
+
+/// (busy, total) jiffies of every core, from the `cpu` line of
+/// `/proc/stat`: busy is all but idle and iowait.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_line(stat.lines().next()?)
+}
+
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut words = line.split_whitespace();
+    (words.next()? == "cpu").then_some(())?;
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    let values: Vec<u64> = words
+        .take(8)
+        .map(|w| w.parse().ok())
+        .collect::<Option<_>>()?;
+    let total: u64 = values.iter().sum();
+    let idle = values.get(3)? + values.get(4)?;
+    Some((total - idle, total))
+}
+
+/// The value of the first `key: value` line of a `/proc` text file.
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().to_owned())
+    })
+}
+
+/// Every core but `proxy_core`, as a `taskset` list (`1`, `1-3`, `0,2-7`);
+/// the proxy core itself on a one-core machine.
+pub fn other_cores(proxy_core: usize, cores: usize) -> String {
+    let others: Vec<String> = (0..cores)
+        .filter(|c| *c != proxy_core)
+        .map(|c| c.to_string())
+        .collect();
+    if others.is_empty() {
+        proxy_core.to_string()
+    } else {
+        others.join(",")
+    }
+}
+
+/// Fails, naming the Debian package to install, when `tool` is not on
+/// the `PATH`.
+pub fn require_tool(tool: &str, package: &str) -> anyhow::Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+    anyhow::ensure!(
+        found,
+        "`{tool}` is not installed: install the Debian package `{package}` (apt-get install {package})"
+    );
+    Ok(())
+}
+
+/// A command that runs `program` on `cores` only.
+pub fn pinned(cores: &str, program: impl AsRef<Path>) -> Command {
+    let mut command = Command::new("taskset");
+    command.arg("-c").arg(cores).arg(program.as_ref());
+    command
+}
+
+/// Pins the calling thread (only it, and the threads it starts later) to
+/// `cores`.
+pub fn pin_current_thread(cores: &str) -> anyhow::Result<()> {
+    let link = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
+    let tid = link
+        .file_name()
+        .and_then(|t| t.to_str())
+        .context("/proc/thread-self does not name a thread")?
+        .to_owned();
+    let status = Command::new("taskset")
+        .args(["-p", "-c", cores, &tid])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (Debian package util-linux)")?;
+    anyhow::ensure!(status.success(), "taskset -p -c {cores} {tid}: {status}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_gets_every_other_core() {
+        assert_eq!(other_cores(0, 2), "1");
+        assert_eq!(other_cores(1, 4), "0,2,3");
+        assert_eq!(other_cores(0, 1), "0");
+    }
+
+    #[test]
+    fn reads_proc_fields() {
+        let text = "processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: a b\n";
+        assert_eq!(field(text, "model name").unwrap(), "Some CPU @ 2.0GHz");
+        assert_eq!(field(text, "missing"), None);
+    }
+
+    #[test]
+    fn busy_is_all_but_idle_and_iowait() {
+        let line = "cpu  100 5 20 800 10 1 2 3 0 0";
+        assert_eq!(parse_cpu_line(line), Some((131, 941)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+    }
+
+    #[test]
+    fn a_missing_tool_names_its_package() {
+        let err = require_tool("no-such-tool-here", "some-package").unwrap_err();
+        assert!(err.to_string().contains("some-package"), "{err}");
+    }
+}
