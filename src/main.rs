@@ -112,10 +112,17 @@ fn main() -> ExitCode {
         }
         Command::Proxy(args) => {
             telemetry::init_tracing();
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.workers() {
-                builder.worker_threads(n.max(1));
-            }
+            // One worker: a single-threaded runtime, with no work stealing
+            // or cross-thread wake-ups on the request path.
+            let mut builder = match args.workers() {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n.max(1));
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
             block_on(
                 builder.enable_all().build(),
                 proxy_cmd::run(args),

@@ -35,7 +35,8 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:9902", value_name = "ADDR")]
     admin_addr: SocketAddr,
 
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core; 1 runs everything on one
+    /// thread).
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
 

@@ -36,6 +36,8 @@ use prost::Message;
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once.
+    pub authority: http::uri::Authority,
     /// Requests in flight to it.
     pub outstanding: AtomicU32,
     pub ewma: PeakEwma,
@@ -44,8 +46,11 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("0.0.0.0"));
         Self {
             addr,
+            authority,
             outstanding: AtomicU32::new(0),
             ewma: PeakEwma::default(),
             health: Health::default(),
@@ -196,8 +201,12 @@ impl Routing {
     /// domains: exact, then the longest `*.suffix`, then the longest
     /// `prefix*`, then `*`).
     pub fn virtual_host(&self, authority: &str) -> Option<Arc<VirtualHost>> {
-        let host = authority.to_ascii_lowercase();
-        if let Some(v) = self.exact.get(&host) {
+        let host: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            authority.to_ascii_lowercase().into()
+        } else {
+            authority.into()
+        };
+        if let Some(v) = self.exact.get(host.as_ref()) {
             return Some(v.clone());
         }
         let best = |list: &[(String, Arc<VirtualHost>)], hit: &dyn Fn(&str) -> bool| {

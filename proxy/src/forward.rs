@@ -4,10 +4,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
+use http::uri::{PathAndQuery, Scheme};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -34,9 +36,14 @@ impl Default for PoolConfig {
     }
 }
 
-/// The upstream connection pools.
+/// The upstream connection pools, shared by every clone of the stack.
 #[derive(Clone, Debug)]
 pub struct Forward {
+    pools: Arc<Pools>,
+}
+
+#[derive(Debug)]
+struct Pools {
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
 }
@@ -57,7 +64,9 @@ impl Forward {
             .timer(TokioTimer::new())
             .http2_keep_alive_interval(Duration::from_secs(30))
             .build(connector);
-        Self { http1, http2 }
+        Self {
+            pools: Arc::new(Pools { http1, http2 }),
+        }
     }
 }
 
@@ -90,25 +99,32 @@ impl Service<Call> for Forward {
         let path = request
             .uri()
             .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let Ok(uri) = format!("http://{}{path}", endpoint.addr).parse::<Uri>() else {
-            return Box::pin(std::future::ready(Err(Failure::Reset(format!(
-                "cannot address {path:?} at {}",
-                endpoint.addr
-            )))));
-        };
-        *request.uri_mut() = uri;
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(endpoint.authority.clone())
+            .path_and_query(path)
+            .build();
+        match uri {
+            Ok(uri) => *request.uri_mut() = uri,
+            Err(e) => {
+                return Box::pin(std::future::ready(Err(Failure::Reset(format!(
+                    "cannot address the request at {}: {e}",
+                    endpoint.addr
+                )))));
+            }
+        }
         let client = match call.upstream.protocol {
             Protocol::Http1 => {
                 *request.version_mut() = http::Version::HTTP_11;
-                &self.http1
+                &self.pools.http1
             }
             Protocol::Http2 => {
                 *request.version_mut() = http::Version::HTTP_2;
                 // The :authority comes from the URI.
                 request.headers_mut().remove(http::header::HOST);
-                &self.http2
+                &self.pools.http2
             }
         };
         let future = client.request(request);
