@@ -256,3 +256,56 @@ both_variants!(
     invalid_edit_keeps_routing_and_surfaces_the_error,
     restart_keeps_envoy_routing_and_converges,
 );
+
+/// The catalog's request policies reach Envoy as its own fields (route
+/// timeout and retry policy; outlier detection, health checks and HTTP/2
+/// upstream options on clusters), and Envoy accepts and applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_policies_are_accepted_and_applied_by_envoy() {
+    let backends = Backends::start(&["old/a", "old/b", "new/a"]).await;
+    let mut yaml = catalog(
+        &[backends.addr("old/a"), backends.addr("old/b")],
+        &[backends.addr("new/a")],
+        Some((5000, 5000)),
+    );
+    yaml.push_str(
+        "    timeout: 3s\n    retries: {attempts: 2, on: [5xx, connect-failure], per_try_timeout: 1s}\n    outlier_detection: {consecutive_5xx: 4, base_ejection_time: 10s}\n    health_check: {path: /healthz, interval: 1s}\n",
+    );
+    yaml.push_str(&format!(
+        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
+        backends.addr("old/a")
+    ));
+    let ferry = Ferry::start(&yaml).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let counts = split(envoy.listener_port, HOST, 200).await;
+    assert!(
+        (share(&counts, "old/") + share(&counts, "new/") - 1.0).abs() < f64::EPSILON,
+        "{counts:?}"
+    );
+    let clusters = envoy
+        .admin("/config_dump?resource=dynamic_active_clusters")
+        .await;
+    for field in [
+        "outlier_detection",
+        "health_checks",
+        "http2_protocol_options",
+        "/healthz",
+    ] {
+        assert!(
+            clusters.contains(field),
+            "Envoy holds no {field}: {clusters}"
+        );
+    }
+    let routes = envoy
+        .admin("/config_dump?resource=dynamic_route_configs")
+        .await;
+    for field in [
+        "retry_policy",
+        "connect-failure,5xx",
+        "retriable_request_headers",
+    ] {
+        assert!(routes.contains(field), "Envoy holds no {field}: {routes}");
+    }
+    let upgrades = envoy.admin("/config_dump?resource=dynamic_listeners").await;
+    assert!(upgrades.contains("websocket"), "{upgrades}");
+}

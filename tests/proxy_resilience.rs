@@ -315,3 +315,59 @@ async fn timeouts_bound_the_request_and_each_attempt() {
     let gets = first_hangs.seen("GET");
     assert!(gets >= 10, "each GET took two attempts: {gets}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_an_endpoint_out_and_bring_it_back() {
+    let backends = Backends::start(&["old/a", "old/b"]).await;
+    let endpoints = [backends.addr("old/a"), backends.addr("old/b")];
+    // No outlier detection: only the probes can take b out.
+    let ferry = Ferry::start(&catalog(
+        &endpoints,
+        "    health_check: {path: /healthz, interval: 200ms, timeout: 100ms, unhealthy_threshold: 2, healthy_threshold: 1}\n",
+    ))
+    .await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    let healthy = |dump: &serde_json::Value, addr: &str| {
+        dump["upstreams"]["checkout.shop:8080@old"]
+            .as_array()
+            .and_then(|eps| eps.iter().find(|e| e["address"] == addr))
+            .map(|e| e["healthy"] == true)
+    };
+
+    // b fails its probes (with no user traffic at all) and is taken out.
+    backends.set_status("old/b", 503);
+    eventually(Duration::from_secs(5), "b marked unhealthy", || async {
+        let dump: serde_json::Value =
+            serde_json::from_str(&proxy.admin("/config_dump").await).unwrap();
+        healthy(&dump, &endpoints[1]) == Some(false)
+    })
+    .await;
+    let before = backends.hits["old/b"].load(Ordering::Relaxed);
+    for _ in 0..100 {
+        assert_eq!(send(proxy.listen_port, hyper::Method::GET).await, 200);
+    }
+    let probes_meanwhile = 10; // at most ~5 probes per second reach b
+    let b_hits = backends.hits["old/b"].load(Ordering::Relaxed) - before;
+    assert!(
+        b_hits <= probes_meanwhile,
+        "b got user traffic while unhealthy: {b_hits} requests"
+    );
+
+    // Passing again: back in balancing.
+    backends.set_status("old/b", 200);
+    eventually(Duration::from_secs(5), "b healthy again", || async {
+        let dump: serde_json::Value =
+            serde_json::from_str(&proxy.admin("/config_dump").await).unwrap();
+        healthy(&dump, &endpoints[1]) == Some(true)
+    })
+    .await;
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metric(&metrics, "ferry_proxy_health_checks_total{") >= 4.0,
+        "{metrics}"
+    );
+}

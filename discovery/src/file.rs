@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{
-    Backend, Endpoint, EndpointState, OutlierDetection, Protocol, RequestPolicy, Retries, RetryOn,
-    Service, ServicePort,
+    Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
+    Retries, RetryOn, Service, ServicePort,
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
@@ -112,6 +112,17 @@ struct RawService {
     timeout: Option<String>,
     retries: Option<RawRetries>,
     outlier_detection: Option<RawOutlierDetection>,
+    health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    interval: Option<String>,
+    timeout: Option<String>,
+    unhealthy_threshold: Option<u32>,
+    healthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,12 +374,13 @@ impl<'a> Validator<'a> {
             }
             None => None,
         };
-        let requests = self.requests(
+        let mut requests = self.requests(
             raw.protocol,
             raw.timeout,
             raw.retries,
             raw.outlier_detection,
         )?;
+        requests.health_check = raw.health_check.map(|h| self.health_check(h)).transpose()?;
         Ok(Service {
             name,
             ports,
@@ -387,6 +399,49 @@ impl<'a> Validator<'a> {
             return Err(self.err(field, "must be longer than 0"));
         }
         Ok(d)
+    }
+
+    fn health_check(&self, raw: RawHealthCheck) -> Result<HealthCheck, CatalogError> {
+        if !raw.path.starts_with('/') || raw.path.contains(char::is_whitespace) {
+            return Err(self.err(
+                "health_check.path",
+                format!("{:?} is not an absolute request path", raw.path),
+            ));
+        }
+        let interval = match raw.interval {
+            Some(t) => self.duration("health_check.interval", &t)?,
+            None => Duration::from_secs(5),
+        };
+        let timeout = match raw.timeout {
+            Some(t) => self.duration("health_check.timeout", &t)?,
+            None => Duration::from_secs(1),
+        };
+        if timeout > interval {
+            return Err(self.err(
+                "health_check.timeout",
+                "must not be longer than the interval",
+            ));
+        }
+        let threshold = |field: &str, v: Option<u32>, default: u32| match v {
+            Some(0) => Err(self.err(field, "must be at least 1")),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        Ok(HealthCheck {
+            path: raw.path,
+            interval,
+            timeout,
+            unhealthy_threshold: threshold(
+                "health_check.unhealthy_threshold",
+                raw.unhealthy_threshold,
+                3,
+            )?,
+            healthy_threshold: threshold(
+                "health_check.healthy_threshold",
+                raw.healthy_threshold,
+                2,
+            )?,
+        })
     }
 
     fn requests(
@@ -473,6 +528,7 @@ impl<'a> Validator<'a> {
             timeout,
             retries,
             outlier_detection,
+            health_check: None,
         })
     }
 
@@ -838,9 +894,28 @@ services:
         assert_eq!((o.consecutive_5xx, o.max_ejection_percent), (3, 50));
         assert_eq!(o.base_ejection_time, Duration::from_secs(2));
         assert_eq!(parse(GOOD).unwrap()[0].requests, RequestPolicy::default());
+        let checked = parse(&format!(
+            "{GOOD}    health_check: {{path: /healthz, interval: 2s}}\n"
+        ))
+        .unwrap();
+        let h = checked[0].requests.health_check.as_ref().unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.interval, h.timeout),
+            ("/healthz", Duration::from_secs(2), Duration::from_secs(1))
+        );
+        assert_eq!((h.unhealthy_threshold, h.healthy_threshold), (3, 2));
         for (extra, field) in [
             ("    protocol: http3\n", "protocol"),
             ("    timeout: soon\n", "timeout"),
+            ("    health_check: {path: healthz}\n", "health_check.path"),
+            (
+                "    health_check: {path: /h, interval: 1s, timeout: 2s}\n",
+                "health_check.timeout",
+            ),
+            (
+                "    health_check: {path: /h, healthy_threshold: 0}\n",
+                "health_check.healthy_threshold",
+            ),
             ("    timeout: 0s\n", "timeout"),
             (
                 "    retries: {attempts: 1, on: [teapot]}\n",

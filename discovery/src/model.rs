@@ -99,6 +99,20 @@ pub struct RequestPolicy {
     pub timeout: Option<Duration>,
     pub retries: Option<Retries>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checking: proxies probe each endpoint with an HTTP GET.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// Path probed; a 2xx answer is healthy.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failed probes in a row that make an endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Passed probes in a row that make it healthy again.
+    pub healthy_threshold: u32,
 }
 
 /// What makes an attempt worth retrying.

@@ -90,6 +90,8 @@ struct UpstreamEndpoint {
     ejections: u32,
     /// The balancer's peak-EWMA latency estimate.
     latency_ms: f64,
+    /// Passes its active health checks (always, when unchecked).
+    healthy: bool,
 }
 
 /// The config in use, with the version of every resource it came from.
@@ -110,6 +112,7 @@ async fn config_dump(State(s): State<AdminState>) -> impl IntoResponse {
                     ejected: e.health.ejected(now_ms),
                     ejections: e.health.ejections(),
                     latency_ms: (e.ewma.estimate(now) / 1e4).round() / 100.0,
+                    healthy: e.probe.healthy(),
                 })
                 .collect();
             (name.clone(), endpoints)

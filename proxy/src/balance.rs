@@ -4,7 +4,8 @@
 //! decays toward faster ones over `DECAY`; idle time decays it toward zero,
 //! so a slow endpoint is tried again after a while. The cost of sending
 //! one more request is `estimate × (in flight + 1)`; of two endpoints drawn
-//! at random the cheaper wins. Ejected endpoints are skipped.
+//! at random the cheaper wins. Endpoints ejected by outlier detection or
+//! failing active health checks are skipped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -101,15 +102,11 @@ pub fn pick(
     tried: Option<&Tried>,
 ) -> Option<Arc<Endpoint>> {
     let all = &upstream.endpoints;
-    let ejected = all.iter().any(|e| e.health.ejected(now_ms));
-    if !ejected && tried.is_none() {
+    let usable = |e: &Endpoint| !e.health.ejected(now_ms) && e.probe.healthy();
+    if tried.is_none() && all.iter().all(|e| usable(e)) {
         return p2c(all, now, rand::random());
     }
-    let live: Vec<Arc<Endpoint>> = all
-        .iter()
-        .filter(|e| !e.health.ejected(now_ms))
-        .cloned()
-        .collect();
+    let live: Vec<Arc<Endpoint>> = all.iter().filter(|e| usable(e)).cloned().collect();
     if let Some(tried) = tried {
         let fresh: Vec<Arc<Endpoint>> = live
             .iter()

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tower::retry::budget::TpsBudget;
 
 use crate::balance::PeakEwma;
+use crate::health::{HealthCheckConfig, Probe};
 use crate::outlier::{Health, OutlierConfig};
 use crate::retry::RetryConfig;
 
@@ -42,6 +43,8 @@ pub struct Endpoint {
     pub outstanding: AtomicU32,
     pub ewma: PeakEwma,
     pub health: Health,
+    /// Active health checks, when the cluster has them.
+    pub probe: Probe,
 }
 
 impl Endpoint {
@@ -54,6 +57,7 @@ impl Endpoint {
             outstanding: AtomicU32::new(0),
             ewma: PeakEwma::default(),
             health: Health::default(),
+            probe: Probe::default(),
         }
     }
 }
@@ -136,6 +140,7 @@ pub struct Upstream {
     pub load: Arc<LoadCounters>,
     pub protocol: Protocol,
     pub outlier: Option<OutlierConfig>,
+    pub health_check: Option<HealthCheckConfig>,
     /// Kept across config swaps.
     pub budget: Arc<TpsBudget>,
     pub metrics: UpstreamMetrics,
@@ -152,6 +157,7 @@ impl Upstream {
             load: Default::default(),
             protocol: Protocol::Http1,
             outlier: None,
+            health_check: None,
             budget: Arc::new(retry_budget()),
             metrics: UpstreamMetrics::new(name, ""),
         }
@@ -236,6 +242,44 @@ fn duration(d: &ferry_proto::google::protobuf::Duration) -> Duration {
         u64::try_from(d.seconds).unwrap_or(0),
         u32::try_from(d.nanos).unwrap_or(0),
     )
+}
+
+/// The cluster's first health check, which must be an HTTP one.
+fn health_check(cluster: &Cluster) -> Result<Option<HealthCheckConfig>, String> {
+    use ferry_proto::envoy::config::core::v3::health_check::HealthChecker;
+    let Some(check) = cluster.health_checks.first() else {
+        return Ok(None);
+    };
+    let Some(HealthChecker::HttpHealthCheck(http)) = &check.health_checker else {
+        return Err("only HTTP health checks are supported".to_owned());
+    };
+    if !http.path.starts_with('/') {
+        return Err(format!(
+            "http_health_check.path: {:?} is not a path",
+            http.path
+        ));
+    }
+    let interval = check.interval.as_ref().map(duration).unwrap_or_default();
+    if interval.is_zero() {
+        return Err("interval: must be longer than 0".to_owned());
+    }
+    let timeout = check
+        .timeout
+        .as_ref()
+        .map(duration)
+        .filter(|t| !t.is_zero())
+        .unwrap_or(Duration::from_secs(1));
+    let threshold = |v: &Option<ferry_proto::google::protobuf::UInt32Value>| {
+        v.as_ref().map(|v| v.value).unwrap_or(1).max(1)
+    };
+    Ok(Some(HealthCheckConfig {
+        path: http.path.clone(),
+        host: http.host.clone(),
+        interval,
+        timeout,
+        unhealthy_threshold: threshold(&check.unhealthy_threshold),
+        healthy_threshold: threshold(&check.healthy_threshold),
+    }))
 }
 
 /// HTTP/2 when the cluster's `HttpProtocolOptions` say so explicitly.
@@ -363,6 +407,8 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                     .unwrap_or(defaults.max_ejection_percent),
             }
         });
+        let health_check =
+            health_check(&cluster).map_err(|e| format!("cluster {name}: health_checks[0]: {e}"))?;
         let kept = previous.upstreams.get(name);
         routing.upstreams.insert(
             name.clone(),
@@ -375,6 +421,7 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                 load: kept.map(|u| u.load.clone()).unwrap_or_default(),
                 protocol,
                 outlier,
+                health_check,
                 budget: kept
                     .map(|u| u.budget.clone())
                     .unwrap_or_else(|| Arc::new(retry_budget())),

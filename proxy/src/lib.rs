@@ -9,7 +9,7 @@
 //!   rewriting, upgrades;
 //! - [`stack`]: the upstream layers in one place: [`observe`],
 //!   [`timeout`], [`retry`], [`balance`] (with [`outlier`] detection),
-//!   [`forward`];
+//!   [`forward`]; [`health`]: active health checks;
 //! - [`admin`]: `/ready`, `/config_dump`, `/metrics`, `/drain`.
 
 pub mod admin;
@@ -17,6 +17,7 @@ pub mod balance;
 pub mod call;
 pub mod config;
 pub mod forward;
+pub mod health;
 pub mod lrs;
 pub mod observe;
 pub mod outlier;
@@ -121,6 +122,7 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
+    let health = tokio::spawn(health::run(proxy.clone(), shutdown.clone()));
     let lrs = tokio::spawn(lrs::run(
         config.xds.server.clone(),
         ferry_proto::envoy::config::core::v3::Node {
@@ -146,6 +148,7 @@ pub async fn run(
     shutdown.cancelled().await;
     let _ = xds.await;
     let _ = lrs.await;
+    let _ = health.await;
     let _ = admin.await;
     tracing::info!("ferry proxy stopped");
     Ok(())

@@ -20,8 +20,8 @@ use ferry_discovery::{
 };
 use ferry_proto::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
 use ferry_proto::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, Locality, SocketAddress,
-    address, config_source, socket_address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthCheck, HealthStatus, Locality,
+    SocketAddress, address, config_source, health_check, socket_address,
 };
 use ferry_proto::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -458,9 +458,31 @@ fn eds_cluster(
             interval: Some(pb_duration(Duration::from_secs(1))),
             ..Default::default()
         });
+    let health_checks = requests
+        .health_check
+        .iter()
+        .map(|h| HealthCheck {
+            timeout: Some(pb_duration(h.timeout)),
+            interval: Some(pb_duration(h.interval)),
+            unhealthy_threshold: Some(UInt32Value {
+                value: h.unhealthy_threshold,
+            }),
+            healthy_threshold: Some(UInt32Value {
+                value: h.healthy_threshold,
+            }),
+            health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
+                health_check::HttpHealthCheck {
+                    path: h.path.clone(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })
+        .collect();
     Cluster {
         typed_extension_protocol_options: protocol_options,
         outlier_detection,
+        health_checks,
         name: name.to_owned(),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
@@ -654,6 +676,51 @@ services:
         );
         assert_eq!(maps[ResourceType::Endpoint.index()].len(), 4);
         assert!(maps[ResourceType::Listener.index()].contains_key("ferry_http"));
+    }
+
+    #[test]
+    fn request_policies_become_envoy_fields() {
+        let text = CATALOG.replacen(
+            "    weights: {old: 9000, new: 1000}\n",
+            "    weights: {old: 9000, new: 1000}\n    protocol: grpc\n    timeout: 3s\n    retries: {attempts: 2, on: [5xx, connect-failure], per_try_timeout: 1s}\n    outlier_detection: {consecutive_5xx: 4}\n    health_check: {path: /healthz}\n",
+            1,
+        );
+        let maps =
+            Translator::new(TranslateOptions::default()).translate(&catalog(&text).current());
+        let cluster: Cluster =
+            decode(&maps[ResourceType::Cluster.index()]["checkout.shop:8080@old"]);
+        assert!(
+            cluster
+                .typed_extension_protocol_options
+                .contains_key(HTTP_PROTOCOL_OPTIONS)
+        );
+        let outlier = cluster.outlier_detection.unwrap();
+        assert_eq!(outlier.consecutive_5xx.map(|v| v.value), Some(4));
+        assert_eq!(outlier.max_ejection_percent.map(|v| v.value), Some(50));
+        let Some(health_check::HealthChecker::HttpHealthCheck(h)) =
+            &cluster.health_checks[0].health_checker
+        else {
+            panic!("no HTTP health check")
+        };
+        assert_eq!(h.path, "/healthz");
+        let rc: RouteConfiguration = decode(&maps[ResourceType::Route.index()]["ferry_http"]);
+        let vh = rc
+            .virtual_hosts
+            .iter()
+            .find(|v| v.name == "checkout.shop:8080")
+            .unwrap();
+        let Some(route::Action::Route(action)) = &vh.routes[0].action else {
+            panic!("no route action")
+        };
+        assert_eq!(action.timeout.as_ref().map(|d| d.seconds), Some(3));
+        let retry = action.retry_policy.as_ref().unwrap();
+        assert_eq!(retry.retry_on, "connect-failure,5xx");
+        assert_eq!(retry.num_retries.as_ref().map(|n| n.value), Some(2));
+        assert_eq!(retry.retriable_request_headers[0].name, ":method");
+        // A service without them gets none.
+        let plain: Cluster = decode(&maps[ResourceType::Cluster.index()]["cart.shop:80@old"]);
+        assert!(plain.outlier_detection.is_none() && plain.health_checks.is_empty());
+        assert!(plain.typed_extension_protocol_options.is_empty());
     }
 
     #[test]
