@@ -66,7 +66,7 @@ fn catalog_services() -> Vec<Service> {
                 hosts: Vec::new(),
                 backends,
                 weights: None,
-                sticky_header: None,
+                sticky: None,
                 requests: Default::default(),
             }
         })

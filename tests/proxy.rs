@@ -486,3 +486,42 @@ async fn sticky_keys_move_to_the_target_once_and_never_back() {
         previous = now;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_keeps_each_user_on_one_cluster() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let yaml = format!(
+        "{}    sticky: {{cookie: session}}\n",
+        catalog(&backends, 5_000, 5_000)
+    );
+    let ferry = Ferry::start(&yaml).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let client = support::client();
+    let port = proxy.listen_port;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    let mut on_new = 0;
+    for user in 0..100 {
+        let cookie = format!("theme=dark; session=user-{user}");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..5 {
+            let (status, body) =
+                support::http_get_headers(&client, port, HOST, "/", &[("cookie", &cookie)])
+                    .await
+                    .expect("request");
+            assert_eq!(status, 200);
+            seen.insert(body);
+        }
+        assert_eq!(
+            seen.len(),
+            1,
+            "user {user} moved between clusters: {seen:?}"
+        );
+        if seen.contains("new/a") {
+            on_new += 1;
+        }
+    }
+    assert!((30..=70).contains(&on_new), "{on_new} of 100 users on new");
+}

@@ -225,8 +225,8 @@ fn merge<'a>(mut parts: impl Iterator<Item = &'a Arc<Service>>) -> Option<Arc<Se
                 merged.hosts.push(host.clone());
             }
         }
-        if merged.sticky_header.is_none() {
-            merged.sticky_header.clone_from(&part.sticky_header);
+        if merged.sticky.is_none() {
+            merged.sticky.clone_from(&part.sticky);
         }
         if merged.requests == RequestPolicy::default() {
             merged.requests.clone_from(&part.requests);
@@ -266,7 +266,7 @@ mod tests {
                 },
             )]),
             weights: None,
-            sticky_header: None,
+            sticky: None,
             requests: Default::default(),
         }
     }

@@ -33,7 +33,7 @@ use crate::catalog::Catalog;
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{
     Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
-    Retries, RetryOn, Service, ServicePort,
+    Retries, RetryOn, Service, ServicePort, StickyKey,
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
@@ -149,7 +149,8 @@ struct RawOutlierDetection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSticky {
-    header: String,
+    header: Option<String>,
+    cookie: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -357,22 +358,42 @@ impl<'a> Validator<'a> {
             .weights
             .map(|w| self.weights(w, &backends))
             .transpose()?;
-        let sticky_header = match raw.sticky {
-            Some(s) => {
-                let header = s.header.trim().to_ascii_lowercase();
-                let valid = !header.is_empty()
-                    && header
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                if !valid {
+        let token = |text: &str| {
+            !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        };
+        let sticky = match raw.sticky {
+            None => None,
+            Some(RawSticky {
+                header: Some(header),
+                cookie: None,
+            }) => {
+                let name = header.trim().to_ascii_lowercase();
+                if !token(&name) || name.contains('.') {
                     return Err(self.err(
                         "sticky.header",
-                        format!("{:?} is not an HTTP header name", s.header),
+                        format!("{header:?} is not an HTTP header name"),
                     ));
                 }
-                Some(header)
+                Some(StickyKey::Header(name))
             }
-            None => None,
+            Some(RawSticky {
+                header: None,
+                cookie: Some(cookie),
+            }) => {
+                let name = cookie.trim();
+                if !token(name) {
+                    return Err(
+                        self.err("sticky.cookie", format!("{cookie:?} is not a cookie name"))
+                    );
+                }
+                Some(StickyKey::Cookie(name.to_owned()))
+            }
+            Some(_) => {
+                return Err(self.err("sticky", "give exactly one of header or cookie"));
+            }
         };
         let mut requests = self.requests(
             raw.protocol,
@@ -387,7 +408,7 @@ impl<'a> Validator<'a> {
             hosts,
             backends,
             weights,
-            sticky_header,
+            sticky,
             requests,
         })
     }
@@ -940,9 +961,18 @@ services:
     fn sticky_headers_are_header_names() {
         let sticky = format!("{GOOD}    sticky: {{header: X-User-Id}}\n");
         let services = parse(&sticky).unwrap();
-        assert_eq!(services[0].sticky_header.as_deref(), Some("x-user-id"));
+        assert_eq!(
+            services[0].sticky,
+            Some(StickyKey::Header("x-user-id".into()))
+        );
         let e = error(&format!("{GOOD}    sticky: {{header: \"x user\"}}\n"));
         assert!(e.contains("sticky.header") && e.contains("x user"), "{e}");
+        let cookie = parse(&format!("{GOOD}    sticky: {{cookie: session}}\n")).unwrap();
+        assert_eq!(cookie[0].sticky, Some(StickyKey::Cookie("session".into())));
+        let e = error(&format!("{GOOD}    sticky: {{cookie: \"a;b\"}}\n"));
+        assert!(e.contains("sticky.cookie"), "{e}");
+        let e = error(&format!("{GOOD}    sticky: {{header: x, cookie: y}}\n"));
+        assert!(e.contains("exactly one"), "{e}");
     }
 
     #[test]

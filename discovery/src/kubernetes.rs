@@ -853,7 +853,7 @@ impl ClusterState {
                     self.backend(key, &summary.ports),
                 )]),
                 weights: None,
-                sticky_header: None,
+                sticky: None,
                 requests: RequestPolicy {
                     protocol: summary.protocol,
                     ..Default::default()

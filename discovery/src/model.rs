@@ -72,12 +72,21 @@ pub struct Service {
     pub backends: BTreeMap<ClusterName, Backend>,
     /// Declared weights; `None` spreads traffic by ready endpoints.
     pub weights: Option<Weights>,
-    /// Requests carrying this header are sticky: the header's value picks
-    /// the cluster, the same on every Ferry proxy.
-    pub sticky_header: Option<String>,
+    /// Requests carrying this key (a header or a cookie) are sticky: its
+    /// value picks the cluster, the same on every Ferry proxy.
+    pub sticky: Option<StickyKey>,
     /// How proxies talk to the service: protocol, timeout, retries,
     /// outlier detection.
     pub requests: RequestPolicy,
+}
+
+/// What makes requests sticky to a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StickyKey {
+    /// A header's value (lower-case header name).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
 }
 
 /// The protocol a service's endpoints speak.

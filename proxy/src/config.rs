@@ -171,13 +171,38 @@ pub struct Target {
     pub weight: u32,
 }
 
+/// What a sticky route hashes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+}
+
+impl HashKey {
+    /// The key's value in `headers`, if the request carries it.
+    pub fn value<'a>(&self, headers: &'a http::HeaderMap) -> Option<&'a [u8]> {
+        match self {
+            Self::Header(name) => headers.get(name).map(|v| v.as_bytes()),
+            Self::Cookie(name) => headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+                .find_map(|pair| {
+                    let pair = pair.trim_ascii_start();
+                    let rest = pair.strip_prefix(name.as_bytes())?;
+                    rest.strip_prefix(b"=")
+                }),
+        }
+    }
+}
+
 /// One route of a virtual host.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     pub targets: Vec<Target>,
-    /// Hash requests on this header's value for sticky picks.
-    pub hash_header: Option<http::HeaderName>,
+    /// Hash requests on this key's value for sticky picks.
+    pub hash_key: Option<HashKey>,
     pub timeout: Option<Duration>,
     pub retry: Option<Arc<RetryConfig>>,
 }
@@ -499,11 +524,19 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                     "{at}.route.weighted_clusters: the weights sum to 0"
                 ));
             }
-            let hash_header = action.hash_policy.iter().find_map(|h| match &h.policy_specifier {
-                Some(ferry_proto::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier::Header(header)) => {
-                    http::HeaderName::from_bytes(header.header_name.as_bytes()).ok()
+            let hash_key = action.hash_policy.iter().find_map(|h| {
+                use ferry_proto::envoy::config::route::v3::route_action::hash_policy::PolicySpecifier;
+                match &h.policy_specifier {
+                    Some(PolicySpecifier::Header(header)) => {
+                        http::HeaderName::from_bytes(header.header_name.as_bytes())
+                            .ok()
+                            .map(HashKey::Header)
+                    }
+                    Some(PolicySpecifier::Cookie(cookie)) if !cookie.name.is_empty() => {
+                        Some(HashKey::Cookie(cookie.name.clone()))
+                    }
+                    _ => None,
                 }
-                _ => None,
             });
             let timeout = action
                 .timeout
@@ -521,7 +554,7 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
             routes.push(Route {
                 prefix,
                 targets,
-                hash_header,
+                hash_key,
                 timeout,
                 retry,
             });
@@ -552,4 +585,29 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
         }
     }
     Ok(routing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cookie_key_is_found_among_the_cookies() {
+        let key = HashKey::Cookie("session".into());
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(key.value(&headers), None);
+        headers.append(
+            http::header::COOKIE,
+            "theme=dark; sessionx=no".parse().unwrap(),
+        );
+        assert_eq!(key.value(&headers), None, "a longer name is another cookie");
+        headers.append(
+            http::header::COOKIE,
+            "a=1;session=u-42; b=2".parse().unwrap(),
+        );
+        assert_eq!(key.value(&headers), Some(&b"u-42"[..]));
+        let header = HashKey::Header(http::HeaderName::from_static("x-user"));
+        headers.insert("x-user", "alice".parse().unwrap());
+        assert_eq!(header.value(&headers), Some(&b"alice"[..]));
+    }
 }

@@ -175,10 +175,9 @@ pub async fn handle(
         return local_reply(StatusCode::NOT_FOUND, &format!("no route for path {path}"));
     };
     let key = route
-        .hash_header
+        .hash_key
         .as_ref()
-        .and_then(|h| request.headers().get(h))
-        .map(|v| v.as_bytes());
+        .and_then(|k| k.value(request.headers()));
     let Some(target) = pick::cluster(&route.targets, key) else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no cluster has weight");
     };

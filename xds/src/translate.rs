@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_discovery::{
-    CatalogSnapshot, EndpointState, Protocol, RequestPolicy, RetryOn, Service, ServiceName, Weights,
+    CatalogSnapshot, EndpointState, Protocol, RequestPolicy, RetryOn, Service, ServiceName,
+    StickyKey, Weights,
 };
 use ferry_proto::envoy::config::cluster::v3::{Cluster, OutlierDetection, cluster};
 use ferry_proto::envoy::config::core::v3::{
@@ -275,7 +276,7 @@ pub fn translate_service(
             format!("{}:{}", service.name, port.port),
             domains,
             weighted,
-            service.sticky_header.as_deref(),
+            service.sticky.as_ref(),
             &service.requests,
         ));
     }
@@ -311,20 +312,29 @@ fn virtual_host(
     name: String,
     domains: Vec<String>,
     clusters: Vec<weighted_cluster::ClusterWeight>,
-    sticky_header: Option<&str>,
+    sticky: Option<&StickyKey>,
     requests: &RequestPolicy,
 ) -> VirtualHost {
     // A header hash policy makes Ferry's proxy pick the cluster by the
     // header's value (Envoy uses it for load balancing within a cluster).
-    let hash_policy = sticky_header
-        .map(|header| {
-            vec![route_action::HashPolicy {
-                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Header(
+    let hash_policy = sticky
+        .map(|key| {
+            let specifier = match key {
+                StickyKey::Header(name) => route_action::hash_policy::PolicySpecifier::Header(
                     route_action::hash_policy::Header {
-                        header_name: header.to_owned(),
+                        header_name: name.clone(),
                         ..Default::default()
                     },
-                )),
+                ),
+                StickyKey::Cookie(name) => route_action::hash_policy::PolicySpecifier::Cookie(
+                    route_action::hash_policy::Cookie {
+                        name: name.clone(),
+                        ..Default::default()
+                    },
+                ),
+            };
+            vec![route_action::HashPolicy {
+                policy_specifier: Some(specifier),
                 ..Default::default()
             }]
         })
