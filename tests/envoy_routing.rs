@@ -271,8 +271,16 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
     yaml.push_str(
         "    timeout: 3s\n    retries: {attempts: 2, on: [5xx, connect-failure], per_try_timeout: 1s}\n    outlier_detection: {consecutive_5xx: 4, base_ejection_time: 10s}\n    health_check: {path: /healthz, interval: 1s}\n",
     );
+    // TLS to the endpoints, with a CA file Envoy can read.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(&ca_file, params.self_signed(&key).unwrap().pem()).unwrap();
     yaml.push_str(&format!(
-        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
+        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    tls: {{server_name: ledger.internal, ca_file: {}}}\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
+        ca_file.display(),
         backends.addr("old/a")
     ));
     let ferry = Ferry::start(&yaml).await;

@@ -186,6 +186,7 @@ async fn a_websocket_upgrade_passes_through_both_ways() {
 
 struct Ca {
     der: rustls::pki_types::CertificateDer<'static>,
+    pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -196,6 +197,7 @@ fn ca() -> Ca {
     let cert = params.self_signed(&key).unwrap();
     Ca {
         der: cert.der().clone(),
+        pem: cert.pem(),
         issuer: Issuer::new(params, key),
     }
 }
@@ -333,4 +335,101 @@ async fn tls_is_terminated_with_the_certificate_the_client_names() {
         || async { tls_connect(&ca, tls_port, "shop.example.com", &[]).await.1 == renewed },
     )
     .await;
+}
+
+/// An HTTPS backend for `name`, its certificate signed by `ca`.
+async fn tls_backend(ca: &Ca, name: &str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"tls-backend")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_service_checks_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (addr, _backend) = tls_backend(&ca, "checkout.internal").await;
+    let policy = |name: &str, file: &Path| {
+        format!(
+            "    tls: {{server_name: {name}, ca_file: {}}}\n",
+            file.display()
+        )
+    };
+    let ferry = Ferry::start(&catalog(
+        &addr.to_string(),
+        &policy("checkout.internal", &ca_file),
+    ))
+    .await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+    for _ in 0..10 {
+        assert_eq!(
+            http_get(proxy.listen_port, HOST, "/").await,
+            Ok((200, "tls-backend".to_owned()))
+        );
+    }
+
+    // A certificate that does not name the server: refused, 503.
+    ferry.write_catalog(&catalog(
+        &addr.to_string(),
+        &policy("other.internal", &ca_file),
+    ));
+    let port = proxy.listen_port;
+    eventually(
+        Duration::from_secs(10),
+        "a refused certificate",
+        || async move { matches!(http_get(port, HOST, "/").await, Ok((503, _))) },
+    )
+    .await;
+
+    // A CA file the proxy cannot read: the config is refused and the last
+    // good one (here: the wrong name) keeps serving.
+    ferry.write_catalog(&catalog(
+        &addr.to_string(),
+        &policy("checkout.internal", &dir.path().join("missing.pem")),
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "the refusal in the log",
+        || async { proxy.log().contains("missing.pem") },
+    )
+    .await;
+    assert!(matches!(http_get(port, HOST, "/").await, Ok((503, _))));
 }

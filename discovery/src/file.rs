@@ -33,7 +33,7 @@ use crate::catalog::Catalog;
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{
     Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
-    Retries, RetryOn, Service, ServicePort, StickyKey,
+    Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
@@ -113,6 +113,15 @@ struct RawService {
     retries: Option<RawRetries>,
     outlier_detection: Option<RawOutlierDetection>,
     health_check: Option<RawHealthCheck>,
+    /// `tls: {server_name: checkout.internal, ca_file: /etc/ferry/ca.pem}`
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    server_name: String,
+    ca_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +160,22 @@ struct RawOutlierDetection {
 struct RawSticky {
     header: Option<String>,
     cookie: Option<String>,
+}
+
+/// A DNS name as TLS clients take it: dot-separated labels of letters,
+/// digits and inner hyphens.
+fn dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn default_namespace() -> String {
@@ -402,6 +427,31 @@ impl<'a> Validator<'a> {
             raw.outlier_detection,
         )?;
         requests.health_check = raw.health_check.map(|h| self.health_check(h)).transpose()?;
+        requests.tls = match raw.tls {
+            None => None,
+            Some(t) => {
+                let name = t.server_name.trim().to_ascii_lowercase();
+                if !dns_name(&name) {
+                    return Err(self.err(
+                        "tls.server_name",
+                        format!("{:?} is not a DNS name", t.server_name),
+                    ));
+                }
+                if !t.ca_file.is_absolute() {
+                    return Err(self.err(
+                        "tls.ca_file",
+                        format!(
+                            "{} must be an absolute path (it is read on the proxies' hosts)",
+                            t.ca_file.display()
+                        ),
+                    ));
+                }
+                Some(UpstreamTls {
+                    server_name: name,
+                    ca_file: t.ca_file,
+                })
+            }
+        };
         Ok(Service {
             name,
             ports,
@@ -550,6 +600,7 @@ impl<'a> Validator<'a> {
             retries,
             outlier_detection,
             health_check: None,
+            tls: None,
         })
     }
 
@@ -929,6 +980,14 @@ services:
             ("    protocol: http3\n", "protocol"),
             ("    timeout: soon\n", "timeout"),
             ("    health_check: {path: healthz}\n", "health_check.path"),
+            (
+                "    tls: {server_name: \"a b\", ca_file: /ca.pem}\n",
+                "tls.server_name",
+            ),
+            (
+                "    tls: {server_name: a.internal, ca_file: ca.pem}\n",
+                "tls.ca_file",
+            ),
             (
                 "    health_check: {path: /h, interval: 1s, timeout: 2s}\n",
                 "health_check.timeout",

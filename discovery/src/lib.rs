@@ -16,7 +16,7 @@ pub mod weights;
 pub use catalog::{Catalog, CatalogSnapshot};
 pub use model::{
     Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
-    Retries, RetryOn, Service, ServicePort, StickyKey,
+    Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
 };
 pub use names::{ClusterName, NameError, ServiceName};
 pub use weights::{TOTAL_WEIGHT, Weight, Weights, WeightsError};

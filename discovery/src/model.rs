@@ -109,6 +109,18 @@ pub struct RequestPolicy {
     pub retries: Option<Retries>,
     pub outlier_detection: Option<OutlierDetection>,
     pub health_check: Option<HealthCheck>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS from proxies to the service's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and checked against the endpoints'
+    /// certificates.
+    pub server_name: String,
+    /// The CA bundle (PEM) that signs those certificates, as a path on
+    /// the proxies' hosts.
+    pub ca_file: std::path::PathBuf,
 }
 
 /// Active health checking: proxies probe each endpoint with an HTTP GET.

@@ -72,6 +72,24 @@ pub enum Protocol {
     Http2,
 }
 
+/// TLS to a cluster's endpoints. Its pool is kept across config swaps
+/// while the settings stay the same.
+pub struct UpstreamTls {
+    pub server_name: String,
+    /// The trusted CA certificates (PEM), as configured.
+    pub ca_pem: Vec<u8>,
+    pub protocol: Protocol,
+    pub client: crate::forward::TlsClient,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Metric handles of one cluster, registered once per config build so the
 /// request path does no label lookups.
 #[derive(Debug, Clone)]
@@ -141,6 +159,7 @@ pub struct Upstream {
     pub protocol: Protocol,
     pub outlier: Option<OutlierConfig>,
     pub health_check: Option<HealthCheckConfig>,
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Kept across config swaps.
     pub budget: Arc<TpsBudget>,
     pub metrics: UpstreamMetrics,
@@ -158,6 +177,7 @@ impl Upstream {
             protocol: Protocol::Http1,
             outlier: None,
             health_check: None,
+            tls: None,
             budget: Arc::new(retry_budget()),
             metrics: UpstreamMetrics::new(name, ""),
         }
@@ -269,6 +289,79 @@ fn duration(d: &ferry_proto::google::protobuf::Duration) -> Duration {
     )
 }
 
+/// TLS to the endpoints, from the cluster's `transport_socket`.
+fn upstream_tls(
+    cluster: &Cluster,
+    protocol: Protocol,
+    previous: Option<&Upstream>,
+    pool: &crate::forward::PoolConfig,
+) -> Result<Option<Arc<UpstreamTls>>, String> {
+    use ferry_proto::envoy::config::core::v3::{data_source, transport_socket};
+    use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
+        UpstreamTlsContext, common_tls_context,
+    };
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Some(socket) = &cluster.transport_socket else {
+        return Ok(None);
+    };
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Err("only TLS (an UpstreamTlsContext) is supported".to_owned());
+    };
+    if any.type_url
+        != "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    {
+        return Err(format!("{}: only TLS is supported", any.type_url));
+    }
+    let context = UpstreamTlsContext::decode(any.value.as_slice())
+        .map_err(|e| format!("cannot decode UpstreamTlsContext: {e}"))?;
+    if context.sni.is_empty() {
+        return Err("sni: a server name is needed to check the endpoints' certificates".to_owned());
+    }
+    let validation = context
+        .common_tls_context
+        .as_ref()
+        .and_then(|c| match &c.validation_context_type {
+            Some(common_tls_context::ValidationContextType::ValidationContext(v)) => Some(v),
+            _ => None,
+        })
+        .and_then(|v| v.trusted_ca.as_ref())
+        .and_then(|ca| ca.specifier.as_ref())
+        .ok_or("validation_context.trusted_ca: a CA bundle is needed")?;
+    let ca_pem = match validation {
+        data_source::Specifier::Filename(path) => std::fs::read(path)
+            .map_err(|e| format!("validation_context.trusted_ca: cannot read {path}: {e}"))?,
+        data_source::Specifier::InlineBytes(bytes) => bytes.clone(),
+        data_source::Specifier::InlineString(text) => text.as_bytes().to_vec(),
+        _ => return Err("validation_context.trusted_ca: use a file or inline PEM".to_owned()),
+    };
+    if let Some(tls) = previous.and_then(|p| p.tls.as_ref())
+        && tls.server_name == context.sni
+        && tls.ca_pem == ca_pem
+        && tls.protocol == protocol
+    {
+        return Ok(Some(tls.clone()));
+    }
+    let server_name = rustls::pki_types::ServerName::try_from(context.sni.clone())
+        .map_err(|e| format!("sni: {:?}: {e}", context.sni))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
+        let cert = cert.map_err(|e| format!("validation_context.trusted_ca: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("validation_context.trusted_ca: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("validation_context.trusted_ca: no certificate in the bundle".to_owned());
+    }
+    Ok(Some(Arc::new(UpstreamTls {
+        client: crate::forward::tls_client(pool, roots, server_name, protocol),
+        server_name: context.sni,
+        ca_pem,
+        protocol,
+    })))
+}
+
 /// The cluster's first health check, which must be an HTTP one.
 fn health_check(cluster: &Cluster) -> Result<Option<HealthCheckConfig>, String> {
     use ferry_proto::envoy::config::core::v3::health_check::HealthChecker;
@@ -357,6 +450,15 @@ fn socket(addr: &Option<ferry_proto::envoy::config::core::v3::Address>) -> Optio
 /// Builds and validates a routing snapshot from every held resource. The
 /// error names the resource and what is wrong with it.
 pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, String> {
+    build_with(resources, previous, &crate::forward::PoolConfig::default())
+}
+
+/// [`build`], with the pool settings new upstream clients get.
+pub fn build_with(
+    resources: &Resources,
+    previous: &Routing,
+    pool: &crate::forward::PoolConfig,
+) -> Result<Routing, String> {
     let mut routing = Routing::default();
     for kind in ResourceType::ALL {
         routing.versions.insert(
@@ -435,6 +537,8 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
         let health_check =
             health_check(&cluster).map_err(|e| format!("cluster {name}: health_checks[0]: {e}"))?;
         let kept = previous.upstreams.get(name);
+        let tls = upstream_tls(&cluster, protocol, kept.map(|u| u.as_ref()), pool)
+            .map_err(|e| format!("cluster {name}: transport_socket: {e}"))?;
         routing.upstreams.insert(
             name.clone(),
             Arc::new(Upstream {
@@ -447,6 +551,7 @@ pub fn build(resources: &Resources, previous: &Routing) -> Result<Routing, Strin
                 protocol,
                 outlier,
                 health_check,
+                tls,
                 budget: kept
                     .map(|u| u.budget.clone())
                     .unwrap_or_else(|| Arc::new(retry_budget())),

@@ -36,6 +36,61 @@ impl Default for PoolConfig {
     }
 }
 
+/// A pool of TLS connections to one cluster's endpoints.
+pub type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+
+fn connector(config: &PoolConfig) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(config.connect_timeout));
+    connector
+}
+
+/// A TLS client for a cluster: certificates must chain to `roots` and
+/// name `server_name`, which is also sent as SNI; ALPN offers HTTP/2 or
+/// HTTP/1.1 as the cluster speaks.
+pub fn tls_client(
+    config: &PoolConfig,
+    roots: rustls::RootCertStore,
+    server_name: rustls::pki_types::ServerName<'static>,
+    protocol: Protocol,
+) -> TlsClient {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    // The ring provider supports the default versions; should that ever
+    // fail, no TLS client can be made and the roots are moot.
+    let tls = tls.unwrap_or_else(|_| {
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.3"))
+    });
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(server_name));
+    let mut tcp = connector(config);
+    tcp.enforce_http(false);
+    let https = match protocol {
+        Protocol::Http1 => builder.enable_http1().wrap_connector(tcp),
+        Protocol::Http2 => builder.enable_http2().wrap_connector(tcp),
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(protocol == Protocol::Http2)
+        .pool_idle_timeout(config.idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(https)
+}
+
 /// The upstream connection pools, shared by every clone of the stack.
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -50,9 +105,7 @@ struct Pools {
 
 impl Forward {
     pub fn new(config: PoolConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
+        let connector = connector(&config);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -101,8 +154,13 @@ impl Service<Call> for Forward {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let tls = call.upstream.tls.as_ref();
         let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(if tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            })
             .authority(endpoint.authority.clone())
             .path_and_query(path)
             .build();
@@ -127,7 +185,10 @@ impl Service<Call> for Forward {
                 &self.pools.http2
             }
         };
-        let future = client.request(request);
+        let future = match tls {
+            Some(tls) => tls.client.request(request),
+            None => client.request(request),
+        };
         Box::pin(async move {
             match future.await {
                 Ok(response) => Ok(response.map(|b| b.map_err(Into::into).boxed())),

@@ -67,12 +67,13 @@ pub struct TlsListen {
 /// Takes validated config from the xDS client into the proxy.
 struct Sink {
     proxy: Arc<Proxy>,
+    pool: forward::PoolConfig,
 }
 
 impl ConfigSink for Sink {
     fn apply(&mut self, resources: &Resources, changed: ResourceType) -> Result<(), String> {
         let current = self.proxy.routing.load_full();
-        let routing = config::build(resources, &current)?;
+        let routing = config::build_with(resources, &current, &self.pool)?;
         tracing::debug!(
             r#type = changed.short(),
             upstreams = routing.upstreams.len(),
@@ -119,6 +120,7 @@ pub async fn run(
         config.xds.clone(),
         Sink {
             proxy: proxy.clone(),
+            pool: config.pool,
         },
         shutdown.clone(),
     ));

@@ -422,6 +422,9 @@ fn pb_duration(d: Duration) -> PbDuration {
     }
 }
 
+/// The transport socket name of TLS to endpoints.
+pub const UPSTREAM_TLS: &str = "envoy.transport_sockets.tls";
+
 /// The extension key Envoy reads a cluster's upstream HTTP options from.
 pub const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
@@ -489,7 +492,57 @@ fn eds_cluster(
             ..Default::default()
         })
         .collect();
+    let transport_socket = requests.tls.as_ref().map(|tls| {
+        use ferry_proto::envoy::config::core::v3::{
+            DataSource, TransportSocket, data_source, transport_socket,
+        };
+        use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
+            CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
+            UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+        };
+        let alpn = match requests.protocol {
+            Protocol::Http1 => "http/1.1",
+            Protocol::Http2 => "h2",
+        };
+        let context = UpstreamTlsContext {
+            sni: tls.server_name.clone(),
+            common_tls_context: Some(CommonTlsContext {
+                alpn_protocols: vec![alpn.to_owned()],
+                validation_context_type: Some(
+                    common_tls_context::ValidationContextType::ValidationContext(
+                        CertificateValidationContext {
+                            trusted_ca: Some(DataSource {
+                                specifier: Some(data_source::Specifier::Filename(
+                                    tls.ca_file.display().to_string(),
+                                )),
+                                ..Default::default()
+                            }),
+                            // Envoy checks names only when told to.
+                            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                                san_type: subject_alt_name_matcher::SanType::Dns as i32,
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        tls.server_name.clone(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        TransportSocket {
+            name: UPSTREAM_TLS.to_owned(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(pack(&context))),
+        }
+    });
     Cluster {
+        transport_socket,
         typed_extension_protocol_options: protocol_options,
         outlier_detection,
         health_checks,
