@@ -353,6 +353,10 @@ struct Bench {
     _control: FerryProcess,
     ferry: ProxyProcess,
     envoy: ProxyProcess,
+    /// How long Ferry's proxy and Envoy took to route, from their start.
+    routed: [Duration; 2],
+    /// Their VmRSS once routing, before any load.
+    idle: [u64; 2],
     started: Instant,
 }
 
@@ -465,151 +469,19 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         .load_cores
         .clone()
         .unwrap_or_else(|| machine::other_cores(config.proxy_core, machine.cores));
-    let progress = |msg: String| {
-        if config.progress {
-            eprintln!(
-                "[{TEST_NAME} {:6.1}s] {msg}",
-                started.elapsed().as_secs_f64()
-            );
-        }
-    };
-    progress(format!(
-        "{} ({} cores), kernel {}, envoy {envoy_version}; proxies on core {}, load on {load_cores}",
-        machine.cpu_model, machine.cores, machine.kernel, config.proxy_core
-    ));
-
+    if config.progress {
+        eprintln!(
+            "[{TEST_NAME}] {} ({} cores), kernel {}, envoy {envoy_version}; proxies on core {}, load on {load_cores}",
+            machine.cpu_model, machine.cores, machine.kernel, config.proxy_core
+        );
+    }
     let dir = tempfile::Builder::new()
         .prefix("ferry-proxy-vs-envoy-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let body = Bytes::from_static(BODY);
-    let backend = Backend::start(&load_cores, body.clone())?;
-    let catalog = dir.path().join("catalog.yaml");
-    std::fs::write(&catalog, catalog_yaml(backend.addr))
-        .with_context(|| format!("writing {}", catalog.display()))?;
-    let [envoy_listen] = peers::free_addrs()?;
-    let mut control = FerryProcess::spawn(&FerryOptions {
-        binary: config.ferry.clone(),
-        catalog,
-        debounce: Duration::from_millis(10),
-        listener_addr: envoy_listen,
-        log_filter: "info".to_owned(),
-        log_file: dir.path().join("ferry-control.log"),
-    })?;
-    control.wait_ready(config.ready_timeout).await?;
-    // The control plane idles during the runs; keep it off the proxy core.
-    pin_process(control.pid, &load_cores)?;
-    progress(format!(
-        "backend on {}, ferry control ready (xds {})",
-        backend.addr, control.xds_addr
-    ));
-
-    let mut ferry_proxy = ProxyProcess::ferry(
-        &config.ferry,
-        control.xds_addr,
-        config.proxy_core,
-        dir.path(),
-    )?;
-    let mut envoy = ProxyProcess::envoy(
-        &config.envoy,
-        control.xds_addr,
-        envoy_listen,
-        config.proxy_core,
-        dir.path(),
-    )?;
-    let ferry_routed = ferry_proxy
-        .wait_routing(HOST, &body, config.ready_timeout)
-        .await?;
-    let envoy_routed = envoy
-        .wait_routing(HOST, &body, config.ready_timeout)
-        .await?;
-    let (direct_status, direct_body) =
-        fixed_rate::get_once(backend.addr, HOST, Duration::from_secs(5)).await?;
-    anyhow::ensure!(
-        direct_status == 200 && direct_body == body,
-        "the backend answered {direct_status} {direct_body:?}"
-    );
-    progress(format!(
-        "ferry proxy (pid {}) routes after {:.2} s, envoy (pid {}) after {:.2} s",
-        ferry_proxy.pid,
-        ferry_routed.as_secs_f64(),
-        envoy.pid,
-        envoy_routed.as_secs_f64()
-    ));
-    // Let start-up work (stats flushes, xDS ACKs) settle before idle RSS.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle = [ferry_proxy.sample()?, envoy.sample()?];
-
-    let bench = Bench {
-        config: config.clone(),
-        load_cores: load_cores.clone(),
-        backend,
-        _control: control,
-        ferry: ferry_proxy,
-        envoy,
-        started,
-    };
-    let mut saturated = Vec::with_capacity(3);
-    for target in &bench.targets() {
-        saturated.push(saturate_peer(&bench, target).await?);
-    }
-    let envoy_h1 = saturated[2].h1.measured.rps;
-    anyhow::ensure!(
-        envoy_h1 > 0.0,
-        "envoy served no HTTP/1.1 requests: no fixed rate to run at"
-    );
-    let rate = (envoy_h1 * config.fixed_rate_share).max(1.0);
-    bench.progress(&format!(
-        "fixed rate: {rate:.0} requests/s ({:.0} % of envoy's HTTP/1.1 maximum), {} connections",
-        config.fixed_rate_share * 100.0,
-        config.fixed_rate_connections
-    ));
-    let mut peers = Vec::with_capacity(3);
-    let routed = [None, Some(ferry_routed), Some(envoy_routed)];
-    for (i, (target, sat)) in bench.targets().iter().zip(saturated).enumerate() {
-        let (latency, usage) = bench.fixed_rate(target, rate).await?;
-        let l = &latency.run.latency;
-        bench.progress(&format!(
-            "{:6} fixed rate: {:.0}/s achieved, p50 {} p99 {} p99.9 {}, {} failed{}",
-            target.name,
-            latency.run.achieved_rps,
-            fmt_ms(l.p50_ms),
-            fmt_ms(l.p99_ms),
-            fmt_ms(l.p999_ms),
-            latency.run.non_2xx + latency.run.errors + latency.run.unsent,
-            cpu_note(latency.cpu)
-        ));
-        let process = target.process;
-        let peak = process
-            .and_then(|p| p.sample().ok())
-            .map(|s| s.peak_rss_bytes);
-        let rss_load = match (sat.max_rss, usage.max_rss) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        let mut result = PeerResult {
-            peer: target.name,
-            routed_after_s: routed[i].map(|d| d.as_secs_f64()),
-            h1: sat.h1,
-            h2: sat.h2,
-            fixed_rate: latency,
-            rss_idle_bytes: i.checked_sub(1).map(|p| idle[p].rss_bytes),
-            rss_load_bytes: rss_load,
-            rss_peak_bytes: peak,
-            flags: Vec::new(),
-        };
-        result.flags = flags(&result);
-        peers.push(result);
-    }
-    let mut bench = bench;
-    for proxy in [&mut bench.ferry, &mut bench.envoy] {
-        anyhow::ensure!(
-            proxy.is_running(),
-            "{} died during the runs; its log ends with:\n{}",
-            proxy.name,
-            proxy.log_tail(20)
-        );
-    }
+    let mut bench = Bench::start(&config, &load_cores, dir.path(), started).await?;
+    let (peers, rate) = bench.measure().await?;
+    bench.check_running()?;
     let busy_cores_after = machine::busy_cores(Duration::from_secs(1)).await;
     if let Some(keep) = &config.keep_logs {
         keep_logs(keep, &config.label, dir.path())?;
@@ -629,28 +501,29 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
             ));
         }
     }
+    let setup = Setup {
+        machine,
+        busy_cores_before,
+        busy_cores_after,
+        envoy_version,
+        ferry_binary: config.ferry.clone(),
+        envoy_binary: config.envoy.clone(),
+        proxy_core: config.proxy_core,
+        load_cores,
+        duration_s: config.duration.as_secs_f64().ceil().max(1.0),
+        warmup_s: config.warmup.as_secs_f64(),
+        h1_connections: config.h1_connections,
+        h2_connections: config.h2_connections,
+        h2_streams: config.h2_streams,
+        fixed_rate_share: config.fixed_rate_share,
+        fixed_rate_duration_s: config.fixed_rate_duration.as_secs_f64(),
+        fixed_rate_connections: config.fixed_rate_connections,
+        body_bytes: BODY.len(),
+    };
     let report = Report {
         test: TEST_NAME,
         label: config.label.clone(),
-        setup: Setup {
-            machine,
-            busy_cores_before,
-            busy_cores_after,
-            envoy_version,
-            ferry_binary: config.ferry.clone(),
-            envoy_binary: config.envoy.clone(),
-            proxy_core: config.proxy_core,
-            load_cores,
-            duration_s: config.duration.as_secs_f64().ceil().max(1.0),
-            warmup_s: config.warmup.as_secs_f64(),
-            h1_connections: config.h1_connections,
-            h2_connections: config.h2_connections,
-            h2_streams: config.h2_streams,
-            fixed_rate_share: config.fixed_rate_share,
-            fixed_rate_duration_s: config.fixed_rate_duration.as_secs_f64(),
-            fixed_rate_connections: config.fixed_rate_connections,
-            body_bytes: BODY.len(),
-        },
+        setup,
         peers,
         comparison,
         verdict,
@@ -658,6 +531,150 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         files: Vec::new(),
     };
     write_results(report, config.results_dir.as_deref())
+}
+
+impl Bench {
+    /// Starts the backend, the control plane and both proxies, and waits
+    /// until each proxy routes to the backend.
+    async fn start(
+        config: &Config,
+        load_cores: &str,
+        dir: &Path,
+        started: Instant,
+    ) -> anyhow::Result<Self> {
+        let body = Bytes::from_static(BODY);
+        let backend = Backend::start(load_cores, body.clone())?;
+        let (status, answer) =
+            fixed_rate::get_once(backend.addr, HOST, Duration::from_secs(5)).await?;
+        anyhow::ensure!(
+            status == 200 && answer == body,
+            "the backend answered {status} {answer:?}"
+        );
+        let catalog = dir.join("catalog.yaml");
+        std::fs::write(&catalog, catalog_yaml(backend.addr))
+            .with_context(|| format!("writing {}", catalog.display()))?;
+        let [envoy_listen] = peers::free_addrs()?;
+        let mut control = FerryProcess::spawn(&FerryOptions {
+            binary: config.ferry.clone(),
+            catalog,
+            debounce: Duration::from_millis(10),
+            listener_addr: envoy_listen,
+            log_filter: "info".to_owned(),
+            log_file: dir.join("ferry-control.log"),
+        })?;
+        control.wait_ready(config.ready_timeout).await?;
+        // The control plane idles during the runs; keep it off the proxy core.
+        pin_process(control.pid, load_cores)?;
+        let xds = control.xds_addr;
+        let core = config.proxy_core;
+        let mut ferry = ProxyProcess::ferry(&config.ferry, xds, core, dir)?;
+        let mut envoy = ProxyProcess::envoy(&config.envoy, xds, envoy_listen, core, dir)?;
+        let routed = [
+            ferry
+                .wait_routing(HOST, &body, config.ready_timeout)
+                .await?,
+            envoy
+                .wait_routing(HOST, &body, config.ready_timeout)
+                .await?,
+        ];
+        // Let start-up work (stats flushes, xDS ACKs) settle before idle RSS.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = [ferry.sample()?.rss_bytes, envoy.sample()?.rss_bytes];
+        let bench = Self {
+            config: config.clone(),
+            load_cores: load_cores.to_owned(),
+            backend,
+            _control: control,
+            ferry,
+            envoy,
+            routed,
+            idle,
+            started,
+        };
+        bench.progress(&format!(
+            "backend {}, ferry proxy (pid {}) routes after {:.2} s, envoy (pid {}) after {:.2} s",
+            bench.backend.addr,
+            bench.ferry.pid,
+            routed[0].as_secs_f64(),
+            bench.envoy.pid,
+            routed[1].as_secs_f64()
+        ));
+        Ok(bench)
+    }
+
+    /// Saturation of every peer, then every peer at the fixed rate; the
+    /// results and the fixed rate.
+    async fn measure(&self) -> anyhow::Result<(Vec<PeerResult>, f64)> {
+        let mut saturated = Vec::with_capacity(3);
+        for target in &self.targets() {
+            saturated.push(saturate_peer(self, target).await?);
+        }
+        let envoy_h1 = saturated[2].h1.measured.rps;
+        anyhow::ensure!(
+            envoy_h1 > 0.0,
+            "envoy served no HTTP/1.1 requests: no fixed rate to run at"
+        );
+        let rate = (envoy_h1 * self.config.fixed_rate_share).max(1.0);
+        self.progress(&format!(
+            "fixed rate: {rate:.0} requests/s ({:.0} % of envoy's HTTP/1.1 maximum), {} connections",
+            self.config.fixed_rate_share * 100.0,
+            self.config.fixed_rate_connections
+        ));
+        let mut peers = Vec::with_capacity(3);
+        for (i, (target, sat)) in self.targets().iter().zip(saturated).enumerate() {
+            let (latency, usage) = self.fixed_rate(target, rate).await?;
+            let l = &latency.run.latency;
+            self.progress(&format!(
+                "{:6} fixed rate: {:.0}/s achieved, p50 {} p99 {} p99.9 {}, {} failed{}",
+                target.name,
+                latency.run.achieved_rps,
+                fmt_ms(l.p50_ms),
+                fmt_ms(l.p99_ms),
+                fmt_ms(l.p999_ms),
+                latency.run.non_2xx + latency.run.errors + latency.run.unsent,
+                cpu_note(latency.cpu)
+            ));
+            // Index 0 is the backend reached directly: no process of its own.
+            let proxy = i.checked_sub(1);
+            let mut result = PeerResult {
+                peer: target.name,
+                routed_after_s: proxy.map(|p| self.routed[p].as_secs_f64()),
+                h1: sat.h1,
+                h2: sat.h2,
+                fixed_rate: latency,
+                rss_idle_bytes: proxy.map(|p| self.idle[p]),
+                rss_load_bytes: max_of(sat.max_rss, usage.max_rss),
+                rss_peak_bytes: target
+                    .process
+                    .and_then(|p| p.sample().ok())
+                    .map(|s| s.peak_rss_bytes),
+                flags: Vec::new(),
+            };
+            result.flags = flags(&result);
+            peers.push(result);
+        }
+        Ok((peers, rate))
+    }
+
+    /// Fails, with its log, if a proxy died during the runs.
+    fn check_running(&mut self) -> anyhow::Result<()> {
+        for proxy in [&mut self.ferry, &mut self.envoy] {
+            anyhow::ensure!(
+                proxy.is_running(),
+                "{} died during the runs; its log ends with:\n{}",
+                proxy.name,
+                proxy.log_tail(20)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn max_of(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// Warm-up, then HTTP/1.1 and HTTP/2 saturation of one peer.
@@ -673,11 +690,11 @@ async fn saturate_peer(bench: &Bench, target: &Target<'_>) -> anyhow::Result<Sat
     bench.progress(&saturation_line(target.name, &h1));
     let (h2, u2) = bench.saturate(target, Protocol::Http2, duration).await?;
     bench.progress(&saturation_line(target.name, &h2));
-    let max_rss = match (u1.max_rss, u2.max_rss) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
-    Ok(Saturated { h1, h2, max_rss })
+    Ok(Saturated {
+        h1,
+        h2,
+        max_rss: max_of(u1.max_rss, u2.max_rss),
+    })
 }
 
 fn saturation_line(peer: &str, s: &Saturation) -> String {
@@ -721,7 +738,7 @@ fn flags(peer: &PeerResult) -> Vec<String> {
         }
         if let Some(cpu) = s.cpu.filter(|c| c.cores < 0.9) {
             out.push(format!(
-                "{name} saturation: the proxy used {:.2} of its core: the load side, not the proxy, set this rate",
+                "{name} saturation: the proxy used {:.2} of its core: something else (the load side, or another process on its core) set this rate",
                 cpu.cores
             ));
         }

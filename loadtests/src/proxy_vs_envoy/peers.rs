@@ -22,6 +22,7 @@ pub struct ProxyProcess {
     /// Where it takes user traffic.
     pub listen: SocketAddr,
     child: Child,
+    spawned: Instant,
     log_file: PathBuf,
 }
 
@@ -98,12 +99,14 @@ impl ProxyProcess {
             pid: child.id(),
             listen,
             child,
+            spawned: Instant::now(),
             log_file,
         })
     }
 
     /// Waits until a request through the proxy for `host` gets 200 and
-    /// `body` (the whole config has arrived and routes).
+    /// `body` (the whole config has arrived and routes); the time from the
+    /// process's start.
     pub async fn wait_routing(
         &mut self,
         host: &str,
@@ -121,7 +124,7 @@ impl ProxyProcess {
                 );
             }
             match get_once(self.listen, host, Duration::from_secs(2)).await {
-                Ok((200, answer)) if answer == *body => return Ok(started.elapsed()),
+                Ok((200, answer)) if answer == *body => return Ok(self.spawned.elapsed()),
                 Ok((status, answer)) => {
                     last = format!("{status} {:?}", String::from_utf8_lossy(&answer));
                 }
