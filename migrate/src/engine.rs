@@ -325,7 +325,7 @@ impl Engine {
                 to.paused_from = Some((m.stage, m.phase));
                 to.stage = Stage::Paused;
                 to.reason = format!("paused by {actor}: {reason}");
-                Ok(("migration_paused", to))
+                Ok(Transition::plain("migration_paused", to, reason))
             }
             s => Err(PolicyError::Precondition(format!(
                 "migration {id} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
@@ -345,7 +345,7 @@ impl Engine {
                 to.paused_from = None;
                 to.reason = String::new();
                 to.phase_started_ms = now_ms();
-                Ok(("migration_resumed", to))
+                Ok(Transition::plain("migration_resumed", to, reason))
             }
             (s, _) => Err(PolicyError::Precondition(format!(
                 "migration {id} is {}, not PAUSED",
@@ -356,50 +356,46 @@ impl Engine {
 
     /// Sends all traffic back to the sources at once and stops.
     pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        require_reason(reason)?;
-        let mut map = self.lock();
-        let m = map.get(id).cloned().ok_or_else(|| not_found(id))?;
-        let why = format!("aborted by {actor}: {reason}");
-        let now = now_ms();
-        let touched_weights = !m.weights.is_empty();
-        let t = match m.stage {
-            s if s.is_terminal() => {
-                return Err(PolicyError::Precondition(format!(
-                    "migration {id} has already ended ({})",
-                    s.as_str()
-                )));
-            }
-            Stage::RollingBack => {
-                return Err(PolicyError::Precondition(format!(
-                    "migration {id} is already rolling back"
-                )));
-            }
-            _ if touched_weights => match begin_rollback(&m, why, now) {
-                Next::Transition(t) => *t,
-                _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
-            },
-            _ => {
-                // No weight was changed yet: it ends here.
-                let mut to = m.clone();
-                to.stage = Stage::RolledBack;
-                to.phase = Phase::None;
-                to.reason = why.clone();
-                to.phase_started_ms = now;
-                let pinned = !matches!(m.stage, Stage::Validate)
-                    && !matches!(m.paused_from, Some((Stage::Validate, _)));
-                Transition {
-                    to,
-                    weights: None,
-                    pin: pinned.then_some(None),
-                    action: "migration_aborted",
-                    detail: why,
+        self.operate(id, actor, reason, |m| {
+            let why = format!("aborted by {actor}: {reason}");
+            let now = now_ms();
+            let touched_weights = !m.weights.is_empty();
+            let t = match m.stage {
+                s if s.is_terminal() => {
+                    return Err(PolicyError::Precondition(format!(
+                        "migration {id} has already ended ({})",
+                        s.as_str()
+                    )));
                 }
-            }
-        };
-        let done = self.apply(&mut map, t, actor)?;
-        drop(map);
-        self.wake.notify_one();
-        Ok(done)
+                Stage::RollingBack => {
+                    return Err(PolicyError::Precondition(format!(
+                        "migration {id} is already rolling back"
+                    )));
+                }
+                _ if touched_weights => match begin_rollback(m, why, now) {
+                    Next::Transition(t) => *t,
+                    _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
+                },
+                _ => {
+                    // No weight was changed yet: it ends here.
+                    let mut to = m.clone();
+                    to.stage = Stage::RolledBack;
+                    to.phase = Phase::None;
+                    to.reason = why.clone();
+                    to.phase_started_ms = now;
+                    let pinned = !matches!(m.stage, Stage::Validate)
+                        && !matches!(m.paused_from, Some((Stage::Validate, _)));
+                    Transition {
+                        to,
+                        weights: None,
+                        pin: pinned.then_some(None),
+                        action: "migration_aborted",
+                        detail: why,
+                    }
+                }
+            };
+            Ok(t)
+        })
     }
 
     fn operate(
@@ -407,19 +403,12 @@ impl Engine {
         id: &str,
         actor: &str,
         reason: &str,
-        f: impl FnOnce(&Migration) -> Result<(&'static str, Migration), PolicyError>,
+        f: impl FnOnce(&Migration) -> Result<Transition, PolicyError>,
     ) -> Result<Migration, PolicyError> {
         require_reason(reason)?;
         let mut map = self.lock();
         let m = map.get(id).ok_or_else(|| not_found(id))?;
-        let (action, to) = f(m)?;
-        let t = Transition {
-            to,
-            weights: None,
-            pin: None,
-            action,
-            detail: reason.to_owned(),
-        };
+        let t = f(m)?;
         let done = self.apply(&mut map, t, actor)?;
         drop(map);
         self.wake.notify_one();

@@ -258,6 +258,19 @@ pub struct Transition {
     pub detail: String,
 }
 
+impl Transition {
+    /// A transition of the record alone: no weights, no pin.
+    pub fn plain(action: &'static str, to: Migration, detail: &str) -> Self {
+        Self {
+            to,
+            weights: None,
+            pin: None,
+            action,
+            detail: detail.to_owned(),
+        }
+    }
+}
+
 /// What the stage machine decides.
 #[derive(Debug, Clone)]
 pub enum Next {
