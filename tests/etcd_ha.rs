@@ -13,8 +13,7 @@ use ferry_migrate::store::{AuditRecord, Backend, Commit, StoreError};
 use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
 use ferry_proto::ferry::v1::traffic_client::TrafficClient;
 use ferry_proto::ferry::v1::{
-    ClusterWeight, CreateMigrationRequest, Gates, GetMigrationRequest, ListAuditRequest,
-    SetWeightsRequest,
+    ClusterWeight, CreateMigrationRequest, GetMigrationRequest, ListAuditRequest, SetWeightsRequest,
 };
 use support::{Ads, Backends, Envoy, Etcd, Ferry, Steady, share, split};
 use tokio_util::sync::CancellationToken;
@@ -196,20 +195,8 @@ async fn a_new_leader_takes_over_and_resumes_the_migration() {
     );
     let created = MigrationsClient::new(a_channel)
         .create_migration(CreateMigrationRequest {
-            service: "checkout.shop".into(),
-            from: vec!["old".into()],
-            to: "new".into(),
-            steps: vec![20.0, 60.0, 100.0],
-            bake: "4s".into(),
-            gates: Some(Gates {
-                min_requests: 20,
-                data_timeout: "10s".into(),
-                ..Default::default()
-            }),
-            ack_timeout: "10s".into(),
-            drain: "1s".into(),
             reason: "rebuild old".into(),
-            ..Default::default()
+            ..support::migration_plan(&[20.0, 60.0, 100.0], "4s")
         })
         .await
         .expect("create on the leader")

@@ -37,24 +37,7 @@ async fn channel(ferry: &Ferry) -> Channel {
     panic!("API not reachable at {url}");
 }
 
-fn plan(steps: &[f64], bake: &str) -> CreateMigrationRequest {
-    CreateMigrationRequest {
-        service: "checkout.shop".into(),
-        from: vec!["old".into()],
-        to: "new".into(),
-        steps: steps.to_vec(),
-        bake: bake.into(),
-        gates: Some(Gates {
-            min_requests: 20,
-            data_timeout: "10s".into(),
-            ..Default::default()
-        }),
-        ack_timeout: "10s".into(),
-        drain: "1s".into(),
-        reason: "move checkout to the new cluster".into(),
-        ..Default::default()
-    }
-}
+use support::migration_plan as plan;
 
 /// Follows a migration until it ends (or `limit`), recording each update
 /// with the time it arrived.

@@ -314,7 +314,7 @@ async fn sigterm_drains_without_losing_an_in_flight_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_gates_read_the_proxys_load_reports() {
     use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
-    use ferry_proto::ferry::v1::{CreateMigrationRequest, Gates, GetMigrationRequest};
+    use ferry_proto::ferry::v1::{CreateMigrationRequest, GetMigrationRequest};
     let backends = Backends::start(&["old/a", "new/a"]).await;
     backends.set_status("new/a", 503);
     let ferry = Ferry::start(&catalog(&backends, 10_000, 0)).await;
@@ -325,19 +325,8 @@ async fn migration_gates_read_the_proxys_load_reports() {
         .expect("api");
     let created = api
         .create_migration(CreateMigrationRequest {
-            service: HOST.into(),
-            from: vec!["old".into()],
-            to: "new".into(),
-            steps: vec![20.0, 100.0],
-            bake: "20s".into(),
-            gates: Some(Gates {
-                min_requests: 20,
-                data_timeout: "10s".into(),
-                ..Default::default()
-            }),
-            ack_timeout: "10s".into(),
             reason: "proxy load reports".into(),
-            ..Default::default()
+            ..support::migration_plan(&[20.0, 100.0], "20s")
         })
         .await
         .expect("create")

@@ -763,3 +763,24 @@ impl FerryProxy {
         self.proc.pid()
     }
 }
+
+/// A migration of `checkout.shop` from `old` to `new` in `steps` (percent),
+/// each baked for `bake`, gated on at least 20 requests per side.
+pub fn migration_plan(steps: &[f64], bake: &str) -> ferry_proto::ferry::v1::CreateMigrationRequest {
+    ferry_proto::ferry::v1::CreateMigrationRequest {
+        service: "checkout.shop".into(),
+        from: vec!["old".into()],
+        to: "new".into(),
+        steps: steps.to_vec(),
+        bake: bake.into(),
+        gates: Some(ferry_proto::ferry::v1::Gates {
+            min_requests: 20,
+            data_timeout: "10s".into(),
+            ..Default::default()
+        }),
+        ack_timeout: "10s".into(),
+        drain: "1s".into(),
+        reason: "move checkout to the new cluster".into(),
+        ..Default::default()
+    }
+}
