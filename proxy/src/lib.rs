@@ -84,6 +84,13 @@ impl ConfigSink for Sink {
             tracing::info!("first config applied: serving");
         }
         metrics::counter!("ferry_proxy_config_swaps_total").increment(1);
+        // When the config in use was swapped in (its versions are on
+        // /config_dump; as labels they would grow without bound).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::gauge!("ferry_proxy_config_last_swap_timestamp_seconds").set(now);
         Ok(())
     }
 
