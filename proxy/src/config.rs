@@ -48,6 +48,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// `n` endpoints on 127.0.0.1, ports 9000 and up (for tests).
+    pub fn loopback(n: u16) -> Vec<Arc<Endpoint>> {
+        (0..n)
+            .map(|i| Arc::new(Endpoint::new(([127, 0, 0, 1], 9000 + i).into())))
+            .collect()
+    }
+
     pub fn new(addr: SocketAddr) -> Self {
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())
             .unwrap_or_else(|_| http::uri::Authority::from_static("0.0.0.0"));

@@ -130,10 +130,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn endpoints(n: usize) -> Vec<Arc<Endpoint>> {
-        (0..n)
-            .map(|i| Arc::new(Endpoint::new(([127, 0, 0, 1], 9000 + i as u16).into())))
-            .collect()
+    fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
+        Endpoint::loopback(n)
     }
 
     fn config() -> OutlierConfig {

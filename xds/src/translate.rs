@@ -699,6 +699,14 @@ services:
         M::decode(r.body.value.as_slice()).unwrap()
     }
 
+    fn vhost(maps: &ResourceMaps, name: &str) -> VirtualHost {
+        let rc: RouteConfiguration = decode(&maps[ResourceType::Route.index()]["ferry_http"]);
+        rc.virtual_hosts
+            .into_iter()
+            .find(|v| v.name == name)
+            .unwrap()
+    }
+
     fn route_weights(maps: &ResourceMaps, vhost: &str) -> Vec<(String, u32)> {
         let rc: RouteConfiguration = decode(&maps[ResourceType::Route.index()]["ferry_http"]);
         let vh = rc.virtual_hosts.iter().find(|v| v.name == vhost).unwrap();
@@ -766,12 +774,7 @@ services:
             panic!("no HTTP health check")
         };
         assert_eq!(h.path, "/healthz");
-        let rc: RouteConfiguration = decode(&maps[ResourceType::Route.index()]["ferry_http"]);
-        let vh = rc
-            .virtual_hosts
-            .iter()
-            .find(|v| v.name == "checkout.shop:8080")
-            .unwrap();
+        let vh = vhost(&maps, "checkout.shop:8080");
         let Some(route::Action::Route(action)) = &vh.routes[0].action else {
             panic!("no route action")
         };
@@ -811,12 +814,7 @@ services:
     fn virtual_host_domains_cover_every_cluster_local_name() {
         let maps =
             Translator::new(TranslateOptions::default()).translate(&catalog(CATALOG).current());
-        let rc: RouteConfiguration = decode(&maps[ResourceType::Route.index()]["ferry_http"]);
-        let vh = rc
-            .virtual_hosts
-            .iter()
-            .find(|v| v.name == "checkout.shop:8080")
-            .unwrap();
+        let vh = vhost(&maps, "checkout.shop:8080");
         for d in [
             "checkout",
             "checkout:8080",
