@@ -42,7 +42,7 @@ use crate::ferry::{self, FerryOptions, FerryProcess};
 use crate::stats::{fmt_mib, fmt_ms};
 use backend::Backend;
 use fixed_rate::{FixedRate, Plan};
-use machine::Machine;
+use machine::{CoreTime, Machine};
 use peers::ProxyProcess;
 use saturation::{Load, Measured, Protocol};
 
@@ -176,6 +176,16 @@ pub struct Cpu {
     pub us_per_request: f64,
 }
 
+/// Where the proxy core's time went during a run, and how much of it
+/// went to processes other than the proxy under test.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ProxyCore {
+    #[serde(flatten)]
+    pub time: CoreTime,
+    /// `processes` minus the proxy's own CPU.
+    pub other_processes: f64,
+}
+
 /// A saturation run of one peer.
 #[derive(Debug, Clone, Serialize)]
 pub struct Saturation {
@@ -188,6 +198,7 @@ pub struct Saturation {
     pub error_share: f64,
     /// The proxy's; `None` for the backend reached directly.
     pub cpu: Option<Cpu>,
+    pub proxy_core: Option<ProxyCore>,
 }
 
 /// The fixed-rate run of one peer.
@@ -197,6 +208,7 @@ pub struct Latency {
     pub run: FixedRate,
     pub error_share: f64,
     pub cpu: Option<Cpu>,
+    pub proxy_core: Option<ProxyCore>,
 }
 
 /// Everything measured for one peer.
@@ -284,9 +296,20 @@ struct Usage {
     wall_s: f64,
     cpu_s: Option<f64>,
     max_rss: Option<u64>,
+    core: Option<CoreTime>,
 }
 
 impl Usage {
+    /// `None` without a proxy process (the backend reached directly).
+    fn proxy_core(&self) -> Option<ProxyCore> {
+        let time = self.core?;
+        let own = self.cpu_s? / self.wall_s.max(1e-9);
+        Some(ProxyCore {
+            time,
+            other_processes: (time.processes - own).max(0.0),
+        })
+    }
+
     fn cpu(&self, requests: u64) -> Option<Cpu> {
         let seconds = self.cpu_s?;
         Some(Cpu {
@@ -301,9 +324,11 @@ impl Usage {
 /// before and after.
 async fn sampled<T>(
     pid: Option<u32>,
+    core: usize,
     work: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, Usage)> {
     let sample = || pid.and_then(|p| ferry::sample_process(p).ok());
+    let core_before = machine::core_jiffies(core);
     let before = sample();
     let started = Instant::now();
     let mut max_rss = before.map(|s| s.rss_bytes);
@@ -327,12 +352,16 @@ async fn sampled<T>(
     let cpu_s = before
         .zip(after)
         .map(|(b, a)| a.cpu_seconds - b.cpu_seconds);
+    let core = core_before
+        .zip(machine::core_jiffies(core))
+        .map(|(b, a)| CoreTime::between(b, a));
     Ok((
         value,
         Usage {
             wall_s,
             cpu_s,
             max_rss,
+            core,
         },
     ))
 }
@@ -362,7 +391,7 @@ struct Bench {
 
 impl Bench {
     fn progress(&self, msg: &str) {
-        if self.config.progress {
+        if self.config.progress && !msg.is_empty() {
             eprintln!(
                 "[{TEST_NAME} {:6.1}s] {msg}",
                 self.started.elapsed().as_secs_f64()
@@ -410,6 +439,7 @@ impl Bench {
         };
         let (measured, usage) = sampled(
             target.process.map(|p| p.pid),
+            self.config.proxy_core,
             saturation::run(&load, &self.load_cores),
         )
         .await
@@ -421,6 +451,7 @@ impl Bench {
             wall_s: usage.wall_s,
             error_share: measured.error_share(),
             cpu: usage.cpu(measured.requests),
+            proxy_core: usage.proxy_core(),
             measured,
         };
         Ok((result, usage))
@@ -438,6 +469,7 @@ impl Bench {
         };
         let (run, usage) = sampled(
             target.process.map(|p| p.pid),
+            self.config.proxy_core,
             fixed_rate::run(plan, &self.load_cores),
         )
         .await
@@ -445,6 +477,7 @@ impl Bench {
         let latency = Latency {
             error_share: run.error_share(),
             cpu: usage.cpu((run.ok + run.non_2xx) as u64),
+            proxy_core: usage.proxy_core(),
             run,
         };
         Ok((latency, usage))
@@ -688,8 +721,10 @@ async fn saturate_peer(bench: &Bench, target: &Target<'_>) -> anyhow::Result<Sat
     let duration = bench.config.duration;
     let (h1, u1) = bench.saturate(target, Protocol::Http1, duration).await?;
     bench.progress(&saturation_line(target.name, &h1));
+    bench.progress(&core_note(h1.proxy_core));
     let (h2, u2) = bench.saturate(target, Protocol::Http2, duration).await?;
     bench.progress(&saturation_line(target.name, &h2));
+    bench.progress(&core_note(h2.proxy_core));
     Ok(Saturated {
         h1,
         h2,
@@ -709,6 +744,19 @@ fn saturation_line(peer: &str, s: &Saturation) -> String {
         s.measured.errors,
         cpu_note(s.cpu)
     )
+}
+
+fn core_note(core: Option<ProxyCore>) -> String {
+    core.map_or(String::new(), |c| {
+        format!(
+            "       proxy core: {:.0} % processes ({:.0} % not the proxy), {:.0} % interrupts, {:.0} % steal, {:.0} % idle",
+            c.time.processes * 100.0,
+            c.other_processes * 100.0,
+            c.time.interrupts * 100.0,
+            c.time.steal * 100.0,
+            c.time.idle * 100.0
+        )
+    })
 }
 
 fn cpu_note(cpu: Option<Cpu>) -> String {
@@ -736,6 +784,12 @@ fn flags(peer: &PeerResult) -> Vec<String> {
                 s.measured.errors
             ));
         }
+        if let Some(core) = s.proxy_core.filter(|c| c.other_processes > MAX_BUSY_CORES) {
+            out.push(format!(
+                "{name} saturation: other processes took {:.0} % of the proxy core",
+                core.other_processes * 100.0
+            ));
+        }
         if let Some(cpu) = s.cpu.filter(|c| c.cores < 0.9) {
             out.push(format!(
                 "{name} saturation: the proxy used {:.2} of its core: something else (the load side, or another process on its core) set this rate",
@@ -744,6 +798,12 @@ fn flags(peer: &PeerResult) -> Vec<String> {
         }
     }
     let f = &peer.fixed_rate;
+    if let Some(core) = f.proxy_core.filter(|c| c.other_processes > MAX_BUSY_CORES) {
+        out.push(format!(
+            "fixed rate: other processes took {:.0} % of the proxy core",
+            core.other_processes * 100.0
+        ));
+    }
     if f.error_share > MAX_ERROR_SHARE {
         out.push(format!(
             "fixed rate: {:.2} % of requests failed ({} non-2xx, {} errors, {} unsent)",

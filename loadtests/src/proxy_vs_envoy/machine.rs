@@ -49,6 +49,54 @@ pub async fn busy_cores(period: std::time::Duration) -> Option<f64> {
     Some(busy as f64 / total.max(1) as f64 * cores as f64)
 }
 
+/// Where one core's time went over a period, as shares of the period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CoreTime {
+    /// user + nice + system: processes, whichever they are.
+    pub processes: f64,
+    /// irq + softirq: packet processing the kernel does not charge to a
+    /// process.
+    pub interrupts: f64,
+    /// Taken by the hypervisor.
+    pub steal: f64,
+    pub idle: f64,
+}
+
+/// The jiffies of one core's `cpuN` line of `/proc/stat`: user nice system
+/// idle iowait irq softirq steal.
+pub fn core_jiffies(core: usize) -> Option<[u64; 8]> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{core}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|w| w.parse().ok())
+        .collect::<Option<_>>()?;
+    values.try_into().ok()
+}
+
+impl CoreTime {
+    /// Between two [`core_jiffies`] readings.
+    pub fn between(before: [u64; 8], after: [u64; 8]) -> Self {
+        let d: Vec<f64> = after
+            .iter()
+            .zip(before)
+            .map(|(a, b)| a.saturating_sub(b) as f64)
+            .collect();
+        let total = d.iter().sum::<f64>().max(1.0);
+        Self {
+            processes: (d[0] + d[1] + d[2]) / total,
+            interrupts: (d[5] + d[6]) / total,
+            steal: d[7] / total,
+            idle: (d[3] + d[4]) / total,
+        }
+    }
+}
+
 /// (busy, total) jiffies of every core, from the `cpu` line of
 /// `/proc/stat`: busy is all but idle and iowait.
 fn cpu_jiffies() -> Option<(u64, u64)> {
@@ -152,6 +200,16 @@ mod tests {
         let line = "cpu  100 5 20 800 10 1 2 3 0 0";
         assert_eq!(parse_cpu_line(line), Some((131, 941)));
         assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+    }
+
+    #[test]
+    fn core_time_is_shared_out() {
+        let t = CoreTime::between([0; 8], [10, 0, 10, 50, 0, 5, 15, 10]);
+        assert_eq!(
+            (t.processes, t.interrupts, t.steal, t.idle),
+            (0.2, 0.2, 0.1, 0.5)
+        );
+        assert!(core_jiffies(0).is_some());
     }
 
     #[test]
