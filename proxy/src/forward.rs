@@ -91,6 +91,9 @@ pub fn tls_client(
         .build(https)
 }
 
+/// Bytes read from an upstream HTTP/1.1 connection at a time.
+const READ_BUFFER: usize = 4096;
+
 /// The upstream connection pools, shared by every clone of the stack.
 #[derive(Clone, Debug)]
 pub struct Forward {
@@ -106,7 +109,11 @@ struct Pools {
 impl Forward {
     pub fn new(config: PoolConfig) -> Self {
         let connector = connector(&config);
+        // Responses are streamed through, so a small fixed read buffer per
+        // upstream connection does (hyper's default starts at 8 KiB and
+        // grows to 400 KiB).
         let http1 = Client::builder(TokioExecutor::new())
+            .http1_read_buf_exact_size(READ_BUFFER)
             .pool_idle_timeout(config.idle_timeout)
             .pool_timer(TokioTimer::new())
             .build(connector.clone());
