@@ -44,6 +44,12 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     timeout: Duration,
 
+    /// Client connections with no request for this long are closed
+    /// (HTTP/1.1; HTTP/2 peers are pinged at half this and dropped when
+    /// they stop answering).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    idle_timeout: Duration,
+
     /// Upstream connect timeout.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -81,6 +87,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics().context("installing the metrics recorder")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::control::watch_signals(shutdown.clone()));
+    anyhow::ensure!(
+        !args.idle_timeout.is_zero(),
+        "--idle-timeout must be longer than 0"
+    );
     let config = ProxyConfig {
         xds: ClientConfig {
             server: args.xds,
@@ -100,6 +110,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         admin: args.admin_addr,
         default_timeout: args.timeout,
         drain_grace: args.drain_grace,
+        idle_timeout: args.idle_timeout,
     };
     let render: ferry_proxy::admin::RenderMetrics = Arc::new(move || {
         metrics.run_upkeep();

@@ -371,3 +371,63 @@ async fn active_health_checks_take_an_endpoint_out_and_bring_it_back() {
         "{metrics}"
     );
 }
+
+/// Sends one HTTP/1.1 request on `stream` and reads its whole response.
+async fn exchange(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(format!("GET / HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The backend's answer is small: head and body arrive together.
+    while !String::from_utf8_lossy(&got).contains("old/a") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_connections_are_closed_and_busy_ones_kept() {
+    use tokio::io::AsyncReadExt;
+    let backends = Backends::start(&["old/a"]).await;
+    let ferry = Ferry::start(&catalog(&[backends.addr("old/a")], "")).await;
+    let proxy = FerryProxy::start_with(ferry.xds_port, &["--idle-timeout", "1s"]).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+
+    // A connection that keeps asking stays open past the idle timeout.
+    let mut busy = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    for _ in 0..8 {
+        assert!(exchange(&mut busy).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+
+    // One left idle after a request is closed by the proxy.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    assert!(exchange(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("the proxy closes an idle connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the connection closed");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+}

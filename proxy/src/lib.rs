@@ -52,6 +52,8 @@ pub struct ProxyConfig {
     pub default_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_grace: Duration,
+    /// Client connections idle this long are closed.
+    pub idle_timeout: Duration,
     pub pool: forward::PoolConfig,
 }
 
@@ -106,7 +108,7 @@ pub async fn run(
     metrics: admin::RenderMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let proxy = Proxy::new(config.default_timeout, config.pool);
+    let proxy = Proxy::new(config.default_timeout, config.idle_timeout, config.pool);
     let mut listeners = vec![server::Listener {
         tcp: TcpListener::bind(config.listen).await?,
         tls: None,

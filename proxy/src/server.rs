@@ -14,7 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -36,6 +36,8 @@ pub struct Proxy {
     /// Set by /drain or SIGTERM: stop taking new connections.
     pub draining: AtomicBool,
     pub clock: Clock,
+    /// Client connections with no request for this long are closed.
+    idle_timeout: Duration,
     stack: Stack,
 }
 
@@ -49,7 +51,7 @@ impl std::fmt::Debug for Proxy {
 }
 
 impl Proxy {
-    pub fn new(default_timeout: Duration, pool: PoolConfig) -> Arc<Self> {
+    pub fn new(default_timeout: Duration, idle_timeout: Duration, pool: PoolConfig) -> Arc<Self> {
         let clock = Clock {
             epoch: Instant::now(),
         };
@@ -58,6 +60,7 @@ impl Proxy {
             configured: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             clock,
+            idle_timeout,
             stack: stack::build(Forward::new(pool), default_timeout, clock),
         })
     }
@@ -344,11 +347,24 @@ async fn connection<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let idle = proxy.idle_timeout;
     let service = hyper::service::service_fn(move |request| {
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(handle(proxy, request, peer).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1: the wait for a request's head (on a kept-alive connection,
+    // the idle time between requests) is bounded. HTTP/2: peers are pinged
+    // and dropped when they stop answering.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(idle / 2)
+        .keep_alive_timeout(idle / 2);
     let connection = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(error = %e, "connection ended with an error");
