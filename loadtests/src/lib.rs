@@ -850,3 +850,51 @@ impl Report {
         out
     }
 }
+
+/// An Envoy bootstrap that takes everything from Ferry's xDS server at
+/// `xds` over one ADS stream (`api_type`: `GRPC` or `DELTA_GRPC`) and
+/// reports load to it; admin on `admin`. The integration tests and the
+/// `proxy_vs_envoy` load test both start Envoy with it.
+pub fn envoy_bootstrap(
+    node_id: &str,
+    node_cluster: &str,
+    api_type: &str,
+    xds: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> String {
+    format!(
+        r#"node: {{id: {node_id}, cluster: {node_cluster}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
+    set_node_on_first_message_only: true
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+cluster_manager:
+  load_stats_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
+static_resources:
+  clusters:
+    - name: ferry_xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: ferry_xds
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {xds_ip}, port_value: {xds_port}}}}}}}}}]}}]
+admin:
+  address: {{socket_address: {{address: {admin_ip}, port_value: {admin_port}}}}}
+"#,
+        xds_ip = xds.ip(),
+        xds_port = xds.port(),
+        admin_ip = admin.ip(),
+        admin_port = admin.port(),
+    )
+}

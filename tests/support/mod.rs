@@ -288,39 +288,12 @@ impl Envoy {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin_port = free_port();
         let node_id = format!("envoy-{}-{}", ads.status_name(), admin_port);
-        let bootstrap = format!(
-            r#"
-node: {{id: {node_id}, cluster: ferry-test}}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-    set_node_on_first_message_only: true
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-cluster_manager:
-  load_stats_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-static_resources:
-  clusters:
-    - name: ferry_xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: ferry_xds
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds}}}}}}}}}]}}]
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-"#,
-            api = ads.api_type(),
-            xds = ferry.xds_port,
+        let bootstrap = ferry_loadtests::envoy_bootstrap(
+            &node_id,
+            "ferry-test",
+            ads.api_type(),
+            SocketAddr::from(([127, 0, 0, 1], ferry.xds_port)),
+            SocketAddr::from(([127, 0, 0, 1], admin_port)),
         );
         let path = dir.path().join("bootstrap.yaml");
         std::fs::write(&path, bootstrap).expect("write bootstrap");

@@ -66,8 +66,17 @@ impl ProxyProcess {
     ) -> anyhow::Result<Self> {
         let [admin] = free_addrs()?;
         let bootstrap = dir.join("envoy-bootstrap.yaml");
-        std::fs::write(&bootstrap, envoy_bootstrap(xds, admin))
-            .with_context(|| format!("writing {}", bootstrap.display()))?;
+        std::fs::write(
+            &bootstrap,
+            crate::envoy_bootstrap(
+                "proxy-vs-envoy-envoy",
+                "proxy-vs-envoy",
+                "DELTA_GRPC",
+                xds,
+                admin,
+            ),
+        )
+        .with_context(|| format!("writing {}", bootstrap.display()))?;
         let log_file = dir.join("envoy.log");
         let mut command = pinned(&core.to_string(), binary);
         command
@@ -185,44 +194,4 @@ pub fn envoy_version(binary: &Path) -> anyhow::Result<String> {
         .and_then(|v| v.split_once('/').map(|(_, rest)| rest.to_owned()))
         .with_context(|| format!("unexpected `envoy --version` output: {text}"))?;
     Ok(version)
-}
-
-/// The bootstrap the integration tests use: everything over one delta ADS
-/// stream, load reports to the same server.
-fn envoy_bootstrap(xds: SocketAddr, admin: SocketAddr) -> String {
-    format!(
-        r#"node: {{id: proxy-vs-envoy-envoy, cluster: proxy-vs-envoy}}
-dynamic_resources:
-  ads_config:
-    api_type: DELTA_GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-    set_node_on_first_message_only: true
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-cluster_manager:
-  load_stats_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-static_resources:
-  clusters:
-    - name: ferry_xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: ferry_xds
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {xds_ip}, port_value: {xds_port}}}}}}}}}]}}]
-admin:
-  address: {{socket_address: {{address: {admin_ip}, port_value: {admin_port}}}}}
-"#,
-        xds_ip = xds.ip(),
-        xds_port = xds.port(),
-        admin_ip = admin.ip(),
-        admin_port = admin.port(),
-    )
 }
