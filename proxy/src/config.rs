@@ -362,7 +362,7 @@ fn upstream_tls(
         return Err("validation_context.trusted_ca: no certificate in the bundle".to_owned());
     }
     Ok(Some(Arc::new(UpstreamTls {
-        client: crate::forward::tls_client(pool, roots, server_name, protocol),
+        client: crate::forward::tls_client(pool, roots, server_name, protocol)?,
         server_name: context.sni,
         ca_pem,
         protocol,

@@ -54,25 +54,14 @@ pub fn tls_client(
     roots: rustls::RootCertStore,
     server_name: rustls::pki_types::ServerName<'static>,
     protocol: Protocol,
-) -> TlsClient {
+) -> Result<TlsClient, String> {
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    // The ring provider supports the default versions; should that ever
-    // fail, no TLS client can be made and the roots are moot.
-    let tls = tls.unwrap_or_else(|_| {
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        })
-        .unwrap_or_else(|_| unreachable!("ring supports TLS 1.3"))
-    });
+    .map_err(|e| format!("no TLS client: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
@@ -83,12 +72,12 @@ pub fn tls_client(
         Protocol::Http1 => builder.enable_http1().wrap_connector(tcp),
         Protocol::Http2 => builder.enable_http2().wrap_connector(tcp),
     };
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .http2_only(protocol == Protocol::Http2)
         .pool_idle_timeout(config.idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(https)
+        .build(https))
 }
 
 /// Bytes read from an upstream HTTP/1.1 connection at a time.
