@@ -134,18 +134,29 @@ async fn a_failing_endpoint_is_ejected_and_comes_back_when_healthy() {
     })
     .await;
 
+    // a answers slowly and b fails fast, so the balancer prefers b until
+    // it is ejected (which endpoint wins otherwise is up to latency noise).
+    backends.set_delay("old/a", 10);
     backends.set_status("old/b", 503);
     let before = backends.hits["old/b"].load(Ordering::Relaxed);
+    let b_hits = || backends.hits["old/b"].load(Ordering::Relaxed) - before;
     let mut failed = 0;
-    for _ in 0..200 {
+    let mut sent = 0;
+    while b_hits() < 3 && sent < 100 {
+        if send(proxy.listen_port, hyper::Method::GET).await == 503 {
+            failed += 1;
+        }
+        sent += 1;
+    }
+    // Three 503s in a row eject b; it gets nothing more while ejected
+    // (20 requests to a take about 0.3 s of the 2 s ejection).
+    for _ in 0..20 {
         if send(proxy.listen_port, hyper::Method::GET).await == 503 {
             failed += 1;
         }
     }
-    let b_hits = backends.hits["old/b"].load(Ordering::Relaxed) - before;
-    // Three 503s in a row eject b; it gets nothing more while ejected.
     assert_eq!(failed, 3, "exactly the three failures that ejected b");
-    assert_eq!(b_hits, 3);
+    assert_eq!(b_hits(), 3);
     let dump: serde_json::Value = serde_json::from_str(&proxy.admin("/config_dump").await).unwrap();
     let cluster = &dump["upstreams"]["checkout.shop:8080@old"];
     let b = cluster
@@ -164,6 +175,7 @@ async fn a_failing_endpoint_is_ejected_and_comes_back_when_healthy() {
 
     // Healthy again: once the 2 s ejection ends, b takes traffic again.
     backends.set_status("old/b", 200);
+    backends.set_delay("old/a", 0);
     tokio::time::sleep(Duration::from_millis(2_300)).await;
     let before = backends.hits["old/b"].load(Ordering::Relaxed);
     for _ in 0..300 {
