@@ -278,9 +278,20 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     std::fs::write(&ca_file, params.self_signed(&key).unwrap().pem()).unwrap();
+    // And a client certificate (mutual TLS), which Envoy loads at once.
+    let (cert_file, key_file) = (dir.path().join("client.pem"), dir.path().join("client.key"));
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["proxy.ferry".to_owned()])
+        .unwrap()
+        .self_signed(&client_key)
+        .unwrap();
+    std::fs::write(&cert_file, client.pem()).unwrap();
+    std::fs::write(&key_file, client_key.serialize_pem()).unwrap();
     yaml.push_str(&format!(
-        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    tls: {{server_name: ledger.internal, ca_file: {}}}\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
+        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    tls: {{server_name: ledger.internal, ca_file: {}, cert_file: {}, key_file: {}}}\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
         ca_file.display(),
+        cert_file.display(),
+        key_file.display(),
         backends.addr("old/a")
     ));
     let ferry = Ferry::start(&yaml).await;
@@ -298,6 +309,8 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
         "health_checks",
         "http2_protocol_options",
         "/healthz",
+        "tls_certificates",
+        "client.pem",
     ] {
         assert!(
             clusters.contains(field),

@@ -337,24 +337,59 @@ async fn tls_is_terminated_with_the_certificate_the_client_names() {
     .await;
 }
 
-/// An HTTPS backend for `name`, its certificate signed by `ca`.
-async fn tls_backend(ca: &Ca, name: &str) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// The host a request named: its URI's authority (HTTP/2) or Host header.
+fn named_host<B>(req: &hyper::Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+/// An HTTPS backend for `name`, its certificate signed by `ca`, speaking
+/// HTTP/1.1 or HTTP/2 as ALPN says; it answers `tls-backend HOST` with the
+/// host the request named. With `clients`, it requires a client
+/// certificate signed by that CA.
+async fn tls_backend(
+    ca: &Ca,
+    name: &str,
+    clients: Option<&Ca>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let key = KeyPair::generate().unwrap();
     let cert = CertificateParams::new(vec![name.to_owned()])
         .unwrap()
         .signed_by(&key, &ca.issuer)
         .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-    )
-    .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(clients.der.clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -365,12 +400,13 @@ async fn tls_backend(ca: &Ca, name: &str) -> (std::net::SocketAddr, tokio::task:
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(|_req| async {
+                let svc = hyper::service::service_fn(|req| async move {
+                    let text = format!("tls-backend {}", named_host(&req));
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(Bytes::from_static(b"tls-backend")),
+                        http_body_util::Full::new(Bytes::from(text)),
                     ))
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(tls), svc)
                     .await;
             });
@@ -385,7 +421,7 @@ async fn tls_to_the_service_checks_its_certificate() {
     let ca = ca();
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
-    let (addr, _backend) = tls_backend(&ca, "checkout.internal").await;
+    let (addr, _backend) = tls_backend(&ca, "checkout.internal", None).await;
     let policy = |name: &str, file: &Path| {
         format!(
             "    tls: {{server_name: {name}, ca_file: {}}}\n",
@@ -402,7 +438,7 @@ async fn tls_to_the_service_checks_its_certificate() {
     for _ in 0..10 {
         assert_eq!(
             http_get(proxy.listen_port, HOST, "/").await,
-            Ok((200, "tls-backend".to_owned()))
+            Ok((200, format!("tls-backend {HOST}")))
         );
     }
 
@@ -432,4 +468,99 @@ async fn tls_to_the_service_checks_its_certificate() {
     )
     .await;
     assert!(matches!(http_get(port, HOST, "/").await, Ok((503, _))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, clients) = (ca(), ca());
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    // The backend takes only clients with a certificate from `clients`.
+    let (addr, _backend) = tls_backend(&ca, "checkout.internal", Some(&clients)).await;
+    let (pair, _) = leaf(&clients, dir.path(), "proxy.ferry");
+    let (cert_file, key_file) = pair.split_once(',').unwrap();
+    let policy = |mutual: bool| {
+        let files = if mutual {
+            format!(", cert_file: {cert_file}, key_file: {key_file}")
+        } else {
+            String::new()
+        };
+        format!(
+            "    protocol: http2\n    tls: {{server_name: checkout.internal, ca_file: {}{files}}}\n",
+            ca_file.display()
+        )
+    };
+    let ferry = Ferry::start(&catalog(&addr.to_string(), &policy(true))).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+    // HTTP/2 over TLS with the proxy's certificate; the backend sees the
+    // client's host as :authority, not its own address.
+    for _ in 0..10 {
+        assert_eq!(
+            http_get(proxy.listen_port, HOST, "/").await,
+            Ok((200, format!("tls-backend {HOST}")))
+        );
+    }
+    let dump = proxy.admin("/config_dump").await;
+    assert!(dump.contains("checkout.shop:8080@old"), "{dump}");
+
+    // Without the certificate the backend refuses the proxy: 503.
+    ferry.write_catalog(&catalog(&addr.to_string(), &policy(false)));
+    let port = proxy.listen_port;
+    eventually(
+        Duration::from_secs(10),
+        "refused without a client certificate",
+        || async move { matches!(http_get(port, HOST, "/").await, Ok((503, _))) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_services_see_the_clients_authority() {
+    // An h2c backend that answers with the :authority it was sent.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from(named_host(&req))),
+                    ))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let ferry = Ferry::start(&catalog(&addr.to_string(), "    protocol: http2\n")).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    routed(&proxy).await;
+    // From an HTTP/1.1 client's Host header.
+    for _ in 0..5 {
+        assert_eq!(
+            http_get(proxy.listen_port, HOST, "/").await,
+            Ok((200, HOST.to_owned()))
+        );
+    }
+    // From an HTTP/2 client's :authority.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(format!("http://{HOST}/"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], HOST.as_bytes());
 }

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{
-    Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
-    Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
+    Backend, ClientCert, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol,
+    RequestPolicy, Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::weights::Weights;
@@ -113,7 +113,8 @@ struct RawService {
     retries: Option<RawRetries>,
     outlier_detection: Option<RawOutlierDetection>,
     health_check: Option<RawHealthCheck>,
-    /// `tls: {server_name: checkout.internal, ca_file: /etc/ferry/ca.pem}`
+    /// `tls: {server_name: checkout.internal, ca_file: /etc/ferry/ca.pem}`,
+    /// with `cert_file` and `key_file` for mutual TLS.
     tls: Option<RawUpstreamTls>,
 }
 
@@ -122,6 +123,8 @@ struct RawService {
 struct RawUpstreamTls {
     server_name: String,
     ca_file: PathBuf,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -437,18 +440,41 @@ impl<'a> Validator<'a> {
                         format!("{:?} is not a DNS name", t.server_name),
                     ));
                 }
-                if !t.ca_file.is_absolute() {
-                    return Err(self.err(
-                        "tls.ca_file",
-                        format!(
-                            "{} must be an absolute path (it is read on the proxies' hosts)",
-                            t.ca_file.display()
-                        ),
-                    ));
+                let files = [
+                    ("tls.ca_file", Some(&t.ca_file)),
+                    ("tls.cert_file", t.cert_file.as_ref()),
+                    ("tls.key_file", t.key_file.as_ref()),
+                ];
+                for (field, file) in files {
+                    if let Some(file) = file
+                        && !file.is_absolute()
+                    {
+                        return Err(self.err(
+                            field,
+                            format!(
+                                "{} must be an absolute path (it is read on the proxies' hosts)",
+                                file.display()
+                            ),
+                        ));
+                    }
                 }
+                let client_cert = match (t.cert_file, t.key_file) {
+                    (Some(cert_file), Some(key_file)) => Some(ClientCert {
+                        cert_file,
+                        key_file,
+                    }),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(self.err("tls.key_file", "cert_file needs its key_file"));
+                    }
+                    (None, Some(_)) => {
+                        return Err(self.err("tls.cert_file", "key_file needs its cert_file"));
+                    }
+                };
                 Some(UpstreamTls {
                     server_name: name,
                     ca_file: t.ca_file,
+                    client_cert,
                 })
             }
         };
@@ -976,6 +1002,19 @@ services:
             ("/healthz", Duration::from_secs(2), Duration::from_secs(1))
         );
         assert_eq!((h.unhealthy_threshold, h.healthy_threshold), (3, 2));
+        let mutual = parse(&format!(
+            "{GOOD}    tls: {{server_name: Checkout.Internal, ca_file: /ca.pem, cert_file: /c.pem, key_file: /k.pem}}\n"
+        ))
+        .unwrap();
+        let tls = mutual[0].requests.tls.as_ref().unwrap();
+        assert_eq!(tls.server_name, "checkout.internal");
+        assert_eq!(
+            tls.client_cert,
+            Some(ClientCert {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into()
+            })
+        );
         for (extra, field) in [
             ("    protocol: http3\n", "protocol"),
             ("    timeout: soon\n", "timeout"),
@@ -987,6 +1026,18 @@ services:
             (
                 "    tls: {server_name: a.internal, ca_file: ca.pem}\n",
                 "tls.ca_file",
+            ),
+            (
+                "    tls: {server_name: a.internal, ca_file: /ca.pem, cert_file: /c.pem}\n",
+                "tls.key_file",
+            ),
+            (
+                "    tls: {server_name: a.internal, ca_file: /ca.pem, key_file: /k.pem}\n",
+                "tls.cert_file",
+            ),
+            (
+                "    tls: {server_name: a.internal, ca_file: /ca.pem, cert_file: c.pem, key_file: /k.pem}\n",
+                "tls.cert_file",
             ),
             (
                 "    health_check: {path: /h, interval: 1s, timeout: 2s}\n",

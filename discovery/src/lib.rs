@@ -15,8 +15,8 @@ pub mod weights;
 
 pub use catalog::{Catalog, CatalogSnapshot};
 pub use model::{
-    Backend, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol, RequestPolicy,
-    Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
+    Backend, ClientCert, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol,
+    RequestPolicy, Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
 };
 pub use names::{ClusterName, NameError, ServiceName};
 pub use weights::{TOTAL_WEIGHT, Weight, Weights, WeightsError};

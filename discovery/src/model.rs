@@ -121,6 +121,17 @@ pub struct UpstreamTls {
     /// The CA bundle (PEM) that signs those certificates, as a path on
     /// the proxies' hosts.
     pub ca_file: std::path::PathBuf,
+    /// The proxies' own certificate, for endpoints that require one
+    /// (mutual TLS).
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A certificate chain and its private key (PEM files on the proxies'
+/// hosts) that proxies present to endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientCert {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
 }
 
 /// Active health checking: proxies probe each endpoint with an HTTP GET.

@@ -85,6 +85,8 @@ pub struct UpstreamTls {
     pub server_name: String,
     /// The trusted CA certificates (PEM), as configured.
     pub ca_pem: Vec<u8>,
+    /// The proxy's own certificate chain and key (PEM), for mutual TLS.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
     pub protocol: Protocol,
     pub client: crate::forward::TlsClient,
 }
@@ -303,12 +305,12 @@ fn upstream_tls(
     previous: Option<&Upstream>,
     pool: &crate::forward::PoolConfig,
 ) -> Result<Option<Arc<UpstreamTls>>, String> {
-    use ferry_proto::envoy::config::core::v3::{data_source, transport_socket};
+    use ferry_proto::envoy::config::core::v3::transport_socket;
     use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
         UpstreamTlsContext, common_tls_context,
     };
-    use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let Some(socket) = &cluster.transport_socket else {
         return Ok(None);
     };
@@ -335,16 +337,35 @@ fn upstream_tls(
         .and_then(|v| v.trusted_ca.as_ref())
         .and_then(|ca| ca.specifier.as_ref())
         .ok_or("validation_context.trusted_ca: a CA bundle is needed")?;
-    let ca_pem = match validation {
-        data_source::Specifier::Filename(path) => std::fs::read(path)
-            .map_err(|e| format!("validation_context.trusted_ca: cannot read {path}: {e}"))?,
-        data_source::Specifier::InlineBytes(bytes) => bytes.clone(),
-        data_source::Specifier::InlineString(text) => text.as_bytes().to_vec(),
-        _ => return Err("validation_context.trusted_ca: use a file or inline PEM".to_owned()),
+    let ca_pem = read_source(validation, "validation_context.trusted_ca")?;
+    let client_pem = match context
+        .common_tls_context
+        .as_ref()
+        .map(|c| c.tls_certificates.as_slice())
+        .unwrap_or_default()
+    {
+        [] => None,
+        [cert] => {
+            let source = |s: &Option<ferry_proto::envoy::config::core::v3::DataSource>, field| {
+                s.as_ref()
+                    .and_then(|s| s.specifier.as_ref())
+                    .ok_or_else(|| format!("{field}: missing"))
+                    .and_then(|s| read_source(s, field))
+            };
+            Some((
+                source(
+                    &cert.certificate_chain,
+                    "tls_certificates.certificate_chain",
+                )?,
+                source(&cert.private_key, "tls_certificates.private_key")?,
+            ))
+        }
+        _ => return Err("tls_certificates: at most one client certificate".to_owned()),
     };
     if let Some(tls) = previous.and_then(|p| p.tls.as_ref())
         && tls.server_name == context.sni
         && tls.ca_pem == ca_pem
+        && tls.client_pem == client_pem
         && tls.protocol == protocol
     {
         return Ok(Some(tls.clone()));
@@ -361,12 +382,43 @@ fn upstream_tls(
     if roots.is_empty() {
         return Err("validation_context.trusted_ca: no certificate in the bundle".to_owned());
     }
+    let client_auth = match &client_pem {
+        None => None,
+        Some((chain, key)) => {
+            let chain = CertificateDer::pem_slice_iter(chain)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("tls_certificates.certificate_chain: {e}"))?;
+            if chain.is_empty() {
+                return Err("tls_certificates.certificate_chain: no certificate".to_owned());
+            }
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|e| format!("tls_certificates.private_key: {e}"))?;
+            Some((chain, key))
+        }
+    };
     Ok(Some(Arc::new(UpstreamTls {
-        client: crate::forward::tls_client(pool, roots, server_name, protocol)?,
+        client: crate::forward::tls_client(pool, roots, server_name, client_auth, protocol)?,
         server_name: context.sni,
         ca_pem,
+        client_pem,
         protocol,
     })))
+}
+
+/// The bytes of a TLS data source: a file or inline PEM.
+fn read_source(
+    source: &ferry_proto::envoy::config::core::v3::data_source::Specifier,
+    field: &str,
+) -> Result<Vec<u8>, String> {
+    use ferry_proto::envoy::config::core::v3::data_source::Specifier;
+    match source {
+        Specifier::Filename(path) => {
+            std::fs::read(path).map_err(|e| format!("{field}: cannot read {path}: {e}"))
+        }
+        Specifier::InlineBytes(bytes) => Ok(bytes.clone()),
+        Specifier::InlineString(text) => Ok(text.as_bytes().to_vec()),
+        _ => Err(format!("{field}: use a file or inline PEM")),
+    }
 }
 
 /// The cluster's first health check, which must be an HTTP one.

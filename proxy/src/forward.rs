@@ -1,6 +1,7 @@
 //! The innermost service: sends one attempt to the endpoint the balancer
 //! chose, over pooled connections: HTTP/1.1 with keep-alive, or HTTP/2
-//! (h2c, one multiplexed connection per endpoint) when the cluster says so.
+//! (one multiplexed connection per endpoint, see `h2pool`) when the
+//! cluster says so. Either way the request keeps the client's host.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,7 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::call::{Body, Call, Failure, Outcome};
-use crate::config::Protocol;
+use crate::config::{Endpoint, Protocol};
+use crate::h2pool::H2Pool;
 
 /// How upstream connections are made and kept.
 #[derive(Debug, Clone, Copy)]
@@ -36,8 +38,14 @@ impl Default for PoolConfig {
     }
 }
 
+/// Makes TLS connections to one cluster's endpoints.
+pub type TlsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// A pool of TLS connections to one cluster's endpoints.
-pub type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+pub enum TlsClient {
+    Http1(Box<Client<TlsConnector, Body>>),
+    Http2(Arc<H2Pool<TlsConnector>>),
+}
 
 fn connector(config: &PoolConfig) -> HttpConnector {
     let mut connector = HttpConnector::new();
@@ -46,38 +54,54 @@ fn connector(config: &PoolConfig) -> HttpConnector {
     connector
 }
 
+/// The proxy's own certificate chain and key, for mutual TLS.
+pub type ClientAuth = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
 /// A TLS client for a cluster: certificates must chain to `roots` and
-/// name `server_name`, which is also sent as SNI; ALPN offers HTTP/2 or
-/// HTTP/1.1 as the cluster speaks.
+/// name `server_name`, which is also sent as SNI; the proxy shows
+/// `client_auth` when given; ALPN offers HTTP/2 or HTTP/1.1 as the cluster
+/// speaks.
 pub fn tls_client(
     config: &PoolConfig,
     roots: rustls::RootCertStore,
     server_name: rustls::pki_types::ServerName<'static>,
+    client_auth: Option<ClientAuth>,
     protocol: Protocol,
 ) -> Result<TlsClient, String> {
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("no TLS client: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let tls = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("tls_certificates: {e}"))?,
+    };
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(server_name));
     let mut tcp = connector(config);
     tcp.enforce_http(false);
-    let https = match protocol {
-        Protocol::Http1 => builder.enable_http1().wrap_connector(tcp),
-        Protocol::Http2 => builder.enable_http2().wrap_connector(tcp),
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .http2_only(protocol == Protocol::Http2)
-        .pool_idle_timeout(config.idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https))
+    Ok(match protocol {
+        Protocol::Http1 => TlsClient::Http1(Box::new(
+            Client::builder(TokioExecutor::new())
+                .http1_read_buf_exact_size(READ_BUFFER)
+                .pool_idle_timeout(config.idle_timeout)
+                .pool_timer(TokioTimer::new())
+                .build(builder.enable_http1().wrap_connector(tcp)),
+        )),
+        Protocol::Http2 => TlsClient::Http2(Arc::new(H2Pool::new(
+            builder.enable_http2().wrap_connector(tcp),
+            *config,
+        ))),
+    })
 }
 
 /// Bytes read from an upstream HTTP/1.1 connection at a time.
@@ -92,7 +116,7 @@ pub struct Forward {
 #[derive(Debug)]
 struct Pools {
     http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    http2: Arc<H2Pool<HttpConnector>>,
 }
 
 impl Forward {
@@ -106,13 +130,7 @@ impl Forward {
             .pool_idle_timeout(config.idle_timeout)
             .pool_timer(TokioTimer::new())
             .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .build(connector);
+        let http2 = Arc::new(H2Pool::new(connector, config));
         Self {
             pools: Arc::new(Pools { http1, http2 }),
         }
@@ -120,7 +138,7 @@ impl Forward {
 }
 
 /// The error and its causes, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -144,53 +162,110 @@ impl Service<Call> for Forward {
         let Some(endpoint) = call.endpoint else {
             return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
         };
-        let mut request = call.request;
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let tls = call.upstream.tls.as_ref();
-        let uri = Uri::builder()
-            .scheme(if tls.is_some() {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            })
-            .authority(endpoint.authority.clone())
-            .path_and_query(path)
-            .build();
-        match uri {
-            Ok(uri) => *request.uri_mut() = uri,
-            Err(e) => {
-                return Box::pin(std::future::ready(Err(Failure::Reset(format!(
-                    "cannot address the request at {}: {e}",
-                    endpoint.addr
-                )))));
+        let tls = call.upstream.tls.as_ref().map(|t| &t.client);
+        match (tls, call.upstream.protocol) {
+            (Some(TlsClient::Http1(client)), _) => {
+                http1(client, Scheme::HTTPS, &endpoint, call.request)
             }
+            (Some(TlsClient::Http2(pool)), _) => {
+                http2(pool.clone(), Scheme::HTTPS, &endpoint, call.request)
+            }
+            (None, Protocol::Http1) => {
+                http1(&self.pools.http1, Scheme::HTTP, &endpoint, call.request)
+            }
+            (None, Protocol::Http2) => http2(
+                self.pools.http2.clone(),
+                Scheme::HTTP,
+                &endpoint,
+                call.request,
+            ),
         }
-        let client = match call.upstream.protocol {
-            Protocol::Http1 => {
-                *request.version_mut() = http::Version::HTTP_11;
-                &self.pools.http1
-            }
-            Protocol::Http2 => {
-                *request.version_mut() = http::Version::HTTP_2;
-                // The :authority comes from the URI.
-                request.headers_mut().remove(http::header::HOST);
-                &self.pools.http2
-            }
-        };
-        let future = match tls {
-            Some(tls) => tls.client.request(request),
-            None => client.request(request),
-        };
-        Box::pin(async move {
-            match future.await {
-                Ok(response) => Ok(response.map(|b| b.map_err(Into::into).boxed())),
-                Err(e) if e.is_connect() => Err(Failure::Connect(chain(&e))),
-                Err(e) => Err(Failure::Reset(chain(&e))),
-            }
-        })
     }
+}
+
+/// The request's URI, aimed at `authority` over `scheme`.
+fn aim(
+    request: &http::Request<Body>,
+    scheme: Scheme,
+    authority: Authority,
+) -> Result<Uri, Failure> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Failure::Reset(format!("cannot address the request at {authority}: {e}")))
+}
+
+/// Sends over HTTP/1.1: the pool is keyed by the URI's authority, the
+/// endpoint; the client's host stays in the Host header.
+fn http1<C>(
+    client: &Client<C, Body>,
+    scheme: Scheme,
+    endpoint: &Endpoint,
+    mut request: http::Request<Body>,
+) -> Pin<Box<dyn Future<Output = Outcome> + Send>>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    match aim(&request, scheme, endpoint.authority.clone()) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(failure) => return Box::pin(std::future::ready(Err(failure))),
+    }
+    *request.version_mut() = http::Version::HTTP_11;
+    let future = client.request(request);
+    Box::pin(async move {
+        match future.await {
+            Ok(response) => Ok(response.map(|b| b.map_err(Into::into).boxed())),
+            Err(e) if e.is_connect() => Err(Failure::Connect(chain(&e))),
+            Err(e) => Err(Failure::Reset(chain(&e))),
+        }
+    })
+}
+/// Sends over HTTP/2: the client's host becomes the `:authority`, and the
+/// connection goes to the endpoint.
+fn http2<C>(
+    pool: Arc<H2Pool<C>>,
+    scheme: Scheme,
+    endpoint: &Endpoint,
+    mut request: http::Request<Body>,
+) -> Pin<Box<dyn Future<Output = Outcome> + Send>>
+where
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<crate::call::BoxError>,
+{
+    let host = client_authority(&request).unwrap_or_else(|| endpoint.authority.clone());
+    let aimed = aim(&request, scheme.clone(), host)
+        .and_then(|uri| Ok((uri, aim(&request, scheme, endpoint.authority.clone())?)));
+    let connect = match aimed {
+        Ok((uri, connect)) => {
+            *request.uri_mut() = uri;
+            connect
+        }
+        Err(failure) => return Box::pin(std::future::ready(Err(failure))),
+    };
+    *request.version_mut() = http::Version::HTTP_2;
+    request.headers_mut().remove(http::header::HOST);
+    let addr = endpoint.addr;
+    Box::pin(async move {
+        let response = pool.send(addr, &connect, request).await?;
+        Ok(response.map(|b| b.map_err(Into::into).boxed()))
+    })
+}
+
+/// The authority the client addressed: the URI's (HTTP/2, or an absolute
+/// form) or else the Host header's.
+fn client_authority(request: &http::Request<Body>) -> Option<Authority> {
+    if let Some(authority) = request.uri().authority() {
+        return Some(authority.clone());
+    }
+    let host = request.headers().get(http::header::HOST)?.to_str().ok()?;
+    host.parse().ok()
 }

@@ -17,6 +17,7 @@ pub mod balance;
 pub mod call;
 pub mod config;
 pub mod forward;
+pub mod h2pool;
 pub mod health;
 pub mod lrs;
 pub mod observe;

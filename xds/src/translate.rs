@@ -497,8 +497,12 @@ fn eds_cluster(
             DataSource, TransportSocket, data_source, transport_socket,
         };
         use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
-            CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher,
+            CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
             UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+        };
+        let file = |path: &std::path::Path| DataSource {
+            specifier: Some(data_source::Specifier::Filename(path.display().to_string())),
+            ..Default::default()
         };
         let alpn = match requests.protocol {
             Protocol::Http1 => "http/1.1",
@@ -508,15 +512,19 @@ fn eds_cluster(
             sni: tls.server_name.clone(),
             common_tls_context: Some(CommonTlsContext {
                 alpn_protocols: vec![alpn.to_owned()],
+                tls_certificates: tls
+                    .client_cert
+                    .iter()
+                    .map(|c| TlsCertificate {
+                        certificate_chain: Some(file(&c.cert_file)),
+                        private_key: Some(file(&c.key_file)),
+                        ..Default::default()
+                    })
+                    .collect(),
                 validation_context_type: Some(
                     common_tls_context::ValidationContextType::ValidationContext(
                         CertificateValidationContext {
-                            trusted_ca: Some(DataSource {
-                                specifier: Some(data_source::Specifier::Filename(
-                                    tls.ca_file.display().to_string(),
-                                )),
-                                ..Default::default()
-                            }),
+                            trusted_ca: Some(file(&tls.ca_file)),
                             // Envoy checks names only when told to.
                             match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
                                 san_type: subject_alt_name_matcher::SanType::Dns as i32,
