@@ -442,4 +442,42 @@ async fn idle_client_connections_are_closed_and_busy_ones_kept() {
         after >= Duration::from_millis(800) && after < Duration::from_secs(4),
         "closed after {after:?}"
     );
+
+    // The same for HTTP/2: a connection with requests every 400 ms stays,
+    // then is closed (with a GOAWAY) about 1 s after its last response.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let mut conn = tokio::spawn(conn);
+    for _ in 0..8 {
+        let req = hyper::Request::get(format!("http://{HOST}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.expect("kept while busy");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), &mut conn)
+        .await
+        .expect("the proxy closes an idle HTTP/2 connection")
+        .unwrap()
+        .expect("closed cleanly");
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(400) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+    let metrics = proxy.admin("/metrics").await;
+    assert!(
+        metric(&metrics, "ferry_proxy_idle_connections_closed_total") >= 1.0,
+        "{metrics}"
+    );
 }

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::call::{Body, Call};
@@ -255,38 +256,40 @@ pub async fn serve(
     shutdown: CancellationToken,
     grace: Duration,
 ) {
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let connections = TaskTracker::new();
     let mut loops = tokio::task::JoinSet::new();
     for listener in listeners {
         loops.spawn(accept(
             listener,
             proxy.clone(),
-            graceful.clone(),
+            connections.clone(),
             shutdown.clone(),
         ));
     }
     // Each loop drops its listener when shutdown comes: new connections
-    // are refused from then on.
+    // are refused from then on, and each connection closes once its
+    // requests are done (HTTP/2 peers get a GOAWAY).
     while loops.join_next().await.is_some() {}
-    let Ok(graceful) = Arc::try_unwrap(graceful) else {
-        tracing::warn!("connections could not be drained");
-        return;
-    };
+    connections.close();
     proxy.draining.store(true, Ordering::SeqCst);
     tracing::info!(
         ?grace,
+        connections = connections.len(),
         "draining: no new connections; finishing in-flight requests"
     );
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections finished"),
-        _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing the remaining connections"),
+        _ = connections.wait() => tracing::info!("all connections finished"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(
+            connections = connections.len(),
+            "grace period over; closing the remaining connections"
+        ),
     }
 }
 
 async fn accept(
     listener: Listener,
     proxy: Arc<Proxy>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
     let scheme = if listener.tls.is_some() {
@@ -308,16 +311,16 @@ async fn accept(
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         let peer = Peer { addr, scheme };
-        let watcher = graceful.watcher();
+        let drain = shutdown.clone();
         let tls = listener.tls.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             metrics::gauge!("ferry_proxy_active_connections").increment(1.0);
             match tls {
-                None => connection(TokioIo::new(stream), proxy, peer, watcher).await,
+                None => connection(TokioIo::new(stream), proxy, peer, drain).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            connection(TokioIo::new(stream), proxy, peer, watcher).await
+                            connection(TokioIo::new(stream), proxy, peer, drain).await
                         }
                         Ok(Err(e)) => {
                             metrics::counter!("ferry_proxy_tls_handshake_errors_total")
@@ -337,20 +340,84 @@ async fn accept(
     }
 }
 
+/// What one client connection is doing: requests whose responses are not
+/// finished, and when the last one finished.
+#[derive(Debug)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since `since`.
+    quiet_from_ms: AtomicU64,
+    since: Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: AtomicUsize::new(0),
+            quiet_from_ms: AtomicU64::new(0),
+            since: Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long the connection has had no request in flight (zero while
+    /// one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let quiet_from = self.quiet_from_ms.load(Ordering::SeqCst);
+        Duration::from_millis(self.now_ms().saturating_sub(quiet_from))
+    }
+}
+
+/// Counts one request in flight on its connection until dropped, which
+/// is when its response body ends (or the request is abandoned).
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .quiet_from_ms
+            .store(self.0.now_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Serves one connection (HTTP/1.1 or HTTP/2, told apart by the preface)
-/// until it ends or the drain closes it.
-async fn connection<I>(
-    io: I,
-    proxy: Arc<Proxy>,
-    peer: Peer,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
+/// until it ends, it has been idle for the idle timeout, or the drain
+/// closes it; the last two close it gracefully, after the requests in
+/// flight.
+async fn connection<I>(io: I, proxy: Arc<Proxy>, peer: Peer, drain: CancellationToken)
+where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let idle = proxy.idle_timeout;
+    let activity = Activity::new();
+    let busy = activity.clone();
     let service = hyper::service::service_fn(move |request| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(handle(proxy, request, peer).await) }
+        let busy = Busy::new(&busy);
+        async move {
+            let response = handle(proxy, request, peer).await;
+            Ok::<_, Infallible>(response.map(move |body| {
+                body.map_frame(move |frame| {
+                    let _held = &busy;
+                    frame
+                })
+                .boxed()
+            }))
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // HTTP/1.1: the wait for a request's head (on a kept-alive connection,
@@ -366,7 +433,33 @@ async fn connection<I>(
         .keep_alive_interval(idle / 2)
         .keep_alive_timeout(idle / 2);
     let connection = builder.serve_connection_with_upgrades(io, service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(error = %e, "connection ended with an error");
+    tokio::pin!(connection);
+    // Idleness is checked a few times per idle timeout, so a connection
+    // closes between 1 and 1.25 timeouts after its last response.
+    let period = (idle / 4).max(Duration::from_millis(1));
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = drain.cancelled(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = check.tick(), if !closing => {
+                if activity.idle_for() >= idle {
+                    metrics::counter!("ferry_proxy_idle_connections_closed_total").increment(1);
+                    tracing::debug!(peer = %peer.addr, ?idle, "closing an idle client connection");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
     }
 }
