@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use support::{Backends, Ferry, FerryProxy, eventually, free_port, http_get};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get};
 use tokio_tungstenite::tungstenite::Message;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -44,17 +44,10 @@ async fn an_http2_client_reaches_an_http1_service() {
     let proxy = FerryProxy::start(ferry.xds_port).await;
     routed(&proxy).await;
     // Prior-knowledge HTTP/2 (h2c); the authority names the service.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(proxy.listen_port).await;
     for _ in 0..20 {
         let req = hyper::Request::get(format!("http://{HOST}/"))
-            .body(Empty::<Bytes>::new())
+            .body(Full::new(Bytes::new()))
             .unwrap();
         let resp = sender.send_request(req).await.expect("h2 request");
         assert_eq!(resp.version(), hyper::Version::HTTP_2);
@@ -546,18 +539,9 @@ async fn http2_services_see_the_clients_authority() {
         );
     }
     // From an HTTP/2 client's :authority.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2c(proxy.listen_port).await;
     let req = hyper::Request::get(format!("http://{HOST}/"))
-        .body(Empty::new())
+        .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);

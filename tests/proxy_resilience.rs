@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{Backends, Ferry, FerryProxy, eventually, free_port, http_get};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get};
 
 const HOST: &str = "checkout.shop";
 
@@ -445,16 +445,7 @@ async fn idle_client_connections_are_closed_and_busy_ones_kept() {
 
     // The same for HTTP/2: a connection with requests every 400 ms stays,
     // then is closed (with a GOAWAY) about 1 s after its last response.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        TokioExecutor::new(),
-        TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let mut conn = tokio::spawn(conn);
+    let (mut sender, mut conn) = h2c(proxy.listen_port).await;
     for _ in 0..8 {
         let req = hyper::Request::get(format!("http://{HOST}/"))
             .body(Full::new(Bytes::new()))

@@ -459,6 +459,25 @@ async fn http_get_with(
     http_get_headers(client, port, host, path, &[]).await
 }
 
+/// A prior-knowledge HTTP/2 (h2c) connection to `port` on loopback: its
+/// sender, and the task driving it (which ends when the connection does).
+#[allow(dead_code)]
+pub async fn h2c(
+    port: u16,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2c handshake");
+    (sender, tokio::spawn(conn))
+}
+
 /// One GET with extra headers; (status, body).
 pub async fn http_get_headers(
     client: &Client<HttpConnector, Empty<Bytes>>,
