@@ -30,9 +30,16 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// One endpoint's connection, or none yet.
 #[derive(Default)]
 struct Slot {
-    sender: tokio::sync::Mutex<Option<SendRequest<Body>>>,
+    conn: tokio::sync::Mutex<Conn>,
     /// Last use, in milliseconds since the pool's epoch.
     used_ms: AtomicU64,
+}
+
+#[derive(Default)]
+struct Conn {
+    sender: Option<SendRequest<Body>>,
+    /// The last failed attempt to connect: when it ended, and why.
+    failed: Option<(Instant, String)>,
 }
 
 struct Slots {
@@ -123,9 +130,9 @@ where
             .by_endpoint
             .values()
             .filter(|s| {
-                s.sender
+                s.conn
                     .try_lock()
-                    .map(|c| c.as_ref().is_some_and(|c| !c.is_closed()))
+                    .map(|c| c.sender.as_ref().is_some_and(|c| !c.is_closed()))
                     .unwrap_or(true)
             })
             .count()
@@ -157,19 +164,27 @@ where
     }
 
     /// The slot's open connection, or a new one; and whether it was open
-    /// already. Callers for the same endpoint wait for one connection.
+    /// already. Callers for the same endpoint wait for one connection, and
+    /// share its failure: those that waited for a connect that failed fail
+    /// with it rather than each trying again in turn.
     async fn sender(
         &self,
         slot: &Slot,
         connect: &Uri,
     ) -> Result<(SendRequest<Body>, bool), Failure> {
-        let mut held = slot.sender.lock().await;
-        if let Some(sender) = held.as_ref()
+        let asked = Instant::now();
+        let mut held = slot.conn.lock().await;
+        if let Some(sender) = held.sender.as_ref()
             && !sender.is_closed()
         {
             return Ok((sender.clone(), true));
         }
-        *held = None;
+        held.sender = None;
+        if let Some((at, why)) = &held.failed
+            && *at >= asked
+        {
+            return Err(Failure::Connect(why.clone()));
+        }
         let made = tokio::time::timeout(self.config.connect_timeout, async {
             let io = self
                 .connector
@@ -185,15 +200,19 @@ where
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {}", chain(&e)))
         })
-        .await;
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no connection within {:?}",
+                self.config.connect_timeout
+            ))
+        });
         let (sender, connection) = match made {
-            Ok(Ok(made)) => made,
-            Ok(Err(e)) => return Err(Failure::Connect(format!("{connect}: {e}"))),
-            Err(_) => {
-                return Err(Failure::Connect(format!(
-                    "{connect}: no connection within {:?}",
-                    self.config.connect_timeout
-                )));
+            Ok(made) => made,
+            Err(e) => {
+                let why = format!("{connect}: {e}");
+                held.failed = Some((Instant::now(), why.clone()));
+                return Err(Failure::Connect(why));
             }
         };
         let target = connect.clone();
@@ -202,16 +221,17 @@ where
                 tracing::debug!(endpoint = %target, error = %chain(&e), "upstream HTTP/2 connection ended");
             }
         });
-        *held = Some(sender.clone());
+        held.sender = Some(sender.clone());
+        held.failed = None;
         Ok((sender, false))
     }
 
     /// Drops the slot's connection if it has closed (another caller may
     /// have made a new one meanwhile).
     async fn forget_closed(slot: &Slot) {
-        let mut held = slot.sender.lock().await;
-        if held.as_ref().is_some_and(|h| h.is_closed()) {
-            *held = None;
+        let mut held = slot.conn.lock().await;
+        if held.sender.as_ref().is_some_and(|h| h.is_closed()) {
+            held.sender = None;
         }
     }
 }
@@ -319,5 +339,40 @@ mod tests {
         assert_eq!(pool.open(), 1);
         pool.send(addr, &connect, request("a.shop")).await.unwrap();
         assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn callers_waiting_for_a_failed_connect_share_its_failure() {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let counted = attempts.clone();
+        // A connector that fails after a while, as a dead endpoint does.
+        let connector = tower::service_fn(move |_: Uri| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err::<TokioIo<tokio::net::TcpStream>, BoxError>("refused".into())
+            }
+        });
+        let pool = Arc::new(H2Pool::new(connector, PoolConfig::default()));
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let connect: Uri = format!("http://{addr}").parse().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let (pool, connect) = (pool.clone(), connect.clone());
+            tasks.push(tokio::spawn(async move {
+                pool.send(addr, &connect, request("a.shop")).await
+            }));
+        }
+        for t in tasks {
+            let failure = t.await.unwrap();
+            assert!(
+                matches!(&failure, Err(Failure::Connect(why)) if why.contains("refused")),
+                "{failure:?}"
+            );
+        }
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        // A later caller tries again.
+        let _ = pool.send(addr, &connect, request("a.shop")).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
     }
 }
