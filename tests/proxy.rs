@@ -514,3 +514,53 @@ async fn a_cookie_keeps_each_user_on_one_cluster() {
     }
     assert!((30..=70).contains(&on_new), "{on_new} of 100 users on new");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_sees_who_asked_and_no_hop_by_hop_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends, 10_000, 0)).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    eventually(Duration::from_secs(10), "routes in the proxy", || async {
+        matches!(http_get(proxy.listen_port, HOST, "/").await, Ok((200, _)))
+    })
+    .await;
+    // Written by hand, so the client library adds nothing of its own.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.listen_port))
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "GET /cart HTTP/1.1\r\nhost: {HOST}\r\nconnection: close, x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\nte: gzip\r\nx-forwarded-for: 203.0.113.9\r\nforwarded: for=203.0.113.9;proto=https\r\nx-end-to-end: kept\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = backends.last_headers("old/a");
+    for gone in ["x-secret", "keep-alive", "te"] {
+        assert!(
+            !seen.contains_key(gone),
+            "{gone} reached the service: {seen:?}"
+        );
+    }
+    assert_eq!(seen["host"], HOST);
+    assert_eq!(seen["x-end-to-end"], "kept");
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(
+        seen["forwarded"],
+        "for=203.0.113.9;proto=https, for=127.0.0.1;proto=http"
+    );
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    let id = seen["x-request-id"].to_str().unwrap();
+    assert!(
+        id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+}

@@ -108,6 +108,52 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// All values of a header, joined as one list.
+fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    let first = values.next()?.to_owned();
+    Some(values.fold(first, |mut all, v| {
+        all.push_str(", ");
+        all.push_str(v);
+        all
+    }))
+}
+
+/// Tells the service who asked: the peer's address appended to
+/// `x-forwarded-for` and to `forwarded` (RFC 7239, with the scheme),
+/// `x-forwarded-proto` set, and an `x-request-id` added when absent.
+fn forwarding_headers(headers: &mut HeaderMap, peer: Peer) {
+    let ip = peer.addr.ip();
+    let forwarded_for = match joined(headers, "x-forwarded-for") {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let element = format!("for={node};proto={}", peer.scheme);
+    let forwarded = match joined(headers, "forwarded") {
+        Some(prior) => format!("{prior}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(peer.scheme),
+    );
+    if !headers.contains_key("x-request-id")
+        && let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
+    {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+}
+
 /// An HTTP/1.1 request asking to switch protocols (WebSocket).
 fn wants_upgrade(request: &Request<Incoming>) -> bool {
     request.version() == http::Version::HTTP_11
@@ -206,22 +252,7 @@ pub async fn handle(
     {
         headers.insert(header::HOST, a);
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {}", peer.addr.ip()),
-        None => peer.addr.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(peer.scheme),
-    );
-    if !headers.contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-    {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
-    }
+    forwarding_headers(headers, peer);
     let call = Call {
         request: request.map(|b| b.map_err(Into::into).boxed()),
         upstream,
@@ -461,5 +492,84 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        // `te: trailers` is end to end; an upgrade keeps its two headers.
+        let mut h = headers(&[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn the_peer_is_appended_to_the_forwarding_headers() {
+        let peer = Peer {
+            addr: "10.1.2.3:5555".parse().unwrap(),
+            scheme: "https",
+        };
+        let mut h = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "198.51.100.1"),
+            ("forwarded", "for=203.0.113.9;proto=http"),
+            ("x-forwarded-proto", "http"),
+        ]);
+        forwarding_headers(&mut h, peer);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 10.1.2.3");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.9;proto=http, for=10.1.2.3;proto=https"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        let id = h["x-request-id"].to_str().unwrap().to_owned();
+        assert!(
+            id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
+            "{id}"
+        );
+        // A request id the client sent is kept; IPv6 peers are quoted.
+        let v6 = Peer {
+            addr: "[2001:db8::1]:80".parse().unwrap(),
+            scheme: "http",
+        };
+        let mut h = headers(&[("x-request-id", "abc")]);
+        forwarding_headers(&mut h, v6);
+        assert_eq!(h["x-request-id"], "abc");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
     }
 }

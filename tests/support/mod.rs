@@ -349,6 +349,8 @@ pub struct Backends {
     statuses: BTreeMap<String, Arc<std::sync::atomic::AtomicU16>>,
     /// How long each backend waits before answering (ms; 0 unless set).
     delays: BTreeMap<String, Arc<AtomicU64>>,
+    /// The headers of each backend's last request.
+    seen: BTreeMap<String, Arc<std::sync::Mutex<hyper::HeaderMap>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -366,6 +368,7 @@ impl Backends {
         let mut hits = BTreeMap::new();
         let mut statuses = BTreeMap::new();
         let mut delays = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         let mut tasks = Vec::new();
         for (label, ip) in labels {
             let listener = tokio::net::TcpListener::bind((*ip, 0))
@@ -376,16 +379,21 @@ impl Backends {
             let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
             let delay = Arc::new(AtomicU64::new(0));
             let body = Bytes::from(label.to_string());
-            let (c, st, dl) = (counter.clone(), status.clone(), delay.clone());
+            let last = Arc::new(std::sync::Mutex::new(hyper::HeaderMap::new()));
+            let (c, st, dl, ls) = (counter.clone(), status.clone(), delay.clone(), last.clone());
             tasks.push(tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
                         return;
                     };
-                    let (body, c, st, dl) = (body.clone(), c.clone(), st.clone(), dl.clone());
+                    let (body, c, st, dl, ls) =
+                        (body.clone(), c.clone(), st.clone(), dl.clone(), ls.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |_req| {
+                        let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
                             c.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut last) = ls.lock() {
+                                *last = req.headers().clone();
+                            }
                             let mut response = hyper::Response::new(Full::new(body.clone()));
                             *response.status_mut() =
                                 hyper::StatusCode::from_u16(st.load(Ordering::Relaxed))
@@ -408,14 +416,25 @@ impl Backends {
             hits.insert(label.to_string(), counter);
             statuses.insert(label.to_string(), status);
             delays.insert(label.to_string(), delay);
+            seen.insert(label.to_string(), last);
         }
         Self {
             addrs,
             hits,
             statuses,
             delays,
+            seen,
             tasks,
         }
+    }
+
+    /// The headers of the last request a backend received.
+    #[allow(dead_code)]
+    pub fn last_headers(&self, label: &str) -> hyper::HeaderMap {
+        self.seen[label]
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_default()
     }
 
     /// Makes a backend wait `ms` before each answer from now on.
