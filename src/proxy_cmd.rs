@@ -68,7 +68,8 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "CERT,KEY", requires = "tls_listen")]
     tls_cert: Vec<ferry_proxy::tls::CertPair>,
 
-    /// How often certificate files are checked for changes.
+    /// How often certificate files (the TLS listener's, and those the
+    /// catalog names for TLS to services) are checked for changes.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     tls_reload_interval: Duration,
 
@@ -101,7 +102,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         tls: args.tls_listen.map(|addr| ferry_proxy::TlsListen {
             addr,
             certs: args.tls_cert.clone(),
-            reload_every: args.tls_reload_interval,
         }),
         pool: PoolConfig {
             connect_timeout: args.connect_timeout,
@@ -111,6 +111,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         default_timeout: args.timeout,
         drain_grace: args.drain_grace,
         idle_timeout: args.idle_timeout,
+        tls_reload_every: args.tls_reload_interval,
     };
     let render: ferry_proxy::admin::RenderMetrics = Arc::new(move || {
         metrics.run_upkeep();

@@ -466,7 +466,7 @@ async fn tls_to_the_service_checks_its_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, clients) = (ca(), ca());
+    let (ca, clients, strangers) = (ca(), ca(), ca());
     let ca_file = dir.path().join("ca.pem");
     std::fs::write(&ca_file, &ca.pem).unwrap();
     // The backend takes only clients with a certificate from `clients`.
@@ -485,7 +485,7 @@ async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
         )
     };
     let ferry = Ferry::start(&catalog(&addr.to_string(), &policy(true))).await;
-    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let proxy = FerryProxy::start_with(ferry.xds_port, &["--tls-reload-interval", "200ms"]).await;
     routed(&proxy).await;
     // HTTP/2 over TLS with the proxy's certificate; the backend sees the
     // client's host as :authority, not its own address.
@@ -495,12 +495,51 @@ async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
             Ok((200, format!("tls-backend {HOST}")))
         );
     }
-    let dump = proxy.admin("/config_dump").await;
-    assert!(dump.contains("checkout.shop:8080@old"), "{dump}");
+    let port = proxy.listen_port;
+
+    // The certificate files are replaced (as cert-manager renews them):
+    // the proxy uses the new ones without a config change. One from a CA
+    // the backend does not trust is refused...
+    let rotate = |issuer: &Ca| {
+        let other = tempfile::tempdir().unwrap();
+        let (pair, _) = leaf(issuer, other.path(), "proxy.ferry");
+        let (new_cert, new_key) = pair.split_once(',').unwrap();
+        std::fs::copy(new_key, key_file).unwrap();
+        std::fs::copy(new_cert, cert_file).unwrap();
+    };
+    rotate(&strangers);
+    eventually(
+        Duration::from_secs(10),
+        "a certificate from another CA refused",
+        || async move { matches!(http_get(port, HOST, "/").await, Ok((503, _))) },
+    )
+    .await;
+    // ... and a renewed one from the right CA is taken.
+    rotate(&clients);
+    eventually(
+        Duration::from_secs(10),
+        "the renewed certificate taken",
+        || async move { matches!(http_get(port, HOST, "/").await, Ok((200, _))) },
+    )
+    .await;
+    let metrics = proxy.admin("/metrics").await;
+    let reloads: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("ferry_proxy_upstream_tls_reloads_total{") && l.contains("result=\"ok\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(reloads >= 2.0, "{metrics}");
+    let expiry: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("ferry_proxy_upstream_tls_client_certificate_expiry_seconds{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no expiry gauge: {metrics}"));
+    assert!(expiry > 86_400.0, "{expiry}");
 
     // Without the certificate the backend refuses the proxy: 503.
     ferry.write_catalog(&catalog(&addr.to_string(), &policy(false)));
-    let port = proxy.listen_port;
     eventually(
         Duration::from_secs(10),
         "refused without a client certificate",

@@ -79,25 +79,7 @@ pub enum Protocol {
     Http2,
 }
 
-/// TLS to a cluster's endpoints. Its pool is kept across config swaps
-/// while the settings stay the same.
-pub struct UpstreamTls {
-    pub server_name: String,
-    /// The trusted CA certificates (PEM), as configured.
-    pub ca_pem: Vec<u8>,
-    /// The proxy's own certificate chain and key (PEM), for mutual TLS.
-    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
-    pub protocol: Protocol,
-    pub client: crate::forward::TlsClient,
-}
-
-impl std::fmt::Debug for UpstreamTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamTls")
-            .field("server_name", &self.server_name)
-            .finish_non_exhaustive()
-    }
-}
+pub use crate::upstream_tls::UpstreamTls;
 
 /// Metric handles of one cluster, registered once per config build so the
 /// request path does no label lookups.
@@ -298,129 +280,6 @@ fn duration(d: &ferry_proto::google::protobuf::Duration) -> Duration {
     )
 }
 
-/// TLS to the endpoints, from the cluster's `transport_socket`.
-fn upstream_tls(
-    cluster: &Cluster,
-    protocol: Protocol,
-    previous: Option<&Upstream>,
-    pool: &crate::forward::PoolConfig,
-) -> Result<Option<Arc<UpstreamTls>>, String> {
-    use ferry_proto::envoy::config::core::v3::transport_socket;
-    use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
-        UpstreamTlsContext, common_tls_context,
-    };
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let Some(socket) = &cluster.transport_socket else {
-        return Ok(None);
-    };
-    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
-        return Err("only TLS (an UpstreamTlsContext) is supported".to_owned());
-    };
-    if any.type_url
-        != "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-    {
-        return Err(format!("{}: only TLS is supported", any.type_url));
-    }
-    let context = UpstreamTlsContext::decode(any.value.as_slice())
-        .map_err(|e| format!("cannot decode UpstreamTlsContext: {e}"))?;
-    if context.sni.is_empty() {
-        return Err("sni: a server name is needed to check the endpoints' certificates".to_owned());
-    }
-    let validation = context
-        .common_tls_context
-        .as_ref()
-        .and_then(|c| match &c.validation_context_type {
-            Some(common_tls_context::ValidationContextType::ValidationContext(v)) => Some(v),
-            _ => None,
-        })
-        .and_then(|v| v.trusted_ca.as_ref())
-        .and_then(|ca| ca.specifier.as_ref())
-        .ok_or("validation_context.trusted_ca: a CA bundle is needed")?;
-    let ca_pem = read_source(validation, "validation_context.trusted_ca")?;
-    let client_pem = match context
-        .common_tls_context
-        .as_ref()
-        .map(|c| c.tls_certificates.as_slice())
-        .unwrap_or_default()
-    {
-        [] => None,
-        [cert] => {
-            let source = |s: &Option<ferry_proto::envoy::config::core::v3::DataSource>, field| {
-                s.as_ref()
-                    .and_then(|s| s.specifier.as_ref())
-                    .ok_or_else(|| format!("{field}: missing"))
-                    .and_then(|s| read_source(s, field))
-            };
-            Some((
-                source(
-                    &cert.certificate_chain,
-                    "tls_certificates.certificate_chain",
-                )?,
-                source(&cert.private_key, "tls_certificates.private_key")?,
-            ))
-        }
-        _ => return Err("tls_certificates: at most one client certificate".to_owned()),
-    };
-    if let Some(tls) = previous.and_then(|p| p.tls.as_ref())
-        && tls.server_name == context.sni
-        && tls.ca_pem == ca_pem
-        && tls.client_pem == client_pem
-        && tls.protocol == protocol
-    {
-        return Ok(Some(tls.clone()));
-    }
-    let server_name = rustls::pki_types::ServerName::try_from(context.sni.clone())
-        .map_err(|e| format!("sni: {:?}: {e}", context.sni))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&ca_pem) {
-        let cert = cert.map_err(|e| format!("validation_context.trusted_ca: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("validation_context.trusted_ca: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("validation_context.trusted_ca: no certificate in the bundle".to_owned());
-    }
-    let client_auth = match &client_pem {
-        None => None,
-        Some((chain, key)) => {
-            let chain = CertificateDer::pem_slice_iter(chain)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| format!("tls_certificates.certificate_chain: {e}"))?;
-            if chain.is_empty() {
-                return Err("tls_certificates.certificate_chain: no certificate".to_owned());
-            }
-            let key = PrivateKeyDer::from_pem_slice(key)
-                .map_err(|e| format!("tls_certificates.private_key: {e}"))?;
-            Some((chain, key))
-        }
-    };
-    Ok(Some(Arc::new(UpstreamTls {
-        client: crate::forward::tls_client(pool, roots, server_name, client_auth, protocol)?,
-        server_name: context.sni,
-        ca_pem,
-        client_pem,
-        protocol,
-    })))
-}
-
-/// The bytes of a TLS data source: a file or inline PEM.
-fn read_source(
-    source: &ferry_proto::envoy::config::core::v3::data_source::Specifier,
-    field: &str,
-) -> Result<Vec<u8>, String> {
-    use ferry_proto::envoy::config::core::v3::data_source::Specifier;
-    match source {
-        Specifier::Filename(path) => {
-            std::fs::read(path).map_err(|e| format!("{field}: cannot read {path}: {e}"))
-        }
-        Specifier::InlineBytes(bytes) => Ok(bytes.clone()),
-        Specifier::InlineString(text) => Ok(text.as_bytes().to_vec()),
-        _ => Err(format!("{field}: use a file or inline PEM")),
-    }
-}
-
 /// The cluster's first health check, which must be an HTTP one.
 fn health_check(cluster: &Cluster) -> Result<Option<HealthCheckConfig>, String> {
     use ferry_proto::envoy::config::core::v3::health_check::HealthChecker;
@@ -596,8 +455,13 @@ pub fn build_with(
         let health_check =
             health_check(&cluster).map_err(|e| format!("cluster {name}: health_checks[0]: {e}"))?;
         let kept = previous.upstreams.get(name);
-        let tls = upstream_tls(&cluster, protocol, kept.map(|u| u.as_ref()), pool)
-            .map_err(|e| format!("cluster {name}: transport_socket: {e}"))?;
+        let tls = crate::upstream_tls::from_cluster(
+            &cluster,
+            protocol,
+            kept.and_then(|u| u.tls.as_ref()),
+            pool,
+        )
+        .map_err(|e| format!("cluster {name}: transport_socket: {e}"))?;
         routing.upstreams.insert(
             name.clone(),
             Arc::new(Upstream {

@@ -22,7 +22,7 @@ use crate::config::{Endpoint, Protocol};
 use crate::h2pool::H2Pool;
 
 /// How upstream connections are made and kept.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Idle pooled connections are closed after this long.
@@ -162,8 +162,8 @@ impl Service<Call> for Forward {
         let Some(endpoint) = call.endpoint else {
             return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
         };
-        let tls = call.upstream.tls.as_ref().map(|t| &t.client);
-        match (tls, call.upstream.protocol) {
+        let tls = call.upstream.tls.as_ref().map(|t| t.state());
+        match (tls.as_ref().map(|t| &t.client), call.upstream.protocol) {
             (Some(TlsClient::Http1(client)), _) => {
                 http1(client, Scheme::HTTPS, &endpoint, call.request)
             }

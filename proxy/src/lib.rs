@@ -28,6 +28,7 @@ pub mod server;
 pub mod stack;
 pub mod timeout;
 pub mod tls;
+pub mod upstream_tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +57,9 @@ pub struct ProxyConfig {
     /// Client connections idle this long are closed.
     pub idle_timeout: Duration,
     pub pool: forward::PoolConfig,
+    /// How often certificate files (the listener's, and those of TLS to
+    /// upstreams) are checked for changes.
+    pub tls_reload_every: Duration,
 }
 
 /// Where TLS is terminated, and with which certificates.
@@ -63,8 +67,6 @@ pub struct ProxyConfig {
 pub struct TlsListen {
     pub addr: SocketAddr,
     pub certs: Vec<tls::CertPair>,
-    /// How often the certificate files are checked for changes.
-    pub reload_every: Duration,
 }
 
 /// Takes validated config from the xDS client into the proxy.
@@ -117,7 +119,11 @@ pub async fn run(
     if let Some(tls) = &config.tls {
         let certs = tls::Certificates::load(tls.certs.clone())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        tokio::spawn(certs.clone().watch(tls.reload_every, shutdown.clone()));
+        tokio::spawn(
+            certs
+                .clone()
+                .watch(config.tls_reload_every, shutdown.clone()),
+        );
         listeners.push(server::Listener {
             tcp: TcpListener::bind(tls.addr).await?,
             tls: Some(tokio_rustls::TlsAcceptor::from(tls::server_config(certs))),
@@ -135,6 +141,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     let health = tokio::spawn(health::run(proxy.clone(), shutdown.clone()));
+    let upstream_tls = tokio::spawn(upstream_tls::watch(
+        proxy.clone(),
+        config.tls_reload_every,
+        shutdown.clone(),
+    ));
     let lrs = tokio::spawn(lrs::run(
         config.xds.server.clone(),
         ferry_proto::envoy::config::core::v3::Node {
@@ -161,6 +172,7 @@ pub async fn run(
     let _ = xds.await;
     let _ = lrs.await;
     let _ = health.await;
+    let _ = upstream_tls.await;
     let _ = admin.await;
     tracing::info!("ferry proxy stopped");
     Ok(())
