@@ -288,7 +288,7 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
     std::fs::write(&cert_file, client.pem()).unwrap();
     std::fs::write(&key_file, client_key.serialize_pem()).unwrap();
     yaml.push_str(&format!(
-        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    tls: {{server_name: ledger.internal, ca_file: {}, cert_file: {}, key_file: {}}}\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
+        "  - name: ledger\n    namespace: shop\n    ports: [{{name: grpc, port: 9090}}]\n    protocol: grpc\n    health_check: {{path: /healthz, interval: 1s}}\n    tls: {{server_name: ledger.internal, ca_file: {}, cert_file: {}, key_file: {}}}\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n",
         ca_file.display(),
         cert_file.display(),
         key_file.display(),
@@ -311,6 +311,7 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
         "/healthz",
         "tls_certificates",
         "client.pem",
+        "\"codec_client_type\": \"HTTP2\"",
     ] {
         assert!(
             clusters.contains(field),

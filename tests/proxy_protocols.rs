@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get, metric_sum};
 use tokio_tungstenite::tungstenite::Message;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -480,7 +480,7 @@ async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
             String::new()
         };
         format!(
-            "    protocol: http2\n    tls: {{server_name: checkout.internal, ca_file: {}{files}}}\n",
+            "    protocol: http2\n    tls: {{server_name: checkout.internal, ca_file: {}{files}}}\n    health_check: {{path: /healthz, interval: 200ms, timeout: 150ms}}\n",
             ca_file.display()
         )
     };
@@ -496,6 +496,14 @@ async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
         );
     }
     let port = proxy.listen_port;
+    // Health checks go the same way, over HTTP/2 with the certificate.
+    let checks = "ferry_proxy_health_checks_total{";
+    eventually(Duration::from_secs(10), "passed health checks", || async {
+        metric_sum(&proxy.admin("/metrics").await, checks, "result=\"pass\"") >= 3.0
+    })
+    .await;
+    let failed = metric_sum(&proxy.admin("/metrics").await, checks, "result=\"fail\"");
+    assert_eq!(failed, 0.0);
 
     // The certificate files are replaced (as cert-manager renews them):
     // the proxy uses the new ones without a config change. One from a CA

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get};
+use support::{Backends, Ferry, FerryProxy, eventually, free_port, h2c, http_get, metric_sum};
 
 const HOST: &str = "checkout.shop";
 
@@ -111,12 +111,9 @@ async fn send_body(port: u16, method: hyper::Method, body: &'static str) -> u16 
     status
 }
 
-/// The value of a metric line starting with `prefix` (0 when absent).
+/// The sum of the metric lines starting with `prefix` (0 when absent).
 fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(text, prefix, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,11 +267,7 @@ async fn a_connect_failure_is_retried_on_another_endpoint_even_for_a_post() {
         metric(&metrics, "ferry_proxy_retries_total{") >= 1.0,
         "the dead endpoint was never tried: {metrics}"
     );
-    let failed: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("ferry_proxy_requests_total{") && l.contains("class=\"5xx\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let failed = metric_sum(&metrics, "ferry_proxy_requests_total{", "class=\"5xx\"");
     assert_eq!(failed, 0.0, "{metrics}");
 }
 

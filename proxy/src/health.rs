@@ -2,22 +2,22 @@
 //! HTTP check: every endpoint is probed with a GET of the check's path
 //! each interval; `unhealthy_threshold` failed probes in a row (no 2xx
 //! within the timeout) take it out of balancing, `healthy_threshold`
-//! passed ones bring it back. Endpoints start healthy, so adding checks
-//! never blacks a cluster out. The state lives in each endpoint and
+//! passed ones bring it back. Probes go the way requests do: the
+//! cluster's protocol (HTTP/2 for gRPC) and TLS. Endpoints start healthy,
+//! so adding checks never blacks a cluster out. The state lives in each endpoint and
 //! survives config swaps.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Empty;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Empty};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
+use crate::call::Call;
 use crate::config::{Endpoint, Upstream};
+use crate::forward::Forward;
 use crate::server::Proxy;
 
 /// A cluster's HTTP health check.
@@ -79,13 +79,11 @@ impl Probe {
     }
 }
 
-/// Probes every checked endpoint of the routing in use until `shutdown`.
+/// Probes every checked endpoint of the routing in use until `shutdown`,
+/// over the cluster's own protocol and TLS (as Envoy does when its
+/// `codec_client_type` matches the cluster's, which Ferry's control plane
+/// ensures).
 pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(1)));
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(connector);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -111,7 +109,7 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     .due_ms
                     .store(now_ms.saturating_add(interval), Ordering::Relaxed);
                 tokio::spawn(probe_once(
-                    client.clone(),
+                    proxy.forward.clone(),
                     upstream.clone(),
                     endpoint.clone(),
                     check.clone(),
@@ -122,7 +120,7 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
 }
 
 async fn probe_once(
-    client: Client<HttpConnector, Empty<Bytes>>,
+    forward: Forward,
     upstream: Arc<Upstream>,
     endpoint: Arc<Endpoint>,
     check: HealthCheckConfig,
@@ -132,15 +130,32 @@ async fn probe_once(
     } else {
         check.host.as_str()
     };
-    let request = http::Request::get(format!("http://{}{}", endpoint.addr, check.path))
+    let request = http::Request::get(check.path.as_str())
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "ferry-proxy-health-check")
-        .body(Empty::new());
+        .body(Empty::new().map_err(|e| match e {}).boxed());
     let passed = match request {
-        Ok(request) => matches!(
-            tokio::time::timeout(check.timeout, client.request(request)).await,
-            Ok(Ok(response)) if response.status().is_success()
-        ),
+        Ok(request) => {
+            let call = Call {
+                request,
+                upstream: upstream.clone(),
+                timeout: None,
+                retry: None,
+                endpoint: Some(endpoint.clone()),
+                attempt: 0,
+            };
+            // The answer is read whole, so its connection can be reused.
+            let answer = async {
+                let response = forward.oneshot(call).await.ok()?;
+                let passed = response.status().is_success();
+                response.into_body().collect().await.ok()?;
+                Some(passed)
+            };
+            matches!(
+                tokio::time::timeout(check.timeout, answer).await,
+                Ok(Some(true))
+            )
+        }
         Err(_) => false,
     };
     let result = if passed { "pass" } else { "fail" };

@@ -40,6 +40,9 @@ pub struct Proxy {
     /// Client connections with no request for this long are closed.
     idle_timeout: Duration,
     stack: Stack,
+    /// The stack's innermost layer, for health checks: one request to a
+    /// given endpoint over the cluster's own protocol and TLS.
+    pub forward: Forward,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -56,13 +59,15 @@ impl Proxy {
         let clock = Clock {
             epoch: Instant::now(),
         };
+        let forward = Forward::new(pool);
         Arc::new(Self {
             routing: ArcSwap::from_pointee(Routing::default()),
             configured: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             clock,
             idle_timeout,
-            stack: stack::build(Forward::new(pool), default_timeout, clock),
+            stack: stack::build(forward.clone(), default_timeout, clock),
+            forward,
         })
     }
 }

@@ -464,6 +464,17 @@ pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// The sum of the Prometheus samples in `text` whose line starts with
+/// `prefix` and contains `label` (e.g. `result="pass"`; "" for any); 0
+/// when there are none.
+#[allow(dead_code)]
+pub fn metric_sum(text: &str, prefix: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One HTTP/1.1 GET with a Host header; (status, body).
 pub async fn http_get(port: u16, host: &str, path: &str) -> Result<(u16, String), String> {
     http_get_with(&client(), port, host, path).await

@@ -40,7 +40,7 @@ use ferry_proto::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use ferry_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
-use ferry_proto::envoy::r#type::v3::Percent;
+use ferry_proto::envoy::r#type::v3::{CodecClientType, Percent};
 use ferry_proto::google::protobuf::{Duration as PbDuration, UInt32Value};
 use ferry_proto::pack;
 
@@ -486,6 +486,12 @@ fn eds_cluster(
             health_checker: Some(health_check::HealthChecker::HttpHealthCheck(
                 health_check::HttpHealthCheck {
                     path: h.path.clone(),
+                    // Probes speak the service's protocol (gRPC servers
+                    // answer HTTP/2 only); they go over the cluster's TLS.
+                    codec_client_type: match requests.protocol {
+                        Protocol::Http1 => CodecClientType::Http1,
+                        Protocol::Http2 => CodecClientType::Http2,
+                    } as i32,
                     ..Default::default()
                 },
             )),
@@ -782,6 +788,7 @@ services:
             panic!("no HTTP health check")
         };
         assert_eq!(h.path, "/healthz");
+        assert_eq!(h.codec_client_type, CodecClientType::Http2 as i32);
         let vh = vhost(&maps, "checkout.shop:8080");
         let Some(route::Action::Route(action)) = &vh.routes[0].action else {
             panic!("no route action")
