@@ -85,16 +85,25 @@ pub fn from_cluster(
     if context.sni.is_empty() {
         return Err("sni: a server name is needed to check the endpoints' certificates".to_owned());
     }
-    let pem = read(&context)?;
-    if let Some(tls) = previous
-        && tls.context == context
-        && tls.protocol == protocol
-        && tls.pool == *pool
-        && tls.state.load().pem == pem
-    {
-        return Ok(Some(tls.clone()));
-    }
-    let state = make(&context, pem, protocol, pool)?;
+    let unchanged = previous
+        .filter(|tls| tls.context == context && tls.protocol == protocol && tls.pool == *pool);
+    let fresh = read(&context).and_then(|pem| match unchanged {
+        Some(tls) if tls.state.load().pem == pem => Ok(None),
+        _ => make(&context, pem, protocol, pool).map(Some),
+    });
+    let state = match (fresh, unchanged) {
+        (Ok(Some(state)), _) => state,
+        (Ok(None), Some(tls)) => return Ok(Some(tls.clone())),
+        // Settings already in use whose files cannot be used just now
+        // (being rewritten, say): the last good client stays, the reload
+        // loop tries again, and the rest of the update goes through.
+        (Err(e), Some(tls)) => {
+            tracing::warn!(server_name = %tls.server_name, error = %e, "upstream TLS files unusable; keeping the last good ones");
+            return Ok(Some(tls.clone()));
+        }
+        (Ok(None), None) => return Err("no TLS settings".to_owned()),
+        (Err(e), None) => return Err(e),
+    };
     Ok(Some(Arc::new(UpstreamTls {
         server_name: context.sni.clone(),
         protocol,
