@@ -564,3 +564,32 @@ async fn the_service_sees_who_asked_and_no_hop_by_hop_headers() {
         "{id}"
     );
 }
+
+#[test]
+fn the_proxy_is_ready_only_with_its_routes_and_their_clusters() {
+    let yaml = "services:\n  - name: checkout\n    namespace: shop\n    ports: [{name: http, port: 8080}]\n    backends:\n      old: {endpoints: [\"127.0.0.1:1\"]}\n      new: {endpoints: [\"127.0.0.1:2\"]}\n";
+    let catalog = ferry_discovery::Catalog::new();
+    catalog.replace(ferry_discovery::file::parse_catalog(Path::new("c.yaml"), yaml).unwrap());
+    let maps = Translator::new(TranslateOptions::default()).translate(&catalog.current());
+    // The resources of `types` only, as a proxy holds them mid-update.
+    let only = |types: &[ResourceType]| -> ferry_xds::client::Resources {
+        let mut held: ferry_xds::client::Resources = Default::default();
+        for t in types {
+            held[t.index()] = maps[t.index()]
+                .iter()
+                .map(|(n, r)| (n.clone(), (r.version.clone(), r.body.clone())))
+                .collect();
+        }
+        held
+    };
+    let warm = |types: &[ResourceType]| {
+        ferry_proxy::config::build(&only(types), &Default::default())
+            .unwrap()
+            .warm()
+    };
+    use ResourceType::{Cluster, Endpoint, Listener, Route};
+    assert!(warm(&[Cluster, Endpoint, Listener, Route]));
+    assert!(!warm(&[Cluster, Endpoint, Listener]), "no routes yet");
+    assert!(!warm(&[Listener, Route]), "routes to clusters not in yet");
+    assert!(!warm(&[]));
+}

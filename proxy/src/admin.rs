@@ -50,7 +50,8 @@ pub async fn serve(
         .await
 }
 
-/// 200 once the first config is in and the proxy is not draining.
+/// 200 once the config is whole (routes and the clusters they name) and
+/// the proxy is not draining.
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
     if s.proxy.draining.load(Ordering::SeqCst) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")

@@ -56,6 +56,10 @@ pub enum Failure {
     Connect(String),
     /// The connection broke, or the request could not be sent.
     Reset(String),
+    /// The upstream turned the request away unprocessed (HTTP/2
+    /// REFUSED_STREAM, or above a graceful GOAWAY's last stream), or the
+    /// connection closed before it went out: safe to send again.
+    Refused(String),
     /// No answer within the time allowed (`per try` or whole request).
     Timeout { limit: Duration, per_try: bool },
 }
@@ -66,6 +70,7 @@ impl std::fmt::Display for Failure {
             Self::NoEndpoint => write!(f, "no healthy endpoint"),
             Self::Connect(e) => write!(f, "connect failed: {e}"),
             Self::Reset(e) => write!(f, "{e}"),
+            Self::Refused(e) => write!(f, "refused unprocessed: {e}"),
             Self::Timeout { limit, per_try } => {
                 let what = if *per_try {
                     "the attempt"

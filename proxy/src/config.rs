@@ -239,6 +239,27 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Whether the config is whole enough to serve: the listener's route
+    /// configuration has arrived, and so has every cluster its routes
+    /// name (as Envoy warms a listener before it takes traffic).
+    pub fn warm(&self) -> bool {
+        let hosts = self
+            .exact
+            .values()
+            .chain(self.suffixes.iter().map(|(_, v)| v))
+            .chain(self.prefixes.iter().map(|(_, v)| v))
+            .chain(self.any.iter());
+        !self.route_config.is_empty()
+            && self
+                .versions
+                .get(ResourceType::Route.short())
+                .is_some_and(|v| v.contains_key(&self.route_config))
+            && hosts
+                .flat_map(|h| h.routes.iter())
+                .flat_map(|r| r.targets.iter())
+                .all(|t| self.upstreams.contains_key(&t.cluster))
+    }
+
     /// The virtual host for a request's authority (as Envoy matches
     /// domains: exact, then the longest `*.suffix`, then the longest
     /// `prefix*`, then `*`).

@@ -1,20 +1,27 @@
 //! HTTP/2 connections to endpoints: one multiplexed connection per
-//! endpoint, made once however many requests wait for it, and dropped once
-//! it has been idle for the pool's idle timeout.
+//! endpoint, made once however many requests wait for it, and let go once
+//! it has had no new request for the pool's idle timeout (it closes when
+//! its last stream ends).
 //!
 //! A pool keyed by the request's URI (as hyper-util's) would send the
 //! endpoint's address as `:authority`; this one is keyed by the endpoint
 //! the balancer chose, so each request keeps the `:authority` the client
 //! sent, as Envoy does, and a gateway or virtual-hosting server behind the
 //! endpoint sees the name it routes on.
+//!
+//! A connection is made in a task of its own: a caller that gives up
+//! (its per-try timeout, say) does not cancel it for the others waiting,
+//! and all of them get its result, success or failure.
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{Builder, SendRequest};
@@ -27,19 +34,23 @@ use crate::forward::{PoolConfig, chain};
 /// Pings on a connection this often, to find dead peers between requests.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
-/// One endpoint's connection, or none yet.
-#[derive(Default)]
-struct Slot {
-    conn: tokio::sync::Mutex<Conn>,
-    /// Last use, in milliseconds since the pool's epoch.
-    used_ms: AtomicU64,
-}
+/// A connection being made, shared by everyone waiting for it.
+type Connecting = Shared<BoxFuture<'static, Result<SendRequest<Body>, String>>>;
 
 #[derive(Default)]
-struct Conn {
-    sender: Option<SendRequest<Body>>,
-    /// The last failed attempt to connect: when it ended, and why.
-    failed: Option<(Instant, String)>,
+enum State {
+    #[default]
+    Empty,
+    Connecting(Connecting),
+    Ready(SendRequest<Body>),
+}
+
+/// One endpoint's connection. The lock is never held across an await.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<State>,
+    /// Last use, in milliseconds since the pool's epoch.
+    used_ms: AtomicU64,
 }
 
 struct Slots {
@@ -63,6 +74,31 @@ impl<C> std::fmt::Debug for H2Pool<C> {
             .field("endpoints", &endpoints)
             .finish_non_exhaustive()
     }
+}
+
+/// Milliseconds from `epoch` to now.
+fn ms_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether a failed exchange is known not to have been processed by the
+/// upstream: refused (REFUSED_STREAM), above the last stream of a
+/// graceful GOAWAY, or dropped before it was sent.
+fn unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 impl<C> H2Pool<C>
@@ -104,21 +140,29 @@ where
         let slot = self.slot(endpoint);
         let (mut sender, reused) = self.sender(&slot, connect).await?;
         let unsent = match sender.try_send_request(request).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => return Ok(self.answered(&slot, response)),
             Err(mut e) => match e.take_message() {
                 Some(request) if reused => request,
-                // Nothing was sent.
-                Some(_) => return Err(Failure::Connect(chain(e.error()))),
+                Some(_) => return Err(Failure::Refused(chain(e.error()))),
+                None if unprocessed(e.error()) => return Err(Failure::Refused(chain(e.error()))),
                 None => return Err(Failure::Reset(chain(e.error()))),
             },
         };
         tracing::debug!(%endpoint, "pooled HTTP/2 connection closed; reconnecting");
-        Self::forget_closed(&slot).await;
+        Self::forget_closed(&slot);
         let (mut sender, _) = self.sender(&slot, connect).await?;
-        sender
-            .send_request(unsent)
-            .await
-            .map_err(|e| Failure::Reset(chain(&e)))
+        match sender.send_request(unsent).await {
+            Ok(response) => Ok(self.answered(&slot, response)),
+            Err(e) if unprocessed(&e) => Err(Failure::Refused(chain(&e))),
+            Err(e) => Err(Failure::Reset(chain(&e))),
+        }
+    }
+
+    /// Marks the slot used when an answer comes, too: a slow answer does
+    /// not leave its connection looking idle.
+    fn answered(&self, slot: &Slot, response: Response<Incoming>) -> Response<Incoming> {
+        slot.used_ms.store(ms_since(self.epoch), Ordering::Relaxed);
+        response
     }
 
     /// Connections held open now (made, not known closed).
@@ -130,24 +174,19 @@ where
             .by_endpoint
             .values()
             .filter(|s| {
-                s.conn
-                    .try_lock()
-                    .map(|c| c.sender.as_ref().is_some_and(|c| !c.is_closed()))
-                    .unwrap_or(true)
+                s.state
+                    .lock()
+                    .map(|st| matches!(&*st, State::Ready(c) if !c.is_closed()))
+                    .unwrap_or(false)
             })
             .count()
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// The endpoint's slot, marked used now. Now and then drops the slots
-    /// of endpoints idle for longer than the idle timeout: their
-    /// connections close once their last streams end.
+    /// The endpoint's slot, marked used now. Now and then forgets the
+    /// slots of endpoints idle for longer than the idle timeout.
     fn slot(&self, endpoint: SocketAddr) -> Arc<Slot> {
         let now = Instant::now();
-        let now_ms = self.now_ms();
+        let now_ms = ms_since(self.epoch);
         let idle_ms = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         let Ok(mut slots) = self.slots.lock() else {
             return Arc::default();
@@ -163,75 +202,132 @@ where
         slot
     }
 
-    /// The slot's open connection, or a new one; and whether it was open
-    /// already. Callers for the same endpoint wait for one connection, and
-    /// share its failure: those that waited for a connect that failed fail
-    /// with it rather than each trying again in turn.
+    /// The slot's open connection, or the one being made, or a new one;
+    /// and whether it was open already.
     async fn sender(
         &self,
-        slot: &Slot,
+        slot: &Arc<Slot>,
         connect: &Uri,
     ) -> Result<(SendRequest<Body>, bool), Failure> {
-        let asked = Instant::now();
-        let mut held = slot.conn.lock().await;
-        if let Some(sender) = held.sender.as_ref()
-            && !sender.is_closed()
-        {
-            return Ok((sender.clone(), true));
-        }
-        held.sender = None;
-        if let Some((at, why)) = &held.failed
-            && *at >= asked
-        {
-            return Err(Failure::Connect(why.clone()));
-        }
-        let made = tokio::time::timeout(self.config.connect_timeout, async {
-            let io = self
-                .connector
-                .clone()
-                .oneshot(connect.clone())
-                .await
-                .map_err(|e| {
+        let connecting = {
+            let Ok(mut state) = slot.state.lock() else {
+                return Err(Failure::Connect("connection slot unusable".to_owned()));
+            };
+            match &*state {
+                State::Ready(sender) if !sender.is_closed() => return Ok((sender.clone(), true)),
+                State::Connecting(connecting) => connecting.clone(),
+                State::Ready(_) | State::Empty => {
+                    let connecting = self.connect(slot, connect);
+                    *state = State::Connecting(connecting.clone());
+                    connecting
+                }
+            }
+        };
+        connecting
+            .await
+            .map(|sender| (sender, false))
+            .map_err(Failure::Connect)
+    }
+
+    /// Starts making a connection in a task of its own, which leaves it in
+    /// `slot` when made (or the slot empty when not) and then drives it.
+    fn connect(&self, slot: &Arc<Slot>, connect: &Uri) -> Connecting {
+        let connector = self.connector.clone();
+        let builder = self.builder.clone();
+        let config = self.config;
+        let epoch = self.epoch;
+        let target = connect.clone();
+        let weak = Arc::downgrade(slot);
+        let task = tokio::spawn(async move {
+            let made = tokio::time::timeout(config.connect_timeout, async {
+                let io = connector.oneshot(target.clone()).await.map_err(|e| {
                     let e: BoxError = e.into();
                     chain(e.as_ref())
                 })?;
-            self.builder
-                .handshake(io)
-                .await
-                .map_err(|e| format!("HTTP/2 handshake: {}", chain(&e)))
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "no connection within {:?}",
-                self.config.connect_timeout
-            ))
-        });
-        let (sender, connection) = match made {
-            Ok(made) => made,
-            Err(e) => {
-                let why = format!("{connect}: {e}");
-                held.failed = Some((Instant::now(), why.clone()));
-                return Err(Failure::Connect(why));
+                builder
+                    .handshake(io)
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {}", chain(&e)))
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no connection within {:?}", config.connect_timeout)));
+            let result = match made {
+                Ok((sender, connection)) => {
+                    tokio::spawn(drive(
+                        connection,
+                        weak.clone(),
+                        target.clone(),
+                        config,
+                        epoch,
+                    ));
+                    Ok(sender)
+                }
+                Err(e) => Err(format!("{target}: {e}")),
+            };
+            if let Some(slot) = weak.upgrade()
+                && let Ok(mut state) = slot.state.lock()
+            {
+                *state = match &result {
+                    Ok(sender) => State::Ready(sender.clone()),
+                    Err(_) => State::Empty,
+                };
             }
-        };
-        let target = connect.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(endpoint = %target, error = %chain(&e), "upstream HTTP/2 connection ended");
-            }
+            result
         });
-        held.sender = Some(sender.clone());
-        held.failed = None;
-        Ok((sender, false))
+        async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("connecting failed: {e}")))
+        }
+        .boxed()
+        .shared()
     }
 
-    /// Drops the slot's connection if it has closed (another caller may
+    /// Empties the slot if its connection has closed (another caller may
     /// have made a new one meanwhile).
-    async fn forget_closed(slot: &Slot) {
-        let mut held = slot.conn.lock().await;
-        if held.sender.as_ref().is_some_and(|h| h.is_closed()) {
-            held.sender = None;
+    fn forget_closed(slot: &Slot) {
+        if let Ok(mut state) = slot.state.lock()
+            && matches!(&*state, State::Ready(sender) if sender.is_closed())
+        {
+            *state = State::Empty;
+        }
+    }
+}
+
+/// Drives one connection until it ends. Once its slot has seen no request
+/// for the idle timeout, the slot lets it go: with no sender left it
+/// closes after its last stream, even in a pool nobody calls any more.
+async fn drive<F>(connection: F, slot: Weak<Slot>, target: Uri, config: PoolConfig, epoch: Instant)
+where
+    F: std::future::Future<Output = hyper::Result<()>>,
+{
+    tokio::pin!(connection);
+    let idle_ms = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let period = (config.idle_timeout / 2).max(Duration::from_millis(10));
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut let_go = false;
+    loop {
+        tokio::select! {
+            ended = &mut connection => {
+                if let Err(e) = ended {
+                    tracing::debug!(endpoint = %target, error = %chain(&e), "upstream HTTP/2 connection ended");
+                }
+                return;
+            }
+            _ = check.tick(), if !let_go => {
+                let Some(slot) = slot.upgrade() else {
+                    let_go = true;
+                    continue;
+                };
+                if ms_since(epoch).saturating_sub(slot.used_ms.load(Ordering::Relaxed)) >= idle_ms
+                    && let Ok(mut state) = slot.state.lock()
+                    && matches!(&*state, State::Ready(_))
+                {
+                    tracing::debug!(endpoint = %target, "idle upstream HTTP/2 connection let go");
+                    *state = State::Empty;
+                    let_go = true;
+                }
+            }
         }
     }
 }
@@ -245,16 +341,23 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use std::sync::atomic::AtomicUsize;
 
-    /// An h2c server that answers with the `:authority` it got; counts
-    /// connections.
-    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+    /// Connections a test server saw opened and closed.
+    #[derive(Default)]
+    struct Seen {
+        opened: AtomicUsize,
+        closed: AtomicUsize,
+    }
+
+    /// An h2c server that answers with the `:authority` it got.
+    async fn server() -> (SocketAddr, Arc<Seen>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
+        let seen = Arc::new(Seen::default());
+        let counted = seen.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
+                counted.opened.fetch_add(1, Ordering::SeqCst);
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                         let authority = req
@@ -269,10 +372,11 @@ mod tests {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    counted.closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
-        (addr, connections)
+        (addr, seen)
     }
 
     fn request(authority: &str) -> Request<Body> {
@@ -283,18 +387,21 @@ mod tests {
             .unwrap()
     }
 
+    fn uri(addr: SocketAddr) -> Uri {
+        format!("http://{addr}").parse().unwrap()
+    }
+
     #[tokio::test]
     async fn requests_share_one_connection_and_keep_their_authority() {
-        let (addr, connections) = server().await;
+        let (addr, seen) = server().await;
         let pool = Arc::new(H2Pool::new(HttpConnector::new(), PoolConfig::default()));
-        let connect: Uri = format!("http://{addr}").parse().unwrap();
         let mut tasks = Vec::new();
         for i in 0..20 {
-            let (pool, connect) = (pool.clone(), connect.clone());
+            let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
                 let authority = format!("svc-{i}.shop");
                 let response = pool
-                    .send(addr, &connect, request(&authority))
+                    .send(addr, &uri(addr), request(&authority))
                     .await
                     .unwrap();
                 let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -304,7 +411,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.opened.load(Ordering::SeqCst), 1);
         assert_eq!(pool.open(), 1);
     }
 
@@ -314,53 +421,73 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let pool = H2Pool::new(HttpConnector::new(), PoolConfig::default());
-        let connect: Uri = format!("http://{addr}").parse().unwrap();
-        let failure = pool.send(addr, &connect, request("a.shop")).await;
+        let failure = pool.send(addr, &uri(addr), request("a.shop")).await;
         assert!(matches!(failure, Err(Failure::Connect(_))), "{failure:?}");
     }
 
     #[tokio::test]
-    async fn idle_connections_are_dropped_and_made_again() {
-        let (addr, connections) = server().await;
+    async fn idle_connections_close_even_when_the_pool_is_not_called() {
+        let (addr, seen) = server().await;
         let config = PoolConfig {
             idle_timeout: Duration::from_millis(100),
             ..PoolConfig::default()
         };
         let pool = H2Pool::new(HttpConnector::new(), config);
-        let connect: Uri = format!("http://{addr}").parse().unwrap();
-        let (other, _) = server().await;
-        let other_connect: Uri = format!("http://{other}").parse().unwrap();
-        pool.send(addr, &connect, request("a.shop")).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        // Any use sweeps: the idle endpoint's connection goes.
-        pool.send(other, &other_connect, request("b.shop"))
+        let response = pool
+            .send(addr, &uri(addr), request("a.shop"))
             .await
             .unwrap();
-        assert_eq!(pool.open(), 1);
-        pool.send(addr, &connect, request("a.shop")).await.unwrap();
-        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        let _ = response.into_body().collect().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            seen.closed.load(Ordering::SeqCst),
+            1,
+            "the idle connection closed"
+        );
+        assert_eq!(pool.open(), 0);
+        pool.send(addr, &uri(addr), request("a.shop"))
+            .await
+            .unwrap();
+        assert_eq!(seen.opened.load(Ordering::SeqCst), 2);
+    }
+
+    /// A connector that waits `delay` before each connection (and counts
+    /// them), then fails or connects.
+    fn slow_connector(
+        attempts: Arc<AtomicUsize>,
+        delay: Duration,
+        fail: bool,
+    ) -> impl Service<
+        Uri,
+        Response = TokioIo<tokio::net::TcpStream>,
+        Error = BoxError,
+        Future = BoxFuture<'static, Result<TokioIo<tokio::net::TcpStream>, BoxError>>,
+    > + Clone {
+        tower::service_fn(move |dst: Uri| {
+            attempts.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(delay).await;
+                if fail {
+                    return Err::<_, BoxError>("refused".into());
+                }
+                let host = dst.authority().map(|a| a.to_string()).unwrap_or_default();
+                Ok(TokioIo::new(tokio::net::TcpStream::connect(host).await?))
+            }
+            .boxed()
+        })
     }
 
     #[tokio::test]
     async fn callers_waiting_for_a_failed_connect_share_its_failure() {
         let attempts = Arc::new(AtomicUsize::new(0));
-        let counted = attempts.clone();
-        // A connector that fails after a while, as a dead endpoint does.
-        let connector = tower::service_fn(move |_: Uri| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                Err::<TokioIo<tokio::net::TcpStream>, BoxError>("refused".into())
-            }
-        });
+        let connector = slow_connector(attempts.clone(), Duration::from_millis(100), true);
         let pool = Arc::new(H2Pool::new(connector, PoolConfig::default()));
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let connect: Uri = format!("http://{addr}").parse().unwrap();
         let mut tasks = Vec::new();
         for _ in 0..5 {
-            let (pool, connect) = (pool.clone(), connect.clone());
+            let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                pool.send(addr, &connect, request("a.shop")).await
+                pool.send(addr, &uri(addr), request("a.shop")).await
             }));
         }
         for t in tasks {
@@ -372,7 +499,51 @@ mod tests {
         }
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         // A later caller tries again.
-        let _ = pool.send(addr, &connect, request("a.shop")).await;
+        let _ = pool.send(addr, &uri(addr), request("a.shop")).await;
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_caller_giving_up_does_not_cancel_the_connect() {
+        let (addr, seen) = server().await;
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let connector = slow_connector(attempts.clone(), Duration::from_millis(100), false);
+        let pool = Arc::new(H2Pool::new(connector, PoolConfig::default()));
+        // The first caller gives up (a per-try timeout, say) mid-connect.
+        let impatient = tokio::time::timeout(
+            Duration::from_millis(20),
+            pool.send(addr, &uri(addr), request("a.shop")),
+        )
+        .await;
+        assert!(impatient.is_err());
+        // The connection is made anyway, and the next caller uses it.
+        let response = pool
+            .send(addr, &uri(addr), request("b.shop"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        assert_eq!(seen.opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_is_known_unprocessed() {
+        // A server that refuses every stream, as an overloaded one does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut conn) = h2::server::handshake(stream).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        });
+        let pool = H2Pool::new(HttpConnector::new(), PoolConfig::default());
+        let failure = pool.send(addr, &uri(addr), request("a.shop")).await;
+        assert!(matches!(&failure, Err(Failure::Refused(_))), "{failure:?}");
     }
 }

@@ -84,9 +84,10 @@ impl ConfigSink for Sink {
             upstreams = routing.upstreams.len(),
             "config applied"
         );
+        let warm = routing.warm();
         self.proxy.routing.store(Arc::new(routing));
-        if !self.proxy.configured.swap(true, Ordering::SeqCst) {
-            tracing::info!("first config applied: serving");
+        if warm && !self.proxy.configured.swap(true, Ordering::SeqCst) {
+            tracing::info!("config complete (routes and their clusters): ready");
         }
         metrics::counter!("ferry_proxy_config_swaps_total").increment(1);
         // When the config in use was swapped in (its versions are on

@@ -41,7 +41,7 @@ pub fn local_reply(status: StatusCode, message: &str) -> Response<Body> {
 pub fn failure_reply(upstream: &Upstream, failure: &Failure) -> Response<Body> {
     let status = match failure {
         Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        Failure::NoEndpoint | Failure::Connect(_) | Failure::Reset(_) => {
+        Failure::NoEndpoint | Failure::Connect(_) | Failure::Reset(_) | Failure::Refused(_) => {
             StatusCode::SERVICE_UNAVAILABLE
         }
     };
@@ -106,7 +106,10 @@ where
             let response = match future.await {
                 Ok(response) => response,
                 Err(failure) => {
-                    if matches!(failure, Failure::Connect(_) | Failure::Reset(_)) {
+                    if matches!(
+                        failure,
+                        Failure::Connect(_) | Failure::Reset(_) | Failure::Refused(_)
+                    ) {
                         upstream.metrics.upstream_errors.increment(1);
                     }
                     tracing::debug!(cluster = %upstream.name, %failure, "no upstream response");

@@ -102,6 +102,8 @@ fn retriable(
             *per_try && config.server_error && idempotent(method)
         }
         Err(Failure::Reset(_)) => config.reset && idempotent(method),
+        // Nothing was processed: as safe as a connect failure.
+        Err(Failure::Refused(_)) => config.reset || config.connect_failure,
         Ok(response) => {
             let status = response.status().as_u16();
             idempotent(method)
@@ -346,6 +348,19 @@ mod tests {
             &Method::POST,
             &Err(Failure::Connect("x".into()))
         ));
+        // A refused stream was not processed: any method may go again.
+        let refused = Err(Failure::Refused("x".into()));
+        assert!(retriable(
+            &config("refused-stream"),
+            &Method::POST,
+            &refused
+        ));
+        assert!(retriable(
+            &config("connect-failure"),
+            &Method::POST,
+            &refused
+        ));
+        assert!(!retriable(&config("5xx"), &Method::GET, &refused));
         let gateway = config("gateway-error");
         assert!(retriable(&gateway, &Method::GET, &status(502)));
         assert!(!retriable(&gateway, &Method::GET, &status(500)));
