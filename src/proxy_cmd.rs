@@ -44,9 +44,9 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     timeout: Duration,
 
-    /// Client connections with no request for this long are closed
-    /// (HTTP/1.1; HTTP/2 peers are pinged at half this and dropped when
-    /// they stop answering).
+    /// Client connections with no request in flight for this long are
+    /// closed (HTTP/2 ones with a GOAWAY); HTTP/2 peers are also pinged at
+    /// half this and dropped when they stop answering.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     idle_timeout: Duration,
 
@@ -91,6 +91,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !args.idle_timeout.is_zero(),
         "--idle-timeout must be longer than 0"
+    );
+    anyhow::ensure!(
+        !args.upstream_idle_timeout.is_zero() && !args.connect_timeout.is_zero(),
+        "--upstream-idle-timeout and --connect-timeout must be longer than 0"
     );
     let config = ProxyConfig {
         xds: ClientConfig {

@@ -113,15 +113,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// All values of a header, joined as one list.
-fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
-    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
-    let first = values.next()?.to_owned();
-    Some(values.fold(first, |mut all, v| {
-        all.push_str(", ");
-        all.push_str(v);
-        all
-    }))
+/// All values of a header (as sent, whatever their bytes), joined as one
+/// list with `last` appended.
+fn appended(headers: &HeaderMap, name: &str, last: &str) -> Option<HeaderValue> {
+    let mut list = Vec::new();
+    for value in headers.get_all(name) {
+        list.extend_from_slice(value.as_bytes());
+        list.extend_from_slice(b", ");
+    }
+    list.extend_from_slice(last.as_bytes());
+    HeaderValue::from_bytes(&list).ok()
 }
 
 /// Tells the service who asked: the peer's address appended to
@@ -129,11 +130,7 @@ fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
 /// `x-forwarded-proto` set, and an `x-request-id` added when absent.
 fn forwarding_headers(headers: &mut HeaderMap, peer: Peer) {
     let ip = peer.addr.ip();
-    let forwarded_for = match joined(headers, "x-forwarded-for") {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(v) = appended(headers, "x-forwarded-for", &ip.to_string()) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     let node = match ip {
@@ -141,11 +138,7 @@ fn forwarding_headers(headers: &mut HeaderMap, peer: Peer) {
         std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
     let element = format!("for={node};proto={}", peer.scheme);
-    let forwarded = match joined(headers, "forwarded") {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Some(v) = appended(headers, "forwarded", &element) {
         headers.insert(header::FORWARDED, v);
     }
     headers.insert(
@@ -561,6 +554,14 @@ mod tests {
             "for=203.0.113.9;proto=http, for=10.1.2.3;proto=https"
         );
         assert_eq!(h["x-forwarded-proto"], "https");
+        // Values that are not UTF-8 are kept as sent.
+        let mut odd = HeaderMap::new();
+        odd.insert(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        forwarding_headers(&mut odd, peer);
+        assert_eq!(odd["x-forwarded-for"].as_bytes(), b"caf\xe9, 10.1.2.3");
         let id = h["x-request-id"].to_str().unwrap().to_owned();
         assert!(
             id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit()),
