@@ -254,10 +254,7 @@ where
     *request.version_mut() = http::Version::HTTP_2;
     request.headers_mut().remove(http::header::HOST);
     let addr = endpoint.addr;
-    Box::pin(async move {
-        let response = pool.send(addr, &connect, request).await?;
-        Ok(response.map(|b| b.map_err(Into::into).boxed()))
-    })
+    Box::pin(async move { pool.send(addr, &connect, request).await })
 }
 
 /// The authority the client addressed: the URI's (HTTP/2, or an absolute

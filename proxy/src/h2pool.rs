@@ -1,7 +1,9 @@
-//! HTTP/2 connections to endpoints: one multiplexed connection per
-//! endpoint, made once however many requests wait for it, and let go once
-//! it has had no new request for the pool's idle timeout (it closes when
-//! its last stream ends).
+//! HTTP/2 connections to endpoints: a multiplexed connection per
+//! endpoint, made once however many requests wait for it, and another
+//! only when every one holds as many streams as its peer allows
+//! (SETTINGS_MAX_CONCURRENT_STREAMS), as Envoy does; an endpoint's
+//! connections are let go once it has had no new request for the pool's
+//! idle timeout (each closes when its last stream ends).
 //!
 //! A pool keyed by the request's URI (as hyper-util's) would send the
 //! endpoint's address as `:authority`; this one is keyed by the endpoint
@@ -16,7 +18,7 @@
 use std::collections::HashMap;
 use std::error::Error as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,28 +26,66 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper::client::conn::http2::{Builder, SendRequest};
+use hyper::client::conn::http2::{Builder, Connection, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::{Service, ServiceExt};
 
+use http_body_util::BodyExt;
+
 use crate::call::{Body, BoxError, Failure};
 use crate::forward::{PoolConfig, chain};
+
+/// Numbers connections, so one can be let go by its driver.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
 /// Pings on a connection this often, to find dead peers between requests.
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// A connection being made, shared by everyone waiting for it.
-type Connecting = Shared<BoxFuture<'static, Result<SendRequest<Body>, String>>>;
+type Connecting = Shared<BoxFuture<'static, Result<Conn, String>>>;
 
-#[derive(Default)]
-enum State {
-    #[default]
-    Empty,
-    Connecting(Connecting),
-    Ready(SendRequest<Body>),
+/// One connection and the streams open on it.
+#[derive(Clone)]
+struct Conn {
+    sender: SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS, as last seen.
+    limit: Arc<AtomicUsize>,
+    id: u64,
 }
 
-/// One endpoint's connection. The lock is never held across an await.
+impl Conn {
+    /// Whether another stream fits within the peer's limit.
+    fn has_room(&self) -> bool {
+        !self.sender.is_closed()
+            && self.streams.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// Counts a stream open on its connection until its response ends.
+struct Stream(Arc<AtomicUsize>);
+
+impl Stream {
+    fn open(conn: &Conn) -> Self {
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Self(conn.streams.clone())
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint's connections, and the one being made if any.
+#[derive(Default)]
+struct State {
+    conns: Vec<Conn>,
+    connecting: Option<Connecting>,
+}
+
+/// One endpoint's connections. The lock is never held across an await.
 #[derive(Default)]
 struct Slot {
     state: Mutex<State>,
@@ -136,11 +176,12 @@ where
         endpoint: SocketAddr,
         connect: &Uri,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<Response<Body>, Failure> {
         let slot = self.slot(endpoint);
-        let (mut sender, reused) = self.sender(&slot, connect).await?;
-        let unsent = match sender.try_send_request(request).await {
-            Ok(response) => return Ok(self.answered(&slot, response)),
+        let (conn, reused) = self.conn(&slot, connect).await?;
+        let stream = Stream::open(&conn);
+        let unsent = match conn.sender.clone().try_send_request(request).await {
+            Ok(response) => return Ok(self.answered(&slot, response, stream)),
             Err(mut e) => match e.take_message() {
                 Some(request) if reused => request,
                 Some(_) => return Err(Failure::Refused(chain(e.error()))),
@@ -148,21 +189,35 @@ where
                 None => return Err(Failure::Reset(chain(e.error()))),
             },
         };
+        drop(stream);
         tracing::debug!(%endpoint, "pooled HTTP/2 connection closed; reconnecting");
-        Self::forget_closed(&slot);
-        let (mut sender, _) = self.sender(&slot, connect).await?;
-        match sender.send_request(unsent).await {
-            Ok(response) => Ok(self.answered(&slot, response)),
+        let (conn, _) = self.conn(&slot, connect).await?;
+        let stream = Stream::open(&conn);
+        match conn.sender.clone().send_request(unsent).await {
+            Ok(response) => Ok(self.answered(&slot, response, stream)),
             Err(e) if unprocessed(&e) => Err(Failure::Refused(chain(&e))),
             Err(e) => Err(Failure::Reset(chain(&e))),
         }
     }
 
-    /// Marks the slot used when an answer comes, too: a slow answer does
-    /// not leave its connection looking idle.
-    fn answered(&self, slot: &Slot, response: Response<Incoming>) -> Response<Incoming> {
+    /// The response, its stream counted open until its body ends; the slot
+    /// marked used when the answer comes, too, so a slow answer does not
+    /// leave its connection looking idle.
+    fn answered(
+        &self,
+        slot: &Slot,
+        response: Response<Incoming>,
+        stream: Stream,
+    ) -> Response<Body> {
         slot.used_ms.store(ms_since(self.epoch), Ordering::Relaxed);
-        response
+        response.map(move |body| {
+            body.map_frame(move |frame| {
+                let _open = &stream;
+                frame
+            })
+            .map_err(Into::into)
+            .boxed()
+        })
     }
 
     /// Connections held open now (made, not known closed).
@@ -173,13 +228,9 @@ where
         slots
             .by_endpoint
             .values()
-            .filter(|s| {
-                s.state
-                    .lock()
-                    .map(|st| matches!(&*st, State::Ready(c) if !c.is_closed()))
-                    .unwrap_or(false)
-            })
-            .count()
+            .filter_map(|s| s.state.lock().ok())
+            .map(|st| st.conns.iter().filter(|c| !c.sender.is_closed()).count())
+            .sum()
     }
 
     /// The endpoint's slot, marked used now. Now and then forgets the
@@ -202,36 +253,59 @@ where
         slot
     }
 
-    /// The slot's open connection, or the one being made, or a new one;
-    /// and whether it was open already.
-    async fn sender(
-        &self,
-        slot: &Arc<Slot>,
-        connect: &Uri,
-    ) -> Result<(SendRequest<Body>, bool), Failure> {
-        let connecting = {
-            let Ok(mut state) = slot.state.lock() else {
-                return Err(Failure::Connect("connection slot unusable".to_owned()));
-            };
-            match &*state {
-                State::Ready(sender) if !sender.is_closed() => return Ok((sender.clone(), true)),
-                State::Connecting(connecting) => connecting.clone(),
-                State::Ready(_) | State::Empty => {
-                    let connecting = self.connect(slot, connect);
-                    *state = State::Connecting(connecting.clone());
-                    connecting
+    /// A connection of the slot with room for a stream, waiting for one
+    /// to be made when none has room; and whether it was open already.
+    /// When no new one can be made, a full one takes the request (its
+    /// peer queues it).
+    async fn conn(&self, slot: &Arc<Slot>, connect: &Uri) -> Result<(Conn, bool), Failure> {
+        let mut fresh = false;
+        // A few rounds: those who waited for a new connection choose again,
+        // so they spread over it and any further one rather than all
+        // piling onto it.
+        for _ in 0..4 {
+            let connecting = {
+                let Ok(mut state) = slot.state.lock() else {
+                    return Err(Failure::Connect("connection slot unusable".to_owned()));
+                };
+                state.conns.retain(|c| !c.sender.is_closed());
+                if let Some(conn) = state.conns.iter().find(|c| c.has_room()) {
+                    return Ok((conn.clone(), !fresh));
                 }
+                match &state.connecting {
+                    Some(connecting) => connecting.clone(),
+                    None => {
+                        // Until its SETTINGS come, a new connection is
+                        // assumed to allow what its siblings do.
+                        let known = state
+                            .conns
+                            .iter()
+                            .map(|c| c.limit.load(Ordering::Relaxed))
+                            .min();
+                        let connecting = self.connect(slot, connect, known);
+                        state.connecting = Some(connecting.clone());
+                        connecting
+                    }
+                }
+            };
+            if let Err(e) = connecting.await {
+                return self.full(slot).ok_or(Failure::Connect(e));
             }
-        };
-        connecting
-            .await
-            .map(|sender| (sender, false))
-            .map_err(Failure::Connect)
+            fresh = true;
+        }
+        self.full(slot)
+            .ok_or_else(|| Failure::Connect("no connection with room".to_owned()))
+    }
+
+    /// Any open connection of the slot, full or not.
+    fn full(&self, slot: &Slot) -> Option<(Conn, bool)> {
+        let state = slot.state.lock().ok()?;
+        let conn = state.conns.iter().find(|c| !c.sender.is_closed())?;
+        Some((conn.clone(), true))
     }
 
     /// Starts making a connection in a task of its own, which leaves it in
     /// `slot` when made (or the slot empty when not) and then drives it.
-    fn connect(&self, slot: &Arc<Slot>, connect: &Uri) -> Connecting {
+    fn connect(&self, slot: &Arc<Slot>, connect: &Uri, known_limit: Option<usize>) -> Connecting {
         let connector = self.connector.clone();
         let builder = self.builder.clone();
         let config = self.config;
@@ -253,24 +327,35 @@ where
             .unwrap_or_else(|_| Err(format!("no connection within {:?}", config.connect_timeout)));
             let result = match made {
                 Ok((sender, connection)) => {
+                    let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+                    let assumed = connection.current_max_send_streams();
+                    let limit = Arc::new(AtomicUsize::new(
+                        known_limit.map_or(assumed, |known| known.min(assumed)),
+                    ));
                     tokio::spawn(drive(
                         connection,
                         weak.clone(),
+                        (id, limit.clone()),
                         target.clone(),
                         config,
                         epoch,
                     ));
-                    Ok(sender)
+                    Ok(Conn {
+                        sender,
+                        streams: Arc::default(),
+                        limit,
+                        id,
+                    })
                 }
                 Err(e) => Err(format!("{target}: {e}")),
             };
             if let Some(slot) = weak.upgrade()
                 && let Ok(mut state) = slot.state.lock()
             {
-                *state = match &result {
-                    Ok(sender) => State::Ready(sender.clone()),
-                    Err(_) => State::Empty,
-                };
+                state.connecting = None;
+                if let Ok(conn) = &result {
+                    state.conns.push(conn.clone());
+                }
             }
             result
         });
@@ -281,26 +366,35 @@ where
         .boxed()
         .shared()
     }
-
-    /// Empties the slot if its connection has closed (another caller may
-    /// have made a new one meanwhile).
-    fn forget_closed(slot: &Slot) {
-        if let Ok(mut state) = slot.state.lock()
-            && matches!(&*state, State::Ready(sender) if sender.is_closed())
-        {
-            *state = State::Empty;
-        }
-    }
 }
 
 /// Drives one connection until it ends. Once its slot has seen no request
 /// for the idle timeout, the slot lets it go: with no sender left it
 /// closes after its last stream, even in a pool nobody calls any more.
-async fn drive<F>(connection: F, slot: Weak<Slot>, target: Uri, config: PoolConfig, epoch: Instant)
-where
-    F: std::future::Future<Output = hyper::Result<()>>,
+async fn drive<T>(
+    connection: Connection<T, Body, TokioExecutor>,
+    slot: Weak<Slot>,
+    conn: (u64, Arc<AtomicUsize>),
+    target: Uri,
+    config: PoolConfig,
+    epoch: Instant,
+) where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let (id, limit) = conn;
     tokio::pin!(connection);
+    // Each time the connection is polled, the peer's stream limit is read
+    // for the pool, once its SETTINGS have changed it from the default
+    // (until then the pool goes by the connection's siblings).
+    let default = connection.as_ref().get_ref().current_max_send_streams();
+    let mut connection = std::future::poll_fn(move |cx| {
+        let polled = connection.as_mut().poll(cx);
+        let now = connection.as_ref().get_ref().current_max_send_streams();
+        if now != default {
+            limit.store(now, Ordering::Relaxed);
+        }
+        polled
+    });
     let idle_ms = u64::try_from(config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
     let period = (config.idle_timeout / 2).max(Duration::from_millis(10));
     let mut check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -321,10 +415,9 @@ where
                 };
                 if ms_since(epoch).saturating_sub(slot.used_ms.load(Ordering::Relaxed)) >= idle_ms
                     && let Ok(mut state) = slot.state.lock()
-                    && matches!(&*state, State::Ready(_))
                 {
                     tracing::debug!(endpoint = %target, "idle upstream HTTP/2 connection let go");
-                    *state = State::Empty;
+                    state.conns.retain(|c| c.id != id);
                     let_go = true;
                 }
             }
@@ -524,6 +617,55 @@ mod tests {
         assert_eq!(response.status(), 200);
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert_eq!(seen.opened.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_full_of_streams_gets_a_second() {
+        // A server that allows 2 streams per connection and answers slowly.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let counted = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from_static(b"slow"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(2)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let pool = Arc::new(H2Pool::new(HttpConnector::new(), PoolConfig::default()));
+        // One request first, so the server's SETTINGS are known (read to
+        // its end: the server counts a stream until its handler is done).
+        let first = pool
+            .send(addr, &uri(addr), request("a.shop"))
+            .await
+            .unwrap();
+        let _ = first.into_body().collect().await;
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let response = pool.send(addr, &uri(addr), request("a.shop")).await?;
+                let _ = response.into_body().collect().await;
+                Ok::<_, Failure>(())
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let opened = opened.load(Ordering::SeqCst);
+        assert!(opened >= 2, "every stream queued on one connection");
+        assert!(opened <= 4, "{opened} connections for 6 streams of 2 each");
     }
 
     #[tokio::test]
