@@ -84,19 +84,14 @@ impl Probe {
 /// `codec_client_type` matches the cluster's, which Ferry's control plane
 /// ensures).
 pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let routing = proxy.routing.load_full();
-        let now_ms = proxy.clock.ms(Instant::now());
-        for upstream in routing.upstreams.values() {
+    let forward = proxy.forward.clone();
+    let clock = proxy.clock;
+    proxy
+        .every_upstream(Duration::from_millis(100), &shutdown, |upstream| {
             let Some(check) = &upstream.health_check else {
-                continue;
+                return;
             };
+            let now_ms = clock.ms(Instant::now());
             for endpoint in &upstream.endpoints {
                 let probe = &endpoint.probe;
                 if now_ms < probe.due_ms.load(Ordering::Relaxed)
@@ -109,14 +104,14 @@ pub async fn run(proxy: Arc<Proxy>, shutdown: CancellationToken) {
                     .due_ms
                     .store(now_ms.saturating_add(interval), Ordering::Relaxed);
                 tokio::spawn(probe_once(
-                    proxy.forward.clone(),
+                    forward.clone(),
                     upstream.clone(),
                     endpoint.clone(),
                     check.clone(),
                 ));
             }
-        }
-    }
+        })
+        .await;
 }
 
 async fn probe_once(

@@ -72,6 +72,31 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Calls `visit` with each cluster of the routing in use, every
+    /// `period` until `shutdown`: the loop of the proxy's background work
+    /// (health checks, TLS file reloads).
+    pub async fn every_upstream(
+        &self,
+        period: Duration,
+        shutdown: &CancellationToken,
+        mut visit: impl FnMut(&Arc<crate::config::Upstream>),
+    ) {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let routing = self.routing.load_full();
+            for upstream in routing.upstreams.values() {
+                visit(upstream);
+            }
+        }
+    }
+}
+
 /// Headers that belong to one connection, not to the request. An upgrade
 /// keeps `upgrade` and `connection: upgrade`.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {

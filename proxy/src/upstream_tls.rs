@@ -223,17 +223,10 @@ fn make(
 /// Checks every cluster's TLS files every `every` until `shutdown`, and
 /// keeps the client certificates' expiry gauges current.
 pub async fn watch(proxy: Arc<Proxy>, every: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let routing = proxy.routing.load_full();
-        for upstream in routing.upstreams.values() {
+    proxy
+        .every_upstream(every, &shutdown, |upstream| {
             let Some(tls) = &upstream.tls else {
-                continue;
+                return;
             };
             let cluster = upstream.name.clone();
             match tls.reload() {
@@ -251,6 +244,6 @@ pub async fn watch(proxy: Arc<Proxy>, every: Duration, shutdown: CancellationTok
                 metrics::gauge!("ferry_proxy_upstream_tls_client_certificate_expiry_seconds", "cluster" => cluster)
                     .set(left as f64);
             }
-        }
-    }
+        })
+        .await;
 }
