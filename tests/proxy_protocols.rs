@@ -616,4 +616,20 @@ async fn http2_services_see_the_clients_authority() {
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], HOST.as_bytes());
+    // All of it over one upstream connection, shown in the metrics.
+    let metrics = proxy.admin("/metrics").await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "ferry_proxy_upstream_http2_connects_total{",
+            "result=\"ok\""
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "ferry_proxy_upstream_http2_connections", ""),
+        1.0,
+        "{metrics}"
+    );
 }

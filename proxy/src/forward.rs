@@ -1,6 +1,6 @@
 //! The innermost service: sends one attempt to the endpoint the balancer
 //! chose, over pooled connections: HTTP/1.1 with keep-alive, or HTTP/2
-//! (one multiplexed connection per endpoint, see `h2pool`) when the
+//! (multiplexed connections per endpoint, see `h2pool`) when the
 //! cluster says so. Either way the request keeps the client's host.
 
 use std::future::Future;

@@ -325,6 +325,9 @@ where
             })
             .await
             .unwrap_or_else(|_| Err(format!("no connection within {:?}", config.connect_timeout)));
+            let outcome = if made.is_ok() { "ok" } else { "error" };
+            metrics::counter!("ferry_proxy_upstream_http2_connects_total", "result" => outcome)
+                .increment(1);
             let result = match made {
                 Ok((sender, connection)) => {
                     let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
@@ -382,6 +385,8 @@ async fn drive<T>(
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (id, limit) = conn;
+    let open = metrics::gauge!("ferry_proxy_upstream_http2_connections");
+    open.increment(1.0);
     tokio::pin!(connection);
     // Each time the connection is polled, the peer's stream limit is read
     // for the pool, once its SETTINGS have changed it from the default
@@ -406,7 +411,7 @@ async fn drive<T>(
                 if let Err(e) = ended {
                     tracing::debug!(endpoint = %target, error = %chain(&e), "upstream HTTP/2 connection ended");
                 }
-                return;
+                break;
             }
             _ = check.tick(), if !let_go => {
                 let Some(slot) = slot.upgrade() else {
@@ -423,6 +428,7 @@ async fn drive<T>(
             }
         }
     }
+    open.decrement(1.0);
 }
 
 #[cfg(test)]
