@@ -3,7 +3,7 @@
 //! chain to, the name they must carry (also the SNI), and optionally the
 //! proxy's own certificate for endpoints that require mutual TLS.
 //!
-//! Files are read when the config arrives and checked again every reload
+//! Files are read when the settings arrive and checked again every reload
 //! interval, so a renewed client certificate or CA bundle (as
 //! cert-manager writes them) takes effect without a config change or a
 //! restart. A file that no longer reads or parses keeps the last good
@@ -62,7 +62,7 @@ impl std::fmt::Debug for UpstreamTls {
 }
 
 /// The TLS of `cluster`'s `transport_socket`, if any: `previous` (with its
-/// pool) when nothing changed, in the config or in the files.
+/// pool) when its settings did not change.
 pub fn from_cluster(
     cluster: &Cluster,
     protocol: Protocol,
@@ -85,25 +85,16 @@ pub fn from_cluster(
     if context.sni.is_empty() {
         return Err("sni: a server name is needed to check the endpoints' certificates".to_owned());
     }
-    let unchanged = previous
-        .filter(|tls| tls.context == context && tls.protocol == protocol && tls.pool == *pool);
-    let fresh = read(&context).and_then(|pem| match unchanged {
-        Some(tls) if tls.state.load().pem == pem => Ok(None),
-        _ => make(&context, pem, protocol, pool).map(Some),
-    });
-    let state = match (fresh, unchanged) {
-        (Ok(Some(state)), _) => state,
-        (Ok(None), Some(tls)) => return Ok(Some(tls.clone())),
-        // Settings already in use whose files cannot be used just now
-        // (being rewritten, say): the last good client stays, the reload
-        // loop tries again, and the rest of the update goes through.
-        (Err(e), Some(tls)) => {
-            tracing::warn!(server_name = %tls.server_name, error = %e, "upstream TLS files unusable; keeping the last good ones");
-            return Ok(Some(tls.clone()));
-        }
-        (Ok(None), None) => return Err("no TLS settings".to_owned()),
-        (Err(e), None) => return Err(e),
-    };
+    // Settings already in use keep their client: their files are the
+    // reload loop's to check, not every config update's.
+    if let Some(tls) = previous
+        && tls.context == context
+        && tls.protocol == protocol
+        && tls.pool == *pool
+    {
+        return Ok(Some(tls.clone()));
+    }
+    let state = make(&context, read(&context)?, protocol, pool)?;
     Ok(Some(Arc::new(UpstreamTls {
         server_name: context.sni.clone(),
         protocol,
