@@ -99,6 +99,7 @@ pub fn tls_client(
         )),
         Protocol::Http2 => TlsClient::Http2(Arc::new(H2Pool::new(
             builder.enable_http2().wrap_connector(tcp),
+            Scheme::HTTPS,
             *config,
         ))),
     })
@@ -130,7 +131,7 @@ impl Forward {
             .pool_idle_timeout(config.idle_timeout)
             .pool_timer(TokioTimer::new())
             .build(connector.clone());
-        let http2 = Arc::new(H2Pool::new(connector, config));
+        let http2 = Arc::new(H2Pool::new(connector, Scheme::HTTP, config));
         Self {
             pools: Arc::new(Pools { http1, http2 }),
         }
@@ -242,19 +243,14 @@ where
     C::Error: Into<crate::call::BoxError>,
 {
     let host = client_authority(&request).unwrap_or_else(|| endpoint.authority.clone());
-    let aimed = aim(&request, scheme.clone(), host)
-        .and_then(|uri| Ok((uri, aim(&request, scheme, endpoint.authority.clone())?)));
-    let connect = match aimed {
-        Ok((uri, connect)) => {
-            *request.uri_mut() = uri;
-            connect
-        }
+    match aim(&request, scheme, host) {
+        Ok(uri) => *request.uri_mut() = uri,
         Err(failure) => return Box::pin(std::future::ready(Err(failure))),
-    };
+    }
     *request.version_mut() = http::Version::HTTP_2;
     request.headers_mut().remove(http::header::HOST);
     let addr = endpoint.addr;
-    Box::pin(async move { pool.send(addr, &connect, request).await })
+    Box::pin(async move { pool.send(addr, request).await })
 }
 
 /// The authority the client addressed: the URI's (HTTP/2, or an absolute

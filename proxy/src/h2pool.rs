@@ -101,6 +101,8 @@ struct Slots {
 /// HTTP/2 connections made with the connector `C` (plain TCP, or TLS).
 pub struct H2Pool<C> {
     connector: C,
+    /// `http`, or `https` through a TLS connector.
+    scheme: http::uri::Scheme,
     builder: Builder<TokioExecutor>,
     config: PoolConfig,
     epoch: Instant,
@@ -148,7 +150,7 @@ where
     C::Future: Send + 'static,
     C::Error: Into<BoxError>,
 {
-    pub fn new(connector: C, config: PoolConfig) -> Self {
+    pub fn new(connector: C, scheme: http::uri::Scheme, config: PoolConfig) -> Self {
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -157,6 +159,7 @@ where
         let now = Instant::now();
         Self {
             connector,
+            scheme,
             builder,
             config,
             epoch: now,
@@ -168,17 +171,15 @@ where
     }
 
     /// Sends `request` (whose URI carries the client's authority) to the
-    /// endpoint at `endpoint`, reached through `connect` (its address as
-    /// a URI). A request refused unsent by a connection that closed since
+    /// endpoint at `endpoint`. A request refused unsent by a connection that closed since
     /// its last use goes once more, on a new connection.
     pub async fn send(
         &self,
         endpoint: SocketAddr,
-        connect: &Uri,
         request: Request<Body>,
     ) -> Result<Response<Body>, Failure> {
         let slot = self.slot(endpoint);
-        let (conn, reused) = self.conn(&slot, connect).await?;
+        let (conn, reused) = self.conn(&slot, endpoint).await?;
         let stream = Stream::open(&conn);
         let unsent = match conn.sender.clone().try_send_request(request).await {
             Ok(response) => return Ok(self.answered(&slot, response, stream)),
@@ -191,7 +192,7 @@ where
         };
         drop(stream);
         tracing::debug!(%endpoint, "pooled HTTP/2 connection closed; reconnecting");
-        let (conn, _) = self.conn(&slot, connect).await?;
+        let (conn, _) = self.conn(&slot, endpoint).await?;
         let stream = Stream::open(&conn);
         match conn.sender.clone().send_request(unsent).await {
             Ok(response) => Ok(self.answered(&slot, response, stream)),
@@ -257,7 +258,7 @@ where
     /// to be made when none has room; and whether it was open already.
     /// When no new one can be made, a full one takes the request (its
     /// peer queues it).
-    async fn conn(&self, slot: &Arc<Slot>, connect: &Uri) -> Result<(Conn, bool), Failure> {
+    async fn conn(&self, slot: &Arc<Slot>, endpoint: SocketAddr) -> Result<(Conn, bool), Failure> {
         let mut fresh = false;
         // A few rounds: those who waited for a new connection choose again,
         // so they spread over it and any further one rather than all
@@ -281,7 +282,7 @@ where
                             .iter()
                             .map(|c| c.limit.load(Ordering::Relaxed))
                             .min();
-                        let connecting = self.connect(slot, connect, known);
+                        let connecting = self.connect(slot, endpoint, known);
                         state.connecting = Some(connecting.clone());
                         connecting
                     }
@@ -305,14 +306,24 @@ where
 
     /// Starts making a connection in a task of its own, which leaves it in
     /// `slot` when made (or the slot empty when not) and then drives it.
-    fn connect(&self, slot: &Arc<Slot>, connect: &Uri, known_limit: Option<usize>) -> Connecting {
+    fn connect(
+        &self,
+        slot: &Arc<Slot>,
+        endpoint: SocketAddr,
+        known_limit: Option<usize>,
+    ) -> Connecting {
         let connector = self.connector.clone();
         let builder = self.builder.clone();
         let config = self.config;
         let epoch = self.epoch;
-        let target = connect.clone();
+        let target = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(endpoint.to_string())
+            .path_and_query("/")
+            .build();
         let weak = Arc::downgrade(slot);
         let task = tokio::spawn(async move {
+            let target = target.map_err(|e| format!("{endpoint}: {e}"))?;
             let made = tokio::time::timeout(config.connect_timeout, async {
                 let io = connector.oneshot(target.clone()).await.map_err(|e| {
                     let e: BoxError = e.into();
@@ -434,6 +445,7 @@ async fn drive<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::uri::Scheme;
     use http_body_util::{BodyExt, Empty};
     use hyper::body::Bytes;
     use hyper_util::client::legacy::connect::HttpConnector;
@@ -486,23 +498,20 @@ mod tests {
             .unwrap()
     }
 
-    fn uri(addr: SocketAddr) -> Uri {
-        format!("http://{addr}").parse().unwrap()
-    }
-
     #[tokio::test]
     async fn requests_share_one_connection_and_keep_their_authority() {
         let (addr, seen) = server().await;
-        let pool = Arc::new(H2Pool::new(HttpConnector::new(), PoolConfig::default()));
+        let pool = Arc::new(H2Pool::new(
+            HttpConnector::new(),
+            Scheme::HTTP,
+            PoolConfig::default(),
+        ));
         let mut tasks = Vec::new();
         for i in 0..20 {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
                 let authority = format!("svc-{i}.shop");
-                let response = pool
-                    .send(addr, &uri(addr), request(&authority))
-                    .await
-                    .unwrap();
+                let response = pool.send(addr, request(&authority)).await.unwrap();
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(body, authority.as_bytes());
             }));
@@ -519,8 +528,8 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let pool = H2Pool::new(HttpConnector::new(), PoolConfig::default());
-        let failure = pool.send(addr, &uri(addr), request("a.shop")).await;
+        let pool = H2Pool::new(HttpConnector::new(), Scheme::HTTP, PoolConfig::default());
+        let failure = pool.send(addr, request("a.shop")).await;
         assert!(matches!(failure, Err(Failure::Connect(_))), "{failure:?}");
     }
 
@@ -531,11 +540,8 @@ mod tests {
             idle_timeout: Duration::from_millis(100),
             ..PoolConfig::default()
         };
-        let pool = H2Pool::new(HttpConnector::new(), config);
-        let response = pool
-            .send(addr, &uri(addr), request("a.shop"))
-            .await
-            .unwrap();
+        let pool = H2Pool::new(HttpConnector::new(), Scheme::HTTP, config);
+        let response = pool.send(addr, request("a.shop")).await.unwrap();
         let _ = response.into_body().collect().await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(
@@ -544,9 +550,7 @@ mod tests {
             "the idle connection closed"
         );
         assert_eq!(pool.open(), 0);
-        pool.send(addr, &uri(addr), request("a.shop"))
-            .await
-            .unwrap();
+        pool.send(addr, request("a.shop")).await.unwrap();
         assert_eq!(seen.opened.load(Ordering::SeqCst), 2);
     }
 
@@ -580,13 +584,13 @@ mod tests {
     async fn callers_waiting_for_a_failed_connect_share_its_failure() {
         let attempts = Arc::new(AtomicUsize::new(0));
         let connector = slow_connector(attempts.clone(), Duration::from_millis(100), true);
-        let pool = Arc::new(H2Pool::new(connector, PoolConfig::default()));
+        let pool = Arc::new(H2Pool::new(connector, Scheme::HTTP, PoolConfig::default()));
         let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let mut tasks = Vec::new();
         for _ in 0..5 {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                pool.send(addr, &uri(addr), request("a.shop")).await
+                pool.send(addr, request("a.shop")).await
             }));
         }
         for t in tasks {
@@ -598,7 +602,7 @@ mod tests {
         }
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         // A later caller tries again.
-        let _ = pool.send(addr, &uri(addr), request("a.shop")).await;
+        let _ = pool.send(addr, request("a.shop")).await;
         assert_eq!(attempts.load(Ordering::SeqCst), 2);
     }
 
@@ -607,19 +611,16 @@ mod tests {
         let (addr, seen) = server().await;
         let attempts = Arc::new(AtomicUsize::new(0));
         let connector = slow_connector(attempts.clone(), Duration::from_millis(100), false);
-        let pool = Arc::new(H2Pool::new(connector, PoolConfig::default()));
+        let pool = Arc::new(H2Pool::new(connector, Scheme::HTTP, PoolConfig::default()));
         // The first caller gives up (a per-try timeout, say) mid-connect.
         let impatient = tokio::time::timeout(
             Duration::from_millis(20),
-            pool.send(addr, &uri(addr), request("a.shop")),
+            pool.send(addr, request("a.shop")),
         )
         .await;
         assert!(impatient.is_err());
         // The connection is made anyway, and the next caller uses it.
-        let response = pool
-            .send(addr, &uri(addr), request("b.shop"))
-            .await
-            .unwrap();
+        let response = pool.send(addr, request("b.shop")).await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(attempts.load(Ordering::SeqCst), 1);
         assert_eq!(seen.opened.load(Ordering::SeqCst), 1);
@@ -649,19 +650,20 @@ mod tests {
                 });
             }
         });
-        let pool = Arc::new(H2Pool::new(HttpConnector::new(), PoolConfig::default()));
+        let pool = Arc::new(H2Pool::new(
+            HttpConnector::new(),
+            Scheme::HTTP,
+            PoolConfig::default(),
+        ));
         // One request first, so the server's SETTINGS are known (read to
         // its end: the server counts a stream until its handler is done).
-        let first = pool
-            .send(addr, &uri(addr), request("a.shop"))
-            .await
-            .unwrap();
+        let first = pool.send(addr, request("a.shop")).await.unwrap();
         let _ = first.into_body().collect().await;
         let mut tasks = Vec::new();
         for _ in 0..6 {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                let response = pool.send(addr, &uri(addr), request("a.shop")).await?;
+                let response = pool.send(addr, request("a.shop")).await?;
                 let _ = response.into_body().collect().await;
                 Ok::<_, Failure>(())
             }));
@@ -690,8 +692,8 @@ mod tests {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
             }
         });
-        let pool = H2Pool::new(HttpConnector::new(), PoolConfig::default());
-        let failure = pool.send(addr, &uri(addr), request("a.shop")).await;
+        let pool = H2Pool::new(HttpConnector::new(), Scheme::HTTP, PoolConfig::default());
+        let failure = pool.send(addr, request("a.shop")).await;
         assert!(matches!(&failure, Err(Failure::Refused(_))), "{failure:?}");
     }
 }
