@@ -224,6 +224,7 @@ pub async fn handle(
     peer: Peer,
 ) -> Response<Body> {
     let routing = proxy.routing.load();
+    let from_uri = request.uri().authority().is_some();
     let authority = request
         .uri()
         .authority()
@@ -269,9 +270,12 @@ pub async fn handle(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let headers = request.headers_mut();
     strip_hop_by_hop(headers, upgrade);
-    if let Some(a) = authority
-        .as_deref()
-        .and_then(|a| HeaderValue::from_str(a).ok())
+    // The host the request was routed by goes on as `host`; an HTTP/1.1
+    // request in origin form has it there already.
+    if from_uri
+        && let Some(a) = authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
     {
         headers.insert(header::HOST, a);
     }
