@@ -83,6 +83,9 @@ struct PolicyStatus {
     /// Whether this control plane writes and runs migrations (always with
     /// the embedded store; the elected leader with etcd).
     leading: bool,
+    /// Proxies connected before this control plane's last start that are
+    /// not back yet: no step is acknowledged while any is awaited.
+    returning_proxies: usize,
     migrations: Vec<MigrationStatus>,
 }
 
@@ -96,6 +99,11 @@ struct MigrationStatus {
     steps: usize,
     weights_bp: BTreeMap<String, u32>,
     reason: String,
+    /// Proxies holding the step's weights, out of those connected.
+    acked: usize,
+    connected: usize,
+    /// While a step awaits acknowledgement: what it waits for.
+    waiting: String,
 }
 
 #[derive(Serialize)]
@@ -193,6 +201,9 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .list(None, false)
         .into_iter()
         .map(|m| MigrationStatus {
+            waiting: ferry_migrate::migration_api::waiting(&m),
+            acked: m.acks.acked,
+            connected: m.acks.connected,
             id: m.id,
             service: m.plan.service.to_string(),
             stage: m.stage.as_str(),
@@ -209,6 +220,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
             version: state.policy.version(),
             store: state.store,
             leading: state.engine.is_leading(),
+            returning_proxies: state.engine.returning_proxies(),
             migrations,
         },
         catalog: CatalogStatus {

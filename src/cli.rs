@@ -2,6 +2,7 @@
 //! `ferry unpin`, `ferry pins`, `ferry audit`, `ferry status`.
 
 use anyhow::{Context, bail};
+use ferry_discovery::TOTAL_WEIGHT;
 use ferry_proto::ferry::v1::traffic_client::TrafficClient;
 use ferry_proto::ferry::v1::{
     ClearWeightsRequest, ClusterWeight, GetWeightsRequest, ListAuditRequest, ListPinsRequest,
@@ -178,6 +179,38 @@ pub fn parse_weight(pair: &str, bp: bool) -> anyhow::Result<ClusterWeight> {
     })
 }
 
+/// Parses every `CLUSTER=WEIGHT`. In percent, the sum is checked here so
+/// the error speaks the unit the user typed; the API (basis points)
+/// checks it again.
+pub fn parse_weights(pairs: &[String], bp: bool) -> anyhow::Result<Vec<ClusterWeight>> {
+    let weights = pairs
+        .iter()
+        .map(|w| parse_weight(w, bp))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if !bp {
+        if let Some(w) = weights.iter().find(|w| w.basis_points > TOTAL_WEIGHT) {
+            bail!(
+                "{}={} is more than 100 %",
+                w.cluster,
+                percent_value(w.basis_points)
+            );
+        }
+        let sum: u64 = weights.iter().map(|w| u64::from(w.basis_points)).sum();
+        if !weights.is_empty() && sum != u64::from(TOTAL_WEIGHT) {
+            bail!(
+                "weights sum to {} %, must be 100 %",
+                percent_value(sum.min(u64::from(u32::MAX)) as u32)
+            );
+        }
+    }
+    Ok(weights)
+}
+
+/// Basis points as a percentage with two decimals, no unit.
+fn percent_value(bp: u32) -> String {
+    format!("{}.{:02}", bp / 100, bp % 100)
+}
+
 fn percent(bp: u32) -> String {
     format!("{}.{:02}%", bp / 100, bp % 100)
 }
@@ -197,10 +230,7 @@ pub async fn weights(conn: &Conn, command: WeightsCommand) -> anyhow::Result<()>
             owner,
             expected_version,
         } => {
-            let weights = weights
-                .iter()
-                .map(|w| parse_weight(w, bp))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let weights = parse_weights(&weights, bp)?;
             let message = SetWeightsRequest {
                 service,
                 weights,
@@ -440,5 +470,21 @@ mod tests {
         assert!(parse_weight("new=0.001", false).is_err());
         assert!(parse_weight("new", false).is_err());
         assert!(parse_weight("new=-1", false).is_err());
+    }
+
+    fn pairs(p: &[&str]) -> Vec<String> {
+        p.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_percent_sum_error_speaks_percent() {
+        let e = parse_weights(&pairs(&["dc-old=60", "dc-new=30"]), false).unwrap_err();
+        assert_eq!(e.to_string(), "weights sum to 90.00 %, must be 100 %");
+        let e = parse_weights(&pairs(&["dc-old=120.5", "dc-new=0"]), false).unwrap_err();
+        assert_eq!(e.to_string(), "dc-old=120.50 is more than 100 %");
+        let ok = parse_weights(&pairs(&["a=99.99", "b=0.01"]), false).unwrap();
+        assert_eq!(ok.iter().map(|w| w.basis_points).sum::<u32>(), 10000);
+        // In basis points the API checks the sum and speaks basis points.
+        assert!(parse_weights(&pairs(&["a=6000", "b=3000"]), true).is_ok());
     }
 }

@@ -116,6 +116,11 @@ pub struct ControlArgs {
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
+
+    /// After a restart, a migration step counts as acknowledged only once
+    /// the proxies connected before it are back, or after this long.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    restart_grace: Duration,
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
@@ -144,6 +149,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         fleet.clone(),
         EngineConfig {
             concurrency: args.max_concurrent_migrations.max(1),
+            node: store.node().to_owned(),
+            restart_grace: args.restart_grace,
             ..EngineConfig::default()
         },
     )
@@ -223,8 +230,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let api_task = tokio::spawn(serve_api(
         api_listener,
         api_security,
-        TrafficApi::new(policy, catalog.clone(), clusters.clone()),
-        MigrationsApi::new(engine.clone()),
+        TrafficApi::new(policy, catalog.clone(), clusters.clone()).with_shutdown(shutdown.clone()),
+        MigrationsApi::new(engine.clone()).with_shutdown(shutdown.clone()),
         shutdown.clone(),
     ));
     // Migrations resume once the served snapshot carries the persisted
@@ -293,6 +300,15 @@ impl PolicyStore {
             Self::Embedded(_) => "embedded",
             #[cfg(feature = "etcd")]
             Self::Etcd(_) => "etcd",
+        }
+    }
+
+    /// This control plane's name in the store.
+    fn node(&self) -> &str {
+        match self {
+            Self::Embedded(_) => "local",
+            #[cfg(feature = "etcd")]
+            Self::Etcd(etcd) => &etcd.node,
         }
     }
 

@@ -100,6 +100,10 @@ pub struct StartArgs {
     /// Longest wait for those acknowledgements.
     #[arg(long, default_value = "60s")]
     ack_timeout: String,
+    /// Connected proxies that must hold a step's weights before it bakes;
+    /// no proxy connected is never an acknowledgement.
+    #[arg(long, default_value_t = 1)]
+    min_proxies: u32,
     /// Longest wait for both sides to be healthy.
     #[arg(long, default_value = "5m")]
     double_deploy_timeout: String,
@@ -142,6 +146,7 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                 data_timeout,
                 ack_share,
                 ack_timeout,
+                min_proxies,
                 double_deploy_timeout,
                 min_capacity,
                 drain,
@@ -170,6 +175,7 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                 min_capacity,
                 drain,
                 reason,
+                min_proxies,
             };
             let m = api
                 .create_migration(request(conn, message))
@@ -297,10 +303,7 @@ pub fn progress_line(m: &Migration) -> String {
         line.push_str(&format!(" [{}]", weights_text(m)));
     }
     if m.phase == "AWAITING_ACK" {
-        line.push_str(&format!(
-            " acked {}/{}",
-            m.acked_clients, m.connected_clients
-        ));
+        line.push_str(&format!(" waiting: {}", m.waiting));
     }
     if let Some(g) = m.gates.last() {
         line.push_str(&format!(" gate {}: {}", g.outcome, g.detail));
@@ -324,6 +327,7 @@ fn to_json(m: &Migration) -> serde_json::Value {
         "created_at_unix_ms": m.created_at_unix_ms, "updated_at_unix_ms": m.updated_at_unix_ms,
         "phase_started_at_unix_ms": m.phase_started_at_unix_ms,
         "acked_clients": m.acked_clients, "connected_clients": m.connected_clients, "bake": m.bake,
+        "min_proxies": m.min_proxies, "returning_clients": m.returning_clients, "waiting": m.waiting,
     })
 }
 
@@ -342,6 +346,9 @@ fn print_one(conn: &Conn, m: &Migration) {
         m.bake
     );
     println!("  weights   {}", weights_text(m));
+    if !m.waiting.is_empty() {
+        println!("  waiting   {}", m.waiting);
+    }
     println!("  by        {}", m.created_by);
     if !m.reason.is_empty() {
         println!("  reason    {}", m.reason);

@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
 use ferry_proto::ferry::v1::traffic_client::TrafficClient;
@@ -14,7 +14,9 @@ use ferry_proto::ferry::v1::{
     ListMigrationsRequest, ListPinsRequest, Migration, MigrationActionRequest, PinRequest,
 };
 use futures::StreamExt;
-use support::{Ads, Backends, Envoy, Ferry, Prometheus, Steady, ferry_cli, share, split};
+use support::{
+    Ads, Backends, Envoy, Ferry, FerryProxy, Gate, Prometheus, Steady, ferry_cli, share, split,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -288,32 +290,45 @@ async fn a_failing_gate_rolls_back_to_the_source_at_once() {
     );
 }
 
+/// The scenario of a control plane killed mid-shift whose proxies come
+/// back at different times: Envoy's load reports reconnect at once, its
+/// ADS stream only when the test opens the gate in front of it (as when
+/// Envoy's ADS backoff happens to be long). The step after the crash must
+/// wait for Envoy to hold its weights, and DONE must mean the source gets
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_control_plane_killed_mid_shift_resumes_at_the_same_step() {
+async fn a_control_plane_killed_mid_shift_resumes_and_waits_for_envoy_before_the_next_step() {
     let backends = Backends::start(&["old/a", "new/a"]).await;
     let mut ferry = Ferry::start(&catalog(&backends)).await;
-    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let gate = Gate::start(ferry.xds_port).await;
+    let envoy = Envoy::start_with_ads_at(&ferry, Ads::Delta, gate.port).await;
     support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
         share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
     })
     .await;
     let mut api = MigrationsClient::new(channel(&ferry).await);
-    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(90));
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(150));
+    let mut request = plan(&[20.0, 60.0, 100.0], "6s");
+    request.ack_timeout = "90s".into();
     let created = api
-        .create_migration(plan(&[20.0, 60.0, 100.0], "6s"))
+        .create_migration(request)
         .await
         .expect("create")
         .into_inner();
-    // Wait until the second step (60 %) bakes, then crash the control plane.
+    let get = |api: &mut MigrationsClient<Channel>| {
+        let mut api = api.clone();
+        let id = created.id.clone();
+        async move {
+            api.get_migration(GetMigrationRequest { id })
+                .await
+                .map(|m| m.into_inner())
+        }
+    };
+    // Wait until the second step (60 %) bakes, then crash the control
+    // plane with Envoy's ADS stream cut off.
     let mut before = None;
     for _ in 0..300 {
-        let m = api
-            .get_migration(GetMigrationRequest {
-                id: created.id.clone(),
-            })
-            .await
-            .expect("get")
-            .into_inner();
+        let m = get(&mut api).await.expect("get");
         if m.step == 1 && m.phase == "BAKING" {
             before = Some(m);
             break;
@@ -321,19 +336,11 @@ async fn a_control_plane_killed_mid_shift_resumes_at_the_same_step() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = before.unwrap_or_else(|| panic!("never reached step 2\n{}", ferry.log()));
+    gate.shut();
     let killed_at = Instant::now();
-    ferry.kill();
-    tokio::time::sleep(Duration::from_secs(2)).await;
     ferry.restart().await;
-    let restarted_at = Instant::now();
     let mut api = MigrationsClient::new(channel(&ferry).await);
-    let after = api
-        .get_migration(GetMigrationRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .expect("get after restart")
-        .into_inner();
+    let after = get(&mut api).await.expect("get after restart");
     assert_eq!(
         (after.stage.as_str(), after.step),
         ("SHIFT", 1),
@@ -344,36 +351,182 @@ async fn a_control_plane_killed_mid_shift_resumes_at_the_same_step() {
         after.phase_started_at_unix_ms,
         before.phase_started_at_unix_ms
     );
-    let updates = follow(&mut api, &created.id, Duration::from_secs(60)).await;
-    let answers = steady.stop().await;
-    let last = &updates.last().expect("updates").1;
-    assert_eq!(last.stage, "DONE", "{last:?}\n{}", ferry.log());
-    // Envoy never saw default (catalog) weights: from the crash until well
-    // after the restart it kept the 60 % step.
-    let (during, n) = share_between(
-        &answers,
-        killed_at,
-        restarted_at + Duration::from_secs(1),
-        "new/",
+    // Step 2 passes on the load reports alone and step 3's weights are
+    // set, but no proxy holds them: the step is not acknowledged.
+    support::eventually(Duration::from_secs(40), "step 3 awaiting ack", || {
+        let mut api = api.clone();
+        async move {
+            get(&mut api)
+                .await
+                .is_ok_and(|m| m.step == 2 && m.phase == "AWAITING_ACK")
+        }
+    })
+    .await;
+    let waiting = get(&mut api).await.expect("get");
+    assert!(waiting.waiting.contains("proxies"), "{waiting:?}");
+    let status = ferry.status().await;
+    assert_eq!(
+        status["policy"]["migrations"][0]["waiting"], waiting.waiting,
+        "{status}"
     );
+    // Ferry recorded Envoy before the crash and awaits it by name.
+    assert_eq!(status["policy"]["returning_proxies"], 1, "{status}");
+    // And stays so while Envoy is away (its ACK timeout is far off).
+    let away_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < away_until {
+        let m = get(&mut api).await.expect("get");
+        assert_eq!((m.step, m.phase.as_str()), (2, "AWAITING_ACK"), "{m:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let opened_at = Instant::now();
+    gate.open();
+    let updates = follow(&mut api, &created.id, Duration::from_secs(90)).await;
+    let answers = steady.stop().await;
+    let (done_at, last) = updates.last().expect("updates");
+    assert_eq!(ferry.status().await["policy"]["returning_proxies"], 0);
+    assert_eq!(last.stage, "DONE", "{last:?}\n{}", ferry.log());
+    // Step 3 was acknowledged only once Envoy was back.
+    let acked_at = updates
+        .iter()
+        .find(|(_, m)| m.step == 2 && m.phase == "BAKING")
+        .expect("step 3 baked")
+        .0;
+    assert!(acked_at > opened_at);
+    // Envoy kept the 60 % step from the crash until its ADS stream was back:
+    // never default weights, never a step it had not received.
+    let (during, n) = share_between(&answers, killed_at, opened_at, "new/");
     assert!(n >= 100, "{n}");
     assert!(
         (during - 0.60).abs() <= 0.05,
-        "new got {during:.3} of {n} requests around the crash"
+        "new got {during:.3} of {n} requests while Envoy was away"
+    );
+    // DONE means the source gets nothing.
+    let after_done: Vec<&String> = answers
+        .iter()
+        .filter(|(at, _)| at > done_at)
+        .map(|(_, k)| k)
+        .collect();
+    assert!(
+        after_done.iter().all(|k| k.starts_with("new/")),
+        "after DONE: {:?}",
+        after_done
+            .iter()
+            .filter(|k| !k.starts_with("new/"))
+            .take(5)
+            .collect::<Vec<_>>()
     );
     let lost = answers
         .iter()
         .filter(|(_, k)| !k.starts_with("old/") && !k.starts_with("new/"))
         .count();
     assert_eq!(lost, 0, "requests failed around the crash");
-    // The step after the crash did not start before the first one's bake ended.
-    let next_step = updates
-        .iter()
-        .find(|(_, m)| m.step == 2)
-        .expect("step 3")
-        .1
-        .clone();
-    assert!(next_step.phase_started_at_unix_ms >= before.phase_started_at_unix_ms + 6_000);
+}
+
+/// Runs the CLI as a child process; (success, stdout, stderr, when it
+/// exited).
+async fn cli_until_exit(ferry: &Ferry, args: &[&str]) -> (bool, String, String, SystemTime) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .args(["--server", &format!("http://127.0.0.1:{}", ferry.api_port)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ferry CLI");
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the CLI never exited")
+        .expect("CLI output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        SystemTime::now(),
+    )
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_watch_exits_as_the_migration_ends_with_its_outcome() {
+    let backends = Backends::start(&["old/a", "new/a"]).await;
+    let ferry = Ferry::start(&catalog(&backends)).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    support::eventually(Duration::from_secs(10), "envoy routes to old", || async {
+        share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
+    })
+    .await;
+    let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(120));
+    let start = |from: &'static str, to: &'static str, watch: bool| {
+        let mut args = vec![
+            "migrate",
+            "start",
+            "checkout.shop",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--steps",
+            "50,100",
+            "--bake",
+            "2s",
+            "--min-requests",
+            "20",
+            "--data-timeout",
+            "10s",
+            "--ack-timeout",
+            "30s",
+            "--drain",
+            "1s",
+            "--reason",
+            "cli watch",
+        ];
+        if watch {
+            args.push("--watch");
+        }
+        args
+    };
+
+    // Live to DONE: `migrate start --watch` exits 0 right after it.
+    let (ok, out, err, exited) = cli_until_exit(&ferry, &start("old", "new", true)).await;
+    assert!(ok, "{out}\n{err}\n{}", ferry.log());
+    assert!(out.contains("DONE"), "{out}");
+    let (_, json, _) = ferry_cli(&ferry, &["migrate", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let done = &list[0];
+    assert_eq!(done["stage"], "DONE", "{list}");
+    let late = unix_ms(exited) - done["updated_at_unix_ms"].as_i64().expect("updated");
+    assert!(late <= 1000, "exited {late} ms after DONE");
+
+    // Back again into a target that fails: `migrate watch ID` follows it
+    // live and exits non-zero with the reason right after ROLLED_BACK.
+    backends.set_status("old/a", 503);
+    let (ok, out, err) = ferry_cli(&ferry, &start("new", "old", false));
+    assert!(ok, "{out}{err}");
+    let id = out
+        .split_whitespace()
+        .next()
+        .expect("the migration's id")
+        .to_owned();
+    let (ok, out, err, exited) = cli_until_exit(&ferry, &["migrate", "watch", &id]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("ROLLED_BACK") && err.contains("gate failed"),
+        "{err}"
+    );
+    let (_, json, _) = ferry_cli(&ferry, &["migrate", "get", &id, "-o", "json"]);
+    let rolled: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(rolled["stage"], "ROLLED_BACK", "{rolled}");
+    assert!(
+        out.contains("SHIFT"),
+        "it watched the migration live: {out}"
+    );
+    let late = unix_ms(exited) - rolled["updated_at_unix_ms"].as_i64().expect("updated");
+    assert!(late <= 1000, "exited {late} ms after ROLLED_BACK");
+    drop(steady.stop().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -686,7 +839,20 @@ async fn the_cli_starts_steers_and_watches_migrations() {
     assert_eq!(started["steps_bp"], serde_json::json!([500, 5000, 10000]));
     assert_eq!(started["created_by"], "alice");
 
-    // No proxy is connected, so the first step applies at once and bakes.
+    // No proxy is connected: the first step's weights are set, but no
+    // proxy is no acknowledgement, and `migrate get` says so.
+    support::eventually(Duration::from_secs(10), "first step set", || async {
+        let (_, out, _) = cli(&["migrate", "get", &id, "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|m| m["phase"] == "AWAITING_ACK")
+    })
+    .await;
+    let (ok, out, _) = cli(&["migrate", "get", &id]);
+    assert!(
+        ok && out.contains("waiting   0 of at least 1 proxies connected"),
+        "{out}"
+    );
+    // A proxy connects and takes the step's weights: the step bakes.
+    let _proxy = FerryProxy::start(ferry.xds_port).await;
     support::eventually(Duration::from_secs(10), "first step baking", || async {
         let (_, out, _) = cli(&["migrate", "get", &id, "-o", "json"]);
         serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|m| m["phase"] == "BAKING")
@@ -812,6 +978,8 @@ async fn migrations_beyond_the_concurrency_limit_wait_their_turn() {
         backends.addr("new/a")
     );
     let ferry = Ferry::start_with(&two, &["--max-concurrent-migrations", "1"]).await;
+    // A proxy acknowledges each step (and the abort's rollback).
+    let _proxy = FerryProxy::start(ferry.xds_port).await;
     let mut api = MigrationsClient::new(channel(&ferry).await);
     let first = api
         .create_migration(plan(&[10.0, 100.0], "10m"))

@@ -862,6 +862,45 @@ pub fn envoy_bootstrap(
     xds: std::net::SocketAddr,
     admin: std::net::SocketAddr,
 ) -> String {
+    envoy_bootstrap_split(node_id, node_cluster, api_type, xds, xds, admin)
+}
+
+/// Like [`envoy_bootstrap`], with the ADS stream to `ads` and the load
+/// reports to `lrs` (two upstream clusters when they differ), so a test can
+/// hold one of them back.
+pub fn envoy_bootstrap_split(
+    node_id: &str,
+    node_cluster: &str,
+    api_type: &str,
+    ads: std::net::SocketAddr,
+    lrs: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+) -> String {
+    let cluster = |name: &str, at: std::net::SocketAddr| {
+        format!(
+            r#"    - name: {name}
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: {name}
+        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
+"#,
+            ip = at.ip(),
+            port = at.port(),
+        )
+    };
+    let (lrs_cluster, clusters) = if ads == lrs {
+        ("ferry_xds", cluster("ferry_xds", ads))
+    } else {
+        (
+            "ferry_lrs",
+            cluster("ferry_xds", ads) + &cluster("ferry_lrs", lrs),
+        )
+    };
     format!(
         r#"node: {{id: {node_id}, cluster: {node_cluster}}}
 dynamic_resources:
@@ -876,24 +915,12 @@ cluster_manager:
   load_stats_config:
     api_type: GRPC
     transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
+    grpc_services: [{{envoy_grpc: {{cluster_name: {lrs_cluster}}}}}]
 static_resources:
   clusters:
-    - name: ferry_xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: ferry_xds
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {xds_ip}, port_value: {xds_port}}}}}}}}}]}}]
-admin:
+{clusters}admin:
   address: {{socket_address: {{address: {admin_ip}, port_value: {admin_port}}}}}
 "#,
-        xds_ip = xds.ip(),
-        xds_port = xds.port(),
         admin_ip = admin.ip(),
         admin_port = admin.port(),
     )

@@ -17,6 +17,7 @@ use ferry_proto::ferry::v1::{
     SetWeightsRequest, UnpinRequest, UnpinResponse, WatchPolicyRequest,
 };
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::policy::{Pin, Policy, PolicyError, WeightsChange};
@@ -28,6 +29,9 @@ pub struct TrafficApi {
     policy: Arc<Policy>,
     catalog: Arc<Catalog>,
     clusters: ClusterStatuses,
+    /// Ends every open `WatchPolicy` stream, so a shutdown never waits on
+    /// a watcher.
+    shutdown: CancellationToken,
 }
 
 impl TrafficApi {
@@ -37,7 +41,14 @@ impl TrafficApi {
             policy,
             catalog,
             clusters,
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Open watches end when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn into_service(self) -> TrafficServer<Self> {
@@ -217,7 +228,9 @@ impl Traffic for TrafficApi {
             policy_version: self.policy.version(),
             change: None,
         };
-        Ok(Response::new(policy_stream(first, events)))
+        Ok(Response::new(Box::pin(
+            policy_stream(first, events).take_until(self.shutdown.clone().cancelled_owned()),
+        )))
     }
 
     async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinRecord>, Status> {

@@ -6,33 +6,40 @@
 //! transaction before anything takes effect. On start the engine loads the
 //! records and resumes each migration where it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_discovery::{Catalog, CatalogSnapshot, ClusterName, Service, ServiceName, Weights};
 use ferry_xds::lrs::{Load, LoadReports};
 use ferry_xds::status::ClientRegistry;
-use ferry_xds::{Snapshot, SnapshotCache};
+use ferry_xds::{ResourceType, Snapshot, SnapshotCache};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
-    self, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
+    self, Acks, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
     begin_rollback,
 };
 use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
 use crate::prometheus::{Prometheus, render};
+use crate::returning::Returning;
 
 /// How the engine runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Migrations that may be in flight at once; more wait in VALIDATE.
     pub concurrency: usize,
     /// How often every migration is looked at.
     pub tick: Duration,
+    /// This control plane's name in the store (its proxies are recorded
+    /// under it).
+    pub node: String,
+    /// After a restart, how long an acknowledgement also waits for the
+    /// proxies that were connected before it.
+    pub restart_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -40,9 +47,14 @@ impl Default for EngineConfig {
         Self {
             concurrency: 10,
             tick: Duration::from_millis(100),
+            node: "local".into(),
+            restart_grace: Duration::from_secs(30),
         }
     }
 }
+
+/// How often the connected proxies are looked at (and recorded on change).
+const PROXIES_EVERY: Duration = Duration::from_millis(500);
 
 /// The migration engine.
 #[derive(Debug)]
@@ -64,6 +76,8 @@ pub struct Engine {
     leading: AtomicBool,
     prometheus: Prometheus,
     latencies: Mutex<BTreeMap<String, LatencyReading>>,
+    /// Proxies awaited after a restart; when they were last looked at.
+    returning: Mutex<(Returning, Option<Instant>)>,
 }
 
 /// The live control plane as the stage machine sees it.
@@ -75,6 +89,7 @@ struct LiveWorld<'a> {
     policy: &'a Policy,
     fleet: &'a Fleet,
     latencies: &'a BTreeMap<String, LatencyReading>,
+    returning: usize,
 }
 
 impl World for LiveWorld<'_> {
@@ -89,10 +104,14 @@ impl World for LiveWorld<'_> {
             .map(|(_, w, _, _)| w)
     }
 
-    fn acks(&self, policy_version: u64) -> (usize, usize) {
+    fn acks(&self, policy_version: u64) -> Acks {
         let (acked, total) = local_acks(self.snapshot, self.clients, policy_version);
         let (peers_acked, peers_total) = self.fleet.acks(policy_version);
-        (acked + peers_acked, total + peers_total)
+        Acks {
+            acked: acked + peers_acked,
+            connected: total + peers_total,
+            returning: self.returning,
+        }
     }
 
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load {
@@ -130,6 +149,19 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Arc<Self>, PolicyError> {
         let migrations = stored_migrations(&policy)?;
+        let saved = policy.saved_proxies(&config.node).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the proxies connected before this start; waiting for none");
+            BTreeSet::new()
+        });
+        if !saved.is_empty() {
+            tracing::info!(
+                proxies = saved.len(),
+                grace = ?config.restart_grace,
+                "steps are acknowledged once the proxies connected before this start are back, or after the grace period"
+            );
+        }
+        metrics::gauge!("ferry_migrate_returning_proxies").set(saved.len() as f64);
+        let returning = Returning::new(saved, Instant::now(), config.restart_grace);
         let (updates, _) = broadcast::channel(1024);
         let engine = Arc::new(Self {
             policy,
@@ -146,6 +178,7 @@ impl Engine {
             leading: AtomicBool::new(true),
             prometheus: Prometheus::default(),
             latencies: Mutex::new(BTreeMap::new()),
+            returning: Mutex::new((returning, None)),
         });
         engine.export_gauges(&engine.lock());
         Ok(engine)
@@ -282,7 +315,7 @@ impl Engine {
             updated_at_ms: now,
             phase_started_ms: now,
             applied_version: 0,
-            acks: (0, 0),
+            acks: Acks::default(),
         };
         let detail = format!(
             "{} → {}, steps {:?} bp, bake {:?}",
@@ -485,8 +518,51 @@ impl Engine {
         }
     }
 
+    /// Proxies connected before the last restart that are not back yet.
+    pub fn returning_proxies(&self) -> usize {
+        self.returning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .awaited()
+    }
+
+    /// Looks at the connected proxies (at most every [`PROXIES_EVERY`]),
+    /// records them when they changed, and returns how many proxies are
+    /// still awaited after a restart.
+    fn observe_proxies(&self) -> usize {
+        let mut guard = self.returning.lock().unwrap_or_else(|p| p.into_inner());
+        let (returning, last) = &mut *guard;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < PROXIES_EVERY) {
+            return returning.awaited();
+        }
+        *last = Some(now);
+        let connected = self.clients.nodes_subscribed(ResourceType::Route.short());
+        let observed = returning.observe(&connected, now);
+        if observed.all_back {
+            tracing::info!("every proxy connected before this start is back");
+        }
+        if !observed.gave_up_on.is_empty() {
+            tracing::warn!(
+                missing = observed.gave_up_on.len(),
+                first = ?observed.gave_up_on.iter().take(10).collect::<Vec<_>>(),
+                grace = ?self.config.restart_grace,
+                "proxies connected before this start did not come back within the grace period; no longer waiting for them"
+            );
+        }
+        metrics::gauge!("ferry_migrate_returning_proxies").set(returning.awaited() as f64);
+        if let Some(save) = observed.save
+            && let Err(e) = self.policy.save_proxies(&self.config.node, &save)
+        {
+            tracing::warn!(error = %e, "cannot record the connected proxies");
+        }
+        returning.awaited()
+    }
+
     /// Advances every migration once (only while leading).
     pub fn tick(&self) {
+        let returning = self.observe_proxies();
         if !self.is_leading() {
             return;
         }
@@ -505,6 +581,7 @@ impl Engine {
             loads: &self.loads,
             policy: &self.policy,
             fleet: &self.fleet,
+            returning,
         };
         let now = now_ms();
         let mut map = self.lock();

@@ -12,12 +12,15 @@
 //!
 //! Keys under the prefix (default `/ferry`): `meta/version`,
 //! `weights/<service>`, `pins/<service>`, `migrations/<id>`,
-//! `audit/<version, 20 digits>`, and the election `election`.
+//! `audit/<version, 20 digits>`, the election `election`, and outside the
+//! policy `observations/<node>` and `proxies/<node>` (the proxies each
+//! control plane waits for after a restart).
 //!
 //! The [`Backend`] calls are synchronous (the policy applies a change under
 //! its lock); they run the etcd call on the current multi-threaded tokio
 //! runtime with `block_in_place`.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -301,6 +304,30 @@ impl Backend for EtcdStore {
 
     fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         self.block(self.audit_async(service, limit))
+    }
+
+    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
+        let json = to_json(proxies)?;
+        let key = self.key(&format!("proxies/{node}"));
+        let mut client = self.client.clone();
+        self.block(client.put(key, json, None))
+            .map(|_| ())
+            .map_err(|e| StoreError::Db(e.to_string()))
+    }
+
+    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
+        let key = self.key(&format!("proxies/{node}"));
+        let mut client = self.client.clone();
+        let response = self
+            .block(client.get(key.clone(), None))
+            .map_err(|e| StoreError::Db(e.to_string()))?;
+        match response.kvs().first() {
+            Some(kv) => parse(
+                &key,
+                kv.value_str().map_err(|e| StoreError::Db(e.to_string()))?,
+            ),
+            None => Ok(BTreeSet::new()),
+        }
     }
 }
 

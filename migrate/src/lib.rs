@@ -17,6 +17,7 @@ pub mod migration;
 pub mod migration_api;
 pub mod policy;
 pub mod prometheus;
+pub mod returning;
 pub mod store;
 
 pub use engine::{Engine, EngineConfig};

@@ -158,6 +158,58 @@ pub struct Plan {
     /// Target ready endpoints ≥ this × the sources' ready endpoints.
     pub min_capacity: f64,
     pub drain_ms: u64,
+    /// Connected proxies that must hold a step's weights before it bakes:
+    /// no proxy is never an acknowledgement.
+    #[serde(default = "one_proxy")]
+    pub min_proxies: u32,
+}
+
+fn one_proxy() -> u32 {
+    1
+}
+
+/// What the acknowledgement wait reads: the proxies holding a policy
+/// version, out of those connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Acks {
+    /// Connected proxies holding routes of the version or a later one.
+    pub acked: usize,
+    /// Connected proxies that take routes.
+    pub connected: usize,
+    /// Proxies connected before this control plane restarted that have
+    /// not come back yet (within the restart grace period).
+    pub returning: usize,
+}
+
+impl Acks {
+    /// Whether `plan`'s step may count as acknowledged.
+    pub fn enough(&self, plan: &Plan) -> bool {
+        self.connected >= plan.min_proxies.max(1) as usize
+            && self.returning == 0
+            && self.acked as f64 >= (plan.ack_share * self.connected as f64).ceil()
+    }
+
+    /// What an unacknowledged step waits for, in words.
+    pub fn waiting_for(&self, plan: &Plan) -> String {
+        let min = plan.min_proxies.max(1) as usize;
+        if self.connected < min {
+            return format!(
+                "{} of at least {min} proxies connected; no proxy is no acknowledgement",
+                self.connected
+            );
+        }
+        if self.returning > 0 {
+            return format!(
+                "{} proxies connected before the control plane restarted have not reconnected",
+                self.returning
+            );
+        }
+        let need = (plan.ack_share * self.connected as f64).ceil() as usize;
+        format!(
+            "{}/{} proxies hold the step's weights; {need} needed",
+            self.acked, self.connected
+        )
+    }
 }
 
 /// One gate evaluation.
@@ -222,7 +274,7 @@ pub struct Migration {
     pub applied_version: u64,
     /// Proxies that acknowledged the step, out of those connected.
     #[serde(skip)]
-    pub acks: (usize, usize),
+    pub acks: Acks,
 }
 
 impl Migration {
@@ -239,8 +291,9 @@ pub trait World {
     fn weights(&self, name: &ServiceName) -> Option<Weights>;
     /// Connected proxies (of every control plane) that hold routes
     /// translated from policy version `policy_version` or later, out of all
-    /// connected proxies that take routes.
-    fn acks(&self, policy_version: u64) -> (usize, usize);
+    /// connected proxies that take routes, and those still awaited after a
+    /// restart.
+    fn acks(&self, policy_version: u64) -> Acks;
     /// The load a service's backend in `cluster` reported since `since_ms`.
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load;
     /// The latest p99 readings for migration `m`'s current step (latency
@@ -534,8 +587,12 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
 
 fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     let acks = world.acks(m.applied_version);
-    let (acked, total) = acks;
-    let enough = total == 0 || acked as f64 >= (m.plan.ack_share * total as f64).ceil();
+    let Acks {
+        acked,
+        connected: total,
+        ..
+    } = acks;
+    let enough = acks.enough(&m.plan);
     let timed_out = elapsed.as_millis() as u64 > m.plan.ack_timeout_ms;
     if m.stage == Stage::RollingBack {
         if enough || timed_out {
@@ -569,10 +626,10 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
         return begin_rollback(
             m,
             format!(
-                "only {acked} of {total} proxies acknowledged step {} within {:?} (need {:.0} %)",
+                "step {} was not acknowledged within {:?}: {}",
                 m.step + 1,
                 Duration::from_millis(m.plan.ack_timeout_ms),
-                m.plan.ack_share * 100.0
+                acks.waiting_for(&m.plan)
             ),
             now,
         );
@@ -691,6 +748,34 @@ pub fn judge(
     )
 }
 
+/// How long the sources must have been silent before the last step ends:
+/// a proxy reports load about once a second, so a report that arrives just
+/// after the step was acknowledged may still count requests routed before.
+pub const SOURCES_QUIET_MS: i64 = 3_000;
+
+/// At the last step every proxy should send the sources nothing. Requests
+/// the sources served over the last [`SOURCES_QUIET_MS`] (or half the bake,
+/// if longer) of the step mean some proxy still routes to them: the step
+/// must not end, whatever the acknowledgements say.
+fn sources_still_serve(m: &Migration, world: &dyn World, now: i64) -> Option<String> {
+    let quiet = SOURCES_QUIET_MS.max((m.plan.bake_ms / 2) as i64);
+    let since = now - quiet;
+    if since < m.phase_started_ms {
+        return Some(format!(
+            "the sources must be seen idle for {:?} before the last step ends",
+            Duration::from_millis(quiet as u64)
+        ));
+    }
+    let load = sum_load(world, m, &m.plan.from, since);
+    (load.requests > 0).then(|| {
+        format!(
+            "the sources still served {} requests in the last {:?}: some proxy still routes to them",
+            load.requests,
+            Duration::from_millis(quiet as u64)
+        )
+    })
+}
+
 fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     let since = m.phase_started_ms;
     let source = sum_load(world, m, &m.plan.from, since);
@@ -732,6 +817,26 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
         _ => judged.gates.push(result),
     }
     let baked = elapsed.as_millis() as u64 >= m.plan.bake_ms;
+    let outcome = match outcome {
+        GateOutcome::Pass if baked && m.step + 1 == m.plan.steps.len() => {
+            match sources_still_serve(m, world, now) {
+                None => outcome,
+                Some(still) => {
+                    if let Some(last) = judged.gates.last_mut() {
+                        last.outcome = GateOutcome::NotEnoughData;
+                        last.detail = format!("{detail}; {still}");
+                    }
+                    GateOutcome::NotEnoughData
+                }
+            }
+        }
+        other => other,
+    };
+    let detail = judged
+        .gates
+        .last()
+        .map(|g| g.detail.clone())
+        .unwrap_or(detail);
     match outcome {
         GateOutcome::Fail => {
             let reason = format!(
@@ -791,7 +896,7 @@ mod tests {
     /// A world whose every reading the test sets.
     struct Fixed {
         service: Service,
-        acks: (usize, usize),
+        acks: Acks,
         load: BTreeMap<String, Load>,
         latency: Latency,
     }
@@ -803,7 +908,7 @@ mod tests {
         fn weights(&self, _: &ServiceName) -> Option<Weights> {
             self.service.effective_weights()
         }
-        fn acks(&self, _: u64) -> (usize, usize) {
+        fn acks(&self, _: u64) -> Acks {
             self.acks
         }
         fn load(&self, _: &ServiceName, cluster: &ClusterName, _: i64) -> Load {
@@ -811,6 +916,14 @@ mod tests {
         }
         fn latency(&self, _: &Migration) -> Latency {
             self.latency
+        }
+    }
+
+    fn acks(acked: usize, connected: usize, returning: usize) -> Acks {
+        Acks {
+            acked,
+            connected,
+            returning,
         }
     }
 
@@ -823,7 +936,7 @@ mod tests {
         let service = parse_catalog(Path::new("t.yaml"), yaml).unwrap().remove(0);
         Fixed {
             service,
-            acks: (0, 0),
+            acks: acks(1, 1, 0),
             load: BTreeMap::new(),
             latency: Latency::default(),
         }
@@ -848,6 +961,7 @@ mod tests {
                 double_deploy_timeout_ms: 3000,
                 min_capacity: 0.5,
                 drain_ms: 500,
+                min_proxies: 1,
             },
             stage: Stage::Validate,
             phase: Phase::None,
@@ -863,7 +977,7 @@ mod tests {
             updated_at_ms: 0,
             phase_started_ms: 0,
             applied_version: 0,
-            acks: (0, 0),
+            acks: Acks::default(),
         }
     }
 
@@ -905,9 +1019,9 @@ mod tests {
         m = t.to;
         assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
         // Waits for every proxy, then bakes.
-        w.acks = (1, 2);
+        w.acks = acks(1, 2, 0);
         assert!(matches!(next(&m, &w, 20), Next::Observe(_)));
-        w.acks = (2, 2);
+        w.acks = acks(2, 2, 0);
         m = take(next(&m, &w, 30)).to;
         assert_eq!(m.phase, Phase::Baking);
         // Healthy data, but the bake is not over: no step yet.
@@ -935,16 +1049,22 @@ mod tests {
         assert_eq!(m.step, 2);
         m = take(next(&m, &w, 2400)).to; // acked
         // Last step: the sources carry nothing; the reference is the
-        // source's rate from the step before.
+        // source's rate from the step before. It ends only once the
+        // sources were seen idle for SOURCES_QUIET_MS.
         w.load.remove("old1");
-        let t = take(next(&m, &w, 3500));
+        assert!(!matches!(next(&m, &w, 3500), Next::Transition(_)));
+        let t = take(next(&m, &w, 2400 + SOURCES_QUIET_MS));
         assert_eq!(t.to.stage, Stage::Cleanup);
         assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 10000);
         m = t.to;
-        assert!(matches!(next(&m, &w, 3600), Next::Wait), "drains first");
-        m = take(next(&m, &w, 4100)).to;
+        let cleanup = m.phase_started_ms;
+        assert!(
+            matches!(next(&m, &w, cleanup + 100), Next::Wait),
+            "drains first"
+        );
+        m = take(next(&m, &w, cleanup + 600)).to;
         assert_eq!(m.stage, Stage::Unpin);
-        let t = take(next(&m, &w, 4200));
+        let t = take(next(&m, &w, cleanup + 700));
         assert_eq!(t.to.stage, Stage::Done);
         assert_eq!(t.pin, Some(None), "the pin is released");
     }
@@ -1038,15 +1158,112 @@ mod tests {
         let mut m = migration();
         m = take(next(&m, &w, 0)).to;
         m = take(next(&m, &w, 0)).to;
-        w.acks = (1, 3);
+        w.acks = acks(1, 3, 0);
         assert!(!matches!(next(&m, &w, 1000), Next::Transition(_)));
         let t = take(next(&m, &w, 2500));
         assert_eq!(t.to.stage, Stage::RollingBack);
         assert!(
-            t.to.reason.contains("only 1 of 3 proxies"),
+            t.to.reason
+                .contains("1/3 proxies hold the step's weights; 3 needed"),
             "{}",
             t.to.reason
         );
+    }
+
+    #[test]
+    fn no_proxy_is_never_an_acknowledgement() {
+        let mut w = world();
+        let mut m = migration();
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        assert_eq!(m.phase, Phase::AwaitingAck);
+        w.acks = acks(0, 0, 0);
+        assert!(!matches!(next(&m, &w, 100), Next::Transition(_)));
+        assert_eq!(
+            w.acks.waiting_for(&m.plan),
+            "0 of at least 1 proxies connected; no proxy is no acknowledgement"
+        );
+        // More proxies may be required; fewer connected wait.
+        m.plan.min_proxies = 3;
+        w.acks = acks(2, 2, 0);
+        assert!(!matches!(next(&m, &w, 200), Next::Transition(_)));
+        // Nobody ever came: the step rolls back at the ACK timeout.
+        w.acks = acks(0, 0, 0);
+        let t = take(next(&m, &w, 2500));
+        assert_eq!(t.to.stage, Stage::RollingBack);
+        assert!(
+            t.to.reason.contains("no proxy is no acknowledgement"),
+            "{}",
+            t.to.reason
+        );
+    }
+
+    #[test]
+    fn proxies_connected_before_a_restart_are_waited_for() {
+        let mut w = world();
+        let mut m = migration();
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        // One proxy is back and holds the weights; another one that was
+        // connected before the restart is not back yet.
+        w.acks = acks(1, 1, 1);
+        match next(&m, &w, 100) {
+            Next::Observe(seen) => assert!(
+                seen.acks
+                    .waiting_for(&seen.plan)
+                    .contains("1 proxies connected before"),
+                "{}",
+                seen.acks.waiting_for(&seen.plan)
+            ),
+            other => panic!("{other:?}"),
+        }
+        w.acks = acks(2, 2, 0);
+        assert_eq!(take(next(&m, &w, 200)).to.phase, Phase::Baking);
+    }
+
+    #[test]
+    fn the_last_step_never_ends_while_the_sources_still_serve() {
+        let mut w = world();
+        let mut m = migration();
+        m.plan.steps = vec![5000, 10000];
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        m = take(next(&m, &w, 0)).to;
+        let load = |requests| Load {
+            requests,
+            errors: 0,
+        };
+        w.load.insert("new".into(), load(100));
+        w.load.insert("old2".into(), load(100));
+        m = take(next(&m, &w, 1000)).to; // step 1 passed
+        m = take(next(&m, &w, 1000)).to; // step 2 acknowledged
+        assert_eq!((m.stage, m.phase, m.step), (Stage::Shift, Phase::Baking, 1));
+        // Every proxy acknowledged, the target is healthy, but a source
+        // still serves: some proxy routes by older weights.
+        match next(&m, &w, 1000 + SOURCES_QUIET_MS + 100) {
+            Next::Observe(seen) => {
+                let g = seen.gates.last().unwrap();
+                assert_eq!(g.outcome, GateOutcome::NotEnoughData);
+                assert!(
+                    g.detail.contains("sources still served 100 requests"),
+                    "{}",
+                    g.detail
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // It never reaches CLEANUP; past the data timeout it rolls back.
+        let t = take(next(&m, &w, 1000 + 1000 + 5000 + 1));
+        assert_eq!(t.to.stage, Stage::RollingBack);
+        assert!(
+            t.to.reason.contains("some proxy still routes to them"),
+            "{}",
+            t.to.reason
+        );
+        // Had the sources been idle, it would have ended.
+        w.load.remove("old2");
+        let t = take(next(&m, &w, 1000 + SOURCES_QUIET_MS + 200));
+        assert_eq!(t.to.stage, Stage::Cleanup);
     }
 
     #[test]

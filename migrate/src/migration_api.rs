@@ -11,22 +11,35 @@ use ferry_discovery::{ClusterName, ServiceName, TOTAL_WEIGHT};
 use ferry_proto::ferry::v1 as pb;
 use ferry_proto::ferry::v1::migrations_server::{Migrations, MigrationsServer};
 use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::api::actor;
 use crate::engine::Engine;
-use crate::migration::{DEFAULT_P99_QUERY, Gates, LatencyGate, Migration, Plan};
+use crate::migration::{DEFAULT_P99_QUERY, Gates, LatencyGate, Migration, Phase, Plan};
 use crate::policy::PolicyError;
 
 /// The migrations API.
 #[derive(Debug, Clone)]
 pub struct MigrationsApi {
     engine: Arc<Engine>,
+    /// Ends every open `WatchMigration` stream, so a shutdown never waits
+    /// on a watcher.
+    shutdown: CancellationToken,
 }
 
 impl MigrationsApi {
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self {
+            engine,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Open watches end when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn into_service(self) -> MigrationsServer<Self> {
@@ -221,6 +234,16 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
             ));
         },
         drain_ms: duration("drain", &r.drain, Duration::from_secs(10))?,
+        min_proxies: match r.min_proxies {
+            0 => 1,
+            n @ 1..=1_000_000 => n,
+            n => {
+                return Err(invalid(
+                    "min_proxies",
+                    format!("{n} is more than 1000000 proxies"),
+                ));
+            }
+        },
     })
 }
 
@@ -257,9 +280,21 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
         created_at_unix_ms: m.created_at_ms,
         updated_at_unix_ms: m.updated_at_ms,
         phase_started_at_unix_ms: m.phase_started_ms,
-        acked_clients: m.acks.0 as u32,
-        connected_clients: m.acks.1 as u32,
+        acked_clients: m.acks.acked as u32,
+        connected_clients: m.acks.connected as u32,
         bake: humantime::format_duration(Duration::from_millis(m.plan.bake_ms)).to_string(),
+        min_proxies: m.plan.min_proxies,
+        returning_clients: m.acks.returning as u32,
+        waiting: waiting(m),
+    }
+}
+
+/// What a step awaiting acknowledgement waits for (empty otherwise).
+pub fn waiting(m: &Migration) -> String {
+    if m.phase == Phase::AwaitingAck {
+        m.acks.waiting_for(&m.plan)
+    } else {
+        String::new()
     }
 }
 
@@ -357,30 +392,33 @@ impl Migrations for MigrationsApi {
         if ended {
             return Ok(Response::new(Box::pin(head)));
         }
-        let tail = tokio_stream::wrappers::BroadcastStream::new(updates)
-            .filter_map(move |u| {
-                let id = id.clone();
-                async move {
-                    match u {
-                        // Skip what the first answer already holds, so
-                        // the stream never goes back in time.
-                        Ok((n, m)) if m.id == id && n > seen => Some(Ok(m)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(Status::data_loss(format!(
-                            "watcher fell behind: {e}; get the migration and watch again"
-                        )))),
+        let updates = tokio_stream::wrappers::BroadcastStream::new(updates);
+        // The stream ends right after the update that ends the migration
+        // (or after an error), without waiting for another update.
+        let tail = futures::stream::unfold(Some(updates), move |state| {
+            let id = id.clone();
+            async move {
+                let mut updates = state?;
+                loop {
+                    match updates.next().await? {
+                        // Skip what the first answer already holds, so the
+                        // stream never goes back in time.
+                        Ok((n, m)) if m.id == id && n > seen => {
+                            let last = m.stage.is_terminal();
+                            return Some((Ok(to_proto(&m)), (!last).then_some(updates)));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            let status = Status::data_loss(format!(
+                                "watcher fell behind: {e}; get the migration and watch again"
+                            ));
+                            return Some((Err(status), None));
+                        }
                     }
                 }
-            })
-            .scan(false, |done, item| {
-                // Stop after the update that ends the migration.
-                let out = if *done { None } else { Some(item) };
-                if let Some(Ok(m)) = &out {
-                    *done = m.stage.is_terminal();
-                }
-                futures::future::ready(out)
-            })
-            .map(|item| item.map(|m| to_proto(&m)));
+            }
+        });
+        let tail = tail.take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(head.chain(tail))))
     }
 }

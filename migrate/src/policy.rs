@@ -586,6 +586,24 @@ impl Policy {
         Ok(blocking(|| self.store.audit(service, limit))?)
     }
 
+    /// Records the proxies connected to control plane `node` (see
+    /// [`crate::returning`]).
+    pub fn save_proxies(
+        &self,
+        node: &str,
+        proxies: &std::collections::BTreeSet<String>,
+    ) -> Result<(), PolicyError> {
+        Ok(blocking(|| self.store.save_proxies(node, proxies))?)
+    }
+
+    /// The proxies last recorded for control plane `node`.
+    pub fn saved_proxies(
+        &self,
+        node: &str,
+    ) -> Result<std::collections::BTreeSet<String>, PolicyError> {
+        Ok(blocking(|| self.store.saved_proxies(node))?)
+    }
+
     fn accepted(&self, record: AuditRecord) {
         metrics::counter!("ferry_migrate_policy_changes_total", "action" => record.action.clone())
             .increment(1);

@@ -6,7 +6,7 @@
 //! [`Store`] is the embedded default: one `redb` file under `--data-dir`.
 //! The etcd backend (feature `etcd`) is in [`crate::etcd`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -17,6 +17,8 @@ const PINS: TableDefinition<&str, &str> = TableDefinition::new("pins");
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MIGRATIONS: TableDefinition<&str, &str> = TableDefinition::new("migrations");
+/// Control plane name → the node ids of its connected proxies (JSON).
+const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
 const VERSION_KEY: &str = "policy_version";
 
 /// Why the store failed.
@@ -43,6 +45,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn commit(&self, change: &Commit) -> Result<(), StoreError>;
     /// The newest `limit` audit entries (about `service`, if given), oldest first.
     fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Records the node ids of the proxies connected to control plane
+    /// `node` (what it waits for after a restart). Not part of the policy:
+    /// no version, no audit entry.
+    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError>;
+    /// What [`save_proxies`](Self::save_proxies) last recorded for `node`.
+    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError>;
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
@@ -113,6 +121,7 @@ impl Store {
             txn.open_table(AUDIT).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
             txn.open_table(MIGRATIONS).map_err(db_err)?;
+            txn.open_table(PROXIES).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
         Ok(Self {
@@ -204,6 +213,21 @@ impl Backend for Store {
             parse(&k.value().to_string(), v.value())
         });
         newest_of(newest_first, service, limit)
+    }
+
+    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        put_or_remove(&txn, PROXIES, node, Some(proxies))?;
+        txn.commit().map_err(db_err)
+    }
+
+    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(PROXIES).map_err(db_err)?;
+        match table.get(node).map_err(db_err)? {
+            Some(json) => parse(node, json.value()),
+            None => Ok(BTreeSet::new()),
+        }
     }
 }
 

@@ -285,13 +285,20 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(ferry: &Ferry, ads: Ads) -> Self {
+        Self::start_with_ads_at(ferry, ads, ferry.xds_port).await
+    }
+
+    /// Like `start`, with the ADS stream to `ads_port` (a [`Gate`] in
+    /// front of Ferry, say) and load reports straight to Ferry.
+    pub async fn start_with_ads_at(ferry: &Ferry, ads: Ads, ads_port: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let admin_port = free_port();
         let node_id = format!("envoy-{}-{}", ads.status_name(), admin_port);
-        let bootstrap = ferry_loadtests::envoy_bootstrap(
+        let bootstrap = ferry_loadtests::envoy_bootstrap_split(
             &node_id,
             "ferry-test",
             ads.api_type(),
+            SocketAddr::from(([127, 0, 0, 1], ads_port)),
             SocketAddr::from(([127, 0, 0, 1], ferry.xds_port)),
             SocketAddr::from(([127, 0, 0, 1], admin_port)),
         );
@@ -804,5 +811,59 @@ pub fn migration_plan(steps: &[f64], bake: &str) -> ferry_proto::ferry::v1::Crea
         drain: "1s".into(),
         reason: "move checkout to the new cluster".into(),
         ..Default::default()
+    }
+}
+
+/// A TCP relay to a loopback port that can be shut: while shut it cuts the
+/// connections it relays and drops new ones at once, as an unreachable
+/// peer would; open, it relays bytes both ways.
+pub struct Gate {
+    pub port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    pub async fn start(target_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gate");
+        let port = listener.local_addr().expect("gate addr").port();
+        let (open, _) = tokio::sync::watch::channel(true);
+        let watch = open.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut shut = watch.subscribe();
+                if !*shut.borrow_and_update() {
+                    continue; // dropped: the peer sees its connection close
+                }
+                tokio::spawn(async move {
+                    let Ok(mut upstream) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                        _ = shut.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Self { port, open, task }
+    }
+
+    pub fn shut(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

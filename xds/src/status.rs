@@ -102,6 +102,19 @@ impl ClientRegistry {
         (acked, total)
     }
 
+    /// The node ids of the connected clients subscribed to `kind`.
+    pub fn nodes_subscribed(&self, kind: &str) -> std::collections::BTreeSet<String> {
+        let handles: Vec<_> = self.lock().values().cloned().collect();
+        handles
+            .iter()
+            .filter_map(|h| {
+                let status = h.lock().unwrap_or_else(|p| p.into_inner());
+                (status.types.contains_key(kind) && !status.node_id.is_empty())
+                    .then(|| status.node_id.clone())
+            })
+            .collect()
+    }
+
     /// A copy of every client's status.
     pub fn snapshot(&self) -> Vec<ClientStatus> {
         let handles: Vec<_> = self.lock().values().cloned().collect();
