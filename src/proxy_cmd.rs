@@ -50,6 +50,18 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     idle_timeout: Duration,
 
+    /// A request head must arrive within this long of its first byte
+    /// (however long the connection was idle before); slower ones are
+    /// dropped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    request_head_timeout: Duration,
+
+    /// The largest request head (request line and headers) a client may
+    /// send, in KiB: 431 beyond it, 414 when the request line alone is
+    /// that long. HTTP/2 header lists are bounded alike.
+    #[arg(long, default_value_t = 60, value_name = "KIB")]
+    max_request_headers_kb: usize,
+
     /// Upstream connect timeout.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -89,8 +101,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::control::watch_signals(shutdown.clone()));
     anyhow::ensure!(
-        !args.idle_timeout.is_zero(),
-        "--idle-timeout must be longer than 0"
+        !args.idle_timeout.is_zero() && !args.request_head_timeout.is_zero(),
+        "--idle-timeout and --request-head-timeout must be longer than 0"
+    );
+    anyhow::ensure!(
+        (1..=1024).contains(&args.max_request_headers_kb),
+        "--max-request-headers-kb must be within 1..=1024"
     );
     anyhow::ensure!(
         !args.upstream_idle_timeout.is_zero() && !args.connect_timeout.is_zero(),
@@ -114,7 +130,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         admin: args.admin_addr,
         default_timeout: args.timeout,
         drain_grace: args.drain_grace,
-        idle_timeout: args.idle_timeout,
+        limits: ferry_proxy::connection::ClientLimits {
+            idle_timeout: args.idle_timeout,
+            head_timeout: args.request_head_timeout,
+            max_head_bytes: args.max_request_headers_kb * 1024,
+        },
         tls_reload_every: args.tls_reload_interval,
     };
     let render: ferry_proxy::admin::RenderMetrics = Arc::new(move || {

@@ -222,14 +222,17 @@ where
                 Ok(response) => {
                     endpoint.ewma.observe(done - started, done);
                     if response.status().is_server_error() {
-                        outlier::Outcome::Failure
+                        Some(outlier::Outcome::Failure)
                     } else {
-                        outlier::Outcome::Success
+                        Some(outlier::Outcome::Success)
                     }
                 }
-                Err(_) => outlier::Outcome::Failure,
+                // The client's broken body says nothing of the endpoint.
+                Err(Failure::ClientBody(_)) => None,
+                Err(_) => Some(outlier::Outcome::Failure),
             };
             if let Some(config) = &upstream.outlier
+                && let Some(outcome) = outcome
                 && let Some(time) = outlier::record(
                     config,
                     &upstream.endpoints,

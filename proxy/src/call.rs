@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 
+use crate::client_body::ClientFault;
 use crate::config::{Endpoint, Upstream};
 use crate::retry::RetryConfig;
 
@@ -28,6 +29,8 @@ pub struct Call {
     pub endpoint: Option<Arc<Endpoint>>,
     /// Which attempt this is: 0 for the first.
     pub attempt: u32,
+    /// Set when the client's request body could not be read.
+    pub client_fault: ClientFault,
 }
 
 /// The endpoints a request's attempts went to, shared by its copies so a
@@ -62,6 +65,9 @@ pub enum Failure {
     Refused(String),
     /// No answer within the time allowed (`per try` or whole request).
     Timeout { limit: Duration, per_try: bool },
+    /// The client's own request body could not be read (malformed, or
+    /// the client went away mid-upload): not the endpoint's failure.
+    ClientBody(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -71,6 +77,7 @@ impl std::fmt::Display for Failure {
             Self::Connect(e) => write!(f, "connect failed: {e}"),
             Self::Reset(e) => write!(f, "{e}"),
             Self::Refused(e) => write!(f, "refused unprocessed: {e}"),
+            Self::ClientBody(e) => write!(f, "the client's request body failed: {e}"),
             Self::Timeout { limit, per_try } => {
                 let what = if *per_try {
                     "the attempt"

@@ -87,6 +87,9 @@ pub use crate::upstream_tls::UpstreamTls;
 pub struct UpstreamMetrics {
     /// Requests by status class: 1xx … 5xx.
     pub requests: [metrics::Counter; 5],
+    /// Requests whose own body could not be read (class
+    /// `downstream_error`): the client's failure, neither 4xx nor 5xx.
+    pub downstream_errors: metrics::Counter,
     pub duration: metrics::Histogram,
     pub upstream_errors: metrics::Counter,
     pub retries: metrics::Counter,
@@ -113,6 +116,7 @@ impl UpstreamMetrics {
                 class("4xx"),
                 class("5xx"),
             ],
+            downstream_errors: class("downstream_error"),
             duration: metrics::histogram!("ferry_proxy_request_duration_seconds", &labels),
             upstream_errors: metrics::counter!("ferry_proxy_upstream_errors_total", &labels),
             retries: metrics::counter!("ferry_proxy_retries_total", &labels),
@@ -216,6 +220,24 @@ pub struct Route {
     pub hash_key: Option<HashKey>,
     pub timeout: Option<Duration>,
     pub retry: Option<Arc<RetryConfig>>,
+    /// Protocols a request may upgrade to (lowercase): the listener's
+    /// `upgrade_configs`, as the route's own enable or disable.
+    pub upgrades: Vec<String>,
+}
+
+/// The upgrade types `configs` enable, on top of `base` (those a config
+/// disables are removed).
+fn upgrades(base: &[String], configs: &[http_connection_manager::UpgradeConfig]) -> Vec<String> {
+    let mut out = base.to_vec();
+    for c in configs {
+        let name = c.upgrade_type.to_ascii_lowercase();
+        let enabled = c.enabled.as_ref().is_none_or(|e| e.value);
+        out.retain(|u| *u != name);
+        if enabled {
+            out.push(name);
+        }
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -473,6 +495,12 @@ pub fn build_with(
                     .unwrap_or(defaults.max_ejection_percent),
             }
         });
+        if outlier.is_none() {
+            // Kept endpoints may carry ejections from a policy now gone.
+            for e in &endpoints {
+                e.health.clear();
+            }
+        }
         let health_check =
             health_check(&cluster).map_err(|e| format!("cluster {name}: health_checks[0]: {e}"))?;
         let kept = previous.upstreams.get(name);
@@ -528,6 +556,7 @@ pub fn build_with(
         }
     };
     routing.route_config = route_name.clone();
+    let listener_upgrades = upgrades(&[], &hcm.upgrade_configs);
     let Some((_, any)) = resources[ResourceType::Route.index()].get(&route_name) else {
         return Ok(routing);
     };
@@ -600,12 +629,22 @@ pub fn build_with(
                 })
                 .transpose()?
                 .map(Arc::new);
+            let route_upgrades: Vec<_> = action
+                .upgrade_configs
+                .iter()
+                .map(|u| http_connection_manager::UpgradeConfig {
+                    upgrade_type: u.upgrade_type.clone(),
+                    enabled: u.enabled,
+                    ..Default::default()
+                })
+                .collect();
             routes.push(Route {
                 prefix,
                 targets,
                 hash_key,
                 timeout,
                 retry,
+                upgrades: upgrades(&listener_upgrades, &route_upgrades),
             });
         }
         let host = Arc::new(VirtualHost {

@@ -92,7 +92,7 @@ pub fn tls_client(
     Ok(match protocol {
         Protocol::Http1 => TlsClient::Http1(Box::new(
             Client::builder(TokioExecutor::new())
-                .http1_read_buf_exact_size(READ_BUFFER)
+                .http1_max_buf_size(MAX_RESPONSE_HEAD)
                 .pool_idle_timeout(config.idle_timeout)
                 .pool_timer(TokioTimer::new())
                 .build(builder.enable_http1().wrap_connector(tcp)),
@@ -105,8 +105,10 @@ pub fn tls_client(
     })
 }
 
-/// Bytes read from an upstream HTTP/1.1 connection at a time.
-const READ_BUFFER: usize = 4096;
+/// The largest response head an upstream may send (as Envoy's default
+/// 60 KiB for headers, plus the status line): hyper's read buffer starts
+/// at 8 KiB per connection and grows to this only for a head that needs it.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// The upstream connection pools, shared by every clone of the stack.
 #[derive(Clone, Debug)]
@@ -123,11 +125,11 @@ struct Pools {
 impl Forward {
     pub fn new(config: PoolConfig) -> Self {
         let connector = connector(&config);
-        // Responses are streamed through, so a small fixed read buffer per
-        // upstream connection does (hyper's default starts at 8 KiB and
-        // grows to 400 KiB).
+        // Responses are streamed through: the read buffer per upstream
+        // connection stays at hyper's initial 8 KiB unless a large response
+        // head needs more (up to MAX_RESPONSE_HEAD, not hyper's 400 KiB).
         let http1 = Client::builder(TokioExecutor::new())
-            .http1_read_buf_exact_size(READ_BUFFER)
+            .http1_max_buf_size(MAX_RESPONSE_HEAD)
             .pool_idle_timeout(config.idle_timeout)
             .pool_timer(TokioTimer::new())
             .build(connector.clone());
@@ -163,8 +165,9 @@ impl Service<Call> for Forward {
         let Some(endpoint) = call.endpoint else {
             return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
         };
+        let fault = call.client_fault.clone();
         let tls = call.upstream.tls.as_ref().map(|t| t.state());
-        match (tls.as_ref().map(|t| &t.client), call.upstream.protocol) {
+        let sent = match (tls.as_ref().map(|t| &t.client), call.upstream.protocol) {
             (Some(TlsClient::Http1(client)), _) => {
                 http1(client, Scheme::HTTPS, &endpoint, call.request)
             }
@@ -180,7 +183,17 @@ impl Service<Call> for Forward {
                 &endpoint,
                 call.request,
             ),
-        }
+        };
+        // A failure while the client's own body could not be read is the
+        // client's, whatever the upstream exchange made of it.
+        Box::pin(async move {
+            match sent.await {
+                Err(_) if fault.get().is_some() => Err(Failure::ClientBody(
+                    fault.get().unwrap_or_default().to_owned(),
+                )),
+                other => other,
+            }
+        })
     }
 }
 

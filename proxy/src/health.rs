@@ -138,6 +138,7 @@ async fn probe_once(
                 retry: None,
                 endpoint: Some(endpoint.clone()),
                 attempt: 0,
+                client_fault: Default::default(),
             };
             // The answer is read whole, so its connection can be reused.
             let answer = async {

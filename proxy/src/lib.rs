@@ -15,9 +15,12 @@
 pub mod admin;
 pub mod balance;
 pub mod call;
+pub mod client_body;
 pub mod config;
+pub mod connection;
 pub mod forward;
 pub mod h2pool;
+pub mod headers;
 pub mod health;
 pub mod lrs;
 pub mod observe;
@@ -28,6 +31,7 @@ pub mod server;
 pub mod stack;
 pub mod timeout;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream_tls;
 
 use std::net::SocketAddr;
@@ -54,8 +58,8 @@ pub struct ProxyConfig {
     pub default_timeout: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_grace: Duration,
-    /// Client connections idle this long are closed.
-    pub idle_timeout: Duration,
+    /// What a client connection may take (idle time, request heads).
+    pub limits: connection::ClientLimits,
     pub pool: forward::PoolConfig,
     /// How often certificate files (the listener's, and those of TLS to
     /// upstreams) are checked for changes.
@@ -112,7 +116,7 @@ pub async fn run(
     metrics: admin::RenderMetrics,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let proxy = Proxy::new(config.default_timeout, config.idle_timeout, config.pool);
+    let proxy = Proxy::new(config.default_timeout, config.limits, config.pool);
     let mut listeners = vec![server::Listener {
         tcp: TcpListener::bind(config.listen).await?,
         tls: None,

@@ -31,21 +31,38 @@ pub fn local_reply(status: StatusCode, message: &str) -> Response<Body> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response.headers_mut().insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    response.headers_mut().insert(
         HeaderName::from_static("x-ferry-proxy"),
         HeaderValue::from_static("local-reply"),
     );
     response
 }
 
-/// The reply for a request that got no response.
+/// The reply for a request that got no response. It names the cluster
+/// and the kind of failure, never the upstream's own error text.
 pub fn failure_reply(upstream: &Upstream, failure: &Failure) -> Response<Body> {
-    let status = match failure {
-        Failure::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        Failure::NoEndpoint | Failure::Connect(_) | Failure::Reset(_) | Failure::Refused(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
+    let (status, what) = match failure {
+        Failure::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, failure.to_string()),
+        Failure::NoEndpoint => (StatusCode::SERVICE_UNAVAILABLE, failure.to_string()),
+        Failure::Connect(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "connection to the endpoint failed".to_owned(),
+        ),
+        Failure::Reset(_) | Failure::Refused(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the endpoint reset the exchange".to_owned(),
+        ),
+        Failure::ClientBody(_) => {
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read (malformed or incomplete)",
+            );
         }
     };
-    local_reply(status, &format!("upstream {}: {failure}", upstream.name))
+    local_reply(status, &format!("upstream {}: {what}", upstream.name))
 }
 
 /// Records a finished request of `upstream`.
@@ -105,6 +122,13 @@ where
         Box::pin(async move {
             let response = match future.await {
                 Ok(response) => response,
+                Err(failure @ Failure::ClientBody(_)) => {
+                    // The client's own failure: its own class, and not in
+                    // the load reports (neither success nor error).
+                    upstream.metrics.downstream_errors.increment(1);
+                    tracing::debug!(cluster = %upstream.name, %failure, "the client's request body failed");
+                    return Ok(failure_reply(&upstream, &failure));
+                }
                 Err(failure) => {
                     if matches!(
                         failure,

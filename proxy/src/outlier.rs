@@ -68,6 +68,14 @@ impl Health {
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Ordering::Relaxed)
     }
+
+    /// Forgets every failure and ejection: the cluster no longer has
+    /// outlier detection, so nothing may keep the endpoint out.
+    pub fn clear(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejected_until_ms.store(0, Ordering::Relaxed);
+        self.ejections.store(0, Ordering::Relaxed);
+    }
 }
 
 /// What an attempt at an endpoint came to.

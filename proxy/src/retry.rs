@@ -95,7 +95,7 @@ fn retriable(
 ) -> bool {
     match result {
         Err(Failure::Connect(_)) => config.connect_failure,
-        Err(Failure::NoEndpoint) => false,
+        Err(Failure::NoEndpoint | Failure::ClientBody(_)) => false,
         // A whole-request timeout ends the request; only a per-try one
         // leaves time for another attempt.
         Err(Failure::Timeout { per_try, .. }) => {
@@ -294,6 +294,7 @@ impl tower::retry::Policy<Call, Response<Body>, Failure> for Policy {
             retry: call.retry.clone(),
             endpoint: None,
             attempt: call.attempt,
+            client_fault: call.client_fault.clone(),
         })
     }
 }

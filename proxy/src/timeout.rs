@@ -97,6 +97,7 @@ mod tests {
             retry: None,
             endpoint: None,
             attempt: 0,
+            client_fault: Default::default(),
         }
     }
 
