@@ -202,8 +202,8 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .into_iter()
         .map(|m| MigrationStatus {
             waiting: ferry_migrate::migration_api::waiting(&m),
-            acked: m.acks.acked,
-            connected: m.acks.connected,
+            acked: m.acks.unwrap_or_default().acked,
+            connected: m.acks.unwrap_or_default().connected,
             id: m.id,
             service: m.plan.service.to_string(),
             stage: m.stage.as_str(),

@@ -3,6 +3,7 @@
 mod admin;
 mod cli;
 mod control;
+mod demo;
 mod migrate_cli;
 mod proxy_cmd;
 mod telemetry;
@@ -25,6 +26,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Watch Ferry move live traffic: two simulated clusters, a control
+    /// plane, proxies and steady users on this machine; three services
+    /// migrate (one rolls back on an injected fault) while a live view and
+    /// the web console show every step.
+    Demo(demo::DemoArgs),
     /// Run the control plane: watch the catalog and serve it over xDS (ADS,
     /// state-of-the-world and delta) to Envoy and other xDS clients.
     Control(control::ControlArgs),
@@ -100,6 +106,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                telemetry::init_tracing();
+            }
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build();
+            block_on(runtime, demo::run(args), "ferry demo")
+        }
         Command::Control(args) => {
             telemetry::init_tracing();
             // One TLS crypto provider for every client (kube-rs among them),

@@ -848,11 +848,11 @@ async fn the_cli_starts_steers_and_watches_migrations() {
         serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|m| m["phase"] == "AWAITING_ACK")
     })
     .await;
-    let (ok, out, _) = cli(&["migrate", "get", &id]);
-    assert!(
-        ok && out.contains("waiting   0 of at least 1 proxies connected"),
-        "{out}"
-    );
+    support::eventually(Duration::from_secs(10), "the wait explained", || async {
+        let (ok, out, _) = cli(&["migrate", "get", &id]);
+        ok && out.contains("waiting   0 of at least 1 proxies connected")
+    })
+    .await;
     // A proxy connects and takes the step's weights: the step bakes.
     let _proxy = FerryProxy::start(ferry.xds_port).await;
     support::eventually(Duration::from_secs(10), "first step baking", || async {

@@ -397,12 +397,29 @@ async fn the_cli_sets_and_reads_weights_pins_and_audit() {
     assert_eq!(v["weights_bp"]["old"], 9999);
     assert_eq!(v["source"], "policy");
 
-    let (ok, _, err) = ferry_cli(&ferry, &["weights", "set", HOST, "old=50", "new=49"]);
+    // A bad sum is refused in the unit the user typed: percent, or basis
+    // points with --bp (then by the API, which keeps basis points).
+    let (ok, _, err) = ferry_cli(
+        &ferry,
+        &["weights", "set", HOST, "old=50", "new=49", "--reason", "x"],
+    );
+    assert!(!ok, "a bad sum must fail");
+    assert!(err.contains("sum to 99.00 %, must be 100 %"), "{err}");
+    let (ok, _, err) = ferry_cli(
+        &ferry,
+        &[
+            "weights", "set", HOST, "old=5000", "new=4900", "--bp", "--reason", "x",
+        ],
+    );
     assert!(!ok, "a bad sum must fail");
     assert!(
-        err.contains("InvalidArgument") && err.contains("9900"),
+        err.contains("InvalidArgument") && err.contains("9900 basis points"),
         "{err}"
     );
+    // Neither changed anything.
+    let (_, out, _) = ferry_cli(&ferry, &["weights", "get", HOST, "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["weights_bp"]["old"], 9999);
 
     let (ok, _, err) = ferry_cli(
         &ferry,

@@ -315,7 +315,7 @@ impl Engine {
             updated_at_ms: now,
             phase_started_ms: now,
             applied_version: 0,
-            acks: Acks::default(),
+            acks: None,
         };
         let detail = format!(
             "{} → {}, steps {:?} bp, bake {:?}",

@@ -272,9 +272,10 @@ pub struct Migration {
     /// acknowledgement (kept in memory; after a restart, the loaded one).
     #[serde(skip)]
     pub applied_version: u64,
-    /// Proxies that acknowledged the step, out of those connected.
+    /// Proxies that acknowledged the step, out of those connected (none
+    /// until first looked at).
     #[serde(skip)]
-    pub acks: Acks,
+    pub acks: Option<Acks>,
 }
 
 impl Migration {
@@ -473,6 +474,7 @@ pub fn begin_rollback(m: &Migration, reason: String, now: i64) -> Next {
     let mut to = m.clone();
     to.stage = Stage::RollingBack;
     to.phase = Phase::AwaitingAck;
+    to.acks = None;
     to.paused_from = None;
     to.weights = to_map(&weights);
     to.reason = reason.clone();
@@ -534,6 +536,7 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
                 let mut to = m.clone();
                 to.stage = Stage::Shift;
                 to.phase = Phase::AwaitingAck;
+                to.acks = None;
                 to.step = 0;
                 to.weights = to_map(&weights);
                 to.phase_started_ms = now;
@@ -599,7 +602,7 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
             let mut to = m.clone();
             to.stage = Stage::RolledBack;
             to.phase = Phase::None;
-            to.acks = acks;
+            to.acks = Some(acks);
             to.phase_started_ms = now;
             let detail = if enough {
                 format!("{acked}/{total} proxies hold the source weights; pin released")
@@ -613,7 +616,7 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
     } else if enough {
         let mut to = m.clone();
         to.phase = Phase::Baking;
-        to.acks = acks;
+        to.acks = Some(acks);
         to.phase_started_ms = now;
         let detail = format!(
             "step {}/{}: {acked}/{total} proxies acknowledged; baking {:?}",
@@ -634,9 +637,9 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
             now,
         );
     }
-    if acks != m.acks {
+    if Some(acks) != m.acks {
         let mut seen = m.clone();
-        seen.acks = acks;
+        seen.acks = Some(acks);
         return Next::Observe(Box::new(seen));
     }
     Next::Wait
@@ -864,6 +867,8 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
                 let weights = step_weights(m, m.step + 1);
                 to.step = m.step + 1;
                 to.phase = Phase::AwaitingAck;
+                to.acks = None;
+                to.acks = None;
                 to.weights = to_map(&weights);
                 let detail = format!(
                     "step {} passed ({detail}); step {}/{}: target {}",
@@ -977,7 +982,7 @@ mod tests {
             updated_at_ms: 0,
             phase_started_ms: 0,
             applied_version: 0,
-            acks: Acks::default(),
+            acks: None,
         }
     }
 
@@ -1210,10 +1215,11 @@ mod tests {
         match next(&m, &w, 100) {
             Next::Observe(seen) => assert!(
                 seen.acks
+                    .unwrap_or_default()
                     .waiting_for(&seen.plan)
                     .contains("1 proxies connected before"),
                 "{}",
-                seen.acks.waiting_for(&seen.plan)
+                seen.acks.unwrap_or_default().waiting_for(&seen.plan)
             ),
             other => panic!("{other:?}"),
         }

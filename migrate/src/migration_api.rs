@@ -280,11 +280,11 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
         created_at_unix_ms: m.created_at_ms,
         updated_at_unix_ms: m.updated_at_ms,
         phase_started_at_unix_ms: m.phase_started_ms,
-        acked_clients: m.acks.acked as u32,
-        connected_clients: m.acks.connected as u32,
+        acked_clients: m.acks.unwrap_or_default().acked as u32,
+        connected_clients: m.acks.unwrap_or_default().connected as u32,
         bake: humantime::format_duration(Duration::from_millis(m.plan.bake_ms)).to_string(),
         min_proxies: m.plan.min_proxies,
-        returning_clients: m.acks.returning as u32,
+        returning_clients: m.acks.unwrap_or_default().returning as u32,
         waiting: waiting(m),
     }
 }
@@ -292,7 +292,10 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
 /// What a step awaiting acknowledgement waits for (empty otherwise).
 pub fn waiting(m: &Migration) -> String {
     if m.phase == Phase::AwaitingAck {
-        m.acks.waiting_for(&m.plan)
+        match m.acks {
+            Some(acks) => acks.waiting_for(&m.plan),
+            None => "proxies to acknowledge the step's weights".to_owned(),
+        }
     } else {
         String::new()
     }
