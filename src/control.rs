@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_discovery::Catalog;
-use ferry_discovery::file::FileSource;
+use ferry_discovery::file::{FileSource, RemovalLimit};
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
 use ferry_migrate::migration_api::MigrationsApi;
@@ -30,6 +30,17 @@ pub struct ControlArgs {
     /// invalid edit is refused and the last good catalog keeps serving.
     #[arg(long, value_name = "FILE")]
     catalog: PathBuf,
+
+    /// The largest share of the catalog's services, in percent, one load
+    /// of the file may remove; a load that removes more (or leaves no
+    /// service at all) is refused and the last good catalog keeps serving.
+    #[arg(long, default_value_t = 50.0, value_parser = percent, value_name = "PERCENT")]
+    max_removed_share: f64,
+
+    /// Accept any catalog load, however many services it removes, an
+    /// empty catalog included.
+    #[arg(long)]
+    allow_mass_removal: bool,
 
     /// Address of the xDS gRPC server (ADS, state-of-the-world and delta).
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
@@ -168,7 +179,10 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
 
-    let source = FileSource::new(&args.catalog);
+    let source = FileSource::new(&args.catalog).with_removal_limit(RemovalLimit {
+        max_share: args.max_removed_share / 100.0,
+        allow: args.allow_mass_removal,
+    });
     let file_status = source.status();
     let kubernetes_config = source.kubernetes();
     let clusters: ClusterStatuses = Default::default();
@@ -266,6 +280,14 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     }
     tracing::info!("ferry control stopped");
     Ok(())
+}
+
+/// A percentage, 0 to 100.
+fn percent(text: &str) -> anyhow::Result<f64> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => anyhow::bail!("{text:?} is not a percentage from 0 to 100"),
+    }
 }
 
 /// The policy store chosen by the flags.
