@@ -13,6 +13,7 @@ use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
 use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
+use ferry_xds::ads::XdsLimits;
 use ferry_xds::lrs::{LoadReports, LrsServer};
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
@@ -123,6 +124,27 @@ pub struct ControlArgs {
     /// migration gates read these reports.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     lrs_interval: Duration,
+
+    /// Resource names one xDS stream may subscribe to (over all types);
+    /// a stream asking for more is ended with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    xds_max_names: usize,
+
+    /// xDS streams (ADS) open at once from one peer IP address; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    xds_max_streams_per_peer: usize,
+
+    /// Concurrent gRPC streams on one xDS connection (HTTP/2
+    /// MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    xds_max_streams_per_connection: u32,
+
+    /// Count load reports from any node. By default a report counts only
+    /// when its node id holds a live ADS stream from the same IP address
+    /// (the xDS port does not authenticate its clients yet).
+    #[arg(long)]
+    lrs_any_node: bool,
 
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -252,10 +274,22 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     // policy (translation starts from it), so nothing shifts on stale state.
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
 
-    let ads = AdsServer::new(cache, clients, shutdown.clone());
-    let lrs = LrsServer::new(loads, args.lrs_interval, shutdown.clone());
+    let lrs = LrsServer::new(
+        loads,
+        cache.clone(),
+        clients.clone(),
+        args.lrs_interval,
+        shutdown.clone(),
+    )
+    .accept_any_node(args.lrs_any_node);
+    let ads = AdsServer::new(cache, clients, shutdown.clone()).with_limits(XdsLimits {
+        max_names: args.xds_max_names,
+        max_streams_per_peer: args.xds_max_streams_per_peer,
+        ..XdsLimits::default()
+    });
     let incoming = tokio_stream_incoming(xds_listener);
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(ads.into_service())

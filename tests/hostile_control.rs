@@ -309,3 +309,385 @@ async fn catalog_symlinked_from_another_directory_follows_edits_in_place() {
     })
     .await;
 }
+
+// ---- xDS and load reports -------------------------------------------------
+
+use ferry_proto::envoy::config::core::v3::Node;
+use ferry_proto::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
+use ferry_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ferry_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+};
+use ferry_proto::envoy::service::load_stats::v3::LoadStatsRequest;
+use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
+use ferry_proto::type_url;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const CLUSTER_TYPE: &str = type_url::CLUSTER;
+
+async fn ads_client(ferry: &Ferry) -> AggregatedDiscoveryServiceClient<Channel> {
+    AggregatedDiscoveryServiceClient::connect(format!("http://127.0.0.1:{}", ferry.xds_port))
+        .await
+        .expect("connect to the xDS port")
+        .max_encoding_message_size(64 * 1024 * 1024)
+}
+
+fn node(id: &str) -> Option<Node> {
+    Some(Node {
+        id: id.to_owned(),
+        cluster: "hostile".to_owned(),
+        ..Default::default()
+    })
+}
+
+/// A delta ADS stream that has received its first response.
+struct DeltaStream {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaStream {
+    async fn open(client: &mut AggregatedDiscoveryServiceClient<Channel>, node_id: &str) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(DeltaDiscoveryRequest {
+            node: node(node_id),
+            type_url: CLUSTER_TYPE.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("queue the first request");
+        let mut rx = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("DeltaAggregatedResources")
+            .into_inner();
+        tokio::time::timeout(WAIT, rx.message())
+            .await
+            .expect("first response in time")
+            .expect("first response")
+            .expect("a response");
+        Self { tx, rx }
+    }
+
+    /// The status that ended the stream, skipping responses before it.
+    async fn ended(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(WAIT, self.rx.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => panic!("the stream ended with grpc-status 0"),
+                Ok(Err(status)) => return status,
+                Err(_) => panic!("the stream did not end"),
+            }
+        }
+    }
+}
+
+/// Runs an attack with the checks every attack shares: /healthz keeps
+/// answering, memory stays bounded, the served config is unchanged.
+async fn under_attack<F: std::future::Future<Output = ()>>(ferry: &Ferry, what: &str, attack: F) {
+    let before = served(ferry).await;
+    let rss_before = ferry.rss_kib();
+    let probe = HealthProbe::start(ferry.admin_port);
+    attack.await;
+    let (slowest, answers) = probe.stop().await;
+    let rss_after = ferry.rss_kib();
+    println!("{what}: VmRSS {rss_before} → {rss_after} KiB, /healthz slowest {slowest:?}");
+    assert!(
+        answers > 0 && slowest < HEALTHZ_BUDGET,
+        "{what}: /healthz {slowest:?}"
+    );
+    assert!(
+        rss_after < rss_before + RSS_BUDGET_KIB,
+        "{what}: VmRSS {rss_before} → {rss_after} KiB"
+    );
+    assert_eq!(served(ferry).await, before, "{what}: served config changed");
+}
+
+#[tokio::test]
+async fn xds_oversized_request_ends_the_stream_with_resource_exhausted() {
+    let ferry = Ferry::start(&catalog()).await;
+    under_attack(&ferry, "5 MiB DiscoveryRequest", async {
+        let mut client = ads_client(&ferry).await;
+        let names: Vec<String> = (0..60_000).map(|i| format!("{i:0>80}")).collect();
+        let request = DiscoveryRequest {
+            node: node("big"),
+            type_url: type_url::ENDPOINT.to_owned(),
+            resource_names: names,
+            ..Default::default()
+        };
+        let outcome = client
+            .stream_aggregated_resources(futures::stream::iter([request]))
+            .await;
+        let status = match outcome {
+            Err(status) => status,
+            Ok(response) => {
+                let mut rx = response.into_inner();
+                loop {
+                    match tokio::time::timeout(WAIT, rx.message()).await {
+                        Ok(Ok(Some(_))) => continue,
+                        Ok(Ok(None)) => panic!("ended with grpc-status 0"),
+                        Ok(Err(status)) => break status,
+                        Err(_) => panic!("the stream did not end"),
+                    }
+                }
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    })
+    .await;
+    let metrics = ferry.metrics().await;
+    assert!(
+        metrics.contains("ferry_xds_refused_total{reason=\"message_too_large\"}"),
+        "{metrics}"
+    );
+    assert!(
+        ferry
+            .log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("xds client refused"))
+    );
+}
+
+/// Sends one raw gRPC message (`body`) on a StreamAggregatedResources
+/// call over HTTP/2 and returns the grpc-status it ended with.
+async fn raw_grpc_status(port: u16, body: Vec<u8>) -> String {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&body);
+    let request = hyper::Request::post(format!(
+        "http://127.0.0.1:{port}/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(Full::new(Bytes::from(framed)))
+    .expect("request");
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap_or_default().to_owned();
+    }
+    let collected = tokio::time::timeout(WAIT, response.into_body().collect())
+        .await
+        .expect("body in time")
+        .expect("body");
+    collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn xds_garbage_request_ends_the_stream_with_invalid_argument() {
+    let ferry = Ferry::start(&catalog()).await;
+    under_attack(&ferry, "garbage DiscoveryRequest", async {
+        let garbage = vec![0xff; 64];
+        let status = raw_grpc_status(ferry.xds_port, garbage).await;
+        assert_eq!(status, "3", "grpc-status (3 = INVALID_ARGUMENT)");
+    })
+    .await;
+    let metrics = ferry.metrics().await;
+    assert!(
+        metrics.contains("ferry_xds_refused_total{reason=\"malformed\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn xds_subscription_flood_is_cut_at_the_name_limit() {
+    let ferry = Ferry::start_with(&catalog(), &["--xds-max-names", "20000"]).await;
+    under_attack(&ferry, "delta subscription flood", async {
+        let mut client = ads_client(&ferry).await;
+        let mut stream = DeltaStream::open(&mut client, "flood").await;
+        let mut sent = 0;
+        for batch in 0..50 {
+            let names = (0..1000)
+                .map(|i| format!("flood-{batch}-{i:0>64}"))
+                .collect();
+            let request = DeltaDiscoveryRequest {
+                type_url: type_url::ENDPOINT.to_owned(),
+                resource_names_subscribe: names,
+                ..Default::default()
+            };
+            if stream.tx.send(request).await.is_err() {
+                break;
+            }
+            sent += 1000;
+        }
+        let status = stream.ended().await;
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("20000"), "{status:?}");
+        assert!(sent > 20_000);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn xds_stream_flood_is_cut_per_peer_address() {
+    let ferry = Ferry::start_with(&catalog(), &["--xds-max-streams-per-peer", "24"]).await;
+    let mut kept = Vec::new();
+    under_attack(&ferry, "stream flood", async {
+        let (mut refused, mut open) = (0, 0);
+        for connection in 0..4 {
+            let mut client = ads_client(&ferry).await;
+            for i in 0..10 {
+                let (tx, rx) = mpsc::channel(1);
+                let request = DeltaDiscoveryRequest {
+                    node: node(&format!("flood-{connection}-{i}")),
+                    type_url: CLUSTER_TYPE.to_owned(),
+                    ..Default::default()
+                };
+                let _ = tx.send(request).await;
+                match client
+                    .delta_aggregated_resources(ReceiverStream::new(rx))
+                    .await
+                {
+                    Ok(response) => {
+                        open += 1;
+                        kept.push((tx, response.into_inner()));
+                    }
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                        refused += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!((open, refused), (24, 16));
+    })
+    .await;
+    let status = ferry.status().await;
+    assert_eq!(status["xds"]["clients"].as_array().map(Vec::len), Some(24));
+}
+
+fn report(node_id: &str, clusters: &[(&str, u64, u64)]) -> LoadStatsRequest {
+    LoadStatsRequest {
+        node: node(node_id),
+        cluster_stats: clusters
+            .iter()
+            .map(|(name, ok, err)| ClusterStats {
+                cluster_name: (*name).to_owned(),
+                upstream_locality_stats: vec![UpstreamLocalityStats {
+                    total_successful_requests: *ok,
+                    total_error_requests: *err,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+/// Sends load reports on one LRS stream and waits until the control
+/// plane has taken them all (`ferry_lrs_reports_total` grew).
+async fn send_reports(ferry: &Ferry, reports: Vec<LoadStatsRequest>) {
+    let counted = |m: &str| support::metric_sum(m, "ferry_lrs_reports_total", "");
+    let before = counted(&ferry.metrics().await);
+    let n = reports.len() as f64;
+    let mut client =
+        LoadReportingServiceClient::connect(format!("http://127.0.0.1:{}", ferry.xds_port))
+            .await
+            .expect("connect LRS");
+    let (tx, rx) = mpsc::channel(reports.len().max(1));
+    for r in reports {
+        tx.send(r).await.expect("queue report");
+    }
+    let _response = client
+        .stream_load_stats(ReceiverStream::new(rx))
+        .await
+        .expect("StreamLoadStats");
+    eventually(WAIT, "reports taken", || async {
+        counted(&ferry.metrics().await) >= before + n
+    })
+    .await;
+}
+
+fn lrs_requests(metrics: &str) -> f64 {
+    support::metric_sum(metrics, "ferry_lrs_requests_total", "outcome=\"total\"")
+}
+
+#[tokio::test]
+async fn lrs_overflowing_and_unknown_clusters_are_refused() {
+    let ferry = Ferry::start(&catalog()).await;
+    let mut client = ads_client(&ferry).await;
+    let _ads = DeltaStream::open(&mut client, "reporter").await;
+    let known = "checkout.shop:8080@old";
+    under_attack(&ferry, "LRS overflow and unknown clusters", async {
+        let unknown: Vec<String> = (0..20_000)
+            .map(|i| format!("made-up-{i}.shop:80@x"))
+            .collect();
+        let mut flood: Vec<(&str, u64, u64)> = unknown.iter().map(|n| (n.as_str(), 1, 0)).collect();
+        flood.push((known, 10, 1));
+        send_reports(
+            &ferry,
+            vec![
+                report("reporter", &[(known, u64::MAX, 1)]),
+                report("reporter", &[(known, u64::MAX / 2, u64::MAX / 2 + 2)]),
+                report("reporter", &flood),
+            ],
+        )
+        .await;
+    })
+    .await;
+    let metrics = ferry.metrics().await;
+    // Only the one sane report of a served cluster counts.
+    assert_eq!(lrs_requests(&metrics), 11.0, "{metrics}");
+    assert_eq!(
+        support::metric_sum(
+            &metrics,
+            "ferry_lrs_refused_total",
+            "reason=\"absurd_count\""
+        ),
+        2.0
+    );
+    assert_eq!(
+        support::metric_sum(
+            &metrics,
+            "ferry_lrs_refused_total",
+            "reason=\"unknown_cluster\""
+        ),
+        20_000.0
+    );
+}
+
+#[tokio::test]
+async fn lrs_reports_from_a_node_without_an_ads_stream_are_refused() {
+    let ferry = Ferry::start(&catalog()).await;
+    let known = "checkout.shop:8080@old";
+    under_attack(&ferry, "LRS from a stranger", async {
+        send_reports(&ferry, vec![report("stranger", &[(known, 100, 100)])]).await;
+    })
+    .await;
+    let metrics = ferry.metrics().await;
+    assert_eq!(lrs_requests(&metrics), 0.0, "{metrics}");
+    assert_eq!(
+        support::metric_sum(
+            &metrics,
+            "ferry_lrs_refused_total",
+            "reason=\"no_ads_stream\""
+        ),
+        1.0
+    );
+    // The same node with an ADS stream counts.
+    let mut client = ads_client(&ferry).await;
+    let _ads = DeltaStream::open(&mut client, "stranger").await;
+    send_reports(&ferry, vec![report("stranger", &[(known, 100, 1)])]).await;
+    assert_eq!(lrs_requests(&ferry.metrics().await), 101.0);
+}
