@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_discovery::Catalog;
-use ferry_discovery::file::FileSource;
+use ferry_discovery::file::{FileSource, RemovalLimit};
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
 use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
+use ferry_xds::ads::XdsLimits;
 use ferry_xds::lrs::{LoadReports, LrsServer};
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
@@ -30,6 +31,17 @@ pub struct ControlArgs {
     /// invalid edit is refused and the last good catalog keeps serving.
     #[arg(long, value_name = "FILE")]
     catalog: PathBuf,
+
+    /// The largest share of the catalog's services, in percent, one load
+    /// of the file may remove; a load that removes more (or leaves no
+    /// service at all) is refused and the last good catalog keeps serving.
+    #[arg(long, default_value_t = 50.0, value_parser = percent, value_name = "PERCENT")]
+    max_removed_share: f64,
+
+    /// Accept any catalog load, however many services it removes, an
+    /// empty catalog included.
+    #[arg(long)]
+    allow_mass_removal: bool,
 
     /// Address of the xDS gRPC server (ADS, state-of-the-world and delta).
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
@@ -113,6 +125,27 @@ pub struct ControlArgs {
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     lrs_interval: Duration,
 
+    /// Resource names one xDS stream may subscribe to (over all types);
+    /// a stream asking for more is ended with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    xds_max_names: usize,
+
+    /// xDS streams (ADS) open at once from one peer IP address; more are
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    xds_max_streams_per_peer: usize,
+
+    /// Concurrent gRPC streams on one xDS connection (HTTP/2
+    /// MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    xds_max_streams_per_connection: u32,
+
+    /// Count load reports from any node. By default a report counts only
+    /// when its node id holds a live ADS stream from the same IP address
+    /// (the xDS port does not authenticate its clients yet).
+    #[arg(long)]
+    lrs_any_node: bool,
+
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -168,7 +201,10 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
 
-    let source = FileSource::new(&args.catalog);
+    let source = FileSource::new(&args.catalog).with_removal_limit(RemovalLimit {
+        max_share: args.max_removed_share / 100.0,
+        allow: args.allow_mass_removal,
+    });
     let file_status = source.status();
     let kubernetes_config = source.kubernetes();
     let clusters: ClusterStatuses = Default::default();
@@ -238,10 +274,22 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     // policy (translation starts from it), so nothing shifts on stale state.
     let engine_task = tokio::spawn(engine.clone().run(shutdown.clone()));
 
-    let ads = AdsServer::new(cache, clients, shutdown.clone());
-    let lrs = LrsServer::new(loads, args.lrs_interval, shutdown.clone());
+    let lrs = LrsServer::new(
+        loads,
+        cache.clone(),
+        clients.clone(),
+        args.lrs_interval,
+        shutdown.clone(),
+    )
+    .accept_any_node(args.lrs_any_node);
+    let ads = AdsServer::new(cache, clients, shutdown.clone()).with_limits(XdsLimits {
+        max_names: args.xds_max_names,
+        max_streams_per_peer: args.xds_max_streams_per_peer,
+        ..XdsLimits::default()
+    });
     let incoming = tokio_stream_incoming(xds_listener);
     let served = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(ads.into_service())
@@ -266,6 +314,14 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     }
     tracing::info!("ferry control stopped");
     Ok(())
+}
+
+/// A percentage, 0 to 100.
+fn percent(text: &str) -> anyhow::Result<f64> {
+    match text.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => anyhow::bail!("{text:?} is not a percentage from 0 to 100"),
+    }
 }
 
 /// The policy store chosen by the flags.

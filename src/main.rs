@@ -204,6 +204,14 @@ fn block_on(
 
 fn check(path: &std::path::Path) -> ExitCode {
     match ferry_discovery::file::load_catalog_file(path) {
+        Ok(file) if file.is_empty() => {
+            eprintln!(
+                "{}: {}",
+                path.display(),
+                ferry_discovery::file::RemovalError::Empty
+            );
+            ExitCode::FAILURE
+        }
         Ok(file) => {
             let services = file.services;
             for cluster in &file.kubernetes.clusters {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use support::{
-    Ferry, FerryProxy, RAW_OK, RawBackend, eventually, metric_sum, raw_send, raw_status, rss_kib,
+    Ferry, FerryProxy, RAW_OK, RawBackend, eventually, metric_sum, raw_send, raw_status, vm_rss_kib,
 };
 
 const QUIET: Duration = Duration::from_millis(1500);
@@ -302,7 +302,7 @@ async fn request_heads_are_bounded_in_size_and_time() {
     // 100 clients each hold an unfinished 50 KiB head: memory stays
     // bounded and every one is dropped after the head timeout.
     let pid = s.proxy.pid().expect("proxy pid");
-    let rss_before = rss_kib(pid);
+    let rss_before = vm_rss_kib(pid).unwrap_or(0);
     let mut held = Vec::new();
     for _ in 0..100 {
         use tokio::io::AsyncWriteExt;
@@ -316,7 +316,7 @@ async fn request_heads_are_bounded_in_size_and_time() {
         c.write_all(partial.as_bytes()).await.expect("write");
         held.push(c);
     }
-    let rss_held = rss_kib(pid);
+    let rss_held = vm_rss_kib(pid).unwrap_or(0);
     // Normal traffic is served meanwhile.
     s.assert_serves().await;
     eventually(Duration::from_secs(10), "slow heads dropped", || async {

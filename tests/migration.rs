@@ -301,7 +301,8 @@ async fn a_failing_gate_rolls_back_to_the_source_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_control_plane_killed_mid_shift_resumes_and_waits_for_envoy_before_the_next_step() {
     let backends = Backends::start(&["old/a", "new/a"]).await;
-    let mut ferry = Ferry::start(&catalog(&backends)).await;
+    // Envoy's reports must count while its ADS stream is cut off.
+    let mut ferry = Ferry::start_with(&catalog(&backends), &["--lrs-any-node"]).await;
     let gate = Gate::start(ferry.xds_port).await;
     let envoy = Envoy::start_with_ads_at(&ferry, Ads::Delta, gate.port).await;
     support::eventually(Duration::from_secs(10), "envoy routes to old", || async {

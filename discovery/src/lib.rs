@@ -11,6 +11,7 @@ pub mod file;
 pub mod kubernetes;
 pub mod model;
 pub mod names;
+pub mod untrusted;
 pub mod weights;
 
 pub use catalog::{Catalog, CatalogSnapshot};

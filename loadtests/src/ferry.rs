@@ -90,6 +90,8 @@ impl FerryProcess {
             )
             .arg("--debounce")
             .arg(humantime::format_duration(options.debounce).to_string())
+            // Every simulated client connects from loopback.
+            .args(["--xds-max-streams-per-peer", "1000000"])
             .env("RUST_LOG", &options.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -20,7 +20,9 @@ use futures::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::policy::{Pin, Policy, PolicyError, WeightsChange};
+use ferry_discovery::{ServiceName, Weights};
+
+use crate::policy::{Committed, Pin, Policy, PolicyError, WeightsChange, WeightsSource};
 use crate::store::AuditRecord;
 
 /// The traffic API.
@@ -110,21 +112,36 @@ pub(crate) fn actor<T>(request: &Request<T>, owner: &str) -> String {
         .unwrap_or_else(|| "anonymous".to_owned())
 }
 
+fn service_weights(
+    name: &ServiceName,
+    weights: &Weights,
+    source: WeightsSource,
+    version: u64,
+) -> ServiceWeights {
+    ServiceWeights {
+        service: name.to_string(),
+        weights: weights
+            .iter()
+            .map(|(c, w)| ClusterWeight {
+                cluster: c.to_string(),
+                basis_points: w.basis_points(),
+            })
+            .collect(),
+        source: source.as_str().to_owned(),
+        policy_version: version,
+    }
+}
+
+/// The answer to a weights change: the caller's own commit, not the
+/// policy as it is by the time the answer is built.
+fn committed_response(c: &Committed) -> ServiceWeights {
+    service_weights(&c.service, &c.weights, c.source, c.version)
+}
+
 impl TrafficApi {
     fn weights_response(&self, service: &str) -> Result<ServiceWeights, Status> {
         let (name, weights, source, version) = self.policy.weights(service)?;
-        Ok(ServiceWeights {
-            service: name.to_string(),
-            weights: weights
-                .iter()
-                .map(|(c, w)| ClusterWeight {
-                    cluster: c.to_string(),
-                    basis_points: w.basis_points(),
-                })
-                .collect(),
-            source: source.as_str().to_owned(),
-            policy_version: version,
-        })
+        Ok(service_weights(&name, &weights, source, version))
     }
 }
 
@@ -195,8 +212,8 @@ impl Traffic for TrafficApi {
                 "weights: at least one cluster weight is required (use ClearWeights to go back to the catalog's)",
             ));
         }
-        self.policy.set_weights(&change, &actor)?;
-        Ok(Response::new(self.weights_response(&r.service)?))
+        let committed = self.policy.set_weights(&change, &actor)?;
+        Ok(Response::new(committed_response(&committed)))
     }
 
     async fn clear_weights(
@@ -212,8 +229,8 @@ impl Traffic for TrafficApi {
             reason: r.reason,
             owner: r.owner,
         };
-        self.policy.set_weights(&change, &actor)?;
-        Ok(Response::new(self.weights_response(&r.service)?))
+        let committed = self.policy.set_weights(&change, &actor)?;
+        Ok(Response::new(committed_response(&committed)))
     }
 
     type WatchPolicyStream = EventStream;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ferry_discovery::untrusted::Escaped;
 use ferry_discovery::{Catalog, ClusterName, ServiceName, TOTAL_WEIGHT, Weights};
 use ferry_xds::translate::{PolicyOverrides, WeightOverrides};
 use tokio::sync::{broadcast, watch};
@@ -124,6 +125,16 @@ pub struct WeightsChange {
     pub expected_version: u64,
     pub reason: String,
     pub owner: String,
+}
+
+/// One accepted weights change: the policy version it made and the
+/// weights the service follows from that version on.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub service: ServiceName,
+    pub version: u64,
+    pub weights: Weights,
+    pub source: WeightsSource,
 }
 
 /// The policy at one version. Replaced whole on every change, so readers
@@ -289,12 +300,21 @@ impl Policy {
         Ok((name, w, source, inner.version))
     }
 
-    /// Sets (or, with no weights, clears) a service's weights.
-    pub fn set_weights(&self, change: &WeightsChange, actor: &str) -> Result<u64, PolicyError> {
+    /// Sets (or, with no weights, clears) a service's weights; returns
+    /// this change's own commit, whatever other writers do after it.
+    pub fn set_weights(
+        &self,
+        change: &WeightsChange,
+        actor: &str,
+    ) -> Result<Committed, PolicyError> {
         blocking(|| self.set_weights_now(change, actor))
     }
 
-    fn set_weights_now(&self, change: &WeightsChange, actor: &str) -> Result<u64, PolicyError> {
+    fn set_weights_now(
+        &self,
+        change: &WeightsChange,
+        actor: &str,
+    ) -> Result<Committed, PolicyError> {
         let name = parse_service(&change.service)?;
         if change.reason.trim().is_empty() {
             return Err(invalid(
@@ -334,19 +354,36 @@ impl Policy {
             Some(w) => ("set_weights", format_weights(w)),
             None => ("clear_weights", "back to the catalog's weights".to_owned()),
         };
-        self.commit_locked(
+        // What the service follows after this commit, read before another
+        // writer can move it.
+        let (weights, source) = match &requested {
+            Some(w) => (Some(w.clone()), WeightsSource::Policy),
+            None if service.weights.is_some() => {
+                (service.effective_weights(), WeightsSource::Declared)
+            }
+            None => (service.effective_weights(), WeightsSource::ReadyEndpoints),
+        };
+        let weights = weights
+            .ok_or_else(|| PolicyError::NotFound(format!("service {name} has no backends")))?;
+        let version = self.commit_locked(
             &inner,
             Change {
                 weights: Some(requested),
                 ..Change::new(
-                    name,
+                    name.clone(),
                     actor.to_owned(),
                     action.to_owned(),
                     change.reason.clone(),
                     detail,
                 )
             },
-        )
+        )?;
+        Ok(Committed {
+            service: name,
+            version,
+            weights,
+            source,
+        })
     }
 
     /// Pins a service for `owner`; the owner may refresh its own pin.
@@ -608,8 +645,8 @@ impl Policy {
         metrics::counter!("ferry_migrate_policy_changes_total", "action" => record.action.clone())
             .increment(1);
         tracing::info!(
-            version = record.version, actor = %record.actor, action = %record.action,
-            service = %record.service, reason = %record.reason, detail = %record.detail,
+            version = record.version, actor = %Escaped(&record.actor), action = %record.action,
+            service = %record.service, reason = %Escaped(&record.reason), detail = %Escaped(&record.detail),
             "policy change accepted"
         );
         let _ = self.events.send(record);
@@ -748,7 +785,8 @@ mod tests {
             assert_eq!(
                 policy
                     .set_weights(&change(&[("old", 2500), ("new", 7500)]), "t")
-                    .unwrap(),
+                    .unwrap()
+                    .version,
                 1
             );
             policy.pin("a.ns", "me", "freeze", 0).unwrap();
@@ -767,5 +805,42 @@ mod tests {
         let audit = policy.audit(None, 10).unwrap();
         assert_eq!(audit.len(), 2);
         assert_eq!(policy.overrides().borrow().weights.len(), 1);
+    }
+
+    #[test]
+    fn concurrent_writers_each_get_their_own_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("policy.redb")).unwrap();
+        let policy = Arc::new(Policy::load(Box::new(store), catalog()).unwrap());
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let policy = policy.clone();
+                std::thread::spawn(move || {
+                    (0..10u32)
+                        .map(|i| {
+                            let old = t * 100 + i;
+                            let c = policy
+                                .set_weights(&change(&[("old", old), ("new", 10000 - old)]), "t")
+                                .unwrap();
+                            // The answer is this writer's own weights.
+                            assert_eq!(
+                                c.weights
+                                    .get(&ClusterName::new("old").unwrap())
+                                    .basis_points(),
+                                old
+                            );
+                            c.version
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut versions: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        assert_eq!(versions.len(), 80, "every commit its own version");
     }
 }

@@ -131,6 +131,12 @@ impl Ferry {
         let dir = tempfile::tempdir().expect("tempdir");
         let catalog = dir.path().join("catalog.yaml");
         std::fs::write(&catalog, catalog_yaml).expect("write catalog");
+        Self::start_in(dir, catalog, extra).await
+    }
+
+    /// Starts on a catalog path the caller laid out in `dir` (a symlink
+    /// into a ConfigMap-style directory, say).
+    pub async fn start_in(dir: tempfile::TempDir, catalog: PathBuf, extra: &[&str]) -> Self {
         let mut ferry = Self {
             dir,
             catalog,
@@ -249,6 +255,36 @@ impl Ferry {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ferry.log")).unwrap_or_default()
     }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// The control plane's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.pid()
+            .and_then(vm_rss_kib)
+            .expect("ferry control is running")
+    }
+
+    /// How long /healthz takes to answer now.
+    pub async fn healthz_latency(&self) -> Duration {
+        let started = Instant::now();
+        let (code, _) = http_get(self.admin_port, "localhost", "/healthz")
+            .await
+            .expect("GET /healthz");
+        assert_eq!(code, 200);
+        started.elapsed()
+    }
+}
+
+/// `VmRSS` of process `pid`, in KiB, from `/proc/<pid>/status`.
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Which ADS variant an Envoy uses.
@@ -1012,14 +1048,42 @@ pub fn raw_status(answer: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
-/// A process's resident memory in KiB (VmRSS), from /proc.
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// Polls a control plane's /healthz in the background, recording the
+/// slowest answer, while a test attacks it.
+pub struct HealthProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(Duration, usize)>,
+}
+
+impl HealthProbe {
+    pub fn start(admin_port: u16) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let (mut slowest, mut answers) = (Duration::ZERO, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        http_get(admin_port, "localhost", "/healthz"),
+                    )
+                    .await;
+                    slowest = slowest.max(started.elapsed());
+                    if matches!(answer, Ok(Ok((200, _)))) {
+                        answers += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (slowest, answers)
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops probing; (slowest answer, number of 200 answers).
+    pub async fn stop(self) -> (Duration, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("health probe task")
+    }
 }

@@ -6,6 +6,12 @@
 //! watches the snapshot cache, and writes responses in push order. No
 //! response is sent before the first snapshot exists, so a restarted
 //! control plane never serves an empty or default config.
+//!
+//! Every client is bounded ([`XdsLimits`]): request size, resource names
+//! per stream, streams per peer address (and, on the server, streams per
+//! connection). A request past a limit, or one that does not decode, ends
+//! its stream with `RESOURCE_EXHAUSTED` or `INVALID_ARGUMENT`, a warning
+//! and `ferry_xds_refused_total{reason}`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,9 +29,62 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::session::{Session, Variant};
+use ferry_discovery::untrusted::Escaped;
+
+use crate::session::{Limits, Refusal, Session, Variant};
 use crate::snapshot::SnapshotCache;
 use crate::status::ClientRegistry;
+
+/// What one xDS client may ask of the control plane.
+#[derive(Debug, Clone, Copy)]
+pub struct XdsLimits {
+    /// The largest request message decoded.
+    pub max_message_bytes: usize,
+    /// Resource names one stream may hold over all types.
+    pub max_names: usize,
+    /// ADS streams open at once from one peer IP address.
+    pub max_streams_per_peer: usize,
+}
+
+impl Default for XdsLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_names: Limits::default().max_names,
+            max_streams_per_peer: 1024,
+        }
+    }
+}
+
+/// Counts and logs a refused client.
+fn refused(reason: &'static str, peer: Option<std::net::SocketAddr>, node: &str, status: &Status) {
+    metrics::counter!("ferry_xds_refused_total", "reason" => reason).increment(1);
+    tracing::warn!(
+        peer = ?peer, node = %Escaped(node), reason, code = ?status.code(),
+        message = %Escaped(status.message()), "xds client refused"
+    );
+}
+
+/// The status that ends a stream whose request could not be read, and
+/// its metric label; `None` when the client went away.
+fn unreadable(status: &Status) -> Option<(&'static str, Status)> {
+    match status.code() {
+        // tonic's answer to a message over the size limit.
+        tonic::Code::OutOfRange => Some((
+            "message_too_large",
+            Status::resource_exhausted(status.message().to_owned()),
+        )),
+        // A body that is not the request message.
+        tonic::Code::Internal => Some((
+            "malformed",
+            Status::invalid_argument(format!(
+                "the request could not be decoded: {}",
+                status.message()
+            )),
+        )),
+        _ => None,
+    }
+}
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -33,6 +92,7 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Debug, Clone)]
 pub struct AdsServer {
     inner: Arc<Shared>,
+    limits: XdsLimits,
 }
 
 #[derive(Debug)]
@@ -58,13 +118,21 @@ impl AdsServer {
                 next_stream: AtomicU64::new(1),
                 shutdown,
             }),
+            limits: XdsLimits::default(),
         }
+    }
+
+    /// Bounds what each client may ask.
+    pub fn with_limits(mut self, limits: XdsLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The tonic service to mount on a server.
     pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        let max = self.limits.max_message_bytes;
         AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_decoding_message_size(max)
             .max_encoding_message_size(256 * 1024 * 1024)
     }
 
@@ -72,36 +140,46 @@ impl AdsServer {
         &self,
         request: Request<Streaming<Req>>,
         variant: Variant,
-    ) -> ResponseStream<Resp>
+    ) -> Result<ResponseStream<Resp>, Status>
     where
         Req: Wire<Resp> + Send + 'static,
         Resp: Send + 'static,
     {
-        let peer = request.remote_addr().map(|a| a.to_string());
+        let peer = request.remote_addr();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let shared = self.inner.clone();
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
-        let status = shared.clients.register(id, variant, peer.clone());
-        let session = Session::new(id, variant, status);
+        let limits = self.limits;
+        let status = shared
+            .clients
+            .register(id, variant, peer, limits.max_streams_per_peer)
+            .map_err(|e| {
+                let status = Status::resource_exhausted(e.to_string());
+                refused("too_many_streams_per_peer", peer, "", &status);
+                status
+            })?;
+        let session = Session::new(id, variant, status).with_limits(Limits {
+            max_names: limits.max_names,
+        });
         tokio::spawn(async move {
             let _guard = StreamGuard::new(&shared, id, variant);
             tracing::debug!(stream = id, peer = ?peer, variant = variant.as_str(), "xds stream opened");
-            run_stream::<Req, Resp>(&shared, session, inbound, tx).await;
+            run_stream::<Req, Resp>(&shared, session, inbound, tx, peer).await;
         });
-        Box::pin(ReceiverStream::new(rx))
+        Ok(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
 /// Ties a request type to its session handling and response type.
 trait Wire<Resp>: prost::Message + Default {
-    fn apply(&self, session: &mut Session);
+    fn apply(&self, session: &mut Session) -> Result<(), Refusal>;
     fn responses(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<Resp>;
 }
 
 impl Wire<DiscoveryResponse> for DiscoveryRequest {
-    fn apply(&self, session: &mut Session) {
-        session.on_sotw_request(self);
+    fn apply(&self, session: &mut Session) -> Result<(), Refusal> {
+        session.on_sotw_request(self)
     }
     fn responses(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<DiscoveryResponse> {
         session.sotw_responses(snapshot)
@@ -109,8 +187,8 @@ impl Wire<DiscoveryResponse> for DiscoveryRequest {
 }
 
 impl Wire<DeltaDiscoveryResponse> for DeltaDiscoveryRequest {
-    fn apply(&self, session: &mut Session) {
-        session.on_delta_request(self);
+    fn apply(&self, session: &mut Session) -> Result<(), Refusal> {
+        session.on_delta_request(self)
     }
     fn responses(
         session: &mut Session,
@@ -125,6 +203,7 @@ async fn run_stream<Req, Resp>(
     mut session: Session,
     mut inbound: Streaming<Req>,
     tx: mpsc::Sender<Result<Resp, Status>>,
+    peer: Option<std::net::SocketAddr>,
 ) where
     Req: Wire<Resp> + Send + 'static,
     Resp: Send + 'static,
@@ -137,10 +216,22 @@ async fn run_stream<Req, Resp>(
                 return;
             }
             message = inbound.message() => match message {
-                Ok(Some(request)) => request.apply(&mut session),
+                Ok(Some(request)) => {
+                    if let Err(refusal) = request.apply(&mut session) {
+                        let status = refusal.status();
+                        refused(refusal.reason(), peer, session.node_id(), &status);
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
                 Ok(None) => return,
                 Err(status) => {
-                    tracing::debug!(stream_node = session.node_id(), error = %status, "xds stream ended");
+                    if let Some((reason, answer)) = unreadable(&status) {
+                        refused(reason, peer, session.node_id(), &answer);
+                        let _ = tx.send(Err(answer)).await;
+                    } else {
+                        tracing::debug!(stream_node = %Escaped(session.node_id()), error = %status, "xds stream ended");
+                    }
                     return;
                 }
             },
@@ -193,13 +284,13 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.open(request, Variant::Sotw)))
+        Ok(Response::new(self.open(request, Variant::Sotw)?))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.open(request, Variant::Delta)))
+        Ok(Response::new(self.open(request, Variant::Delta)?))
     }
 }

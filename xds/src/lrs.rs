@@ -7,11 +7,29 @@
 //! a fixed interval. Each report carries the counts since the client's
 //! previous report; they are stored at the time they arrive, so a window
 //! query sums the reports received inside it.
+//!
+//! Reports are untrusted input, so:
+//! - counts add with saturating arithmetic, and a report claiming more
+//!   than [`MAX_REQUESTS_PER_REPORT`] requests for one cluster is refused
+//!   (a proxy reporting every second would need a billion requests per
+//!   second; even at a 60 s interval it is 16 million per second);
+//! - only clusters in the served snapshot count, so made-up names cannot
+//!   grow the tables, and totals not reported for the retention period
+//!   are dropped;
+//! - until the xDS port authenticates its clients, reports count only
+//!   from a node id that holds a live ADS stream from the same peer IP
+//!   address (unless the server is told to accept any node).
+//!
+//! Each refusal is counted in `ferry_lrs_refused_total{reason}`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ferry_discovery::untrusted::Escaped;
 
 use ferry_proto::envoy::config::endpoint::v3::ClusterStats;
 use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_server::{
@@ -25,6 +43,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::resources::ResourceType;
+use crate::session::MAX_NODE_ID_BYTES;
+use crate::snapshot::SnapshotCache;
+use crate::status::ClientRegistry;
+
+/// The most requests one report may claim for one cluster.
+pub const MAX_REQUESTS_PER_REPORT: u64 = 1_000_000_000;
+
+/// The largest load report message decoded.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+fn refused(reason: &'static str, n: u64) {
+    metrics::counter!("ferry_lrs_refused_total", "reason" => reason).increment(n);
+}
+
 /// Request counts over some span of time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Load {
@@ -35,6 +68,14 @@ pub struct Load {
 }
 
 impl Load {
+    /// `self + other`, saturating.
+    pub fn plus(self, other: Load) -> Load {
+        Load {
+            requests: self.requests.saturating_add(other.requests),
+            errors: self.errors.saturating_add(other.errors),
+        }
+    }
+
     /// Errors per request, when there were requests.
     pub fn error_rate(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
@@ -52,9 +93,12 @@ struct Sample {
 pub struct LoadReports {
     series: Mutex<BTreeMap<(String, String), VecDeque<Sample>>>,
     /// Everything this control plane's own clients reported since it
-    /// started, per (service, cluster): what it shares with its peers.
-    totals: Mutex<BTreeMap<(String, String), Load>>,
+    /// started, per (service, cluster), with when it last grew: what it
+    /// shares with its peers.
+    totals: Mutex<BTreeMap<(String, String), (Load, i64)>>,
     retention: Duration,
+    /// When the tables were last swept of expired entries.
+    swept_ms: AtomicI64,
 }
 
 impl Default for LoadReports {
@@ -84,7 +128,33 @@ impl LoadReports {
             series: Mutex::new(BTreeMap::new()),
             totals: Mutex::new(BTreeMap::new()),
             retention,
+            swept_ms: AtomicI64::new(0),
         }
+    }
+
+    /// Drops totals not reported within the retention, and series with
+    /// no sample left; at most once a minute.
+    fn sweep(&self, now_ms: i64) {
+        let last = self.swept_ms.load(Ordering::Relaxed);
+        if now_ms - last < 60_000
+            || self
+                .swept_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let horizon = now_ms - self.retention.as_millis() as i64;
+        self.totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (_, at)| *at >= horizon);
+        self.lock().retain(|_, samples| {
+            while samples.front().is_some_and(|s| s.at_ms < horizon) {
+                samples.pop_front();
+            }
+            !samples.is_empty()
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), VecDeque<Sample>>> {
@@ -107,10 +177,10 @@ impl LoadReports {
             let total = totals
                 .entry((service.to_owned(), cluster.to_owned()))
                 .or_default();
-            total.requests += load.requests;
-            total.errors += load.errors;
+            *total = (total.0.plus(load), at_ms);
         }
         self.record_remote(service, cluster, load, at_ms);
+        self.sweep(at_ms);
     }
 
     /// Everything this control plane's own clients reported since it
@@ -119,7 +189,14 @@ impl LoadReports {
         self.totals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .iter()
+            .map(|(k, (load, _))| (k.clone(), *load))
+            .collect()
+    }
+
+    /// How many (service, cluster) totals are kept.
+    pub fn tracked(&self) -> usize {
+        self.totals.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Records load another control plane's clients reported (shared
@@ -146,46 +223,105 @@ impl LoadReports {
         let mut total = Load::default();
         if let Some(samples) = series.get(&(service.to_owned(), cluster.to_owned())) {
             for s in samples.iter().rev().take_while(|s| s.at_ms >= since_ms) {
-                total.requests += s.load.requests;
-                total.errors += s.load.errors;
+                total = total.plus(s.load);
             }
         }
         total
     }
 
-    fn record_stats(&self, stats: &[ClusterStats]) {
+    /// Records one report's clusters that `known` accepts; returns how
+    /// many were refused.
+    fn record_stats(&self, stats: &[ClusterStats], known: impl Fn(&str) -> bool) -> usize {
         let at = now_ms();
+        let mut refusals = 0;
         for cluster in stats {
-            let mut load = Load::default();
-            for locality in &cluster.upstream_locality_stats {
-                load.requests += locality.total_successful_requests + locality.total_error_requests;
-                load.errors += locality.total_error_requests;
+            if !known(&cluster.cluster_name) {
+                refused("unknown_cluster", 1);
+                refusals += 1;
+                continue;
             }
+            let Some(load) = cluster_load(cluster) else {
+                refused("absurd_count", 1);
+                refusals += 1;
+                continue;
+            };
             self.record_at(&cluster.cluster_name, load, at);
         }
+        refusals
     }
+}
+
+/// One cluster's counts in a report; `None` when they exceed what a
+/// report can hold ([`MAX_REQUESTS_PER_REPORT`]).
+fn cluster_load(cluster: &ClusterStats) -> Option<Load> {
+    let mut load = Load::default();
+    for locality in &cluster.upstream_locality_stats {
+        let requests = locality
+            .total_successful_requests
+            .checked_add(locality.total_error_requests)?;
+        load = load.plus(Load {
+            requests,
+            errors: locality.total_error_requests,
+        });
+    }
+    (load.requests <= MAX_REQUESTS_PER_REPORT).then_some(load)
 }
 
 /// The LRS gRPC service.
 #[derive(Debug, Clone)]
 pub struct LrsServer {
     reports: Arc<LoadReports>,
+    cache: Arc<SnapshotCache>,
+    clients: Arc<ClientRegistry>,
+    any_node: bool,
     interval: Duration,
     shutdown: CancellationToken,
 }
 
 impl LrsServer {
-    /// Clients report every `interval`.
-    pub fn new(reports: Arc<LoadReports>, interval: Duration, shutdown: CancellationToken) -> Self {
+    /// Clients report every `interval`; reports count for the clusters
+    /// `cache` serves, from nodes `clients` holds an ADS stream of.
+    pub fn new(
+        reports: Arc<LoadReports>,
+        cache: Arc<SnapshotCache>,
+        clients: Arc<ClientRegistry>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             reports,
+            cache,
+            clients,
+            any_node: false,
             interval,
             shutdown,
         }
     }
 
+    /// Counts reports from any node, with or without an ADS stream here
+    /// (proxies whose ADS and LRS streams reach different instances).
+    pub fn accept_any_node(mut self, any: bool) -> Self {
+        self.any_node = any;
+        self
+    }
+
     pub fn into_service(self) -> LoadReportingServiceServer<Self> {
-        LoadReportingServiceServer::new(self)
+        LoadReportingServiceServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Records one request's reports if its node may report; returns
+    /// whether it may.
+    fn record(&self, node: &str, ip: Option<IpAddr>, stats: &[ClusterStats]) -> bool {
+        let allowed = self.any_node || ip.is_some_and(|ip| self.clients.has_stream(node, ip));
+        if !allowed {
+            refused("no_ads_stream", 1);
+            return false;
+        }
+        let snapshot = self.cache.current();
+        let clusters = snapshot.of(ResourceType::Cluster);
+        self.reports
+            .record_stats(stats, |name| clusters.contains_key(name));
+        true
     }
 
     fn response(&self) -> LoadStatsResponse {
@@ -210,12 +346,14 @@ impl LoadReportingService for LrsServer {
         &self,
         request: Request<Streaming<LoadStatsRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let ip = request.remote_addr().map(|a| a.ip());
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
             let mut node = String::new();
             let mut answered = false;
+            let mut warned = false;
             metrics::gauge!("ferry_lrs_connected_clients").increment(1.0);
             loop {
                 let message = tokio::select! {
@@ -227,10 +365,26 @@ impl LoadReportingService for LrsServer {
                         if let Some(n) = &req.node
                             && node.is_empty()
                         {
+                            if n.id.len() > MAX_NODE_ID_BYTES {
+                                refused("node_id_too_long", 1);
+                                let status = Status::invalid_argument(format!(
+                                    "node.id is {} bytes, more than the {MAX_NODE_ID_BYTES} accepted",
+                                    n.id.len()
+                                ));
+                                tracing::warn!(peer = ?ip, "load report refused: node id too long");
+                                let _ = tx.send(Err(status)).await;
+                                break;
+                            }
                             node.clone_from(&n.id);
-                            tracing::debug!(node = %node, "load reporting stream opened");
+                            tracing::debug!(node = %Escaped(&node), "load reporting stream opened");
                         }
-                        this.reports.record_stats(&req.cluster_stats);
+                        if !this.record(&node, ip, &req.cluster_stats) && !warned {
+                            warned = true;
+                            tracing::warn!(
+                                node = %Escaped(&node), peer = ?ip,
+                                "load reports refused: the node holds no ADS stream from this address"
+                            );
+                        }
                         metrics::counter!("ferry_lrs_reports_total").increment(1);
                         // One response starts reporting; Envoy keeps the
                         // interval until told otherwise.
@@ -243,7 +397,7 @@ impl LoadReportingService for LrsServer {
                     }
                     Ok(None) => break,
                     Err(status) => {
-                        tracing::debug!(node = %node, error = %status, "load reporting stream ended");
+                        tracing::debug!(node = %Escaped(&node), error = %status, "load reporting stream ended");
                         break;
                     }
                 }
@@ -283,5 +437,54 @@ mod tests {
         // Past the retention, old reports are dropped.
         reports.record_at("web.shop:80@old", load(1, 0), 20_000);
         assert_eq!(reports.since("web.shop", "old", 0), load(1, 0));
+    }
+
+    #[test]
+    fn absurd_and_overflowing_counts_are_refused() {
+        use ferry_proto::envoy::config::endpoint::v3::UpstreamLocalityStats;
+        let stats = |ok: u64, err: u64| ClusterStats {
+            cluster_name: "web.shop:80@old".to_owned(),
+            upstream_locality_stats: vec![UpstreamLocalityStats {
+                total_successful_requests: ok,
+                total_error_requests: err,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let reports = LoadReports::default();
+        assert_eq!(reports.record_stats(&[stats(u64::MAX, 1)], |_| true), 1);
+        assert_eq!(
+            reports.record_stats(&[stats(MAX_REQUESTS_PER_REPORT + 1, 0)], |_| true),
+            1
+        );
+        assert_eq!(reports.record_stats(&[stats(10, 1)], |_| false), 1);
+        assert_eq!(reports.tracked(), 0);
+        assert_eq!(reports.record_stats(&[stats(10, 1)], |_| true), 0);
+        assert_eq!(
+            reports.since("web.shop", "old", 0),
+            Load {
+                requests: 11,
+                errors: 1
+            }
+        );
+        // Sums saturate rather than wrap.
+        let big = Load {
+            requests: u64::MAX,
+            errors: u64::MAX,
+        };
+        assert_eq!(big.plus(big), big);
+    }
+
+    #[test]
+    fn totals_not_reported_within_the_retention_expire() {
+        let reports = LoadReports::new(Duration::from_secs(10));
+        let load = Load {
+            requests: 1,
+            errors: 0,
+        };
+        reports.record_at("a.shop:80@old", load, 1_000);
+        reports.record_at("b.shop:80@old", load, 100_000);
+        assert_eq!(reports.tracked(), 1, "{:?}", reports.totals());
+        assert_eq!(reports.since("a.shop", "old", 0), Load::default());
     }
 }

@@ -20,11 +20,18 @@
 //!   routes and endpoints; delta sends only changes, `removed_resources`
 //!   for deletions and for subscribed names that do not exist, and honours
 //!   `initial_resource_versions`.
+//!
+//! Limits kept here, each refusing the request with a [`Refusal`] that
+//! ends the stream: a node id of at most [`MAX_NODE_ID_BYTES`], and at most
+//! [`Limits::max_names`] resource names held by one stream over all types
+//! (subscriptions plus the versions a delta client says it has). NACK
+//! messages are kept to [`MAX_NACK_MESSAGE_BYTES`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use ferry_discovery::untrusted::{Escaped, clip};
 use ferry_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     Resource as DeltaResource,
@@ -34,6 +41,54 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::resources::{Resource, ResourceType};
 use crate::snapshot::Snapshot;
 use crate::status::{ClientStatus, NackRecord, TypeStatus};
+
+/// The longest node id accepted.
+pub const MAX_NODE_ID_BYTES: usize = 256;
+
+/// How much of a NACK's message is kept and logged.
+pub const MAX_NACK_MESSAGE_BYTES: usize = 1024;
+
+/// Per-stream limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Resource names one stream may hold over all types.
+    pub max_names: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_names: 100_000 }
+    }
+}
+
+/// A request that ends its stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("node.id is {len} bytes, more than the {MAX_NODE_ID_BYTES} accepted")]
+    NodeIdTooLong { len: usize },
+    #[error(
+        "the stream would hold {names} resource names, more than the {limit} one stream may (--xds-max-names)"
+    )]
+    TooManyNames { names: usize, limit: usize },
+}
+
+impl Refusal {
+    /// The metric label of the refusal.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NodeIdTooLong { .. } => "node_id_too_long",
+            Self::TooManyNames { .. } => "too_many_names",
+        }
+    }
+
+    /// The gRPC status that ends the stream.
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Self::NodeIdTooLong { .. } => tonic::Status::invalid_argument(self.to_string()),
+            Self::TooManyNames { .. } => tonic::Status::resource_exhausted(self.to_string()),
+        }
+    }
+}
 
 /// Which ADS RPC a stream uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -99,6 +154,10 @@ struct TypeState {
 }
 
 impl TypeState {
+    fn names_held(&self) -> usize {
+        self.sub.names.len().max(self.exceptions.len())
+    }
+
     /// The version of `name` the client holds, if any.
     fn known(&self, kind: ResourceType, name: &str) -> Option<&str> {
         match self.exceptions.get(name) {
@@ -159,6 +218,7 @@ pub struct Session {
     node_id: String,
     node_cluster: String,
     last_pushed_snapshot: u64,
+    limits: Limits,
     status: Arc<Mutex<ClientStatus>>,
 }
 
@@ -183,22 +243,53 @@ impl Session {
             node_id: String::new(),
             node_cluster: String::new(),
             last_pushed_snapshot: 0,
+            limits: Limits::default(),
             status,
         }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Names this stream holds over all types: per type, its subscribed
+    /// names or its exceptions (mostly the same names), whichever are more.
+    fn names_held(&self) -> usize {
+        self.types.iter().map(TypeState::names_held).sum()
+    }
+
+    fn check_names(&self, names: usize) -> Result<(), Refusal> {
+        if names > self.limits.max_names {
+            return Err(Refusal::TooManyNames {
+                names,
+                limit: self.limits.max_names,
+            });
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> &str {
         &self.node_id
     }
 
-    fn note_node(&mut self, node: Option<&ferry_proto::envoy::config::core::v3::Node>) {
+    fn note_node(
+        &mut self,
+        node: Option<&ferry_proto::envoy::config::core::v3::Node>,
+    ) -> Result<(), Refusal> {
         if let Some(node) = node
             && self.node_id.is_empty()
         {
+            if node.id.len() > MAX_NODE_ID_BYTES || node.cluster.len() > MAX_NODE_ID_BYTES {
+                return Err(Refusal::NodeIdTooLong {
+                    len: node.id.len().max(node.cluster.len()),
+                });
+            }
             self.node_id = node.id.clone();
             self.node_cluster = node.cluster.clone();
-            tracing::info!(stream = self.id, node = %node.id, variant = self.variant.as_str(), "xds client identified");
+            tracing::info!(stream = self.id, node = %Escaped(&node.id), variant = self.variant.as_str(), "xds client identified");
         }
+        Ok(())
     }
 
     /// Handles the ACK/NACK part of a request. Returns false for a stale
@@ -230,13 +321,13 @@ impl Session {
                 st.nacks += 1;
                 let record = NackRecord {
                     rejected_version: st.sent_version.clone().unwrap_or_default(),
-                    kept_version: version_info.to_owned(),
-                    message: err.message.clone(),
+                    kept_version: clip(version_info, MAX_NACK_MESSAGE_BYTES).into_owned(),
+                    message: clip(&err.message, MAX_NACK_MESSAGE_BYTES).into_owned(),
                     at: SystemTime::now(),
                 };
                 tracing::warn!(
-                    node = %node, r#type = kind.short(), rejected = %record.rejected_version,
-                    message = %record.message, "xds client rejected (NACK) an update; it keeps its last good config"
+                    node = %Escaped(&node), r#type = kind.short(), rejected = %record.rejected_version,
+                    message = %Escaped(&record.message), "xds client rejected (NACK) an update; it keeps its last good config"
                 );
                 metrics::counter!("ferry_xds_nacks_total", "type" => kind.short()).increment(1);
                 st.last_nack = Some(record);
@@ -253,18 +344,20 @@ impl Session {
     }
 
     /// Applies a state-of-the-world request.
-    pub fn on_sotw_request(&mut self, req: &DiscoveryRequest) {
-        self.note_node(req.node.as_ref());
+    pub fn on_sotw_request(&mut self, req: &DiscoveryRequest) -> Result<(), Refusal> {
+        self.note_node(req.node.as_ref())?;
         let Some(kind) = type_of(&req.type_url) else {
-            return;
+            return Ok(());
         };
+        let held = self.names_held() - self.types[kind.index()].names_held();
+        self.check_names(held + req.resource_names.len())?;
         if !self.acknowledge(
             kind,
             &req.response_nonce,
             &req.version_info,
             req.error_detail.as_ref(),
         ) {
-            return;
+            return Ok(());
         }
         let st = &mut self.types[kind.index()];
         let wildcard = req.resource_names.iter().any(|n| n == "*")
@@ -294,14 +387,21 @@ impl Session {
             st.force_response = true;
         }
         st.started = true;
+        Ok(())
     }
 
     /// Applies a delta request.
-    pub fn on_delta_request(&mut self, req: &DeltaDiscoveryRequest) {
-        self.note_node(req.node.as_ref());
+    pub fn on_delta_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<(), Refusal> {
+        self.note_node(req.node.as_ref())?;
         let Some(kind) = type_of(&req.type_url) else {
-            return;
+            return Ok(());
         };
+        let initial = if self.types[kind.index()].started {
+            0
+        } else {
+            req.initial_resource_versions.len()
+        };
+        self.check_names(self.names_held() + req.resource_names_subscribe.len() + initial)?;
         // Subscription changes apply even on a stale nonce: delta
         // subscriptions are incremental and would otherwise be lost.
         self.acknowledge(kind, &req.response_nonce, "", req.error_detail.as_ref());
@@ -340,6 +440,7 @@ impl Session {
             st.sub.names.remove(name);
             st.exceptions.remove(name);
         }
+        Ok(())
     }
 
     /// Whether the client might still route to a cluster that is gone:
@@ -601,7 +702,9 @@ services:
     }
 
     fn session(variant: Variant) -> Session {
-        let status = crate::status::ClientRegistry::default().register(1, variant, None);
+        let status = crate::status::ClientRegistry::default()
+            .register(1, variant, None, 1)
+            .unwrap();
         Session::new(1, variant, status)
     }
 
@@ -617,7 +720,7 @@ services:
     fn ack_all(s: &mut Session, responses: &[DeltaDiscoveryResponse]) {
         for r in responses {
             let kind = ResourceType::from_type_url(&r.type_url).unwrap();
-            s.on_delta_request(&delta(kind, &[], &r.nonce));
+            s.on_delta_request(&delta(kind, &[], &r.nonce)).unwrap();
         }
     }
 
@@ -630,8 +733,10 @@ services:
     fn envoy_like(world: &World) -> (Session, Arc<Snapshot>) {
         let snap = world.cache.current();
         let mut s = session(Variant::Delta);
-        s.on_delta_request(&delta(ResourceType::Cluster, &[], ""));
-        s.on_delta_request(&delta(ResourceType::Listener, &[], ""));
+        s.on_delta_request(&delta(ResourceType::Cluster, &[], ""))
+            .unwrap();
+        s.on_delta_request(&delta(ResourceType::Listener, &[], ""))
+            .unwrap();
         let first = s.delta_responses(&snap);
         assert_eq!(first.len(), 2);
         ack_all(&mut s, &first);
@@ -640,8 +745,10 @@ services:
             .keys()
             .map(String::as_str)
             .collect();
-        s.on_delta_request(&delta(ResourceType::Endpoint, &clusters, ""));
-        s.on_delta_request(&delta(ResourceType::Route, &["ferry_http"], ""));
+        s.on_delta_request(&delta(ResourceType::Endpoint, &clusters, ""))
+            .unwrap();
+        s.on_delta_request(&delta(ResourceType::Route, &["ferry_http"], ""))
+            .unwrap();
         let second = s.delta_responses(&snap);
         assert_eq!(second.len(), 2);
         ack_all(&mut s, &second);
@@ -686,7 +793,7 @@ services:
             message: "bad endpoint".into(),
             details: vec![],
         });
-        s.on_delta_request(&nack);
+        s.on_delta_request(&nack).unwrap();
         assert!(s.delta_responses(&changed).is_empty(), "no resend loop");
         let st = &s.types[ResourceType::Endpoint.index()];
         assert_eq!(st.nacks, 1);
@@ -711,7 +818,7 @@ services:
             .insert("gone.ns:80@old".into(), "1".into());
         req.initial_resource_versions
             .insert("a.ns:80@old".into(), "stale".into());
-        s.on_delta_request(&req);
+        s.on_delta_request(&req).unwrap();
         let out = s.delta_responses(&snap);
         assert_eq!(out.len(), 1);
         assert_eq!(names(&out[0]), ["a.ns:80@old"]);
@@ -727,7 +834,8 @@ services:
             ResourceType::Endpoint,
             &["a.ns:80@old", "nope.ns:80@x"],
             "",
-        ));
+        ))
+        .unwrap();
         let out = s.delta_responses(&snap);
         assert_eq!(names(&out[0]), ["a.ns:80@old"]);
         assert_eq!(out[0].removed_resources, ["nope.ns:80@x"]);
@@ -746,16 +854,18 @@ services:
             version_info: version.to_owned(),
             ..Default::default()
         };
-        s.on_sotw_request(&req("", ""));
+        s.on_sotw_request(&req("", "")).unwrap();
         let out = s.sotw_responses(&snap);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].resources.len(), 3);
-        s.on_sotw_request(&req("999", &out[0].version_info));
+        s.on_sotw_request(&req("999", &out[0].version_info))
+            .unwrap();
         assert!(
             s.types[0].acked_version.is_none(),
             "stale nonce counted as ACK"
         );
-        s.on_sotw_request(&req(&out[0].nonce, &out[0].version_info));
+        s.on_sotw_request(&req(&out[0].nonce, &out[0].version_info))
+            .unwrap();
         assert_eq!(
             s.types[0].acked_version.as_deref(),
             Some(out[0].version_info.as_str())
@@ -771,5 +881,42 @@ services:
         let out = s.sotw_responses(&snap);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].resources.len(), 4);
+    }
+
+    #[test]
+    fn a_stream_holds_a_bounded_number_of_names() {
+        let mut s = session(Variant::Delta).with_limits(Limits { max_names: 3 });
+        s.on_delta_request(&delta(ResourceType::Endpoint, &["a", "b"], ""))
+            .unwrap();
+        let refused = s.on_delta_request(&delta(ResourceType::Cluster, &["c", "d"], ""));
+        assert_eq!(refused, Err(Refusal::TooManyNames { names: 4, limit: 3 }));
+        let mut s = session(Variant::Sotw).with_limits(Limits { max_names: 3 });
+        let names = ["a", "b", "c"].map(str::to_owned).to_vec();
+        let mut req = DiscoveryRequest {
+            type_url: ResourceType::Endpoint.type_url().to_owned(),
+            resource_names: names,
+            ..Default::default()
+        };
+        // Replacing a subscription counts only the new one.
+        s.on_sotw_request(&req).unwrap();
+        s.on_sotw_request(&req).unwrap();
+        req.resource_names.push("d".to_owned());
+        assert!(s.on_sotw_request(&req).is_err());
+    }
+
+    #[test]
+    fn node_ids_are_bounded() {
+        let mut s = session(Variant::Delta);
+        let mut req = delta(ResourceType::Cluster, &[], "");
+        req.node = Some(ferry_proto::envoy::config::core::v3::Node {
+            id: "x".repeat(MAX_NODE_ID_BYTES + 1),
+            ..Default::default()
+        });
+        assert_eq!(
+            s.on_delta_request(&req),
+            Err(Refusal::NodeIdTooLong {
+                len: MAX_NODE_ID_BYTES + 1
+            })
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Connected xDS clients as SREs see them on `/status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -46,39 +47,101 @@ pub struct ClientStatus {
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
 
+/// A stream refused because its peer address holds too many already.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{ip} already holds {streams} xDS streams, the most one address may (--xds-max-streams-per-peer)"
+)]
+pub struct TooManyStreams {
+    pub ip: IpAddr,
+    pub streams: usize,
+}
+
+/// One registered stream.
+#[derive(Debug)]
+struct Entry {
+    status: Arc<Mutex<ClientStatus>>,
+    ip: Option<IpAddr>,
+}
+
+#[derive(Debug, Default)]
+struct Clients {
+    streams: BTreeMap<u64, Entry>,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
 /// Every connected client, for the status endpoint.
 #[derive(Debug, Default)]
 pub struct ClientRegistry {
-    clients: Mutex<BTreeMap<u64, Arc<Mutex<ClientStatus>>>>,
+    clients: Mutex<Clients>,
 }
 
 impl ClientRegistry {
+    /// Registers a stream unless its peer's address already holds
+    /// `max_per_ip` streams.
     pub fn register(
         &self,
         stream: u64,
         variant: Variant,
-        peer: Option<String>,
-    ) -> Arc<Mutex<ClientStatus>> {
+        peer: Option<std::net::SocketAddr>,
+        max_per_ip: usize,
+    ) -> Result<Arc<Mutex<ClientStatus>>, TooManyStreams> {
+        let ip = peer.map(|p| p.ip());
+        let mut clients = self.lock();
+        if let Some(ip) = ip {
+            let streams = clients.per_ip.get(&ip).copied().unwrap_or(0);
+            if streams >= max_per_ip {
+                return Err(TooManyStreams { ip, streams });
+            }
+            *clients.per_ip.entry(ip).or_default() += 1;
+        }
         let status = Arc::new(Mutex::new(ClientStatus {
             stream,
             variant,
-            peer,
+            peer: peer.map(|p| p.to_string()),
             node_id: String::new(),
             node_cluster: String::new(),
             connected_at: SystemTime::now(),
             last_update: None,
             types: BTreeMap::new(),
         }));
-        self.lock().insert(stream, status.clone());
-        status
+        clients.streams.insert(
+            stream,
+            Entry {
+                status: status.clone(),
+                ip,
+            },
+        );
+        Ok(status)
     }
 
     pub fn unregister(&self, stream: u64) {
-        self.lock().remove(&stream);
+        let mut clients = self.lock();
+        let Some(entry) = clients.streams.remove(&stream) else {
+            return;
+        };
+        if let Some(ip) = entry.ip
+            && let Some(n) = clients.per_ip.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                clients.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Whether `node_id` has a live ADS stream from address `ip`.
+    pub fn has_stream(&self, node_id: &str, ip: IpAddr) -> bool {
+        if node_id.is_empty() {
+            return false;
+        }
+        self.handles_where(|e| e.ip == Some(ip))
+            .iter()
+            .any(|h| h.lock().unwrap_or_else(|p| p.into_inner()).node_id == node_id)
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().streams.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -88,7 +151,7 @@ impl ClientRegistry {
     /// How many connected clients subscribed to `kind` have acknowledged
     /// snapshot `version` (or a later one) of it, out of how many.
     pub fn ack_share(&self, kind: &str, version: u64) -> (usize, usize) {
-        let handles: Vec<_> = self.lock().values().cloned().collect();
+        let handles = self.handles_where(|_| true);
         let (mut acked, mut total) = (0, 0);
         for h in handles {
             let status = h.lock().unwrap_or_else(|p| p.into_inner());
@@ -104,7 +167,7 @@ impl ClientRegistry {
 
     /// The node ids of the connected clients subscribed to `kind`.
     pub fn nodes_subscribed(&self, kind: &str) -> std::collections::BTreeSet<String> {
-        let handles: Vec<_> = self.lock().values().cloned().collect();
+        let handles = self.handles_where(|_| true);
         handles
             .iter()
             .filter_map(|h| {
@@ -117,14 +180,25 @@ impl ClientRegistry {
 
     /// A copy of every client's status.
     pub fn snapshot(&self) -> Vec<ClientStatus> {
-        let handles: Vec<_> = self.lock().values().cloned().collect();
+        let handles = self.handles_where(|_| true);
         handles
             .iter()
             .map(|h| h.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Mutex<ClientStatus>>>> {
+    /// The status handles of the streams `keep` selects, copied out so
+    /// no client's lock is taken under the registry's.
+    fn handles_where(&self, keep: impl Fn(&Entry) -> bool) -> Vec<Arc<Mutex<ClientStatus>>> {
+        self.lock()
+            .streams
+            .values()
+            .filter(|e| keep(e))
+            .map(|e| e.status.clone())
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clients> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -1,169 +1,25 @@
-//! The static catalog file source: a YAML file of services, parsed and
-//! validated as a whole, watched for edits.
-//!
-//! An edit is applied without a restart. A file that fails to parse or
-//! validate is refused whole with an error naming the file, the service and
-//! the field; the last good catalog keeps being served and the error is
-//! kept in [`FileStatus`] and counted in `ferry_discovery_catalog_errors_total`.
-//!
-//! ```yaml
-//! services:
-//!   - name: checkout
-//!     namespace: shop
-//!     ports: [{name: http, port: 8080}]
-//!     hosts: [checkout.example.com]
-//!     backends:
-//!       old: {endpoints: ["127.0.0.1:9001", {address: "127.0.0.1:9002", ready: false, zone: a}]}
-//!       new: {endpoints: ["127.0.0.1:9101"]}
-//!     weights: {old: 9000, new: 1000}
-//! ```
+//! Turns the parsed YAML shape into the catalog model, checking every
+//! rule a catalog must follow; the first broken rule refuses the file with
+//! an error naming the service and the field.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::path::Path;
+use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
-use serde::Deserialize;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-
-use crate::catalog::Catalog;
+use super::schema::{
+    RawEndpoint, RawEndpointDetail, RawHealthCheck, RawKubernetes, RawOutlierDetection, RawPort,
+    RawRetries, RawService, RawSticky,
+};
+use super::{CatalogError, QUOTE_BYTES};
 use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
 use crate::model::{
     Backend, ClientCert, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol,
     RequestPolicy, Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
+use crate::untrusted::quote;
 use crate::weights::Weights;
-
-/// Why a catalog file was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid YAML: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: service {service}: {field}: {reason}")]
-    Invalid {
-        path: PathBuf,
-        service: String,
-        field: String,
-        reason: String,
-    },
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCatalog {
-    #[serde(default)]
-    services: Vec<RawService>,
-    kubernetes: Option<RawKubernetes>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawKubernetes {
-    #[serde(default)]
-    namespaces: Vec<String>,
-    #[serde(default)]
-    clusters: Vec<RawCluster>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCluster {
-    name: String,
-    kubeconfig: Option<PathBuf>,
-    context: Option<String>,
-    #[serde(default)]
-    in_cluster: bool,
-}
-
-/// Everything a catalog file describes.
-#[derive(Debug, Clone, Default)]
-pub struct CatalogFile {
-    pub services: Vec<Service>,
-    pub kubernetes: KubernetesConfig,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
-    ports: Vec<RawPort>,
-    #[serde(default)]
-    hosts: Vec<String>,
-    backends: BTreeMap<String, RawBackend>,
-    weights: Option<BTreeMap<String, u32>>,
-    /// `sticky: {header: x-user-id}`
-    #[serde(default)]
-    sticky: Option<RawSticky>,
-    /// `http1` (default) or `http2` (h2c: gRPC).
-    protocol: Option<String>,
-    /// Whole-request timeout, e.g. `5s`.
-    timeout: Option<String>,
-    retries: Option<RawRetries>,
-    outlier_detection: Option<RawOutlierDetection>,
-    health_check: Option<RawHealthCheck>,
-    /// `tls: {server_name: checkout.internal, ca_file: /etc/ferry/ca.pem}`,
-    /// with `cert_file` and `key_file` for mutual TLS.
-    tls: Option<RawUpstreamTls>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstreamTls {
-    server_name: String,
-    ca_file: PathBuf,
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawHealthCheck {
-    path: String,
-    interval: Option<String>,
-    timeout: Option<String>,
-    unhealthy_threshold: Option<u32>,
-    healthy_threshold: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRetries {
-    attempts: u32,
-    #[serde(default = "default_retry_on")]
-    on: Vec<String>,
-    per_try_timeout: Option<String>,
-}
-
-fn default_retry_on() -> Vec<String> {
-    vec!["connect-failure".to_owned()]
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOutlierDetection {
-    consecutive_5xx: Option<u32>,
-    base_ejection_time: Option<String>,
-    max_ejection_percent: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSticky {
-    header: Option<String>,
-    cookie: Option<String>,
-}
 
 /// A DNS name as TLS clients take it: dot-separated labels of letters,
 /// digits and inner hyphens.
@@ -181,94 +37,13 @@ fn dns_name(name: &str) -> bool {
         })
 }
 
-fn default_namespace() -> String {
-    "default".to_owned()
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPort {
-    name: String,
-    port: u16,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    #[serde(default)]
-    endpoints: Vec<RawEndpoint>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawEndpoint {
-    Address(String),
-    Detailed(RawEndpointDetail),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEndpointDetail {
-    address: String,
-    #[serde(default)]
-    ports: BTreeMap<String, u16>,
-    #[serde(default = "yes")]
-    ready: bool,
-    #[serde(default)]
-    terminating: bool,
-    zone: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// Parses and validates catalog YAML. `path` only names the source in
-/// errors and anchors relative kubeconfig paths.
-pub fn parse_catalog_file(path: &Path, text: &str) -> Result<CatalogFile, CatalogError> {
-    let raw: RawCatalog = serde_yaml_ng::from_str(text).map_err(|e| CatalogError::Parse {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })?;
-    let kubernetes = raw.kubernetes;
-    let mut validator = Validator::new(path);
-    let services = validator.catalog(raw.services)?;
-    let kubernetes = kubernetes
-        .map(|k| validator.kubernetes(k))
-        .transpose()?
-        .unwrap_or_default();
-    Ok(CatalogFile {
-        services,
-        kubernetes,
-    })
-}
-
-/// Parses and validates catalog YAML, returning its static services.
-pub fn parse_catalog(path: &Path, text: &str) -> Result<Vec<Service>, CatalogError> {
-    parse_catalog_file(path, text).map(|f| f.services)
-}
-
-/// Reads, parses and validates a catalog file.
-pub fn load_catalog_file(path: &Path) -> Result<CatalogFile, CatalogError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    parse_catalog_file(path, &text)
-}
-
-/// Reads, parses and validates a catalog file, returning its services.
-pub fn load_catalog(path: &Path) -> Result<Vec<Service>, CatalogError> {
-    load_catalog_file(path).map(|f| f.services)
-}
-
-struct Validator<'a> {
+pub(super) struct Validator<'a> {
     path: &'a Path,
     service: String,
 }
 
 impl<'a> Validator<'a> {
-    fn new(path: &'a Path) -> Self {
+    pub(super) fn new(path: &'a Path) -> Self {
         Self {
             path,
             service: String::new(),
@@ -276,15 +51,20 @@ impl<'a> Validator<'a> {
     }
 
     fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> CatalogError {
+        // Fields and reasons quote the file's own values: bounded and
+        // escaped, so a hostile value cannot flood or forge the log.
         CatalogError::Invalid {
             path: self.path.to_owned(),
             service: self.service.clone(),
-            field: field.into(),
-            reason: reason.into(),
+            field: quote(&field.into(), QUOTE_BYTES),
+            reason: quote(&reason.into(), QUOTE_BYTES),
         }
     }
 
-    fn kubernetes(&mut self, raw: RawKubernetes) -> Result<KubernetesConfig, CatalogError> {
+    pub(super) fn kubernetes(
+        &mut self,
+        raw: RawKubernetes,
+    ) -> Result<KubernetesConfig, CatalogError> {
         self.service = "-".to_owned();
         for (i, ns) in raw.namespaces.iter().enumerate() {
             check_dns_label(ns)
@@ -327,14 +107,15 @@ impl<'a> Validator<'a> {
         })
     }
 
-    fn catalog(&mut self, raw: Vec<RawService>) -> Result<Vec<Service>, CatalogError> {
+    pub(super) fn catalog(&mut self, raw: Vec<RawService>) -> Result<Vec<Service>, CatalogError> {
         let mut services: Vec<Service> = Vec::with_capacity(raw.len());
         let mut seen: HashMap<ServiceName, usize> = HashMap::new();
         let mut host_owner: HashMap<String, ServiceName> = HashMap::new();
         for (index, raw_service) in raw.into_iter().enumerate() {
             self.service = format!(
                 "{}.{} (services[{index}])",
-                raw_service.name, raw_service.namespace
+                quote(&raw_service.name, QUOTE_BYTES),
+                quote(&raw_service.namespace, QUOTE_BYTES)
             );
             let service = self.service_entry(raw_service)?;
             if let Some(first) = seen.insert(service.name.clone(), index) {
@@ -788,137 +569,10 @@ fn parse_address(address: &str) -> Option<(IpAddr, Option<u16>)> {
     address.parse::<IpAddr>().ok().map(|ip| (ip, None))
 }
 
-/// The file source's health, for status pages.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct FileStatus {
-    pub path: PathBuf,
-    pub loads: u64,
-    pub errors: u64,
-    pub last_loaded_at: Option<SystemTime>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<SystemTime>,
-}
-
-/// Watches a catalog file and replaces the catalog on every valid edit.
-#[derive(Debug)]
-pub struct FileSource {
-    path: PathBuf,
-    status: Arc<Mutex<FileStatus>>,
-    kubernetes: tokio::sync::watch::Sender<KubernetesConfig>,
-}
-
-impl FileSource {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        let status = FileStatus {
-            path: path.clone(),
-            ..FileStatus::default()
-        };
-        Self {
-            path,
-            status: Arc::new(Mutex::new(status)),
-            kubernetes: tokio::sync::watch::channel(KubernetesConfig::default()).0,
-        }
-    }
-
-    /// The file's `kubernetes:` section, as of its last valid version.
-    pub fn kubernetes(&self) -> tokio::sync::watch::Receiver<KubernetesConfig> {
-        self.kubernetes.subscribe()
-    }
-
-    /// A handle on the source's status, updated as it runs.
-    pub fn status(&self) -> Arc<Mutex<FileStatus>> {
-        self.status.clone()
-    }
-
-    /// Loads the file once into `catalog`, recording the outcome.
-    pub fn reload(&self, catalog: &Catalog) -> Result<(), CatalogError> {
-        let result = load_catalog_file(&self.path);
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        match result {
-            Ok(file) => {
-                let count = file.services.len();
-                let changed = catalog.replace(file.services);
-                self.kubernetes.send_if_modified(|k| {
-                    let differs = *k != file.kubernetes;
-                    if differs {
-                        *k = file.kubernetes;
-                    }
-                    differs
-                });
-                tracing::info!(path = %self.path.display(), services = count, changed, "catalog file loaded");
-                status.loads += 1;
-                status.last_loaded_at = Some(SystemTime::now());
-                status.last_error = None;
-                metrics::gauge!("ferry_discovery_catalog_file_valid").set(1.0);
-                Ok(())
-            }
-            Err(e) => {
-                status.errors += 1;
-                status.last_error = Some(e.to_string());
-                status.last_error_at = Some(SystemTime::now());
-                metrics::counter!("ferry_discovery_catalog_errors_total").increment(1);
-                metrics::gauge!("ferry_discovery_catalog_file_valid").set(0.0);
-                tracing::error!(error = %e, "catalog file refused; still serving the last good catalog");
-                Err(e)
-            }
-        }
-    }
-
-    /// Loads the file, then reloads it on every change until `cancel`.
-    /// Editors that replace the file (write-and-rename) are handled by
-    /// watching the parent directory.
-    pub async fn run(
-        self,
-        catalog: Arc<Catalog>,
-        cancel: CancellationToken,
-    ) -> Result<(), notify::Error> {
-        let (tx, mut rx) = mpsc::channel::<()>(1);
-        let file_name = self.path.file_name().map(|n| n.to_owned());
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                // Reading the file raises access events: only content and name
-                // changes matter, or every reload would trigger another.
-                let relevant = match &event {
-                    Ok(e) => {
-                        !matches!(e.kind, notify::EventKind::Access(_))
-                            && e.paths
-                                .iter()
-                                .any(|p| p.file_name() == file_name.as_deref())
-                    }
-                    Err(_) => true,
-                };
-                if relevant {
-                    // A full channel already holds a pending reload.
-                    let _ = tx.try_send(());
-                }
-            })?;
-        let dir = match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        let _ = self.reload(&catalog);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                event = rx.recv() => {
-                    if event.is_none() {
-                        return Ok(());
-                    }
-                    // Let a burst of writes settle before reading.
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    while rx.try_recv().is_ok() {}
-                    let _ = self.reload(&catalog);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::file::parse_catalog;
 
     fn parse(text: &str) -> Result<Vec<Service>, CatalogError> {
         parse_catalog(Path::new("catalog.yaml"), text)
@@ -1135,27 +789,13 @@ services:
     }
 
     #[test]
-    fn a_refused_edit_keeps_the_last_good_catalog() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("catalog.yaml");
-        std::fs::write(&path, GOOD).unwrap();
-        let catalog = Catalog::new();
-        let source = FileSource::new(&path);
-        source.reload(&catalog).unwrap();
-        let good = catalog.current();
-
-        std::fs::write(&path, GOOD.replace("9000", "9001")).unwrap();
-        assert!(source.reload(&catalog).is_err());
-        assert_eq!(catalog.current().version, good.version);
-        let status = source.status();
-        let status = status.lock().unwrap();
-        assert!(
-            status
-                .last_error
-                .as_deref()
-                .unwrap_or("")
-                .contains("weights")
-        );
-        assert_eq!(status.errors, 1);
+    fn errors_quote_hostile_values_short_and_escaped() {
+        let long = "x".repeat(5000);
+        let e = error(&GOOD.replace("checkout.example.com", &long));
+        assert!(e.len() < 1000, "{} bytes: {e}", e.len());
+        assert!(e.contains("…(50"), "{e}");
+        let e = error(&GOOD.replace("old: {", "\"o\\nINFO forged\": {"));
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("o\\nINFO forged"), "{e}");
     }
 }
