@@ -360,14 +360,37 @@ fn print_pins(conn: &Conn, pins: &[PinRecord]) {
         };
         println!(
             "{:<32} {:<20} {:<12} {}",
-            p.service, p.owner, expires, p.reason
+            shown(&p.service),
+            shown(&p.owner),
+            expires,
+            shown(&p.reason)
         );
     }
 }
 
+/// Text from the API as a table shows it: control characters (newlines,
+/// ESC, CR, NUL…) escaped, so a value can neither forge a line nor drive
+/// the terminal.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect::<String>()
+        .into()
+}
+
 pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::Result<()> {
     let mut api = connect(conn).await?;
-    let entries = api
+    let reply = api
         .list_audit(request(
             conn,
             ListAuditRequest {
@@ -377,8 +400,8 @@ pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::
         ))
         .await
         .map_err(status_error)?
-        .into_inner()
-        .entries;
+        .into_inner();
+    let entries = reply.entries;
     if conn.output == Output::Json {
         let list: Vec<_> = entries
             .iter()
@@ -394,7 +417,19 @@ pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::
     for e in &entries {
         println!(
             "{:>7} {:<14} {:<16} {:<16} {:<28} {} — {}",
-            e.policy_version, e.at_unix_ms, e.actor, e.action, e.service, e.detail, e.reason
+            e.policy_version,
+            e.at_unix_ms,
+            shown(&e.actor),
+            shown(&e.action),
+            shown(&e.service),
+            shown(&e.detail),
+            shown(&e.reason)
+        );
+    }
+    if reply.omitted > 0 {
+        println!(
+            "({} older entries left out to keep the answer under 1 MiB; use a smaller --limit or --service)",
+            reply.omitted
         );
     }
     Ok(())

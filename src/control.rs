@@ -137,7 +137,7 @@ pub struct ControlArgs {
 
     /// Concurrent gRPC streams on one xDS connection (HTTP/2
     /// MAX_CONCURRENT_STREAMS).
-    #[arg(long, default_value_t = 16, value_name = "N")]
+    #[arg(long, default_value_t = 100, value_name = "N")]
     xds_max_streams_per_connection: u32,
 
     /// Count load reports from any node. By default a report counts only

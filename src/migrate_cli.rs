@@ -11,7 +11,7 @@ use ferry_proto::ferry::v1::{
 use serde_json::json;
 use tonic::transport::Channel;
 
-use crate::cli::{Conn, Output, request, status_error};
+use crate::cli::{Conn, Output, request, shown, status_error};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum MigrateCommand {
@@ -306,10 +306,10 @@ pub fn progress_line(m: &Migration) -> String {
         line.push_str(&format!(" waiting: {}", m.waiting));
     }
     if let Some(g) = m.gates.last() {
-        line.push_str(&format!(" gate {}: {}", g.outcome, g.detail));
+        line.push_str(&format!(" gate {}: {}", g.outcome, shown(&g.detail)));
     }
     if !m.reason.is_empty() {
-        line.push_str(&format!(" — {}", m.reason));
+        line.push_str(&format!(" — {}", shown(&m.reason)));
     }
     line
 }
@@ -349,12 +349,17 @@ fn print_one(conn: &Conn, m: &Migration) {
     if !m.waiting.is_empty() {
         println!("  waiting   {}", m.waiting);
     }
-    println!("  by        {}", m.created_by);
+    println!("  by        {}", shown(&m.created_by));
     if !m.reason.is_empty() {
-        println!("  reason    {}", m.reason);
+        println!("  reason    {}", shown(&m.reason));
     }
     for g in &m.gates {
-        println!("  gate {}    {} — {}", g.step + 1, g.outcome, g.detail);
+        println!(
+            "  gate {}    {} — {}",
+            g.step + 1,
+            g.outcome,
+            shown(&g.detail)
+        );
     }
 }
 

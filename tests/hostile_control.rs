@@ -691,3 +691,122 @@ async fn lrs_reports_from_a_node_without_an_ads_stream_are_refused() {
     send_reports(&ferry, vec![report("stranger", &[(known, 100, 1)])]).await;
     assert_eq!(lrs_requests(&ferry.metrics().await), 101.0);
 }
+
+/// Runs the `ferry` CLI against `ferry`'s API; (success, stdout, stderr).
+fn cli(ferry: &Ferry, args: &[&str]) -> (bool, String, String) {
+    support::ferry_cli(ferry, args)
+}
+
+#[tokio::test]
+async fn api_strings_are_bounded_and_shown_escaped() {
+    use ferry_proto::ferry::v1::traffic_client::TrafficClient;
+    use ferry_proto::ferry::v1::{ClusterWeight, GetWeightsRequest, PinRequest, SetWeightsRequest};
+    let ferry = Ferry::start(&catalog()).await;
+    let pid = ferry.pid().expect("pid");
+    let before_rss = support::vm_rss_kib(pid).unwrap_or(0);
+    let mut api = TrafficClient::connect(format!("http://127.0.0.1:{}", ferry.api_port))
+        .await
+        .expect("connect");
+    let weights = |old, new| {
+        vec![
+            ClusterWeight {
+                cluster: "old".into(),
+                basis_points: old,
+            },
+            ClusterWeight {
+                cluster: "new".into(),
+                basis_points: new,
+            },
+        ]
+    };
+    let reader = api.clone();
+    let get = || {
+        let mut api = reader.clone();
+        async move {
+            api.get_weights(GetWeightsRequest {
+                service: "checkout.shop".into(),
+            })
+            .await
+            .expect("get")
+            .into_inner()
+        }
+    };
+    let before = get().await;
+    // A 3 MiB reason: refused, naming the field; nothing changes.
+    let refused = api
+        .set_weights(SetWeightsRequest {
+            service: "checkout.shop".into(),
+            weights: weights(5000, 5000),
+            reason: "r".repeat(3 << 20),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("reason:"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(get().await, before);
+    // An owner is an identifier: no control characters.
+    let refused = api
+        .pin(PinRequest {
+            service: "checkout.shop".into(),
+            owner: "deploy\nbot".into(),
+            reason: "x".into(),
+            ttl_seconds: 0,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("owner:"),
+        "{}",
+        refused.message()
+    );
+
+    // A reason that tries to forge a log line and drive the terminal is
+    // accepted (it is within bounds), and shown escaped everywhere.
+    let forged = "ok\n2026-11-30T06:00:00Z  INFO policy change accepted reason=FORGED\u{1b}[2J\r\0";
+    api.set_weights(SetWeightsRequest {
+        service: "checkout.shop".into(),
+        weights: weights(6000, 4000),
+        reason: forged.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("a bounded reason is accepted");
+    // The largest reason allowed: `ferry audit` still pages fine.
+    api.set_weights(SetWeightsRequest {
+        service: "checkout.shop".into(),
+        weights: weights(7000, 3000),
+        reason: "m".repeat(1024),
+        ..Default::default()
+    })
+    .await
+    .expect("1 KiB is allowed");
+    let (ok, out, err) = cli(&ferry, &["audit"]);
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains('\u{1b}') && !out.contains('\r') && !out.contains('\0'),
+        "{out:?}"
+    );
+    assert!(
+        out.lines().all(
+            |l| !l.contains("INFO policy change accepted reason=FORGED") || l.contains("ok\\n")
+        ),
+        "the forged line stays inside its entry: {out}"
+    );
+    assert!(out.contains("ok\\n2026-11-30T06:00:00Z"), "{out}");
+    let log = ferry.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-11-30T06:00:00Z")),
+        "no forged line in the log"
+    );
+    let after_rss = support::vm_rss_kib(pid).unwrap_or(0);
+    assert!(
+        after_rss < before_rss + RSS_BUDGET_KIB,
+        "{before_rss} → {after_rss} KiB"
+    );
+}

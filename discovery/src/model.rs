@@ -110,6 +110,9 @@ pub struct RequestPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     pub health_check: Option<HealthCheck>,
     pub tls: Option<UpstreamTls>,
+    /// Protocols a client may upgrade a request to (lowercase; WebSocket
+    /// when unset). `h2c` is never among them.
+    pub upgrades: Option<Vec<String>>,
 }
 
 /// TLS from proxies to the service's endpoints.

@@ -90,8 +90,10 @@ impl FerryProcess {
             )
             .arg("--debounce")
             .arg(humantime::format_duration(options.debounce).to_string())
-            // Every simulated client connects from loopback.
+            // Every simulated client connects from loopback, and many
+            // share one HTTP/2 connection.
             .args(["--xds-max-streams-per-peer", "1000000"])
+            .args(["--xds-max-streams-per-connection", "100000"])
             .env("RUST_LOG", &options.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -100,16 +100,29 @@ fn audit_entry(r: AuditRecord) -> AuditEntry {
 }
 
 /// The actor of a request: its `x-ferry-actor` metadata, else the owner
-/// it acts as, else "anonymous".
+/// it acts as, else "anonymous"; at most 256 bytes, control characters
+/// escaped (it is a label for the audit log, not an identity to match).
 pub(crate) fn actor<T>(request: &Request<T>, owner: &str) -> String {
-    request
+    let actor = request
         .metadata()
         .get("x-ferry-actor")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .filter(|a| !a.is_empty())
         .or_else(|| (!owner.is_empty()).then(|| owner.to_owned()))
-        .unwrap_or_else(|| "anonymous".to_owned())
+        .unwrap_or_else(|| "anonymous".to_owned());
+    let mut out = String::with_capacity(actor.len().min(256));
+    for c in actor.chars() {
+        if out.len() + c.len_utf8() > 256 {
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn service_weights(
@@ -294,13 +307,36 @@ impl Traffic for TrafficApi {
             r.limit.min(10_000) as usize
         };
         let service = (!r.service.is_empty()).then_some(r.service.as_str());
-        let entries = self
+        let all: Vec<AuditEntry> = self
             .policy
             .audit(service, limit)?
             .into_iter()
             .map(audit_entry)
             .collect();
-        Ok(Response::new(ListAuditResponse { entries }))
+        Ok(Response::new(page_by_size(all, MAX_AUDIT_PAGE_BYTES)))
+    }
+}
+
+/// The most a `ListAudit` answer carries, encoded.
+const MAX_AUDIT_PAGE_BYTES: usize = 1 << 20;
+
+/// The newest of `entries` (oldest first) that fit in `max` bytes, and
+/// how many older ones were left out.
+fn page_by_size(entries: Vec<AuditEntry>, max: usize) -> ListAuditResponse {
+    use prost::Message;
+    let mut size = 0;
+    let keep = entries
+        .iter()
+        .rev()
+        .take_while(|e| {
+            size += e.encoded_len() + 8;
+            size <= max
+        })
+        .count();
+    let omitted = entries.len() - keep;
+    ListAuditResponse {
+        entries: entries.into_iter().skip(omitted).collect(),
+        omitted: u32::try_from(omitted).unwrap_or(u32::MAX),
     }
 }
 
@@ -320,4 +356,32 @@ fn policy_stream(
         ))),
     });
     Box::pin(head.chain(tail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(version: u64, reason: usize) -> AuditEntry {
+        AuditEntry {
+            policy_version: version,
+            reason: "r".repeat(reason),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_audit_page_keeps_the_newest_entries_that_fit() {
+        let entries: Vec<AuditEntry> = (1..=100).map(|v| entry(v, 1000)).collect();
+        let page = page_by_size(entries.clone(), 20_000);
+        assert!(page.omitted > 0 && page.entries.len() < 100);
+        assert_eq!(page.omitted as usize + page.entries.len(), 100);
+        // Oldest first, ending with the newest.
+        assert_eq!(page.entries.last().map(|e| e.policy_version), Some(100));
+        let size: usize = page.entries.iter().map(prost::Message::encoded_len).sum();
+        assert!(size <= 20_000, "{size}");
+        // Small enough: nothing left out.
+        let page = page_by_size(entries, 1 << 20);
+        assert_eq!((page.omitted, page.entries.len()), (0, 100));
+    }
 }

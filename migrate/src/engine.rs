@@ -759,6 +759,7 @@ impl Engine {
 }
 
 fn require_reason(reason: &str) -> Result<(), PolicyError> {
+    crate::policy::check_text("reason", reason, false)?;
     if reason.trim().is_empty() {
         return Err(PolicyError::InvalidArgument {
             field: "reason".into(),

@@ -46,6 +46,30 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
     }
 }
 
+/// The longest reason or owner a client may send, in bytes: enough for
+/// any explanation, and small enough that a page of the audit log stays
+/// small.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// Refuses a client's text longer than [`MAX_TEXT_BYTES`]. An identifier
+/// (an owner) may not hold control characters either: it is matched and
+/// shown, never wrapped.
+pub fn check_text(field: &str, value: &str, identifier: bool) -> Result<(), PolicyError> {
+    if value.len() > MAX_TEXT_BYTES {
+        return Err(invalid(
+            field,
+            format!(
+                "{} bytes is longer than the {MAX_TEXT_BYTES} allowed",
+                value.len()
+            ),
+        ));
+    }
+    if identifier && value.chars().any(char::is_control) {
+        return Err(invalid(field, "may not contain control characters"));
+    }
+    Ok(())
+}
+
 /// Where a service's weights come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightsSource {
@@ -316,6 +340,8 @@ impl Policy {
         actor: &str,
     ) -> Result<Committed, PolicyError> {
         let name = parse_service(&change.service)?;
+        check_text("reason", &change.reason, false)?;
+        check_text("owner", &change.owner, true)?;
         if change.reason.trim().is_empty() {
             return Err(invalid(
                 "reason",
@@ -405,6 +431,8 @@ impl Policy {
         ttl_seconds: u64,
     ) -> Result<Pin, PolicyError> {
         let name = parse_service(service)?;
+        check_text("owner", owner, true)?;
+        check_text("reason", reason, false)?;
         if owner.trim().is_empty() {
             return Err(invalid("owner", "an owner is required"));
         }
@@ -464,6 +492,8 @@ impl Policy {
 
     fn unpin_now(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
         let name = parse_service(service)?;
+        check_text("owner", owner, true)?;
+        check_text("reason", reason, false)?;
         if owner.trim().is_empty() {
             return Err(invalid("owner", "an owner is required"));
         }

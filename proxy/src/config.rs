@@ -677,6 +677,27 @@ pub fn build_with(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_route_enables_and_disables_the_listeners_upgrades() {
+        let config = |name: &str, enabled: Option<bool>| http_connection_manager::UpgradeConfig {
+            upgrade_type: name.to_owned(),
+            enabled: enabled.map(|value| ferry_proto::google::protobuf::BoolValue { value }),
+            ..Default::default()
+        };
+        let listener = upgrades(&[], &[config("WebSocket", None)]);
+        assert_eq!(listener, ["websocket"]);
+        let route = upgrades(
+            &listener,
+            &[
+                config("websocket", Some(false)),
+                config("tls/1.3", Some(true)),
+            ],
+        );
+        assert_eq!(route, ["tls/1.3"]);
+        assert_eq!(upgrades(&listener, &[]), ["websocket"]);
+    }
+
     use super::*;
 
     #[test]

@@ -41,7 +41,7 @@ use ferry_proto::envoy::extensions::upstreams::http::v3::{
 };
 use ferry_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use ferry_proto::envoy::r#type::v3::{CodecClientType, Percent};
-use ferry_proto::google::protobuf::{Duration as PbDuration, UInt32Value};
+use ferry_proto::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use ferry_proto::pack;
 
 use crate::resources::{Resource, ResourceType};
@@ -347,6 +347,7 @@ fn virtual_host(
             },
         )),
         hash_policy,
+        upgrade_configs: route_upgrades(requests.upgrades.as_deref()),
         timeout: requests.timeout.map(pb_duration),
         retry_policy: requests.retries.as_ref().map(|r| {
             // 5xx and reset retries are for idempotent methods only.
@@ -384,6 +385,30 @@ fn virtual_host(
         }],
         ..Default::default()
     }
+}
+
+/// A route's upgrades: the listener allows WebSocket; a service that lists
+/// its own enables those and turns WebSocket off when it is not listed.
+fn route_upgrades(upgrades: Option<&[String]>) -> Vec<route_action::UpgradeConfig> {
+    let Some(list) = upgrades else {
+        return Vec::new();
+    };
+    let mut configs: Vec<route_action::UpgradeConfig> = list
+        .iter()
+        .map(|u| route_action::UpgradeConfig {
+            upgrade_type: u.clone(),
+            enabled: Some(BoolValue { value: true }),
+            ..Default::default()
+        })
+        .collect();
+    if !list.iter().any(|u| u == "websocket") {
+        configs.push(route_action::UpgradeConfig {
+            upgrade_type: "websocket".to_owned(),
+            enabled: Some(BoolValue { value: false }),
+            ..Default::default()
+        });
+    }
+    configs
 }
 
 fn ads_config_source() -> ConfigSource {

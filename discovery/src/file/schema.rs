@@ -57,6 +57,8 @@ pub(super) struct RawService {
     /// `tls: {server_name: checkout.internal, ca_file: /etc/ferry/ca.pem}`,
     /// with `cert_file` and `key_file` for mutual TLS.
     pub(super) tls: Option<RawUpstreamTls>,
+    /// `upgrades: [websocket]` (the default); `[]` allows none.
+    pub(super) upgrades: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,6 +19,14 @@ use crate::model::{
 };
 use crate::names::{ClusterName, ServiceName, check_dns_label};
 use crate::untrusted::quote;
+
+/// A name made of letters, digits, `-`, `_` and `.`.
+fn token(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
 use crate::weights::Weights;
 
 /// A DNS name as TLS clients take it: dot-separated labels of letters,
@@ -167,12 +175,6 @@ impl<'a> Validator<'a> {
             .weights
             .map(|w| self.weights(w, &backends))
             .transpose()?;
-        let token = |text: &str| {
-            !text.is_empty()
-                && text
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        };
         let sticky = match raw.sticky {
             None => None,
             Some(RawSticky {
@@ -211,6 +213,7 @@ impl<'a> Validator<'a> {
             raw.outlier_detection,
         )?;
         requests.health_check = raw.health_check.map(|h| self.health_check(h)).transpose()?;
+        requests.upgrades = raw.upgrades.map(|u| self.upgrades(u)).transpose()?;
         requests.tls = match raw.tls {
             None => None,
             Some(t) => {
@@ -408,7 +411,33 @@ impl<'a> Validator<'a> {
             outlier_detection,
             health_check: None,
             tls: None,
+            upgrades: None,
         })
+    }
+
+    /// Upgrade protocols: tokens, lowercase, never `h2c` (a tunnelled h2c
+    /// connection would bypass the proxy's routing).
+    fn upgrades(&self, raw: Vec<String>) -> Result<Vec<String>, CatalogError> {
+        let mut out: Vec<String> = Vec::with_capacity(raw.len());
+        for (i, name) in raw.iter().enumerate() {
+            let lower = name.trim().to_ascii_lowercase();
+            if !lower.split('/').all(token) {
+                return Err(self.err(
+                    format!("upgrades[{i}]"),
+                    format!("{name:?} is not a protocol name"),
+                ));
+            }
+            if lower == "h2c" {
+                return Err(self.err(
+                    format!("upgrades[{i}]"),
+                    "h2c is never forwarded: proxies speak HTTP/2 to clients themselves",
+                ));
+            }
+            if !out.contains(&lower) {
+                out.push(lower);
+            }
+        }
+        Ok(out)
     }
 
     fn ports(&self, raw: Vec<RawPort>) -> Result<Vec<ServicePort>, CatalogError> {
@@ -613,6 +642,21 @@ services:
             w.get(&ClusterName::new("new").unwrap()).basis_points(),
             1000
         );
+    }
+
+    #[test]
+    fn upgrades_are_listed_per_service_and_never_h2c() {
+        let s = parse(&format!("{GOOD}    upgrades: [WebSocket, tls/1.3]\n")).unwrap();
+        assert_eq!(
+            s[0].requests.upgrades,
+            Some(vec!["websocket".to_owned(), "tls/1.3".to_owned()])
+        );
+        let none = parse(&format!("{GOOD}    upgrades: []\n")).unwrap();
+        assert_eq!(none[0].requests.upgrades, Some(Vec::new()));
+        let e = error(&format!("{GOOD}    upgrades: [websocket, h2c]\n"));
+        assert!(e.contains("upgrades[1]") && e.contains("h2c"), "{e}");
+        let e = error(&format!("{GOOD}    upgrades: [\"web socket\"]\n"));
+        assert!(e.contains("upgrades[0]"), "{e}");
     }
 
     #[test]
