@@ -159,40 +159,13 @@ pub fn envoy(
     xds: SocketAddr,
     admin: SocketAddr,
 ) -> anyhow::Result<Proc> {
-    let bootstrap = format!(
-        r#"node: {{id: demo-envoy, cluster: ferry-demo}}
-dynamic_resources:
-  ads_config:
-    api_type: DELTA_GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-    set_node_on_first_message_only: true
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-cluster_manager:
-  load_stats_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: ferry_xds}}}}]
-static_resources:
-  clusters:
-    - name: ferry_xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: ferry_xds
-        endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
-admin:
-  address: {{socket_address: {{address: {aip}, port_value: {aport}}}}}
-"#,
-        ip = xds.ip(),
-        port = xds.port(),
-        aip = admin.ip(),
-        aport = admin.port(),
+    let bootstrap = ferry_xds::bootstrap::envoy_bootstrap_split(
+        "demo-envoy",
+        "ferry-demo",
+        "DELTA_GRPC",
+        xds,
+        xds,
+        admin,
     );
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, bootstrap).context("writing Envoy's bootstrap")?;

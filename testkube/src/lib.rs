@@ -1,6 +1,7 @@
-//! `ferry-testkube`: a dev-only, in-process fake Kubernetes API server for
-//! testing code that uses the real kube-rs client, `kube::runtime::watcher`
-//! and reflectors against one or more (fake) clusters.
+//! `ferry-testkube`: an in-process Kubernetes API server for code that uses
+//! the real kube-rs client, `kube::runtime::watcher` and reflectors against
+//! one or more simulated clusters: the tests' clusters, and the `old` and
+//! `new` clusters of `ferry demo`.
 //!
 //! It speaks the real HTTP list/watch protocol over HTTPS: client-certificate
 //! auth (certificates signed by the server's CA, the user being the subject

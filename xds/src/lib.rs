@@ -7,6 +7,7 @@
 //! (subscriptions, nonces, ACK/NACK) lives in one place, [`session`].
 
 pub mod ads;
+pub mod bootstrap;
 pub mod client;
 pub mod lrs;
 pub mod resources;
