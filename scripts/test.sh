@@ -9,6 +9,8 @@
 #      protobuf-compiler  protoc, which the etcd client's build needs,
 #      libprotobuf-dev      and the well-known .proto files protoc imports
 #      wrk, nghttp2-client  wrk and h2load, for the proxy-vs-Envoy load test
+#      kubernetes-client  kubectl, whose `kubectl kustomize` renders deploy/
+#                         (any kubectl that renders kustomizations will do)
 #  - then: format check, clippy (warnings are errors), the whole test suite,
 #    with every feature (the etcd store included)
 #
@@ -67,6 +69,7 @@ check_protobuf_includes() {
 # wrk prints its version with its usage and exits 1.
 check_wrk() { local v; v="$(wrk --version 2>&1 || true)"; [[ "$v" == wrk\ * ]]; }
 check_h2load() { h2load --version >/dev/null 2>&1; }
+check_kubectl() { kubectl kustomize --help >/dev/null 2>&1; }
 
 # tool check-function debian-package what-it-is-for
 TOOLS=(
@@ -76,6 +79,7 @@ TOOLS=(
   "protobuf-includes check_protobuf_includes libprotobuf-dev"
   "wrk check_wrk wrk"
   "h2load check_h2load nghttp2-client"
+  "kubectl check_kubectl kubernetes-client"
 )
 
 install=()
@@ -129,6 +133,8 @@ echo "    prometheus  $(prometheus --version 2>&1 | head -1)"
 echo "    protoc      $(protoc --version) (descriptor.proto importable)"
 echo "    wrk         $( (wrk --version 2>&1 || true) | head -1)"
 echo "    h2load      $(h2load --version | head -1)"
+echo "    kubectl     $(kubectl version --client 2>/dev/null | head -1)"
+echo "    promtool    $(promtool --version 2>&1 | head -1)"
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

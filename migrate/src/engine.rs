@@ -610,6 +610,11 @@ impl Engine {
                     map.insert(id, *seen);
                 }
                 Next::Transition(t) => {
+                    if t.action == "migration_acked" {
+                        // How long proxies took to hold the step's weights.
+                        let waited = (now - m.phase_started_ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!("ferry_migrate_ack_wait_seconds").record(waited);
+                    }
                     let actor = m.owner();
                     match self.apply(&mut map, *t, &actor) {
                         Ok(_) => {}

@@ -277,6 +277,22 @@ impl Policy {
     /// Makes `next` the policy and hands its weights to translation.
     fn publish(&self, next: State) {
         metrics::gauge!("ferry_migrate_policy_version").set(next.version as f64);
+        // The weights the policy sets, per service and cluster (what
+        // dashboards draw over time).
+        let previous = self.state();
+        for (service, weights) in &next.weights {
+            if previous.weights.get(service) == Some(weights) {
+                continue;
+            }
+            for (cluster, w) in weights.iter() {
+                metrics::gauge!(
+                    "ferry_migrate_weight_basis_points",
+                    "service" => service.to_string(),
+                    "cluster" => cluster.to_string()
+                )
+                .set(f64::from(w.basis_points()));
+            }
+        }
         let overrides = Arc::new(PolicyOverrides {
             version: next.version,
             weights: next.weights.clone(),

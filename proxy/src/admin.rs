@@ -43,7 +43,8 @@ pub async fn serve(
         .route("/ready", get(ready))
         .route("/config_dump", get(config_dump))
         .route("/metrics", get(metrics_page))
-        .route("/drain", post(drain_now))
+        // GET too: a Kubernetes preStop hook can only GET.
+        .route("/drain", post(drain_now).get(drain_now))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

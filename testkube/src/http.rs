@@ -48,6 +48,27 @@ pub(crate) struct Shared {
     pub watch_kill: Mutex<CancellationToken>,
     /// Requests authenticated by a client certificate, by user (CN).
     pub cert_requests: Mutex<BTreeMap<String, u64>>,
+    /// What clients did: (verb, API group, resource), as RBAC names them.
+    pub access: Mutex<std::collections::BTreeSet<(String, String, String)>>,
+}
+
+impl Shared {
+    /// One object, the read recorded as a `get`.
+    fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Value> {
+        self.record("get", kind);
+        self.store().get(kind, namespace, name)
+    }
+
+    fn record(&self, verb: &str, kind: ResourceKind) {
+        self.access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((
+                verb.to_owned(),
+                kind.group().to_owned(),
+                kind.plural().to_owned(),
+            ));
+    }
 }
 
 impl Shared {
@@ -398,7 +419,7 @@ async fn handle(
         segs => match resource_route(segs) {
             // A kind whose CRD is not installed does not exist.
             Some((kind, ..)) if !shared.store().is_installed(kind) => not_found(),
-            Some((kind, Some(ns), Some(name))) => match shared.store().get(kind, ns, name) {
+            Some((kind, Some(ns), Some(name))) => match shared.get(kind, ns, name) {
                 Some(obj) => json_response(ok, &obj),
                 None => status_response(
                     404,
@@ -431,8 +452,10 @@ fn collection(
         fields: FieldSelector::parse(query.get("fieldSelector").unwrap_or("")),
     };
     if query.flag("watch") {
+        shared.record("watch", kind);
         return watch(shared, conn, tracker, filter, query);
     }
+    shared.record("list", kind);
     shared.list_requests.fetch_add(1, Ordering::SeqCst);
     let limit = match query
         .get("limit")

@@ -225,6 +225,7 @@ impl TestKube {
             acceptor: tokio_rustls::TlsAcceptor::from(material.server_config),
             addr,
             opts,
+            access: Mutex::new(std::collections::BTreeSet::new()),
             list_requests: AtomicU64::new(0),
             watch_requests: AtomicU64::new(0),
             open_watches: AtomicU64::new(0),
@@ -619,6 +620,16 @@ impl TestKube {
     // ---- counters ------------------------------------------------------
 
     /// Authenticated list requests so far (each page counts).
+    /// Every (verb, API group, resource) a client has used, as RBAC rules
+    /// name them (`""` for the core group).
+    pub fn access(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        self.shared
+            .access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn list_requests(&self) -> u64 {
         self.shared.list_requests.load(Ordering::SeqCst)
     }
