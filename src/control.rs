@@ -158,6 +158,11 @@ pub struct ControlArgs {
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics().context("installing the metrics recorder")?;
+    // Series that dashboards and alerts read exist from the start (at 0),
+    // not only after the first event.
+    for kind in ferry_xds::ResourceType::ALL {
+        metrics::counter!("ferry_xds_nacks_total", "type" => kind.short()).increment(0);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
 

@@ -98,6 +98,8 @@ impl ProxyArgs {
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics().context("installing the metrics recorder")?;
+    // Series that dashboards read exist from the start (at 0).
+    metrics::gauge!("ferry_proxy_upstream_http2_connections").increment(0.0);
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::control::watch_signals(shutdown.clone()));
     anyhow::ensure!(

@@ -24,6 +24,13 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])?
+        // Acknowledgement waits run up to --ack-timeout (60 s by default).
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("ferry_migrate_ack_wait_seconds".into()),
+            &[
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+            ],
+        )?
         .install_recorder()?;
     describe();
     let upkeep = handle.clone();

@@ -53,6 +53,24 @@ impl Default for EngineConfig {
     }
 }
 
+/// Every transition's audit action (the `action` label of
+/// `ferry_migrate_transitions_total`).
+const TRANSITIONS: [&str; 13] = [
+    "migration_created",
+    "migration_pin",
+    "migration_shift",
+    "migration_acked",
+    "migration_cleanup_started",
+    "migration_cleanup",
+    "migration_done",
+    "migration_paused",
+    "migration_resumed",
+    "migration_rollback",
+    "migration_rolled_back",
+    "migration_aborted",
+    "migration_failed",
+];
+
 /// How often the connected proxies are looked at (and recorded on change).
 const PROXIES_EVERY: Duration = Duration::from_millis(500);
 
@@ -161,6 +179,11 @@ impl Engine {
             );
         }
         metrics::gauge!("ferry_migrate_returning_proxies").set(saved.len() as f64);
+        // Every transition's counter exists from the start (at 0), so an
+        // alert on its increase sees the first one.
+        for action in TRANSITIONS {
+            metrics::counter!("ferry_migrate_transitions_total", "action" => action).increment(0);
+        }
         let returning = Returning::new(saved, Instant::now(), config.restart_grace);
         let (updates, _) = broadcast::channel(1024);
         let engine = Arc::new(Self {

@@ -710,24 +710,35 @@ impl Etcd {
 /// scraping one Envoy's admin `/stats/prometheus` every second.
 pub struct Prometheus {
     pub url: String,
+    pub port: u16,
     _dir: tempfile::TempDir,
     _proc: Proc,
 }
 
 impl Prometheus {
     pub async fn start(envoy: &Envoy) -> Self {
+        let target = format!("127.0.0.1:{}", envoy.admin_port);
+        Self::start_scraping(&[("envoy", &target, "/stats/prometheus")], None).await
+    }
+
+    /// A Prometheus scraping each `(job, host:port, path)` every second,
+    /// evaluating the rules file `rules` (if any) every second.
+    pub async fn start_scraping(targets: &[(&str, &str, &str)], rules: Option<&Path>) -> Self {
         let bin = std::env::var("FERRY_PROMETHEUS").unwrap_or_else(|_| "prometheus".to_owned());
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let config = dir.path().join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n  - job_name: envoy\n    metrics_path: /stats/prometheus\n    static_configs: [{{targets: [\"127.0.0.1:{}\"]}}]\n",
-                envoy.admin_port
-            ),
-        )
-        .expect("write prometheus.yml");
+        let mut yaml = String::from("global: {scrape_interval: 1s, evaluation_interval: 1s}\n");
+        if let Some(rules) = rules {
+            yaml.push_str(&format!("rule_files: [\"{}\"]\n", rules.display()));
+        }
+        yaml.push_str("scrape_configs:\n");
+        for (job, target, path) in targets {
+            yaml.push_str(&format!(
+                "  - job_name: {job}\n    metrics_path: {path}\n    static_configs: [{{targets: [\"{target}\"]}}]\n"
+            ));
+        }
+        std::fs::write(&config, yaml).expect("write prometheus.yml");
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
         let proc = Proc::spawn(
             Command::new(&bin)
@@ -742,6 +753,7 @@ impl Prometheus {
         );
         let prometheus = Self {
             url: format!("http://127.0.0.1:{port}"),
+            port,
             _dir: dir,
             _proc: proc,
         };
