@@ -8,6 +8,7 @@
 
 pub mod ads;
 pub mod client;
+pub mod history;
 pub mod lrs;
 pub mod resources;
 pub mod session;
