@@ -9,6 +9,8 @@
 #      protobuf-compiler  protoc, which the etcd client's build needs,
 #      libprotobuf-dev      and the well-known .proto files protoc imports
 #      wrk, nghttp2-client  wrk and h2load, for the proxy-vs-Envoy load test
+#      chromium, chromium-driver  headless Chromium and chromedriver, for the
+#                         web console's browser test (WebDriver)
 #  - then: format check, clippy (warnings are errors), the whole test suite,
 #    with every feature (the etcd store included)
 #
@@ -67,6 +69,8 @@ check_protobuf_includes() {
 # wrk prints its version with its usage and exits 1.
 check_wrk() { local v; v="$(wrk --version 2>&1 || true)"; [[ "$v" == wrk\ * ]]; }
 check_h2load() { h2load --version >/dev/null 2>&1; }
+check_chromium() { chromium --version >/dev/null 2>&1; }
+check_chromedriver() { chromedriver --version >/dev/null 2>&1; }
 
 # tool check-function debian-package what-it-is-for
 TOOLS=(
@@ -76,6 +80,8 @@ TOOLS=(
   "protobuf-includes check_protobuf_includes libprotobuf-dev"
   "wrk check_wrk wrk"
   "h2load check_h2load nghttp2-client"
+  "chromium check_chromium chromium"
+  "chromedriver check_chromedriver chromium-driver"
 )
 
 install=()
@@ -129,6 +135,8 @@ echo "    prometheus  $(prometheus --version 2>&1 | head -1)"
 echo "    protoc      $(protoc --version) (descriptor.proto importable)"
 echo "    wrk         $( (wrk --version 2>&1 || true) | head -1)"
 echo "    h2load      $(h2load --version | head -1)"
+echo "    chromium    $(chromium --version 2>/dev/null | head -1)"
+echo "    chromedriver $(chromedriver --version | head -1)"
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check
