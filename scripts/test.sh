@@ -11,6 +11,8 @@
 #      wrk, nghttp2-client  wrk and h2load, for the proxy-vs-Envoy load test
 #      kubernetes-client  kubectl, whose `kubectl kustomize` renders deploy/
 #                         (any kubectl that renders kustomizations will do)
+#      chromium, chromium-driver  headless Chromium and chromedriver, for the
+#                         web console's browser test (WebDriver)
 #  - then: format check, clippy (warnings are errors), the whole test suite,
 #    with every feature (the etcd store included)
 #
@@ -70,6 +72,8 @@ check_protobuf_includes() {
 check_wrk() { local v; v="$(wrk --version 2>&1 || true)"; [[ "$v" == wrk\ * ]]; }
 check_h2load() { h2load --version >/dev/null 2>&1; }
 check_kubectl() { kubectl kustomize --help >/dev/null 2>&1; }
+check_chromium() { chromium --version >/dev/null 2>&1; }
+check_chromedriver() { chromedriver --version >/dev/null 2>&1; }
 
 # tool check-function debian-package what-it-is-for
 TOOLS=(
@@ -80,6 +84,8 @@ TOOLS=(
   "wrk check_wrk wrk"
   "h2load check_h2load nghttp2-client"
   "kubectl check_kubectl kubernetes-client"
+  "chromium check_chromium chromium"
+  "chromedriver check_chromedriver chromium-driver"
 )
 
 install=()
@@ -135,6 +141,8 @@ echo "    wrk         $( (wrk --version 2>&1 || true) | head -1)"
 echo "    h2load      $(h2load --version | head -1)"
 echo "    kubectl     $(kubectl version --client 2>/dev/null | head -1)"
 echo "    promtool    $(promtool --version 2>&1 | head -1)"
+echo "    chromium    $(chromium --version 2>/dev/null | head -1)"
+echo "    chromedriver $(chromedriver --version | head -1)"
 
 echo "==> cargo fmt --check"
 cargo fmt --all --check

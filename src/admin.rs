@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/status`.
+//! The admin HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/status`,
+//! and the web console (`/`, see [`crate::console`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use ferry_discovery::Catalog;
 use ferry_discovery::file::FileStatus;
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_xds::SnapshotCache;
+use ferry_xds::lrs::LoadReports;
 use ferry_xds::status::{ClientRegistry, ClientStatus};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -29,6 +31,9 @@ pub struct AdminState {
     /// "embedded" (redb under --data-dir) or "etcd".
     pub store: &'static str,
     pub metrics: PrometheusHandle,
+    /// Reported load, whose history the console charts.
+    pub loads: Arc<LoadReports>,
+    pub console: crate::console::Console,
 }
 
 pub async fn serve(
@@ -36,7 +41,8 @@ pub async fn serve(
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new()
+    tokio::spawn(crate::console::publish(state.clone(), shutdown.clone()));
+    let app = crate::console::routes()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -47,7 +47,9 @@ pub struct ControlArgs {
     #[arg(long, default_value = "127.0.0.1:18000", value_name = "ADDR")]
     xds_addr: SocketAddr,
 
-    /// Address of the admin HTTP server: /healthz, /readyz, /metrics, /status.
+    /// Address of the admin HTTP server: the web console (`/`), /healthz,
+    /// /readyz, /metrics, /status. With --api-auth the console needs one
+    /// of its tokens.
     #[arg(long, default_value = "127.0.0.1:19000", value_name = "ADDR")]
     admin_addr: SocketAddr,
 
@@ -264,6 +266,8 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         engine: engine.clone(),
         store: store_kind,
         metrics,
+        loads: loads.clone(),
+        console: crate::console::Console::new(api_security.auth_config.clone()),
     };
     let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
 
@@ -461,6 +465,8 @@ async fn open_etcd(_: &ControlArgs) -> anyhow::Result<PolicyStore> {
 struct ApiSecurity {
     tls: Option<tonic::transport::ServerTlsConfig>,
     auth: ferry_migrate::auth::AuthLayer,
+    /// The identities of --api-auth, which the web console asks for too.
+    auth_config: Option<Arc<ferry_migrate::auth::AuthConfig>>,
 }
 
 impl ApiSecurity {
@@ -490,7 +496,9 @@ impl ApiSecurity {
             _ => None,
         };
         let auth = match &args.api_auth {
-            Some(path) => Some(ferry_migrate::auth::AuthConfig::load(path).context("--api-auth")?),
+            Some(path) => Some(Arc::new(
+                ferry_migrate::auth::AuthConfig::load(path).context("--api-auth")?,
+            )),
             None => None,
         };
         if auth.is_none() && !args.api_addr.ip().is_loopback() {
@@ -498,7 +506,8 @@ impl ApiSecurity {
         }
         Ok(Self {
             tls,
-            auth: ferry_migrate::auth::AuthLayer::new(auth),
+            auth: ferry_migrate::auth::AuthLayer::shared(auth.clone()),
+            auth_config: auth,
         })
     }
 }

@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod console;
 mod control;
 mod demo;
 mod migrate_cli;

@@ -139,6 +139,11 @@ impl AuthConfig {
 
     /// The identity and role of a request, from its bearer token or, when
     /// there is none, its client certificate.
+    /// The identity and role of a bearer token, if it is one of ours.
+    pub fn token_identity(&self, token: &str) -> Option<(String, Role)> {
+        self.tokens.get(&sha256_hex(token)).cloned()
+    }
+
     fn identify<B>(&self, request: &http::Request<B>) -> Result<(String, Role), Status> {
         if let Some(value) = request.headers().get(http::header::AUTHORIZATION) {
             let token = value
@@ -208,9 +213,12 @@ pub struct AuthLayer {
 
 impl AuthLayer {
     pub fn new(config: Option<AuthConfig>) -> Self {
-        Self {
-            config: config.map(Arc::new),
-        }
+        Self::shared(config.map(Arc::new))
+    }
+
+    /// A layer enforcing a config shared with other servers.
+    pub fn shared(config: Option<Arc<AuthConfig>>) -> Self {
+        Self { config }
     }
 }
 

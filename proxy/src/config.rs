@@ -138,6 +138,9 @@ pub struct LoadCounters {
     pub successful: std::sync::atomic::AtomicU64,
     /// 5xx answers and failed requests.
     pub errors: std::sync::atomic::AtomicU64,
+    /// Requests per latency bucket (bounds in
+    /// [`ferry_xds::history::LATENCY_BOUNDS_MS`]).
+    pub latency: [std::sync::atomic::AtomicU64; ferry_xds::history::LATENCY_SLOTS],
 }
 
 /// A cluster and the endpoints that may take new requests.

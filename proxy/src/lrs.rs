@@ -2,19 +2,27 @@
 //! completed and failed since the last report, at the interval the
 //! control plane asks for. Ferry's migration gates compare these between a
 //! service's source and target clusters.
+//!
+//! Each cluster's report also carries its latency histogram as named
+//! metrics, one `load_metric_stats` entry per non-empty bucket (the
+//! encoding is described in [`ferry_xds::history`]); the control plane's
+//! console draws p50 and p99 from them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferry_proto::envoy::config::core::v3::Node;
-use ferry_proto::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
+use ferry_proto::envoy::config::endpoint::v3::{
+    ClusterStats, EndpointLoadMetricStats, UpstreamLocalityStats,
+};
 use ferry_proto::envoy::service::load_stats::v3::LoadStatsRequest;
 use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::LoadCounters;
 use crate::server::Proxy;
 
 /// Reports load until `cancel`, reconnecting with backoff; a control
@@ -101,6 +109,7 @@ async fn report(
                         total_successful_requests: ok,
                         total_error_requests: errors,
                         total_issued_requests: ok + errors,
+                        load_metric_stats: latency_stats(&u.load),
                         ..Default::default()
                     }],
                     load_report_interval: Some(ferry_proto::google::protobuf::Duration {
@@ -118,5 +127,44 @@ async fn report(
         })
         .await
         .map_err(|e| e.to_string())?;
+    }
+}
+
+/// The latency buckets filled since the last report, as named metrics;
+/// resets them.
+fn latency_stats(load: &LoadCounters) -> Vec<EndpointLoadMetricStats> {
+    load.latency
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, bucket)| {
+            let n = bucket.swap(0, Ordering::Relaxed);
+            (n > 0).then(|| EndpointLoadMetricStats {
+                metric_name: ferry_xds::history::latency_metric_name(slot),
+                num_requests_finished_with_metric: n,
+                total_metric_value: n as f64,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_become_named_metrics_and_reset() {
+        let load = LoadCounters::default();
+        load.latency[0].store(3, Ordering::Relaxed);
+        load.latency[ferry_xds::history::LATENCY_SLOTS - 1].store(1, Ordering::Relaxed);
+        let stats = latency_stats(&load);
+        let named: Vec<(&str, u64)> = stats
+            .iter()
+            .map(|s| (s.metric_name.as_str(), s.num_requests_finished_with_metric))
+            .collect();
+        assert_eq!(
+            named,
+            [("ferry.latency_ms.le_1", 3), ("ferry.latency_ms.le_inf", 1)]
+        );
+        assert!(latency_stats(&load).is_empty());
     }
 }

@@ -73,12 +73,14 @@ pub fn record(upstream: &Upstream, status: StatusCode, started: Instant) {
         &upstream.load.successful
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let slot = ferry_xds::history::slot_of_ms(elapsed.as_secs_f64() * 1000.0);
+    if let Some(bucket) = upstream.load.latency.get(slot) {
+        bucket.fetch_add(1, Ordering::Relaxed);
+    }
     let class = usize::from((status.as_u16() / 100).clamp(1, 5)) - 1;
     upstream.metrics.requests[class].increment(1);
-    upstream
-        .metrics
-        .duration
-        .record(started.elapsed().as_secs_f64());
+    upstream.metrics.duration.record(elapsed.as_secs_f64());
 }
 
 #[derive(Debug, Clone, Copy, Default)]

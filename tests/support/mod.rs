@@ -621,6 +621,11 @@ impl Steady {
 
     /// Like `start`, stopping by itself after `limit`.
     pub fn start_for(port: u16, host: &str, limit: Duration) -> Self {
+        Self::start_paced(port, host, Duration::ZERO, limit)
+    }
+
+    /// Like `start_for`, at most one request per `pace`.
+    pub fn start_paced(port: u16, host: &str, pace: Duration, limit: Duration) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, host) = (stop.clone(), host.to_owned());
         let task = tokio::spawn(async move {
@@ -636,6 +641,9 @@ impl Steady {
                     Err(e) => format!("error:{e}"),
                 };
                 answers.push((Instant::now(), key));
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
             }
             answers
         });
@@ -859,6 +867,120 @@ pub fn migration_plan(steps: &[f64], bake: &str) -> ferry_proto::ferry::v1::Crea
         drain: "1s".into(),
         reason: "move checkout to the new cluster".into(),
         ..Default::default()
+    }
+}
+
+/// Headless Chromium driven over WebDriver: Debian's `chromedriver` on a
+/// free loopback port with `chromium` (FERRY_CHROMEDRIVER and
+/// FERRY_CHROMIUM name other binaries), on a fresh profile. Both run in
+/// their own process group, killed on drop with everything they started.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    profile: tempfile::TempDir,
+    driver: Proc,
+}
+
+/// Chromium flags that work headless in containers, without a GPU or
+/// anything reaching the network by itself.
+const CHROMIUM_FLAGS: &[&str] = &[
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,2000",
+];
+
+impl Browser {
+    pub async fn start() -> Self {
+        use std::os::unix::process::CommandExt;
+        let chromium = std::env::var("FERRY_CHROMIUM").unwrap_or_else(|_| {
+            // Debian's /usr/bin/chromium is a wrapper script; the binary
+            // itself starts faster and quieter.
+            let real = "/usr/lib/chromium/chromium";
+            if Path::new(real).exists() {
+                real
+            } else {
+                "chromium"
+            }
+            .to_owned()
+        });
+        let driver_bin =
+            std::env::var("FERRY_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".to_owned());
+        let profile = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let log = std::fs::File::create(profile.path().join("chromedriver.log")).expect("log");
+        let driver = Proc::spawn(
+            Command::new(&driver_bin)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .process_group(0),
+        );
+        eventually(Duration::from_secs(20), "chromedriver /status", || async {
+            matches!(http_get(port, "localhost", "/status").await, Ok((200, body)) if body.contains("\"ready\":true"))
+        })
+        .await;
+        let mut args: Vec<String> = CHROMIUM_FLAGS.iter().map(|f| (*f).to_owned()).collect();
+        args.push(format!(
+            "--user-data-dir={}",
+            profile.path().join("profile").display()
+        ));
+        let capabilities = serde_json::json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": { "binary": chromium, "args": args },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!("a JSON object literal");
+        };
+        let client = fantoccini::ClientBuilder::new(HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("cannot start a Chromium session through {driver_bin}: {e}")
+            });
+        Self {
+            client,
+            profile,
+            driver,
+        }
+    }
+
+    /// Runs `script` in the page (a function body: `return …`).
+    pub async fn eval(&self, script: &str) -> serde_json::Value {
+        self.client
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// Ends the session (Chromium quits), then chromedriver.
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        self.kill_group();
+    }
+
+    fn kill_group(&mut self) {
+        if let Some(pid) = self.driver.pid() {
+            // `--` first: procps' kill reads a bare `-PID` after a signal
+            // name as another option, not as a process group.
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
+        self.driver.kill();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        self.kill_group();
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod ads;
 pub mod bootstrap;
 pub mod client;
+pub mod history;
 pub mod lrs;
 pub mod resources;
 pub mod session;

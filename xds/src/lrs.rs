@@ -21,6 +21,9 @@
 //!   address (unless the server is told to accept any node).
 //!
 //! Each refusal is counted in `ferry_lrs_refused_total{reason}`.
+//!
+//! Every recorded report also feeds the console's 15-minute [`History`],
+//! with the latency histogram Ferry's proxy adds to its reports.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -43,6 +46,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::history::{History, LATENCY_SLOTS, LatencyCounts, latency_slot};
 use crate::resources::ResourceType;
 use crate::session::MAX_NODE_ID_BYTES;
 use crate::snapshot::SnapshotCache;
@@ -99,6 +103,7 @@ pub struct LoadReports {
     retention: Duration,
     /// When the tables were last swept of expired entries.
     swept_ms: AtomicI64,
+    history: History,
 }
 
 impl Default for LoadReports {
@@ -129,6 +134,7 @@ impl LoadReports {
             totals: Mutex::new(BTreeMap::new()),
             retention,
             swept_ms: AtomicI64::new(0),
+            history: History::default(),
         }
     }
 
@@ -161,14 +167,32 @@ impl LoadReports {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The last 15 minutes of reports, for the console.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
     /// Records one report's counts for one xDS cluster, at `at_ms`.
     pub fn record_at(&self, cluster_name: &str, load: Load, at_ms: i64) {
+        self.record_report(cluster_name, load, None, at_ms);
+    }
+
+    /// Records one report's counts, and latency histogram when it carried
+    /// one, for one xDS cluster, at `at_ms`.
+    fn record_report(
+        &self,
+        cluster_name: &str,
+        load: Load,
+        latency: Option<&LatencyCounts>,
+        at_ms: i64,
+    ) {
         let Some((service, cluster)) = split_cluster_name(cluster_name) else {
             return;
         };
         if load == Load::default() {
             return;
         }
+        self.history.record(service, cluster, at_ms, load, latency);
         metrics::counter!("ferry_lrs_requests_total", "outcome" => "total")
             .increment(load.requests);
         metrics::counter!("ferry_lrs_requests_total", "outcome" => "error").increment(load.errors);
@@ -179,7 +203,7 @@ impl LoadReports {
                 .or_default();
             *total = (total.0.plus(load), at_ms);
         }
-        self.record_remote(service, cluster, load, at_ms);
+        self.append(service, cluster, load, at_ms);
         self.sweep(at_ms);
     }
 
@@ -201,10 +225,17 @@ impl LoadReports {
 
     /// Records load another control plane's clients reported (shared
     /// through the HA store), at `at_ms`.
+    /// Peers share counts only, so their clients add no latency.
     pub fn record_remote(&self, service: &str, cluster: &str, load: Load, at_ms: i64) {
         if load == Load::default() {
             return;
         }
+        self.history.record(service, cluster, at_ms, load, None);
+        self.append(service, cluster, load, at_ms);
+    }
+
+    /// Appends one sample to the gates' series.
+    fn append(&self, service: &str, cluster: &str, load: Load, at_ms: i64) {
         let mut series = self.lock();
         let entry = series
             .entry((service.to_owned(), cluster.to_owned()))
@@ -245,7 +276,8 @@ impl LoadReports {
                 refusals += 1;
                 continue;
             };
-            self.record_at(&cluster.cluster_name, load, at);
+            let latency = cluster_latency(cluster);
+            self.record_report(&cluster.cluster_name, load, latency.as_ref(), at);
         }
         refusals
     }
@@ -265,6 +297,29 @@ fn cluster_load(cluster: &ClusterStats) -> Option<Load> {
         });
     }
     (load.requests <= MAX_REQUESTS_PER_REPORT).then_some(load)
+}
+
+/// One cluster's latency histogram in a report (see [`crate::history`]):
+/// `None` when it carries none, as Envoy's reports do. Counts past what a
+/// report can hold are left out.
+fn cluster_latency(cluster: &ClusterStats) -> Option<LatencyCounts> {
+    let mut counts = [0u64; LATENCY_SLOTS];
+    let mut any = false;
+    for locality in &cluster.upstream_locality_stats {
+        for metric in &locality.load_metric_stats {
+            let Some(slot) = latency_slot(&metric.metric_name) else {
+                continue;
+            };
+            let n = metric.num_requests_finished_with_metric;
+            if n > MAX_REQUESTS_PER_REPORT {
+                refused("absurd_count", 1);
+                continue;
+            }
+            counts[slot] = counts[slot].saturating_add(n);
+            any = true;
+        }
+    }
+    any.then_some(counts)
 }
 
 /// The LRS gRPC service.
@@ -473,6 +528,54 @@ mod tests {
             errors: u64::MAX,
         };
         assert_eq!(big.plus(big), big);
+    }
+
+    #[test]
+    fn latency_metrics_reach_the_history_and_counts_alone_do_not() {
+        use ferry_proto::envoy::config::endpoint::v3::{
+            EndpointLoadMetricStats, UpstreamLocalityStats,
+        };
+        let metric = |name: &str, n: u64| EndpointLoadMetricStats {
+            metric_name: name.to_owned(),
+            num_requests_finished_with_metric: n,
+            total_metric_value: n as f64,
+        };
+        let stats = |cluster: &str, metrics: Vec<EndpointLoadMetricStats>| ClusterStats {
+            cluster_name: cluster.to_owned(),
+            upstream_locality_stats: vec![UpstreamLocalityStats {
+                total_successful_requests: 10,
+                load_metric_stats: metrics,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let reports = LoadReports::default();
+        let ferry = stats(
+            "web.shop:80@new",
+            vec![
+                metric("ferry.latency_ms.le_10", 9),
+                metric("ferry.latency_ms.le_inf", 1),
+                metric("ferry.latency_ms.le_20", MAX_REQUESTS_PER_REPORT + 1),
+                metric("cpu_utilization", 3),
+            ],
+        );
+        let envoy = stats("web.shop:80@old", Vec::new());
+        assert_eq!(reports.record_stats(&[ferry, envoy], |_| true), 0);
+        let charts = reports
+            .history()
+            .charts(now_ms() + 2 * crate::history::BUCKET_MS);
+        let new = &charts[&("web.shop".to_owned(), "new".to_owned())];
+        assert!(new.latency_reported);
+        assert!(
+            new.p50_ms
+                .iter()
+                .flatten()
+                .all(|p| (7.0..=10.0).contains(p))
+        );
+        assert!(new.p99_ms.iter().flatten().all(|&p| p == 5000.0));
+        let old = &charts[&("web.shop".to_owned(), "old".to_owned())];
+        assert!(!old.latency_reported);
+        assert_eq!(old.requests_per_s.iter().sum::<f64>(), 2.0);
     }
 
     #[test]
