@@ -50,25 +50,7 @@ async fn query(prometheus: &Prometheus, expr: &str) -> Vec<serde_json::Value> {
 async fn every_panel_and_rule_returns_data_and_a_rollback_fires_its_alert() {
     let backends = Backends::start(&["old/a", "new/a", "old/b", "new/b"]).await;
     backends.set_status("new/b", 503);
-    ferry_testkube::install_crypto_provider();
-    let kube = ferry_testkube::TestKube::start("dashboard-token").await;
-    kube.apply_service(
-        "shop",
-        "web",
-        &[("ferry.io/export", "true")],
-        &[("http", 80)],
-    );
-    kube.apply_endpoint_slice(
-        "shop",
-        "web-a",
-        "web",
-        &[("10.0.0.1", true, true, false, None)],
-        &[("http", 8080)],
-    );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("home.kubeconfig");
-    kube.kubeconfig(&kubeconfig, "home", None)
-        .expect("kubeconfig");
+    let (_kube, _dir, kubeconfig) = support::web_cluster("dashboard-token").await;
     let ferry = Ferry::start(&catalog(&backends, &kubeconfig)).await;
     let proxy = FerryProxy::start(ferry.xds_port).await;
     let envoy = Envoy::start(&ferry, Ads::Delta).await;

@@ -276,26 +276,8 @@ fn granted(objects: &[Value]) -> BTreeSet<(String, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_role_grants_exactly_what_discovery_asks_for() {
     // What discovery asks of a real list/watch API server…
-    ferry_testkube::install_crypto_provider();
-    let kube = ferry_testkube::TestKube::start("deploy-token").await;
-    kube.apply_service(
-        "shop",
-        "web",
-        &[("ferry.io/export", "true")],
-        &[("http", 80)],
-    );
-    kube.apply_endpoint_slice(
-        "shop",
-        "web-a",
-        "web",
-        &[("10.0.0.1", true, true, false, None)],
-        &[("http", 8080)],
-    );
+    let (kube, _dir, kubeconfig) = support::web_cluster("deploy-token").await;
     kube.apply_service_export("shop", "web");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("home.kubeconfig");
-    kube.kubeconfig(&kubeconfig, "home", None)
-        .expect("kubeconfig");
     let catalog = format!(
         "kubernetes:\n  clusters:\n    - {{name: home, kubeconfig: {}}}\nservices: []\n",
         kubeconfig.display()
