@@ -13,6 +13,25 @@ use support::{Ads, Backends, Envoy, Ferry, eventually, share, split};
 const TOKEN: &str = "s3cret-token";
 const EXPORT: &[(&str, &str)] = &[("ferry.io/export", "true")];
 
+/// Starts an Envoy and waits until it routes `checkout.shop` (its routes
+/// and clusters warmed), so a measured split counts routed requests only.
+async fn routing_envoy(ferry: &Ferry) -> Envoy {
+    let envoy = Envoy::start(ferry, Ads::Delta).await;
+    let port = envoy.listener_port;
+    eventually(
+        Duration::from_secs(15),
+        "envoy routes checkout.shop",
+        || async move {
+            split(port, "checkout.shop", 20)
+                .await
+                .keys()
+                .all(|k| !k.starts_with("status:") && !k.starts_with("error:"))
+        },
+    )
+    .await;
+    envoy
+}
+
 struct Cluster {
     name: &'static str,
     kube: TestKube,
@@ -170,7 +189,7 @@ async fn a_service_in_two_clusters_is_one_service_with_two_backends() {
             .contains("ferry_discovery_cluster_up{cluster=\"east\"} 1")
     );
 
-    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let envoy = routing_envoy(&ferry).await;
     let counts = split(envoy.listener_port, "checkout.shop", 400).await;
     assert!((share(&counts, "east/") - 0.5).abs() < 0.1, "{counts:?}");
     assert!((share(&counts, "west/") - 0.5).abs() < 0.1, "{counts:?}");
@@ -202,7 +221,7 @@ async fn an_endpoint_turning_unready_stops_its_traffic_within_two_seconds() {
         },
     )
     .await;
-    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let envoy = routing_envoy(&ferry).await;
     let before = split(envoy.listener_port, "checkout.shop", 300).await;
     assert!(
         before.get("east/b").copied().unwrap_or(0) > 20,
@@ -521,7 +540,7 @@ async fn a_service_export_exports_a_service_and_a_cluster_without_its_crd_uses_l
     assert!(metrics.contains("ferry_discovery_service_exports_watched{cluster=\"east\"} 1"));
     assert!(metrics.contains("ferry_discovery_service_exports_watched{cluster=\"west\"} 0"));
 
-    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let envoy = routing_envoy(&ferry).await;
     let counts = split(envoy.listener_port, "checkout.shop", 200).await;
     assert!((share(&counts, "east/") - 0.5).abs() < 0.15, "{counts:?}");
     assert!((share(&counts, "west/") - 0.5).abs() < 0.15, "{counts:?}");
@@ -616,7 +635,7 @@ async fn a_client_certificate_kubeconfig_connects_and_a_foreign_one_is_unauthori
             .contains("ferry_discovery_cluster_up{cluster=\"west\"} 0")
     );
 
-    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let envoy = routing_envoy(&ferry).await;
     let counts = split(envoy.listener_port, "checkout.shop", 200).await;
     assert!((share(&counts, "east/") - 0.5).abs() < 0.15, "{counts:?}");
     assert!((share(&counts, "north/") - 0.5).abs() < 0.15, "{counts:?}");
