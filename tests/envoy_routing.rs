@@ -296,6 +296,15 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
     ));
     let ferry = Ferry::start(&yaml).await;
     let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    // Measured once Envoy routes (its routes and clusters warmed).
+    let port = envoy.listener_port;
+    eventually(Duration::from_secs(15), "envoy routes", || async move {
+        split(port, HOST, 20)
+            .await
+            .keys()
+            .all(|k| k.starts_with("old/") || k.starts_with("new/"))
+    })
+    .await;
     let counts = split(envoy.listener_port, HOST, 200).await;
     assert!(
         (share(&counts, "old/") + share(&counts, "new/") - 1.0).abs() < f64::EPSILON,
