@@ -372,20 +372,7 @@ fn print_pins(conn: &Conn, pins: &[PinRecord]) {
 /// ESC, CR, NUL…) escaped, so a value can neither forge a line nor drive
 /// the terminal.
 pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return text.into();
-    }
-    text.chars()
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect::<String>()
-        .into()
+    ferry_discovery::untrusted::escape(text)
 }
 
 pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::Result<()> {
