@@ -111,17 +111,12 @@ pub(crate) fn actor<T>(request: &Request<T>, owner: &str) -> String {
         .filter(|a| !a.is_empty())
         .or_else(|| (!owner.is_empty()).then(|| owner.to_owned()))
         .unwrap_or_else(|| "anonymous".to_owned());
-    let mut out = String::with_capacity(actor.len().min(256));
-    for c in actor.chars() {
-        if out.len() + c.len_utf8() > 256 {
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    let mut out = ferry_discovery::untrusted::escape(&actor).into_owned();
+    let mut end = out.len().min(256);
+    while !out.is_char_boundary(end) {
+        end -= 1;
     }
+    out.truncate(end);
     out
 }
 
