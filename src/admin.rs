@@ -26,6 +26,8 @@ pub struct AdminState {
     pub clients: Arc<ClientRegistry>,
     pub file_status: Arc<Mutex<FileStatus>>,
     pub clusters: ClusterStatuses,
+    /// The cluster Secrets watch (`kubernetes.cluster_secrets`).
+    pub cluster_secrets: kubernetes::SecretsStatusHandle,
     pub policy: Arc<ferry_migrate::Policy>,
     pub engine: Arc<ferry_migrate::Engine>,
     /// "embedded" (redb under --data-dir) or "etcd".
@@ -119,6 +121,11 @@ struct CatalogStatus {
     /// Watched Kubernetes clusters: health (connected, stale,
     /// unauthorized), last sync, counts.
     kubernetes: Vec<kubernetes::ClusterStatus>,
+    /// Member clusters from Secrets: the watch's health and each Secret,
+    /// with why it is not used if it is not. Absent without
+    /// `cluster_secrets`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_secrets: Option<kubernetes::SecretsStatus>,
     services: Vec<ServiceStatus>,
 }
 
@@ -233,6 +240,11 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
             version: catalog.version,
             source,
             kubernetes: clusters.clone(),
+            cluster_secrets: state
+                .cluster_secrets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             services,
         },
         xds: XdsStatus {

@@ -215,10 +215,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let file_status = source.status();
     let kubernetes_config = source.kubernetes();
     let clusters: ClusterStatuses = Default::default();
+    let cluster_secrets = kubernetes::SecretsStatusHandle::default();
     tokio::spawn(kubernetes::run(
         kubernetes_config,
         catalog.clone(),
         clusters.clone(),
+        cluster_secrets.clone(),
         shutdown.clone(),
     ));
     let source_task = tokio::spawn(source.run(catalog.clone(), shutdown.clone()));
@@ -262,6 +264,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         clients: clients.clone(),
         file_status,
         clusters: clusters.clone(),
+        cluster_secrets,
         policy: policy.clone(),
         engine: engine.clone(),
         store: store_kind,

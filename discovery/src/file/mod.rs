@@ -87,9 +87,9 @@ pub struct CatalogFile {
 
 impl CatalogFile {
     /// Whether the file describes nothing to serve: no service and no
-    /// Kubernetes cluster to discover any from.
+    /// Kubernetes cluster (or cluster Secrets) to discover any from.
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.kubernetes.clusters.is_empty()
+        self.services.is_empty() && !self.kubernetes.discovers()
     }
 }
 

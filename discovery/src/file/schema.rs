@@ -21,6 +21,26 @@ pub(super) struct RawKubernetes {
     pub(super) namespaces: Vec<String>,
     #[serde(default)]
     pub(super) clusters: Vec<RawCluster>,
+    /// `cluster_secrets: true`, or `{namespace, kubeconfig, context,
+    /// in_cluster}` to read them elsewhere.
+    pub(super) cluster_secrets: Option<RawClusterSecrets>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawClusterSecrets {
+    Enabled(bool),
+    Detailed(RawClusterSecretsDetail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClusterSecretsDetail {
+    pub(super) namespace: Option<String>,
+    pub(super) kubeconfig: Option<PathBuf>,
+    pub(super) context: Option<String>,
+    #[serde(default)]
+    pub(super) in_cluster: bool,
 }
 
 #[derive(Debug, Deserialize)]

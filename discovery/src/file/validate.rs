@@ -4,15 +4,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::schema::{
-    RawEndpoint, RawEndpointDetail, RawHealthCheck, RawKubernetes, RawOutlierDetection, RawPort,
-    RawRetries, RawService, RawSticky,
+    RawClusterSecrets, RawEndpoint, RawEndpointDetail, RawHealthCheck, RawKubernetes,
+    RawOutlierDetection, RawPort, RawRetries, RawService, RawSticky,
 };
 use super::{CatalogError, QUOTE_BYTES};
-use crate::kubernetes::{Access, ClusterConfig, KubernetesConfig};
+use crate::kubernetes::{Access, ClusterConfig, ClusterSecrets, KubernetesConfig};
 use crate::model::{
     Backend, ClientCert, Endpoint, EndpointState, HealthCheck, OutlierDetection, Protocol,
     RequestPolicy, Retries, RetryOn, Service, ServicePort, StickyKey, UpstreamTls,
@@ -78,7 +78,6 @@ impl<'a> Validator<'a> {
             check_dns_label(ns)
                 .map_err(|e| self.err(format!("kubernetes.namespaces[{i}]"), e.to_string()))?;
         }
-        let base = self.path.parent().unwrap_or(Path::new("."));
         let mut clusters: Vec<ClusterConfig> = Vec::new();
         for (i, c) in raw.clusters.into_iter().enumerate() {
             let field = format!("kubernetes.clusters[{i}]");
@@ -90,29 +89,64 @@ impl<'a> Validator<'a> {
                     format!("cluster {name} is listed twice"),
                 ));
             }
-            let access = match (c.kubeconfig, c.in_cluster) {
-                (Some(path), false) => Access::Kubeconfig {
-                    path: if path.is_absolute() {
-                        path
-                    } else {
-                        base.join(path)
-                    },
-                    context: c.context,
-                },
-                (None, true) => Access::InCluster,
-                _ => {
-                    return Err(self.err(
-                        field,
-                        "give exactly one of `kubeconfig: PATH` or `in_cluster: true`",
-                    ));
-                }
-            };
+            let access = self.access(&field, c.kubeconfig, c.context, c.in_cluster)?;
             clusters.push(ClusterConfig { name, access });
         }
+        let cluster_secrets = match raw.cluster_secrets {
+            None | Some(RawClusterSecrets::Enabled(false)) => None,
+            Some(RawClusterSecrets::Enabled(true)) => Some(ClusterSecrets {
+                namespace: None,
+                access: Access::InCluster,
+            }),
+            Some(RawClusterSecrets::Detailed(d)) => {
+                let field = "kubernetes.cluster_secrets";
+                if let Some(ns) = &d.namespace {
+                    check_dns_label(ns)
+                        .map_err(|e| self.err(format!("{field}.namespace"), e.to_string()))?;
+                }
+                let in_cluster = d.in_cluster || d.kubeconfig.is_none();
+                Some(ClusterSecrets {
+                    namespace: d.namespace,
+                    access: self.access(field, d.kubeconfig, d.context, in_cluster)?,
+                })
+            }
+        };
         Ok(KubernetesConfig {
             namespaces: raw.namespaces,
             clusters,
+            cluster_secrets,
         })
+    }
+
+    /// `kubeconfig: PATH` (relative to the catalog file) with an optional
+    /// `context`, or `in_cluster: true`.
+    fn access(
+        &self,
+        field: &str,
+        kubeconfig: Option<PathBuf>,
+        context: Option<String>,
+        in_cluster: bool,
+    ) -> Result<Access, CatalogError> {
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        match (kubeconfig, in_cluster) {
+            (Some(path), false) => Ok(Access::Kubeconfig {
+                path: if path.is_absolute() {
+                    path
+                } else {
+                    base.join(path)
+                },
+                context,
+            }),
+            (None, true) if context.is_none() => Ok(Access::InCluster),
+            (None, true) => Err(self.err(
+                format!("{field}.context"),
+                "`context` goes with `kubeconfig: PATH`",
+            )),
+            _ => Err(self.err(
+                field,
+                "give exactly one of `kubeconfig: PATH` or `in_cluster: true`",
+            )),
+        }
     }
 
     pub(super) fn catalog(&mut self, raw: Vec<RawService>) -> Result<Vec<Service>, CatalogError> {

@@ -158,7 +158,7 @@ impl FileSource {
         *lock(&self.last_read) = Some(hash);
         let file = result.map_err(|e| self.refuse(e))?;
         let names: BTreeSet<ServiceName> = file.services.iter().map(|s| s.name.clone()).collect();
-        let sources = !file.kubernetes.clusters.is_empty();
+        let sources = file.kubernetes.discovers();
         let checked = self
             .limit
             .check(lock(&self.last_good).as_ref(), &names, sources);

@@ -11,6 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::state::ClusterState;
@@ -22,7 +23,7 @@ use super::{
 use crate::catalog::Catalog;
 
 #[derive(Debug, thiserror::Error)]
-enum WatchError {
+pub(super) enum WatchError {
     #[error("cannot load credentials: {0}")]
     Config(String),
     #[error("unauthorized ({code}): {message}")]
@@ -35,20 +36,51 @@ enum WatchError {
     Ended,
 }
 
+impl WatchError {
+    /// The health this error leaves the cluster in, and what to tell the
+    /// operator.
+    pub(super) fn health(&self) -> (ClusterHealth, String) {
+        match self {
+            WatchError::Unauthorized { code, message } => (
+                ClusterHealth::Unauthorized,
+                format!("API server refused the credentials ({code}): {message}"),
+            ),
+            WatchError::CertificateRefused(alert) => (
+                ClusterHealth::Unauthorized,
+                format!(
+                    "API server refused the client certificate in the TLS handshake \
+                     (alert {alert:?}): check that the kubeconfig's client certificate \
+                     is signed by a CA the cluster trusts"
+                ),
+            ),
+            e => (ClusterHealth::Stale, e.to_string()),
+        }
+    }
+}
+
+/// Why one watcher generation ended without an error.
+enum Ended {
+    Cancelled,
+    /// The cluster's credentials changed: reconnect with them.
+    Reconfigured,
+}
+
 /// Watches one cluster until `cancel`, rebuilding its watchers with
-/// backoff after every failure.
+/// backoff after every failure, and at once when its credentials change.
 pub(super) async fn run_cluster(
-    cfg: ClusterConfig,
+    mut config: watch::Receiver<ClusterConfig>,
     namespaces: Vec<String>,
     catalog: Arc<Catalog>,
     statuses: ClusterStatuses,
     cancel: CancellationToken,
 ) {
-    let cluster = cfg.name.to_string();
+    let first = config.borrow_and_update().clone();
+    let cluster = first.name.to_string();
     lock(&statuses).insert(
         cluster.clone(),
         ClusterStatus {
             cluster: cluster.clone(),
+            credentials: first.access.describe(),
             health: ClusterHealth::Connecting,
             last_sync: None,
             last_error: None,
@@ -58,29 +90,42 @@ pub(super) async fn run_cluster(
             service_exports: ServiceExports::Unknown,
         },
     );
-    let mut state = ClusterState::new(cfg.name.clone());
+    let mut state = ClusterState::new(first.name.clone());
     let mut delay = Duration::from_millis(250);
     loop {
-        let result = watch_once(&cfg, &namespaces, &mut state, &catalog, &statuses, &cancel).await;
+        let cfg = config.borrow_and_update().clone();
+        if let Some(s) = lock(&statuses).get_mut(&cluster) {
+            s.credentials = cfg.access.describe();
+        }
+        let result = watch_once(
+            &cfg,
+            &namespaces,
+            &mut state,
+            &catalog,
+            &statuses,
+            &mut config,
+            &cancel,
+        )
+        .await;
         if cancel.is_cancelled() {
             return;
         }
-        let (health, message) = match result {
-            Err(WatchError::Unauthorized { code, message }) => (
-                ClusterHealth::Unauthorized,
-                format!("API server refused the credentials ({code}): {message}"),
-            ),
-            Err(WatchError::CertificateRefused(alert)) => (
-                ClusterHealth::Unauthorized,
-                format!(
-                    "API server refused the client certificate in the TLS handshake \
-                     (alert {alert:?}): check that the kubeconfig's client certificate \
-                     is signed by a CA the cluster trusts"
-                ),
-            ),
-            Err(e) => (ClusterHealth::Stale, e.to_string()),
-            Ok(()) => return,
+        let error = match result {
+            Ok(Ended::Cancelled) => return,
+            Ok(Ended::Reconfigured) => {
+                tracing::info!(
+                    cluster = %cluster,
+                    "cluster credentials changed; reconnecting with them (its endpoints are \
+                     kept until the new list completes)"
+                );
+                metrics::counter!("ferry_discovery_credential_reloads_total", "cluster" => cluster.clone())
+                    .increment(1);
+                delay = Duration::from_millis(250);
+                continue;
+            }
+            Err(e) => e,
         };
+        let (health, message) = error.health();
         if state.synced_once {
             delay = Duration::from_millis(250);
         }
@@ -99,14 +144,24 @@ pub(super) async fn run_cluster(
         let jitter = Duration::from_millis(rand::random_range(0..=delay.as_millis() as u64 / 4));
         tokio::select! {
             _ = cancel.cancelled() => return,
+            // New credentials are tried at once (a rotated token after a
+            // refusal, say).
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                delay = Duration::from_millis(250);
+                continue;
+            }
             _ = tokio::time::sleep(delay + jitter) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
 }
 
-async fn client_for(access: &Access) -> Result<Client, WatchError> {
-    let config = match access {
+/// A kube client configuration for `access`.
+pub(super) async fn kube_config(access: &Access) -> Result<kube::Config, WatchError> {
+    match access {
         Access::Kubeconfig { path, context } => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| WatchError::Config(format!("{}: {e}", path.display())))?;
@@ -116,12 +171,23 @@ async fn client_for(access: &Access) -> Result<Client, WatchError> {
             };
             kube::Config::from_custom_kubeconfig(kubeconfig, &options)
                 .await
-                .map_err(|e| WatchError::Config(format!("{}: {e}", path.display())))?
+                .map_err(|e| WatchError::Config(format!("{}: {e}", path.display())))
         }
         Access::InCluster => {
-            kube::Config::incluster().map_err(|e| WatchError::Config(e.to_string()))?
+            kube::Config::incluster().map_err(|e| WatchError::Config(e.to_string()))
         }
-    };
+        Access::Secret { secret, kubeconfig } => {
+            let parsed = kube::config::Kubeconfig::from_yaml(kubeconfig.text())
+                .map_err(|e| WatchError::Config(format!("secret {secret}: {e}")))?;
+            kube::Config::from_custom_kubeconfig(parsed, &Default::default())
+                .await
+                .map_err(|e| WatchError::Config(format!("secret {secret}: {e}")))
+        }
+    }
+}
+
+pub(super) async fn client_for(access: &Access) -> Result<Client, WatchError> {
+    let config = kube_config(access).await?;
     Client::try_from(config).map_err(|e| WatchError::Config(e.to_string()))
 }
 
@@ -136,7 +202,7 @@ fn api_status(error: &watcher::Error) -> Option<&kube::core::Status> {
     }
 }
 
-fn classify(error: watcher::Error) -> WatchError {
+pub(super) fn classify(error: watcher::Error) -> WatchError {
     if let Some(s) = api_status(&error)
         && (s.code == 401 || s.code == 403)
     {
@@ -305,8 +371,9 @@ async fn watch_once(
     state: &mut ClusterState,
     catalog: &Catalog,
     statuses: &ClusterStatuses,
+    config: &mut watch::Receiver<ClusterConfig>,
     cancel: &CancellationToken,
-) -> Result<(), WatchError> {
+) -> Result<Ended, WatchError> {
     let client = client_for(&cfg.access).await?;
     let cluster = cfg.name.to_string();
     let mut changes = Box::pin(streams(&client, namespaces, &cluster, SERVICE_EXPORT_RETRY));
@@ -314,7 +381,10 @@ async fn watch_once(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let change = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(Ended::Cancelled),
+            changed = config.changed() => {
+                return Ok(if changed.is_ok() { Ended::Reconfigured } else { Ended::Cancelled });
+            }
             _ = tick.tick() => {
                 if let Some(at) = state.last_sync {
                     metrics::gauge!("ferry_discovery_last_sync_age_seconds", "cluster" => cluster.clone())

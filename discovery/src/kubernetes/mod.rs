@@ -23,8 +23,17 @@
 //! The watchers are then rebuilt with backoff; a rebuilt watcher lists
 //! afresh, and its result replaces the old state only once the list is
 //! complete (`InitDone`), so a failure never empties a service.
+//!
+//! **Clusters from Secrets.** With `cluster_secrets`, member clusters also
+//! come from Secrets labelled `ferry.io/cluster: NAME` in the control
+//! plane's namespace, each holding a kubeconfig (`ferry cluster join`
+//! writes them): a new Secret starts that cluster's watchers, a deleted one
+//! withdraws the cluster on purpose, and a changed one (a rotated token)
+//! reconnects with the new credentials while the last known endpoints keep
+//! being served.
 
 mod cluster;
+mod secrets;
 mod state;
 
 use std::collections::BTreeMap;
@@ -36,6 +45,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use self::cluster::Change;
+pub use self::secrets::{
+    CLUSTER_LABEL, KUBECONFIG_KEY, SecretError, SecretStatus, SecretsStatus, SecretsStatusHandle,
+    parse_secret,
+};
 pub use self::state::{ClusterState, Key};
 use crate::catalog::Catalog;
 use crate::names::ClusterName;
@@ -64,6 +77,54 @@ pub enum Access {
     },
     /// The pod's own service account (in-cluster).
     InCluster,
+    /// A kubeconfig held in a cluster Secret (`cluster_secrets`).
+    Secret {
+        /// `namespace/name` of the Secret.
+        secret: String,
+        kubeconfig: InlineKubeconfig,
+    },
+}
+
+/// A kubeconfig's text, read from a Secret. It carries credentials, so
+/// `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InlineKubeconfig(Arc<str>);
+
+impl InlineKubeconfig {
+    pub fn new(text: impl Into<Arc<str>>) -> Self {
+        Self(text.into())
+    }
+
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for InlineKubeconfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InlineKubeconfig({} bytes)", self.0.len())
+    }
+}
+
+impl Access {
+    /// Where the credentials come from, for status pages and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Access::Kubeconfig { path, .. } => format!("kubeconfig {}", path.display()),
+            Access::InCluster => "in-cluster service account".to_owned(),
+            Access::Secret { secret, .. } => format!("secret {secret}"),
+        }
+    }
+}
+
+/// Where cluster Secrets are read from (`kubernetes.cluster_secrets`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSecrets {
+    /// The namespace holding them; `None`: the namespace of the access's
+    /// credentials (in a pod: its own namespace).
+    pub namespace: Option<String>,
+    /// How to reach the cluster that holds them (default: in-cluster).
+    pub access: Access,
 }
 
 /// One watched cluster.
@@ -79,6 +140,15 @@ pub struct KubernetesConfig {
     /// Namespaces to watch; empty means all.
     pub namespaces: Vec<String>,
     pub clusters: Vec<ClusterConfig>,
+    /// Member clusters from labelled Secrets, besides `clusters`.
+    pub cluster_secrets: Option<ClusterSecrets>,
+}
+
+impl KubernetesConfig {
+    /// Whether services may come from Kubernetes at all.
+    pub fn discovers(&self) -> bool {
+        !self.clusters.is_empty() || self.cluster_secrets.is_some()
+    }
 }
 
 /// Connection state of one cluster, as `/status` shows it.
@@ -116,6 +186,9 @@ pub enum ServiceExports {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterStatus {
     pub cluster: String,
+    /// Where its credentials come from (`kubeconfig PATH`, `in-cluster
+    /// service account`, `secret NS/NAME`).
+    pub credentials: String,
     pub health: ClusterHealth,
     pub last_sync: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -144,59 +217,125 @@ pub fn source_id(cluster: &ClusterName) -> String {
     format!("kubernetes/{cluster}")
 }
 
-/// backends are removed deliberately, a changed one restarts.
+/// One cluster's running watchers.
+struct Running {
+    config: watch::Sender<ClusterConfig>,
+    namespaces: Vec<String>,
+    cancel: CancellationToken,
+}
+
+/// Runs the watchers of every configured cluster (the catalog file's and,
+/// with `cluster_secrets`, the Secrets'), following changes to either: an
+/// added cluster starts, a removed one stops and its backends are removed
+/// deliberately, one with new credentials reconnects with them (keeping its
+/// endpoints until the new list completes), and one with new namespaces
+/// restarts. A cluster named both in the file and by a Secret is the
+/// file's.
 pub async fn run(
     mut config: watch::Receiver<KubernetesConfig>,
     catalog: Arc<Catalog>,
     statuses: ClusterStatuses,
+    secrets_status: SecretsStatusHandle,
     cancel: CancellationToken,
 ) {
-    let mut running: BTreeMap<ClusterName, (ClusterConfig, Vec<String>, CancellationToken)> =
-        BTreeMap::new();
+    let (from_secrets_tx, mut from_secrets) = watch::channel(BTreeMap::new());
+    let from_secrets_tx = Arc::new(from_secrets_tx);
+    let mut secrets_watch: Option<(ClusterSecrets, CancellationToken)> = None;
+    let mut running: BTreeMap<ClusterName, Running> = BTreeMap::new();
     loop {
         let desired = config.borrow_and_update().clone();
-        let wanted: BTreeMap<_, _> = desired
+        if secrets_watch.as_ref().map(|(c, _)| c) != desired.cluster_secrets.as_ref() {
+            if let Some((_, token)) = secrets_watch.take() {
+                token.cancel();
+            }
+            match &desired.cluster_secrets {
+                Some(source) => {
+                    let token = cancel.child_token();
+                    tokio::spawn(secrets::run(
+                        source.clone(),
+                        from_secrets_tx.clone(),
+                        secrets_status.clone(),
+                        token.clone(),
+                    ));
+                    secrets_watch = Some((source.clone(), token));
+                }
+                None => {
+                    from_secrets_tx.send_replace(BTreeMap::new());
+                    *secrets::lock(&secrets_status) = None;
+                }
+            }
+        }
+        let mut wanted: BTreeMap<ClusterName, ClusterConfig> = desired
             .clusters
             .iter()
             .map(|c| (c.name.clone(), c.clone()))
             .collect();
-        let stale: Vec<ClusterName> = running
+        let secret_clusters = from_secrets.borrow_and_update().clone();
+        let mut shadowed = Vec::new();
+        for (name, cfg) in secret_clusters {
+            match wanted.entry(name) {
+                std::collections::btree_map::Entry::Occupied(file) => {
+                    shadowed.push(file.key().clone());
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(cfg);
+                }
+            }
+        }
+        secrets::mark_shadowed(&secrets_status, &shadowed);
+        let gone: Vec<ClusterName> = running
             .iter()
-            .filter(|(name, (cfg, ns, _))| {
-                wanted.get(*name) != Some(cfg) || *ns != desired.namespaces
-            })
+            .filter(|(name, r)| !wanted.contains_key(*name) || r.namespaces != desired.namespaces)
             .map(|(name, _)| name.clone())
             .collect();
-        for name in stale {
-            if let Some((_, _, token)) = running.remove(&name) {
-                token.cancel();
+        for name in gone {
+            if let Some(r) = running.remove(&name) {
+                r.cancel.cancel();
             }
             if !wanted.contains_key(&name) {
                 catalog.remove_source(&source_id(&name));
                 lock(&statuses).remove(name.as_str());
                 metrics::gauge!("ferry_discovery_cluster_up", "cluster" => name.to_string())
                     .set(0.0);
-                tracing::info!(cluster = %name, "cluster removed from config; its backends are withdrawn");
+                tracing::info!(cluster = %name, "cluster removed; its backends are withdrawn");
             }
         }
         for (name, cfg) in wanted {
-            if running.contains_key(&name) {
+            if let Some(r) = running.get(&name) {
+                // New credentials: the cluster's watchers reconnect with
+                // them.
+                r.config.send_if_modified(|current| {
+                    let differs = *current != cfg;
+                    if differs {
+                        *current = cfg.clone();
+                    }
+                    differs
+                });
                 continue;
             }
             let token = cancel.child_token();
-            tracing::info!(cluster = %name, "watching cluster");
+            tracing::info!(cluster = %name, credentials = %cfg.access.describe(), "watching cluster");
+            let (config_tx, config_rx) = watch::channel(cfg);
             tokio::spawn(cluster::run_cluster(
-                cfg.clone(),
+                config_rx,
                 desired.namespaces.clone(),
                 catalog.clone(),
                 statuses.clone(),
                 token.clone(),
             ));
-            running.insert(name, (cfg, desired.namespaces.clone(), token));
+            running.insert(
+                name,
+                Running {
+                    config: config_tx,
+                    namespaces: desired.namespaces.clone(),
+                    cancel: token,
+                },
+            );
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             changed = config.changed() => if changed.is_err() { return },
+            _ = from_secrets.changed() => {}
         }
     }
 }

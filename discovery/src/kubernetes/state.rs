@@ -28,10 +28,10 @@ fn key_of<K: ResourceExt>(obj: &K) -> Key {
 /// A mirror of one kind of object across a cluster's watch streams. During
 /// a (re-)list the old objects stay until the list completes.
 #[derive(Debug)]
-struct Mirror<T> {
-    live: HashMap<Key, T>,
+pub(super) struct Mirror<T> {
+    pub(super) live: HashMap<Key, T>,
     pending: HashMap<usize, HashMap<Key, T>>,
-    listed: BTreeSet<usize>,
+    pub(super) listed: BTreeSet<usize>,
 }
 
 impl<T> Default for Mirror<T> {
@@ -46,7 +46,7 @@ impl<T> Default for Mirror<T> {
 
 impl<T> Mirror<T> {
     /// Applies one event; returns the (old, new) values of changed keys.
-    fn apply<K: ResourceExt>(
+    pub(super) fn apply<K: ResourceExt>(
         &mut self,
         stream: usize,
         scope: Option<&str>,
