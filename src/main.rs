@@ -2,6 +2,7 @@
 
 mod admin;
 mod cli;
+mod cluster_cmd;
 mod console;
 mod control;
 mod demo;
@@ -97,6 +98,12 @@ enum Command {
         #[command(flatten)]
         conn: cli::Conn,
     },
+    /// Link member clusters to the control plane (join) and unlink them
+    /// (leave).
+    Cluster {
+        #[command(subcommand)]
+        command: cluster_cmd::ClusterCommand,
+    },
     /// Services × clusters: weights, ready endpoints, pins.
     Status {
         #[command(flatten)]
@@ -169,6 +176,11 @@ fn main() -> ExitCode {
             conn,
         } => run_client(cli::audit(&conn, service, limit)),
         Command::Status { conn } => run_client(cli::status(&conn)),
+        Command::Cluster { command } => {
+            // kube-rs builds its TLS from the process's default provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            run_client(cluster_cmd::run(command))
+        }
     }
 }
 
@@ -217,6 +229,14 @@ fn check(path: &std::path::Path) -> ExitCode {
             let services = file.services;
             for cluster in &file.kubernetes.clusters {
                 println!("cluster {}\twatched: {:?}", cluster.name, cluster.access);
+            }
+            if let Some(secrets) = &file.kubernetes.cluster_secrets {
+                println!(
+                    "cluster secrets\tlabelled {} in namespace {}, read with {}",
+                    ferry_discovery::kubernetes::CLUSTER_LABEL,
+                    secrets.namespace.as_deref().unwrap_or("(its own)"),
+                    secrets.access.describe()
+                );
             }
             for s in &services {
                 let weights = s
