@@ -61,10 +61,13 @@
 //! when you build one without starting a `TestKube` first.
 
 mod http;
+mod kind;
+mod rbac;
 mod store;
 mod tls;
+mod writes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -81,8 +84,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::Shared;
+pub use crate::kind::ResourceKind;
+pub use crate::store::InvalidObject;
 use crate::store::Store;
-pub use crate::store::{InvalidObject, ResourceKind};
 
 /// One endpoint of an EndpointSlice: `(ip, ready, serving, terminating, zone)`.
 pub type EndpointSpec<'a> = (&'a str, bool, bool, bool, Option<&'a str>);
@@ -220,12 +224,13 @@ impl TestKube {
         let addr = listener.local_addr()?;
         let (bus, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::new(opts.history_limit, bus)),
+            store: Mutex::new(Store::new(opts.history_limit, bus, material.ca_pem.clone())),
             token: token.into(),
             acceptor: tokio_rustls::TlsAcceptor::from(material.server_config),
             addr,
             opts,
-            access: Mutex::new(std::collections::BTreeSet::new()),
+            access: Mutex::new(BTreeMap::new()),
+            denied: Mutex::new(BTreeSet::new()),
             list_requests: AtomicU64::new(0),
             watch_requests: AtomicU64::new(0),
             open_watches: AtomicU64::new(0),
@@ -562,7 +567,28 @@ impl TestKube {
             .is_installed(ResourceKind::ServiceExport)
     }
 
+    /// The token the token controller minted for ServiceAccount
+    /// `namespace/service_account` (the data of its
+    /// `kubernetes.io/service-account-token` Secret, decoded), while that
+    /// Secret exists. With several such Secrets, the first by name.
+    pub fn token_for(&self, namespace: &str, service_account: &str) -> Option<String> {
+        self.shared.store().token_for(namespace, service_account)
+    }
+
     // ---- faults --------------------------------------------------------
+
+    /// Refuses every request with RBAC verb `verb` (`get`, `list`, `watch`,
+    /// `create`, `update`, `patch`, `delete`) on `kind` with 403
+    /// `Forbidden`, whoever asks (the server's token included, reported as
+    /// user `admin`), until [`TestKube::allow`].
+    pub fn deny(&self, verb: &str, kind: ResourceKind) {
+        self.shared.denied().insert((verb.to_owned(), kind));
+    }
+
+    /// Lifts a [`TestKube::deny`].
+    pub fn allow(&self, verb: &str, kind: ResourceKind) {
+        self.shared.denied().remove(&(verb.to_owned(), kind));
+    }
 
     /// Compacts the history by force: the counter moves on by one, every
     /// open watch gets an in-stream `ERROR` 410 `Expired` and ends, and any
@@ -619,17 +645,28 @@ impl TestKube {
 
     // ---- counters ------------------------------------------------------
 
-    /// Authenticated list requests so far (each page counts).
     /// Every (verb, API group, resource) a client has used, as RBAC rules
-    /// name them (`""` for the core group).
-    pub fn access(&self) -> std::collections::BTreeSet<(String, String, String)> {
-        self.shared
-            .access
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// name them (`""` for the core group; verbs `get`, `list`, `watch`,
+    /// `create`, `update`, `patch`, `delete`), whoever the user. Refused
+    /// (401, 403) requests are not recorded.
+    pub fn access(&self) -> BTreeSet<(String, String, String)> {
+        self.shared.access().values().flatten().cloned().collect()
     }
 
+    /// [`TestKube::access`] of one authenticated user: `admin` for the
+    /// server's token, a client certificate's CN, or
+    /// `system:serviceaccount:NS:NAME` for a minted token.
+    pub fn access_by(&self, user: &str) -> BTreeSet<(String, String, String)> {
+        self.shared.access().get(user).cloned().unwrap_or_default()
+    }
+
+    /// Every user with an authorized request so far (names as in
+    /// [`TestKube::access_by`]).
+    pub fn users_seen(&self) -> BTreeSet<String> {
+        self.shared.access().keys().cloned().collect()
+    }
+
+    /// Authenticated list requests so far (each page counts).
     pub fn list_requests(&self) -> u64 {
         self.shared.list_requests.load(Ordering::SeqCst)
     }
