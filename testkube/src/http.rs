@@ -1,8 +1,10 @@
-//! The HTTPS side of the fake API server: TLS accept loop, client-certificate
-//! and bearer-token authentication, routing of the Kubernetes REST paths and
-//! API discovery, lists with paging and the chunked newline-delimited JSON
-//! watch stream (replay, live events, bookmarks, in-stream 410s, timeouts and
-//! test-forced aborts).
+//! The HTTPS side of the fake API server: TLS accept loop, client-certificate,
+//! bearer-token and service-account-token authentication, authorization
+//! (RBAC for service accounts, injected refusals), routing of the Kubernetes
+//! REST paths and API discovery, lists with paging and the chunked
+//! newline-delimited JSON watch stream (replay, live events, bookmarks,
+//! in-stream 410s, timeouts and test-forced aborts). Requests on one object
+//! and creates are served by `writes`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;

@@ -97,7 +97,12 @@ impl Attributes<'_> {
             Some(name) => format!("{} \"{name}\"", self.kind.qualified()),
             None => self.kind.qualified(),
         };
-        let scope = match self.namespace {
+        // As the real server, a request on a Namespace is in that namespace.
+        let namespace = match (self.kind, self.name) {
+            (ResourceKind::Namespace, Some(name)) => Some(name),
+            _ => self.namespace,
+        };
+        let scope = match namespace {
             Some(ns) => format!("in the namespace \"{ns}\""),
             None => "at the cluster scope".to_owned(),
         };

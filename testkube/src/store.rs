@@ -1,6 +1,8 @@
 //! The fake cluster's state: objects, the global resourceVersion counter, the
-//! bounded event history that watches replay from, label/field selectors and
-//! list paging with continue tokens.
+//! bounded event history that watches replay from, label/field selectors,
+//! list paging with continue tokens, the write verbs (create, replace,
+//! server-side apply, merge patch, delete with its cascades) and the
+//! service-account token controller.
 //!
 //! Everything here is synchronous and lives behind one mutex in the server;
 //! changes are published on a broadcast bus *while the lock is held*, so a
@@ -1389,6 +1391,253 @@ mod tests {
         assert!(s.set_installed(ResourceKind::ServiceExport, true));
         s.apply(ResourceKind::ServiceExport, export).unwrap();
         assert_eq!(s.count(ResourceKind::ServiceExport), 1);
+    }
+
+    fn drain(rx: &mut broadcast::Receiver<Bus>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Bus::Change(c) = msg {
+                let name = c.object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                seen.push(format!("{:?} {} {name}", c.op, c.kind.kind()));
+            }
+        }
+        seen
+    }
+
+    fn token_secret(name: &str, sa: &str) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "ns",
+                         "annotations": {SA_NAME_ANNOTATION: sa}},
+            "type": SA_TOKEN_TYPE,
+        })
+    }
+
+    fn account(name: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "ns"}})
+    }
+
+    #[test]
+    fn json_merge_patch_follows_rfc_7386() {
+        let mut target = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1]});
+        json_merge_patch(
+            &mut target,
+            &json!({"a": "z", "c": {"f": null}, "l": [2], "n": {"x": 1}}),
+        );
+        assert_eq!(
+            target,
+            json!({"a": "z", "c": {"d": "e"}, "l": [2], "n": {"x": 1}})
+        );
+        json_merge_patch(&mut target, &json!(["whole"]));
+        assert_eq!(target, json!(["whole"]));
+    }
+
+    #[test]
+    fn server_side_apply_merges_metadata_and_replaces_fields() {
+        let mut s = store();
+        let patch = |labels: Value, data: Value| {
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "a", "labels": labels}, "data": data})
+        };
+        let (_, created) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"x": "1"}), json!({"k": "dg=="})),
+            )
+            .unwrap();
+        assert!(created);
+        let (obj, created) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"y": "2"}), json!({"j": "dg=="})),
+            )
+            .unwrap();
+        assert!(!created);
+        assert_eq!(obj["metadata"]["labels"], json!({"x": "1", "y": "2"}));
+        assert_eq!(obj["data"], json!({"j": "dg=="}));
+        assert_eq!(obj["type"], "Opaque");
+        let rv = s.resource_version();
+        let (again, _) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"y": "2"}), json!({"j": "dg=="})),
+            )
+            .unwrap();
+        assert_eq!((s.resource_version(), again), (rv, obj));
+        // No kind: refused; another name than the URL's: refused.
+        let bare = json!({"metadata": {"name": "a"}});
+        assert!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "a", bare)
+                .is_err()
+        );
+        assert!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "b", patch(json!({}), json!({})))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cluster_scoped_objects_have_no_namespace() {
+        let mut s = store();
+        let role = json!({"metadata": {"name": "r", "namespace": "ignored"}, "rules": []});
+        s.apply(ResourceKind::ClusterRole, role).unwrap();
+        let stored = s.get(ResourceKind::ClusterRole, "", "r").unwrap();
+        assert!(stored["metadata"].get("namespace").is_none());
+        assert_eq!(stored["apiVersion"], "rbac.authorization.k8s.io/v1");
+        assert!(s.delete(ResourceKind::ClusterRole, "", "r"));
+    }
+
+    #[test]
+    fn the_token_controller_mints_keeps_and_revokes() {
+        let (bus, mut rx) = broadcast::channel(64);
+        let mut s = Store::new(100, bus, "CA".into());
+        // The Secret first: nothing to fill until its account exists.
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        assert_eq!(s.token_for("ns", "sa"), None);
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        let token = s.token_for("ns", "sa").unwrap();
+        assert_eq!(s.token_user(&token), Some(("ns".into(), "sa".into())));
+        let secret = s.get(ResourceKind::Secret, "ns", "t").unwrap();
+        assert_eq!(secret["data"]["token"], STANDARD.encode(&token));
+        assert_eq!(secret["data"]["ca.crt"], STANDARD.encode("CA"));
+        assert_eq!(secret["data"]["namespace"], STANDARD.encode("ns"));
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "Added Secret t",
+                "Added ServiceAccount sa",
+                "Modified Secret t"
+            ]
+        );
+        // A full replace that drops the data gets it back, same token.
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        assert_eq!(s.token_for("ns", "sa"), Some(token.clone()));
+        assert_eq!(
+            s.get(ResourceKind::Secret, "ns", "t").unwrap()["data"]["token"],
+            STANDARD.encode(&token)
+        );
+        // Deleting the account deletes its token Secrets and the token.
+        drain(&mut rx);
+        assert!(s.delete(ResourceKind::ServiceAccount, "ns", "sa"));
+        assert_eq!(
+            drain(&mut rx),
+            ["Deleted ServiceAccount sa", "Deleted Secret t"]
+        );
+        assert_eq!(s.token_user(&token), None);
+        // A new Secret for a new account: a new token.
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        let rotated = s.token_for("ns", "sa").unwrap();
+        assert_ne!(rotated, token);
+        // An Opaque Secret is never filled.
+        s.apply(
+            ResourceKind::Secret,
+            json!({"metadata": {"name": "o", "namespace": "ns"}}),
+        )
+        .unwrap();
+        assert!(
+            s.get(ResourceKind::Secret, "ns", "o")
+                .unwrap()
+                .get("data")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_objects_first() {
+        let (bus, mut rx) = broadcast::channel(64);
+        let mut s = Store::new(100, bus, String::new());
+        s.apply(ResourceKind::Namespace, json!({"metadata": {"name": "ns"}}))
+            .unwrap();
+        s.apply(ResourceKind::Service, svc("web", json!({})))
+            .unwrap();
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        let other = json!({"metadata": {"name": "web", "namespace": "other"}});
+        s.apply(ResourceKind::Service, other).unwrap();
+        drain(&mut rx);
+        let gone = s.remove(ResourceKind::Namespace, "", "ns").unwrap();
+        assert_eq!(
+            gone["metadata"]["resourceVersion"],
+            s.resource_version().to_string()
+        );
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "Deleted Service web",
+                "Deleted ServiceAccount sa",
+                "Deleted Secret t",
+                "Deleted Namespace ns"
+            ]
+        );
+        assert_eq!(s.count(ResourceKind::Service), 1);
+        assert_eq!(s.token_for("ns", "sa"), None);
+        assert!(s.remove(ResourceKind::Namespace, "", "ns").is_none());
+    }
+
+    #[test]
+    fn creates_and_replaces_check_the_request() {
+        let mut s = store();
+        let secret = json!({"metadata": {"name": "a"}});
+        s.create(ResourceKind::Secret, "ns", secret.clone())
+            .unwrap();
+        assert_eq!(
+            s.create(ResourceKind::Secret, "ns", secret.clone()),
+            Err(WriteError::AlreadyExists)
+        );
+        let elsewhere = json!({"metadata": {"name": "b", "namespace": "x"}});
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", elsewhere),
+            Err(WriteError::BadRequest(_))
+        ));
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", json!({"metadata": {}})),
+            Err(WriteError::Invalid(_))
+        ));
+        let wrong = json!({"apiVersion": "v2", "metadata": {"name": "c"}});
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", wrong),
+            Err(WriteError::BadRequest(_))
+        ));
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "zz", secret.clone()),
+            Err(WriteError::BadRequest(
+                "the name of the object (a) does not match the name on the URL (zz)".into()
+            ))
+        );
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "b", json!({})),
+            Err(WriteError::NotFound)
+        );
+        let stale = json!({"metadata": {"name": "a", "resourceVersion": "1"}});
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "a", stale),
+            Err(WriteError::Conflict)
+        );
+        assert_eq!(
+            s.merge_patch(ResourceKind::Secret, "ns", "b", &json!({})),
+            Err(WriteError::NotFound)
+        );
+        let moved = json!({"metadata": {"namespace": "x"}});
+        assert!(
+            s.merge_patch(ResourceKind::Secret, "ns", "a", &moved)
+                .is_err()
+        );
     }
 
     #[test]
