@@ -168,7 +168,7 @@ async fn serve_connection(
     }
 }
 
-pub(crate) fn full(code: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+fn full(code: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
     *resp.status_mut() = code;
     resp.headers_mut()

@@ -428,13 +428,23 @@ async fn malformed_writes_get_the_api_servers_errors() {
         .await
         .unwrap_err();
     api_error(err, 400, "BadRequest");
+    // An apply patch in YAML, as kubectl may send it.
+    let yaml = hyper::Request::patch("/api/v1/namespaces/a/secrets/yaml?fieldManager=kubectl")
+        .header("Content-Type", "application/apply-patch+yaml")
+        .body(
+            b"apiVersion: v1\nkind: Secret\nmetadata:\n  name: yaml\nstringData:\n  k: v\n"
+                .to_vec(),
+        )
+        .unwrap();
+    let created: Secret = client.request(yaml).await.unwrap();
+    assert_eq!(decoded(&created, "k").as_deref(), Some("v"));
     // Strategic merge patches are not served.
     let err = secrets
         .patch("x", &PatchParams::default(), &Patch::Strategic(json!({})))
         .await
         .unwrap_err();
     api_error(err, 415, "UnsupportedMediaType");
-    assert_eq!(kube.count(ResourceKind::Secret), 1);
+    assert_eq!(kube.count(ResourceKind::Secret), 2);
 }
 
 #[tokio::test]
