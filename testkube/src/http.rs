@@ -1,10 +1,12 @@
-//! The HTTPS side of the fake API server: TLS accept loop, client-certificate
-//! and bearer-token authentication, routing of the Kubernetes REST paths and
-//! API discovery, lists with paging and the chunked newline-delimited JSON
-//! watch stream (replay, live events, bookmarks, in-stream 410s, timeouts and
-//! test-forced aborts).
+//! The HTTPS side of the fake API server: TLS accept loop, client-certificate,
+//! bearer-token and service-account-token authentication, authorization
+//! (RBAC for service accounts, injected refusals), routing of the Kubernetes
+//! REST paths and API discovery, lists with paging and the chunked
+//! newline-delimited JSON watch stream (replay, live events, bookmarks,
+//! in-stream 410s, timeouts and test-forced aborts). Requests on one object
+//! and creates are served by `writes`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -28,11 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Options;
+use crate::rbac::{self, Attributes, User, Verb};
 use crate::store::{
     Bus, FieldSelector, Filter, LabelSelector, ResourceKind, Store, WatchStart, event_line,
 };
 
 pub(crate) type Body = BoxBody<Bytes, io::Error>;
+
+/// One access as RBAC names it: (verb, API group, resource).
+pub(crate) type Access = (String, String, String);
 
 /// State shared by the test-control API and every connection.
 pub(crate) struct Shared {
@@ -48,32 +54,52 @@ pub(crate) struct Shared {
     pub watch_kill: Mutex<CancellationToken>,
     /// Requests authenticated by a client certificate, by user (CN).
     pub cert_requests: Mutex<BTreeMap<String, u64>>,
-    /// What clients did: (verb, API group, resource), as RBAC names them.
-    pub access: Mutex<std::collections::BTreeSet<(String, String, String)>>,
-}
-
-impl Shared {
-    /// One object, the read recorded as a `get`.
-    fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Value> {
-        self.record("get", kind);
-        self.store().get(kind, namespace, name)
-    }
-
-    fn record(&self, verb: &str, kind: ResourceKind) {
-        self.access
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((
-                verb.to_owned(),
-                kind.group().to_owned(),
-                kind.plural().to_owned(),
-            ));
-    }
+    /// What clients did, by user: authorized resource requests only.
+    pub access: Mutex<BTreeMap<String, BTreeSet<Access>>>,
+    /// (verb, kind) pairs refused to everyone (`TestKube::deny`).
+    pub denied: Mutex<BTreeSet<(String, ResourceKind)>>,
 }
 
 impl Shared {
     pub fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn access(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<Access>>> {
+        self.access.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn denied(&self) -> std::sync::MutexGuard<'_, BTreeSet<(String, ResourceKind)>> {
+        self.denied.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, user: &User, verb: Verb, kind: ResourceKind) {
+        self.access().entry(user.name()).or_default().insert((
+            verb.as_str().to_owned(),
+            kind.group().to_owned(),
+            kind.plural().to_owned(),
+        ));
+    }
+
+    /// Whether `user` may do `attrs`: refused when the verb is denied on the
+    /// kind (for everyone), otherwise service accounts by RBAC and everyone
+    /// else unrestricted. `Err` is the 403 answer.
+    fn authorize(&self, user: &User, attrs: &Attributes<'_>) -> Result<(), Refusal> {
+        let denied = self
+            .denied()
+            .contains(&(attrs.verb.as_str().to_owned(), attrs.kind));
+        let allowed = !denied
+            && match user {
+                User::ServiceAccount { namespace, name } => {
+                    rbac::allows(&self.store(), namespace, name, attrs)
+                }
+                User::Admin | User::Certificate(_) => true,
+            };
+        if allowed {
+            return Ok(());
+        }
+        let message = attrs.forbidden_message(&user.name());
+        Err(Refusal::new(403, "Forbidden", &message).with_details(details(attrs.kind, attrs.name)))
     }
 }
 
@@ -150,7 +176,7 @@ fn full(code: StatusCode, content_type: &'static str, body: String) -> Response<
     resp
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+pub(crate) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     full(code, "application/json", value.to_string())
 }
 
@@ -167,16 +193,53 @@ pub(crate) fn status_object(code: u16, reason: &str, message: &str) -> Value {
     })
 }
 
-fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
+/// A refused request: the failure `Status` the server answers with.
+#[derive(Debug)]
+pub(crate) struct Refusal(Box<Value>);
+
+impl Refusal {
+    pub fn new(code: u16, reason: &str, message: &str) -> Self {
+        Refusal(Box::new(status_object(code, reason, message)))
+    }
+
+    /// The same refusal with `details` about the resource.
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.0["details"] = details;
+        self
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let code = self.0["code"].as_u64().and_then(|c| u16::try_from(c).ok());
+        let code = code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        json_response(code, &self.0)
+    }
+}
+
+pub(crate) fn status_response(code: u16, reason: &str, message: &str) -> Response<Body> {
     json_response(
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &status_object(code, reason, message),
     )
 }
 
-/// Whether the request is authenticated: by a verified client certificate
-/// (counted per user) or else by the bearer token.
-fn authenticated(shared: &Shared, cert_user: Option<&str>, headers: &HeaderMap) -> bool {
+/// The `details` of a Status about one resource (and object).
+pub(crate) fn details(kind: ResourceKind, name: Option<&str>) -> Value {
+    let mut details = json!({"kind": kind.plural()});
+    if let Some(name) = name {
+        details["name"] = name.into();
+    }
+    if !kind.group().is_empty() {
+        details["group"] = kind.group().into();
+    }
+    details
+}
+
+/// Who the request is from: a verified client certificate (counted per
+/// user), the server's bearer token, or a minted service-account token.
+/// `None` when unauthenticated.
+fn authenticate(shared: &Shared, cert_user: Option<&str>, headers: &HeaderMap) -> Option<User> {
     if let Some(user) = cert_user {
         *shared
             .cert_requests
@@ -184,20 +247,23 @@ fn authenticated(shared: &Shared, cert_user: Option<&str>, headers: &HeaderMap) 
             .unwrap_or_else(|e| e.into_inner())
             .entry(user.to_owned())
             .or_default() += 1;
-        return true;
+        return Some(User::Certificate(user.to_owned()));
     }
-    bearer_token_matches(shared, headers)
+    let token = bearer_token(headers)?;
+    if token == shared.token {
+        return Some(User::Admin);
+    }
+    let (namespace, name) = shared.store().token_user(token)?;
+    Some(User::ServiceAccount { namespace, name })
 }
 
-fn bearer_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let value = value.trim();
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?.trim();
     let token = value
         .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "));
-    token.is_some_and(|t| t.trim() == shared.token)
+        .or_else(|| value.strip_prefix("bearer "))?
+        .trim();
+    (!token.is_empty()).then_some(token)
 }
 
 /// Percent-decodes a query component (`+` is a space).
@@ -226,7 +292,7 @@ fn decode(s: &str) -> String {
 }
 
 #[derive(Default)]
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
@@ -242,7 +308,7 @@ impl Query {
         )
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    pub fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .rev()
@@ -250,7 +316,7 @@ impl Query {
             .map(|(_, v)| v.as_str())
     }
 
-    fn flag(&self, key: &str) -> bool {
+    pub fn flag(&self, key: &str) -> bool {
         matches!(self.get(key), Some("true" | "1"))
     }
 }
@@ -272,22 +338,31 @@ fn resource_route<'a>(
         let plural = kind.plural();
         match rest {
             [p] if *p == plural => Some((kind, None, None)),
-            ["namespaces", ns, p] if *p == plural => Some((kind, Some(*ns), None)),
-            ["namespaces", ns, p, name] if *p == plural => Some((kind, Some(*ns), Some(*name))),
+            [p, name] if *p == plural && !kind.namespaced() => Some((kind, None, Some(*name))),
+            ["namespaces", ns, p] if *p == plural && kind.namespaced() => {
+                Some((kind, Some(*ns), None))
+            }
+            ["namespaces", ns, p, name] if *p == plural && kind.namespaced() => {
+                Some((kind, Some(*ns), Some(*name)))
+            }
             _ => None,
         }
     })
 }
 
 fn api_resource(kind: ResourceKind) -> Value {
-    json!({
+    let mut resource = json!({
         "name": kind.plural(),
         "singularName": kind.singular(),
-        "namespaced": true,
+        "namespaced": kind.namespaced(),
         "kind": kind.kind(),
-        "verbs": ["get", "list", "watch"],
-        "shortNames": [kind.short()],
-    })
+        "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+    });
+    let short = kind.short_names();
+    if !short.is_empty() {
+        resource["shortNames"] = json!(short);
+    }
+    resource
 }
 
 fn group_version(group: &str, version: &str) -> Value {
@@ -383,21 +458,58 @@ async fn handle(
     cert_user: Option<Arc<str>>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if !authenticated(&shared, cert_user.as_deref(), req.headers()) {
+    let Some(user) = authenticate(&shared, cert_user.as_deref(), req.headers()) else {
         return status_response(401, "Unauthorized", "Unauthorized");
-    }
-    if req.method() != Method::GET {
-        return status_response(
-            405,
-            "MethodNotAllowed",
-            "the test API server only serves GET (mutate objects through TestKube)",
-        );
-    }
+    };
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let route = resource_route(&segs);
+    let Some((kind, namespace, name)) = route else {
+        // Discovery, version and health: open to every authenticated user.
+        if req.method() != Method::GET {
+            return method_not_allowed();
+        }
+        return non_resource(&shared, &segs);
+    };
+    // A kind whose CRD is not installed does not exist.
+    if !shared.store().is_installed(kind) {
+        return not_found();
+    }
+    let Some(verb) = Verb::of(req.method(), name.is_some(), query.flag("watch")) else {
+        return method_not_allowed();
+    };
+    if verb == Verb::Create && kind.namespaced() && namespace.is_none() {
+        return method_not_allowed();
+    }
+    let attrs = Attributes {
+        verb,
+        kind,
+        namespace,
+        name,
+    };
+    if let Err(refused) = shared.authorize(&user, &attrs) {
+        return refused.into_response();
+    }
+    shared.record(&user, verb, kind);
+    match verb {
+        Verb::List | Verb::Watch => collection(&shared, conn, &tracker, kind, namespace, &query),
+        _ => crate::writes::object(&shared, &attrs, &query, req).await,
+    }
+}
+
+fn method_not_allowed() -> Response<Body> {
+    status_response(
+        405,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+    )
+}
+
+/// `/version`, health checks and API discovery.
+fn non_resource(shared: &Shared, segs: &[&str]) -> Response<Body> {
     let ok = StatusCode::OK;
-    match segs.as_slice() {
+    match segs {
         ["version"] => json_response(
             ok,
             &json!({
@@ -413,23 +525,10 @@ async fn handle(
             }),
         ),
         ["healthz" | "livez" | "readyz"] => full(ok, "text/plain", "ok".into()),
-        ["api" | "apis", ..] if segs.len() <= 3 && resource_route(&segs).is_none() => {
-            discovery(&shared, &segs).unwrap_or_else(not_found)
+        ["api" | "apis", ..] if segs.len() <= 3 => {
+            discovery(shared, segs).unwrap_or_else(not_found)
         }
-        segs => match resource_route(segs) {
-            // A kind whose CRD is not installed does not exist.
-            Some((kind, ..)) if !shared.store().is_installed(kind) => not_found(),
-            Some((kind, Some(ns), Some(name))) => match shared.get(kind, ns, name) {
-                Some(obj) => json_response(ok, &obj),
-                None => status_response(
-                    404,
-                    "NotFound",
-                    &format!("{} \"{name}\" not found", kind.plural()),
-                ),
-            },
-            Some((kind, ns, None)) => collection(&shared, conn, &tracker, kind, ns, &query),
-            _ => not_found(),
-        },
+        _ => not_found(),
     }
 }
 
@@ -452,10 +551,8 @@ fn collection(
         fields: FieldSelector::parse(query.get("fieldSelector").unwrap_or("")),
     };
     if query.flag("watch") {
-        shared.record("watch", kind);
         return watch(shared, conn, tracker, filter, query);
     }
-    shared.record("list", kind);
     shared.list_requests.fetch_add(1, Ordering::SeqCst);
     let limit = match query
         .get("limit")
@@ -754,6 +851,43 @@ mod tests {
         );
         assert_eq!(resource_route(&["api", "v1", "endpointslices"]), None);
         assert_eq!(resource_route(&["api", "v1", "pods"]), None);
-        assert_eq!(resource_route(&["api", "v1", "namespaces"]), None);
+        assert_eq!(
+            resource_route(&["api", "v1", "namespaces"]),
+            Some((ResourceKind::Namespace, None, None))
+        );
+        assert_eq!(
+            resource_route(&["api", "v1", "namespaces", "a"]),
+            Some((ResourceKind::Namespace, None, Some("a")))
+        );
+        assert_eq!(
+            resource_route(&["api", "v1", "namespaces", "a", "secrets", "b"]),
+            Some((ResourceKind::Secret, Some("a"), Some("b")))
+        );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "rbac.authorization.k8s.io",
+                "v1",
+                "clusterroles",
+                "x"
+            ]),
+            Some((ResourceKind::ClusterRole, None, Some("x")))
+        );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "rbac.authorization.k8s.io",
+                "v1",
+                "namespaces",
+                "a",
+                "clusterroles"
+            ]),
+            None
+        );
+        assert_eq!(resource_route(&["api", "v1", "services", "x"]), None);
+        assert_eq!(
+            resource_route(&["api", "v1", "namespaces", "a", "status"]),
+            None
+        );
     }
 }

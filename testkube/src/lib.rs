@@ -3,22 +3,80 @@
 //! one or more simulated clusters: the tests' clusters, and the `old` and
 //! `new` clusters of `ferry demo`.
 //!
-//! It speaks the real HTTP list/watch protocol over HTTPS: client-certificate
-//! auth (certificates signed by the server's CA, the user being the subject
-//! CN; [`TestKube::client_cert`]) or bearer-token auth (401 `Status`
-//! otherwise; a client certificate from another CA fails the TLS
-//! handshake), core/v1 Services, discovery.k8s.io/v1 EndpointSlices and
-//! multicluster.x-k8s.io/v1alpha1 ServiceExports (cluster-wide and per
-//! namespace; the ServiceExport CRD can be removed per server, its paths then
-//! answer 404 and API discovery drops its group), `labelSelector`
-//! (`k=v`, `k!=v`, `k`, `!k`), `fieldSelector` on `metadata.name` /
-//! `metadata.namespace` (other terms ignored), paging with `limit` and
-//! opaque `continue` tokens (HTTP 410 `Expired` when stale or invalid), and
-//! watches (`watch=true`) that replay from a bounded history, then stream live
+//! It speaks the real HTTP protocol over HTTPS: client-certificate auth
+//! (certificates signed by the server's CA, the user being the subject CN;
+//! [`TestKube::client_cert`]) or bearer-token auth (401 `Status` otherwise;
+//! a client certificate from another CA fails the TLS handshake).
+//!
+//! ## Kinds
+//!
+//! core/v1 Services, Namespaces, ServiceAccounts and Secrets,
+//! discovery.k8s.io/v1 EndpointSlices, multicluster.x-k8s.io/v1alpha1
+//! ServiceExports (the CRD can be removed per server, its paths then answer
+//! 404 and API discovery drops its group) and rbac.authorization.k8s.io/v1
+//! ClusterRoles and ClusterRoleBindings ([`ResourceKind`]). Namespaces and
+//! the RBAC kinds are cluster-scoped: no `metadata.namespace`, namespace
+//! `""` in the Rust API. API discovery (`/api`, `/api/v1`, `/apis`, each
+//! group and group version) lists every served kind with its scope and
+//! verbs; `/version` answers a version object.
+//!
+//! ## Reads
+//!
+//! `GET` of one object; lists and watches of every kind, cluster-wide and,
+//! for namespaced kinds, per namespace, with `labelSelector` (`k=v`, `k!=v`,
+//! `k`, `!k`), `fieldSelector` on `metadata.name` / `metadata.namespace`
+//! (other terms ignored), paging with `limit` and opaque `continue` tokens
+//! (HTTP 410 `Expired` when stale or invalid), and watches (`watch=true`)
+//! that replay from a bounded history, then stream live
 //! ADDED/MODIFIED/DELETED events, BOOKMARKs and, for a too-old
 //! resourceVersion, an **in-stream** `ERROR` event carrying a 410 `Status`.
 //! Streaming lists (`sendInitialEvents=true`) end their initial events with a
 //! bookmark annotated `k8s.io/initial-events-end`.
+//!
+//! ## Writes
+//!
+//! `POST` (create; 409 `AlreadyExists`; `generateName` honoured), `PUT`
+//! (replace; 404 when absent, 409 `Conflict` for a stale
+//! `metadata.resourceVersion`), `PATCH` as server-side apply
+//! (`application/apply-patch+yaml`, YAML or JSON; `fieldManager` required,
+//! else 400; creates when absent; a simplified merge: labels and
+//! annotations key by key, every other top-level field given replaces the
+//! stored one, no field ownership or conflicts) or as an RFC 7386 JSON merge
+//! patch (`application/merge-patch+json`; other patch types get 415), and
+//! `DELETE` (200 with the deleted object). Bodies whose kind, apiVersion,
+//! name or namespace disagree with the path get 400, a missing name 422
+//! `Invalid`; `dryRun` is refused (400). Every change bumps the
+//! resourceVersion and is a watch event; a write that changes nothing is a
+//! no-op. The server defaults a Namespace's `kubernetes.io/metadata.name`
+//! label, finalizer and `Active` phase, a Secret's `type` (`Opaque`), and
+//! folds `stringData` into `data`.
+//!
+//! Deleting a Namespace deletes every namespaced object in it at once (each
+//! a DELETED event; a real server does it later, through the namespace
+//! finalizer, while the Namespace is `Terminating`).
+//!
+//! ## Service-account tokens and RBAC
+//!
+//! A token controller, as the real one: a Secret of type
+//! `kubernetes.io/service-account-token` annotated
+//! `kubernetes.io/service-account.name: SA` whose ServiceAccount exists in
+//! its namespace gets `data.token` (a fresh random token), `data.ca.crt`
+//! (the server's CA) and `data.namespace`, in a write right after the one
+//! that created it (or that created the ServiceAccount). The token
+//! authenticates as `system:serviceaccount:NS:SA` for as long as that
+//! Secret exists ([`TestKube::token_for`]); deleting the Secret, the
+//! ServiceAccount (which deletes its token Secrets) or the Namespace revokes
+//! it (401), and re-creating the Secret mints a different token. Applying
+//! the Secret again keeps its token.
+//!
+//! Requests with a minted token are authorized by RBAC from the stored
+//! ClusterRoleBindings and ClusterRoles (403 `Forbidden` with the real
+//! server's message otherwise); the server's own token (user `admin`) and
+//! client certificates are unrestricted. Discovery, `/version` and health
+//! checks are open to every authenticated user. [`TestKube::deny`] refuses a
+//! verb on a kind to everyone until [`TestKube::allow`]. What each user did
+//! is recorded as RBAC names it ([`TestKube::access`],
+//! [`TestKube::access_by`], [`TestKube::users_seen`]).
 //!
 //! Tests drive the cluster through [`TestKube`]: mutate objects, force history
 //! expiry, drop watch connections, stop and restart the server, and read
@@ -47,6 +105,34 @@
 //! cluster
 //!     .kubeconfig_with(&path, "east", Credentials::ClientCert(&cert))
 //!     .unwrap();
+//!
+//! // A service account and its token Secret: the token controller fills it.
+//! use ferry_testkube::ResourceKind;
+//! use serde_json::json;
+//! cluster
+//!     .apply(
+//!         ResourceKind::ServiceAccount,
+//!         json!({"metadata": {"name": "reader", "namespace": "ferry-system"}}),
+//!     )
+//!     .unwrap();
+//! cluster
+//!     .apply(
+//!         ResourceKind::Secret,
+//!         json!({
+//!             "metadata": {
+//!                 "name": "reader-token",
+//!                 "namespace": "ferry-system",
+//!                 "annotations": {"kubernetes.io/service-account.name": "reader"},
+//!             },
+//!             "type": "kubernetes.io/service-account-token",
+//!         }),
+//!     )
+//!     .unwrap();
+//! let token = cluster.token_for("ferry-system", "reader").unwrap();
+//! // Authenticated as system:serviceaccount:ferry-system:reader; 403 until
+//! // a ClusterRoleBinding grants it something.
+//! let as_reader = cluster.client_with_token(&token).await;
+//! # let _ = as_reader;
 //! # }
 //! ```
 //!
@@ -61,10 +147,13 @@
 //! when you build one without starting a `TestKube` first.
 
 mod http;
+mod kind;
+mod rbac;
 mod store;
 mod tls;
+mod writes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -81,8 +170,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::Shared;
+pub use crate::kind::ResourceKind;
+pub use crate::store::InvalidObject;
 use crate::store::Store;
-pub use crate::store::{InvalidObject, ResourceKind};
 
 /// One endpoint of an EndpointSlice: `(ip, ready, serving, terminating, zone)`.
 pub type EndpointSpec<'a> = (&'a str, bool, bool, bool, Option<&'a str>);
@@ -220,12 +310,13 @@ impl TestKube {
         let addr = listener.local_addr()?;
         let (bus, _) = broadcast::channel(65_536);
         let shared = Arc::new(Shared {
-            store: Mutex::new(Store::new(opts.history_limit, bus)),
+            store: Mutex::new(Store::new(opts.history_limit, bus, material.ca_pem.clone())),
             token: token.into(),
             acceptor: tokio_rustls::TlsAcceptor::from(material.server_config),
             addr,
             opts,
-            access: Mutex::new(std::collections::BTreeSet::new()),
+            access: Mutex::new(BTreeMap::new()),
+            denied: Mutex::new(BTreeSet::new()),
             list_requests: AtomicU64::new(0),
             watch_requests: AtomicU64::new(0),
             open_watches: AtomicU64::new(0),
@@ -400,19 +491,25 @@ impl TestKube {
     // ---- objects -------------------------------------------------------
 
     /// Creates or replaces any served object (`metadata.name` required,
-    /// `metadata.namespace` defaults to `default`). uid, creationTimestamp
-    /// and resourceVersion are set by the server; applying an unchanged
-    /// object is a no-op. Returns the object's resourceVersion.
+    /// `metadata.namespace` defaults to `default` for namespaced kinds and
+    /// is dropped for cluster-scoped ones). uid, creationTimestamp and
+    /// resourceVersion are set by the server; applying an unchanged object
+    /// is a no-op. The token controller runs as for a write over HTTP.
+    /// Returns the object's resourceVersion (after the controller's write,
+    /// if any).
     pub fn apply(&self, kind: ResourceKind, object: Value) -> Result<u64, InvalidObject> {
         self.shared.store().apply(kind, object)
     }
 
-    /// Deletes an object; returns whether it existed.
+    /// Deletes an object (namespace `""` for cluster-scoped kinds); returns
+    /// whether it existed. Deleting a Namespace deletes what is in it, a
+    /// ServiceAccount its token Secrets, as a `DELETE` request does.
     pub fn delete(&self, kind: ResourceKind, namespace: &str, name: &str) -> bool {
         self.shared.store().delete(kind, namespace, name)
     }
 
-    /// The stored object (with kind, apiVersion and server metadata).
+    /// The stored object (with kind, apiVersion and server metadata);
+    /// namespace `""` for cluster-scoped kinds.
     pub fn get(&self, kind: ResourceKind, namespace: &str, name: &str) -> Option<Value> {
         self.shared.store().get(kind, namespace, name)
     }
@@ -562,7 +659,28 @@ impl TestKube {
             .is_installed(ResourceKind::ServiceExport)
     }
 
+    /// The token the token controller minted for ServiceAccount
+    /// `namespace/service_account` (the data of its
+    /// `kubernetes.io/service-account-token` Secret, decoded), while that
+    /// Secret exists. With several such Secrets, the first by name.
+    pub fn token_for(&self, namespace: &str, service_account: &str) -> Option<String> {
+        self.shared.store().token_for(namespace, service_account)
+    }
+
     // ---- faults --------------------------------------------------------
+
+    /// Refuses every request with RBAC verb `verb` (`get`, `list`, `watch`,
+    /// `create`, `update`, `patch`, `delete`) on `kind` with 403
+    /// `Forbidden`, whoever asks (the server's token included, reported as
+    /// user `admin`), until [`TestKube::allow`].
+    pub fn deny(&self, verb: &str, kind: ResourceKind) {
+        self.shared.denied().insert((verb.to_owned(), kind));
+    }
+
+    /// Lifts a [`TestKube::deny`].
+    pub fn allow(&self, verb: &str, kind: ResourceKind) {
+        self.shared.denied().remove(&(verb.to_owned(), kind));
+    }
 
     /// Compacts the history by force: the counter moves on by one, every
     /// open watch gets an in-stream `ERROR` 410 `Expired` and ends, and any
@@ -619,17 +737,28 @@ impl TestKube {
 
     // ---- counters ------------------------------------------------------
 
-    /// Authenticated list requests so far (each page counts).
     /// Every (verb, API group, resource) a client has used, as RBAC rules
-    /// name them (`""` for the core group).
-    pub fn access(&self) -> std::collections::BTreeSet<(String, String, String)> {
-        self.shared
-            .access
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// name them (`""` for the core group; verbs `get`, `list`, `watch`,
+    /// `create`, `update`, `patch`, `delete`), whoever the user. Refused
+    /// (401, 403) requests are not recorded.
+    pub fn access(&self) -> BTreeSet<(String, String, String)> {
+        self.shared.access().values().flatten().cloned().collect()
     }
 
+    /// [`TestKube::access`] of one authenticated user: `admin` for the
+    /// server's token, a client certificate's CN, or
+    /// `system:serviceaccount:NS:NAME` for a minted token.
+    pub fn access_by(&self, user: &str) -> BTreeSet<(String, String, String)> {
+        self.shared.access().get(user).cloned().unwrap_or_default()
+    }
+
+    /// Every user with an authorized request so far (names as in
+    /// [`TestKube::access_by`]).
+    pub fn users_seen(&self) -> BTreeSet<String> {
+        self.shared.access().keys().cloned().collect()
+    }
+
+    /// Authenticated list requests so far (each page counts).
     pub fn list_requests(&self) -> u64 {
         self.shared.list_requests.load(Ordering::SeqCst)
     }

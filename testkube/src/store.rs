@@ -1,6 +1,8 @@
 //! The fake cluster's state: objects, the global resourceVersion counter, the
-//! bounded event history that watches replay from, label/field selectors and
-//! list paging with continue tokens.
+//! bounded event history that watches replay from, label/field selectors,
+//! list paging with continue tokens, the write verbs (create, replace,
+//! server-side apply, merge patch, delete with its cascades) and the
+//! service-account token controller.
 //!
 //! Everything here is synchronous and lives behind one mutex in the server;
 //! changes are published on a broadcast bus *while the lock is held*, so a
@@ -12,117 +14,11 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
-/// The resource types the test API server serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ResourceKind {
-    /// core/v1 `Service`.
-    Service,
-    /// discovery.k8s.io/v1 `EndpointSlice`.
-    EndpointSlice,
-    /// multicluster.x-k8s.io/v1alpha1 `ServiceExport` (Multi-Cluster
-    /// Services API). A custom resource: its CRD can be removed per server
-    /// ([`crate::TestKube::set_service_export_crd`]).
-    ServiceExport,
-}
-
-impl ResourceKind {
-    /// Every kind, in a fixed order.
-    pub const ALL: [ResourceKind; 3] = [
-        ResourceKind::Service,
-        ResourceKind::EndpointSlice,
-        ResourceKind::ServiceExport,
-    ];
-
-    /// The object `kind` (`"Service"`, `"EndpointSlice"`, `"ServiceExport"`).
-    pub fn kind(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "Service",
-            ResourceKind::EndpointSlice => "EndpointSlice",
-            ResourceKind::ServiceExport => "ServiceExport",
-        }
-    }
-
-    /// The list `kind` (`"ServiceList"`, ...).
-    pub fn list_kind(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "ServiceList",
-            ResourceKind::EndpointSlice => "EndpointSliceList",
-            ResourceKind::ServiceExport => "ServiceExportList",
-        }
-    }
-
-    /// The API group (`""` for core).
-    pub fn group(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "",
-            ResourceKind::EndpointSlice => "discovery.k8s.io",
-            ResourceKind::ServiceExport => "multicluster.x-k8s.io",
-        }
-    }
-
-    /// The API version within the group.
-    pub fn version(self) -> &'static str {
-        match self {
-            ResourceKind::Service | ResourceKind::EndpointSlice => "v1",
-            ResourceKind::ServiceExport => "v1alpha1",
-        }
-    }
-
-    /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`,
-    /// `"multicluster.x-k8s.io/v1alpha1"`).
-    pub fn api_version(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "v1",
-            ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
-            ResourceKind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
-        }
-    }
-
-    /// The plural resource name used in URL paths.
-    pub fn plural(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "services",
-            ResourceKind::EndpointSlice => "endpointslices",
-            ResourceKind::ServiceExport => "serviceexports",
-        }
-    }
-
-    /// The singular resource name, as API discovery reports it.
-    pub fn singular(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "service",
-            ResourceKind::EndpointSlice => "endpointslice",
-            ResourceKind::ServiceExport => "serviceexport",
-        }
-    }
-
-    /// Whether the kind comes from a CRD (and so can be absent).
-    pub fn is_custom(self) -> bool {
-        self == ResourceKind::ServiceExport
-    }
-
-    /// Looks a kind up by its object `kind` name.
-    pub fn from_kind(kind: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.kind() == kind)
-    }
-
-    /// The short name (`kubectl get svc`), also used in continue tokens.
-    pub fn short(self) -> &'static str {
-        match self {
-            ResourceKind::Service => "svc",
-            ResourceKind::EndpointSlice => "eps",
-            ResourceKind::ServiceExport => "svcex",
-        }
-    }
-
-    fn from_short(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.short() == s)
-    }
-}
+pub use crate::kind::ResourceKind;
 
 /// Why [`crate::TestKube::apply`] rejected an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,7 +222,57 @@ pub(crate) enum WatchStart {
     Replay { lines: Vec<String>, rv: u64 },
 }
 
-type Key = (String, String);
+pub(crate) type Key = (String, String);
+
+/// The Secret type the token controller fills.
+pub(crate) const SA_TOKEN_TYPE: &str = "kubernetes.io/service-account-token";
+/// The annotation naming a token Secret's ServiceAccount.
+pub(crate) const SA_NAME_ANNOTATION: &str = "kubernetes.io/service-account.name";
+/// The annotation the token controller sets to the ServiceAccount's uid.
+const SA_UID_ANNOTATION: &str = "kubernetes.io/service-account.uid";
+
+/// Metadata only the server sets: ignored in what clients send.
+const SERVER_METADATA: [&str; 5] = [
+    "uid",
+    "creationTimestamp",
+    "resourceVersion",
+    "managedFields",
+    "generation",
+];
+
+/// Why the server refused a write, as the API server says it (the HTTP layer
+/// adds the resource and name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WriteError {
+    /// 404 `NotFound`: the object does not exist.
+    NotFound,
+    /// 409 `AlreadyExists`: create of an existing object.
+    AlreadyExists,
+    /// 409 `Conflict`: a stale `metadata.resourceVersion` precondition.
+    Conflict,
+    /// 400 `BadRequest` with this message.
+    BadRequest(String),
+    /// 422 `Invalid` with this field error.
+    Invalid(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::NotFound => f.write_str("not found"),
+            WriteError::AlreadyExists => f.write_str("already exists"),
+            WriteError::Conflict => f.write_str("the object has been modified"),
+            WriteError::BadRequest(m) | WriteError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A token the token controller minted for a Secret.
+#[derive(Clone, Debug)]
+struct Minted {
+    service_account: String,
+    token: String,
+}
 
 /// The fake cluster's state.
 pub(crate) struct Store {
@@ -342,10 +288,20 @@ pub(crate) struct Store {
     bus: broadcast::Sender<Bus>,
     /// Custom kinds whose CRD is not installed: not served, not stored.
     uninstalled: BTreeSet<ResourceKind>,
+    /// The CA PEM token Secrets get as `ca.crt`.
+    ca_pem: String,
+    /// Tokens minted for service-account token Secrets, by Secret.
+    minted: BTreeMap<Key, Minted>,
+}
+
+/// The store key of an object: cluster-scoped kinds ignore `ns`.
+pub(crate) fn key(kind: ResourceKind, ns: &str, name: &str) -> Key {
+    let ns = if kind.namespaced() { ns } else { "" };
+    (ns.to_owned(), name.to_owned())
 }
 
 impl Store {
-    pub fn new(history_limit: usize, bus: broadcast::Sender<Bus>) -> Self {
+    pub fn new(history_limit: usize, bus: broadcast::Sender<Bus>, ca_pem: String) -> Self {
         let uid_prefix = {
             use std::hash::{BuildHasher, Hasher};
             let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -367,6 +323,8 @@ impl Store {
             uid_seq: 0,
             bus,
             uninstalled: BTreeSet::new(),
+            ca_pem,
+            minted: BTreeMap::new(),
         }
     }
 
@@ -375,20 +333,36 @@ impl Store {
     }
 
     pub fn get(&self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
+        self.get_key(kind, &key(kind, ns, name)).cloned()
+    }
+
+    fn get_key(&self, kind: ResourceKind, key: &Key) -> Option<&Value> {
+        self.objects.get(&kind)?.get(key)
+    }
+
+    /// Every stored object of `kind`, in key order.
+    pub fn objects(&self, kind: ResourceKind) -> impl Iterator<Item = &Value> {
+        self.objects.get(&kind).into_iter().flat_map(|m| m.values())
+    }
+
+    fn keys_where(&self, kind: ResourceKind, keep: impl Fn(&Key, &Value) -> bool) -> Vec<Key> {
         self.objects
-            .get(&kind)?
-            .get(&(ns.to_string(), name.to_string()))
-            .cloned()
+            .get(&kind)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(k, v)| keep(k, v))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     pub fn count(&self, kind: ResourceKind) -> usize {
         self.objects.get(&kind).map_or(0, BTreeMap::len)
     }
 
-    /// Creates or replaces an object. Server-owned metadata (uid,
-    /// creationTimestamp, resourceVersion) is filled in; applying an object
-    /// identical to the stored one is a no-op. Returns the object's
-    /// resourceVersion.
+    /// Creates or replaces an object (the Rust-side apply). Server-owned
+    /// metadata (uid, creationTimestamp, resourceVersion) is filled in;
+    /// applying an object identical to the stored one is a no-op. Returns
+    /// the object's resourceVersion once the controllers have run.
     pub fn apply(&mut self, kind: ResourceKind, mut object: Value) -> Result<u64, InvalidObject> {
         if !self.is_installed(kind) {
             return Err(InvalidObject(format!(
@@ -397,61 +371,193 @@ impl Store {
                 kind.api_version()
             )));
         }
-        let obj = object
-            .as_object_mut()
-            .ok_or_else(|| InvalidObject("not a JSON object".into()))?;
-        if let Some(k) = obj.get("kind").and_then(Value::as_str)
-            && k != kind.kind()
-        {
-            return Err(InvalidObject(format!(
-                "kind {k:?} is not {:?}",
-                kind.kind()
-            )));
-        }
-        obj.insert("apiVersion".into(), kind.api_version().into());
-        obj.insert("kind".into(), kind.kind().into());
-        let meta = obj
-            .entry("metadata")
-            .or_insert_with(|| Value::Object(Map::new()))
-            .as_object_mut()
-            .ok_or_else(|| InvalidObject("metadata is not an object".into()))?;
-        let name = meta
-            .get("name")
+        let ns = match object
+            .pointer("/metadata/namespace")
             .and_then(Value::as_str)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| InvalidObject("metadata.name is required".into()))?
-            .to_string();
-        let ns = match meta.get("namespace").and_then(Value::as_str) {
-            Some(ns) if !ns.is_empty() => ns.to_string(),
-            _ => "default".to_string(),
+        {
+            Some(ns) if !ns.is_empty() => ns.to_owned(),
+            _ => "default".to_owned(),
         };
-        meta.insert("namespace".into(), ns.clone().into());
-        let key = (ns, name);
-        let existing = self.objects.get(&kind).and_then(|m| m.get(&key)).cloned();
-        match &existing {
-            Some(old) => {
-                for field in ["uid", "creationTimestamp", "resourceVersion"] {
-                    if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
-                        meta.insert(field.into(), v.clone());
+        let key =
+            prepare(kind, &mut object, &ns, None).map_err(|e| InvalidObject(e.to_string()))?;
+        self.commit(kind, key.clone(), object);
+        Ok(self.get_key(kind, &key).map_or(self.rv, |o| self.rv_of(o)))
+    }
+
+    /// Creates an object in namespace `ns` (ignored for cluster-scoped
+    /// kinds), as `POST` does: `metadata.generateName` is honoured, an
+    /// existing object is a 409. Returns the object as stored.
+    pub fn create(
+        &mut self,
+        kind: ResourceKind,
+        ns: &str,
+        mut object: Value,
+    ) -> Result<Value, WriteError> {
+        generate_name(&mut object);
+        let key = prepare(kind, &mut object, ns, None)?;
+        if self.get_key(kind, &key).is_some() {
+            return Err(WriteError::AlreadyExists);
+        }
+        Ok(self.commit(kind, key, object))
+    }
+
+    /// Replaces an existing object, as `PUT` does (404 when absent; a
+    /// `metadata.resourceVersion` in the body must be the stored one).
+    pub fn replace(
+        &mut self,
+        kind: ResourceKind,
+        ns: &str,
+        name: &str,
+        mut object: Value,
+    ) -> Result<Value, WriteError> {
+        let key = prepare(kind, &mut object, ns, Some(name))?;
+        let stored = self.get_key(kind, &key).ok_or(WriteError::NotFound)?;
+        check_precondition(stored, &object)?;
+        Ok(self.commit(kind, key, object))
+    }
+
+    /// Server-side apply of `patch` (creating the object when absent).
+    /// The merge is simplified: `metadata.labels` and
+    /// `metadata.annotations` merge key by key (a `null` value removes the
+    /// key), other metadata and every other top-level field in the patch
+    /// replace the stored ones, and fields the patch leaves out are kept (no
+    /// field ownership is tracked, so no conflicts either). Returns the
+    /// object and whether it was created.
+    pub fn server_side_apply(
+        &mut self,
+        kind: ResourceKind,
+        ns: &str,
+        name: &str,
+        mut patch: Value,
+    ) -> Result<(Value, bool), WriteError> {
+        for field in ["apiVersion", "kind"] {
+            if patch
+                .get(field)
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Err(WriteError::BadRequest(format!(
+                    "{field} must be set in a server-side apply patch"
+                )));
+            }
+        }
+        let key = prepare(kind, &mut patch, ns, Some(name))?;
+        match self.get_key(kind, &key) {
+            None => Ok((self.commit(kind, key, patch), true)),
+            Some(stored) => {
+                let merged = apply_merge(stored, &patch);
+                Ok((self.commit(kind, key, merged), false))
+            }
+        }
+    }
+
+    /// An RFC 7386 JSON merge patch of an existing object (404 when
+    /// absent). The patch may not rename or move the object.
+    pub fn merge_patch(
+        &mut self,
+        kind: ResourceKind,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value, WriteError> {
+        let key = key(kind, ns, name);
+        let stored = self.get_key(kind, &key).ok_or(WriteError::NotFound)?;
+        check_precondition(stored, patch)?;
+        let mut merged = stored.clone();
+        json_merge_patch(&mut merged, patch);
+        if let Some(meta) = merged.get_mut("metadata").and_then(Value::as_object_mut) {
+            for field in SERVER_METADATA {
+                meta.remove(field);
+            }
+        }
+        let key = prepare(kind, &mut merged, ns, Some(name))?;
+        Ok(self.commit(kind, key, merged))
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&mut self, kind: ResourceKind, ns: &str, name: &str) -> bool {
+        self.remove(kind, ns, name).is_some()
+    }
+
+    /// Deletes an object and returns its last state. Deleting a Namespace
+    /// first deletes every namespaced object in it (the real server does so
+    /// through the namespace finalizer, later); deleting a ServiceAccount
+    /// deletes its token Secrets (as the token controller does); deleting a
+    /// token Secret revokes its token.
+    pub fn remove(&mut self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
+        let key = key(kind, ns, name);
+        self.get_key(kind, &key)?;
+        if kind == ResourceKind::Namespace {
+            for inner in ResourceKind::ALL.into_iter().filter(|k| k.namespaced()) {
+                for (ns, name) in self.keys_where(inner, |k, _| k.0 == key.1) {
+                    self.remove(inner, &ns, &name);
+                }
+            }
+        }
+        let mut object = self.objects.get_mut(&kind)?.remove(&key)?;
+        self.rv += 1;
+        set_rv(&mut object, self.rv);
+        self.record(kind, ChangeOp::Deleted, object.clone(), None);
+        match kind {
+            ResourceKind::Secret => {
+                self.minted.remove(&key);
+            }
+            ResourceKind::ServiceAccount => {
+                let tokens = self.keys_where(ResourceKind::Secret, |k, secret| {
+                    k.0 == key.0 && token_service_account(secret) == Some(key.1.as_str())
+                });
+                for (ns, name) in tokens {
+                    self.remove(ResourceKind::Secret, &ns, &name);
+                }
+            }
+            _ => {}
+        }
+        Some(object)
+    }
+
+    /// Writes a prepared object, then runs the controllers on it. Returns
+    /// the object as this write stored it.
+    fn commit(&mut self, kind: ResourceKind, key: Key, object: Value) -> Value {
+        let stored = self.write(kind, key.clone(), object);
+        self.reconcile(kind, &key);
+        stored
+    }
+
+    /// Stores a prepared object: server defaults and server-owned metadata
+    /// filled in, a no-op when nothing changed. Returns the stored object.
+    fn write(&mut self, kind: ResourceKind, key: Key, mut object: Value) -> Value {
+        apply_defaults(kind, &key, &mut object);
+        let existing = self.get_key(kind, &key).cloned();
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            for field in SERVER_METADATA {
+                meta.remove(field);
+            }
+            match &existing {
+                Some(old) => {
+                    for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                        if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
+                            meta.insert(field.into(), v.clone());
+                        }
                     }
                 }
-                if *old == object {
-                    return Ok(self.rv_of(old));
+                None => {
+                    self.uid_seq += 1;
+                    let uid = format!(
+                        "{:08x}-0000-4000-8000-{:012x}",
+                        self.uid_prefix, self.uid_seq
+                    );
+                    meta.insert("uid".into(), uid.into());
+                    meta.insert("creationTimestamp".into(), rfc3339_now().into());
                 }
             }
-            None => {
-                self.uid_seq += 1;
-                let uid = format!(
-                    "{:08x}-0000-4000-8000-{:012x}",
-                    self.uid_prefix, self.uid_seq
-                );
-                meta.insert("uid".into(), uid.into());
-                meta.insert("creationTimestamp".into(), rfc3339_now().into());
-            }
+        }
+        if let Some(old) = &existing
+            && *old == object
+        {
+            return object;
         }
         self.rv += 1;
-        let rv = self.rv;
-        set_rv(&mut object, rv);
+        set_rv(&mut object, self.rv);
         self.objects
             .entry(kind)
             .or_default()
@@ -461,20 +567,95 @@ impl Store {
         } else {
             ChangeOp::Added
         };
-        self.record(kind, op, object, existing);
-        Ok(rv)
+        self.record(kind, op, object.clone(), existing);
+        object
     }
 
-    /// Deletes an object; returns whether it existed.
-    pub fn delete(&mut self, kind: ResourceKind, ns: &str, name: &str) -> bool {
-        let key = (ns.to_string(), name.to_string());
-        let Some(mut object) = self.objects.get_mut(&kind).and_then(|m| m.remove(&key)) else {
-            return false;
+    /// The controllers: after a write of a Secret or a ServiceAccount, the
+    /// token controller fills (or revokes) the tokens concerned.
+    fn reconcile(&mut self, kind: ResourceKind, key: &Key) {
+        match kind {
+            ResourceKind::Secret => self.reconcile_token(key),
+            ResourceKind::ServiceAccount => {
+                let secrets = self.keys_where(ResourceKind::Secret, |k, secret| {
+                    k.0 == key.0 && token_service_account(secret) == Some(key.1.as_str())
+                });
+                for secret in secrets {
+                    self.reconcile_token(&secret);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The token controller for one Secret: a service-account token Secret
+    /// whose ServiceAccount exists gets a token (kept while the Secret
+    /// exists), the CA and its namespace in `data`; any other Secret has no
+    /// token.
+    fn reconcile_token(&mut self, key: &Key) {
+        let Some(secret) = self.get_key(ResourceKind::Secret, key) else {
+            self.minted.remove(key);
+            return;
         };
-        self.rv += 1;
-        set_rv(&mut object, self.rv);
-        self.record(kind, ChangeOp::Deleted, object, None);
-        true
+        let Some(sa_name) = token_service_account(secret).map(str::to_owned) else {
+            self.minted.remove(key);
+            return;
+        };
+        let sa_key = (key.0.clone(), sa_name.clone());
+        let Some(sa_uid) = self
+            .get_key(ResourceKind::ServiceAccount, &sa_key)
+            .map(|sa| sa.pointer("/metadata/uid").cloned().unwrap_or(Value::Null))
+        else {
+            self.minted.remove(key);
+            return;
+        };
+        let mut filled = secret.clone();
+        let token = match self.minted.get(key) {
+            Some(m) if m.service_account == sa_name => m.token.clone(),
+            _ => {
+                let token = random_hex(32);
+                self.minted.insert(
+                    key.clone(),
+                    Minted {
+                        service_account: sa_name,
+                        token: token.clone(),
+                    },
+                );
+                token
+            }
+        };
+        let b64 = |s: &str| Value::String(STANDARD.encode(s.as_bytes()));
+        if let Some(obj) = filled.as_object_mut() {
+            let data = object_entry(obj, "data");
+            data.insert("token".into(), b64(&token));
+            data.insert("ca.crt".into(), b64(&self.ca_pem));
+            data.insert("namespace".into(), b64(&key.0));
+        }
+        if let Some(meta) = filled.get_mut("metadata").and_then(Value::as_object_mut) {
+            object_entry(meta, "annotations").insert(SA_UID_ANNOTATION.into(), sa_uid);
+        }
+        if Some(&filled) != self.get_key(ResourceKind::Secret, key) {
+            self.write(ResourceKind::Secret, key.clone(), filled);
+        }
+    }
+
+    /// The ServiceAccount `(namespace, name)` a minted token authenticates,
+    /// while its Secret and ServiceAccount exist.
+    pub fn token_user(&self, token: &str) -> Option<(String, String)> {
+        let (key, minted) = self.minted.iter().find(|(_, m)| m.token == token)?;
+        self.get_key(ResourceKind::Secret, key)?;
+        let sa_key = (key.0.clone(), minted.service_account.clone());
+        self.get_key(ResourceKind::ServiceAccount, &sa_key)?;
+        Some(sa_key)
+    }
+
+    /// The token minted for a Secret of ServiceAccount `ns/sa`, if any (the
+    /// first Secret by name when it has several).
+    pub fn token_for(&self, ns: &str, sa: &str) -> Option<String> {
+        self.minted
+            .iter()
+            .find(|(k, m)| k.0 == ns && m.service_account == sa)
+            .map(|(_, m)| m.token.clone())
     }
 
     fn rv_of(&self, object: &Value) -> u64 {
@@ -662,6 +843,276 @@ impl Store {
     }
 }
 
+/// Checks and completes an object written to `ns`/`name`: a JSON object of
+/// `kind` (`kind` and `apiVersion` filled in when absent), named (a `name`
+/// from the URL must match the body's, or fills it in), in namespace `ns`
+/// for namespaced kinds and in none otherwise. Returns its key.
+fn prepare(
+    kind: ResourceKind,
+    object: &mut Value,
+    ns: &str,
+    name: Option<&str>,
+) -> Result<Key, WriteError> {
+    let bad = |m: String| Err(WriteError::BadRequest(m));
+    let Some(obj) = object.as_object_mut() else {
+        return bad("the body is not a JSON object".into());
+    };
+    for (field, expected, what) in [
+        ("kind", kind.kind(), "kind"),
+        ("apiVersion", kind.api_version(), "API version"),
+    ] {
+        match obj.get(field).and_then(Value::as_str) {
+            Some(given) if !given.is_empty() && given != expected => {
+                return bad(format!(
+                    "the {what} in the data ({given}) does not match the expected {what} ({expected})"
+                ));
+            }
+            _ => {
+                obj.insert(field.into(), expected.into());
+            }
+        }
+    }
+    let Some(meta) = object_entry_checked(obj, "metadata") else {
+        return bad("metadata is not an object".into());
+    };
+    let body_name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned);
+    let name = match (body_name, name) {
+        (Some(body), Some(url)) if body != url => {
+            return bad(format!(
+                "the name of the object ({body}) does not match the name on the URL ({url})"
+            ));
+        }
+        (Some(body), _) => body,
+        (None, Some(url)) => url.to_owned(),
+        (None, None) => {
+            return Err(WriteError::Invalid(
+                "metadata.name: Required value: name or generateName is required".into(),
+            ));
+        }
+    };
+    meta.insert("name".into(), name.clone().into());
+    if kind.namespaced() {
+        if let Some(given) = meta.get("namespace").and_then(Value::as_str)
+            && !given.is_empty()
+            && given != ns
+        {
+            return bad(
+                "the namespace of the provided object does not match the namespace sent on the request"
+                    .into(),
+            );
+        }
+        if ns.is_empty() {
+            return Err(WriteError::Invalid(
+                "metadata.namespace: Required value".into(),
+            ));
+        }
+        meta.insert("namespace".into(), ns.into());
+    } else {
+        meta.remove("namespace");
+    }
+    Ok(key(kind, ns, &name))
+}
+
+/// Names an object that has only `metadata.generateName`: the prefix and
+/// five random characters, as the API server does.
+fn generate_name(object: &mut Value) {
+    let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    if meta
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty())
+    {
+        return;
+    }
+    if let Some(prefix) = meta
+        .get("generateName")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+    {
+        let name = format!("{prefix}{}", &random_hex(3)[..5]);
+        meta.insert("name".into(), name.into());
+    }
+}
+
+/// A `metadata.resourceVersion` in a write must be the stored one.
+fn check_precondition(stored: &Value, incoming: &Value) -> Result<(), WriteError> {
+    let wanted = incoming
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|rv| !rv.is_empty());
+    match wanted {
+        Some(rv)
+            if stored
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                != Some(rv) =>
+        {
+            Err(WriteError::Conflict)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The simplified server-side apply merge of `patch` into `stored` (see
+/// [`Store::server_side_apply`]).
+fn apply_merge(stored: &Value, patch: &Value) -> Value {
+    let mut merged = stored.clone();
+    let (Some(out), Some(patch)) = (merged.as_object_mut(), patch.as_object()) else {
+        return patch.clone();
+    };
+    for (field, value) in patch {
+        match (field.as_str(), value.as_object()) {
+            ("metadata", Some(meta)) => merge_metadata(object_entry(out, "metadata"), meta),
+            _ => {
+                out.insert(field.clone(), value.clone());
+            }
+        }
+    }
+    merged
+}
+
+fn merge_metadata(out: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (field, value) in patch {
+        match (field.as_str(), value.as_object()) {
+            ("labels" | "annotations", Some(entries)) => {
+                let target = object_entry(out, field);
+                for (k, v) in entries {
+                    if v.is_null() {
+                        target.remove(k);
+                    } else {
+                        target.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            (f, _) if SERVER_METADATA.contains(&f) => {}
+            _ => {
+                out.insert(field.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// RFC 7386 JSON merge patch.
+fn json_merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    if let Some(out) = target.as_object_mut() {
+        for (k, v) in fields {
+            if v.is_null() {
+                out.remove(k);
+            } else {
+                json_merge_patch(out.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// What the API server defaults: a Namespace's name label, finalizer and
+/// phase; a Secret's type, and its `stringData` folded into `data`.
+fn apply_defaults(kind: ResourceKind, key: &Key, object: &mut Value) {
+    let Some(obj) = object.as_object_mut() else {
+        return;
+    };
+    match kind {
+        ResourceKind::Namespace => {
+            if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+                object_entry(meta, "labels")
+                    .insert("kubernetes.io/metadata.name".into(), key.1.clone().into());
+            }
+            obj.entry("spec")
+                .or_insert_with(|| json!({"finalizers": ["kubernetes"]}));
+            obj.entry("status")
+                .or_insert_with(|| json!({"phase": "Active"}));
+        }
+        ResourceKind::Secret => {
+            obj.entry("type").or_insert_with(|| "Opaque".into());
+            if let Some(Value::Object(plain)) = obj.remove("stringData") {
+                let data = object_entry(obj, "data");
+                for (k, v) in plain {
+                    let text = v.as_str().unwrap_or_default();
+                    data.insert(k, STANDARD.encode(text.as_bytes()).into());
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The ServiceAccount a Secret is a token for: its type is
+/// `kubernetes.io/service-account-token` and it names the account.
+pub(crate) fn token_service_account(secret: &Value) -> Option<&str> {
+    if secret.get("type").and_then(Value::as_str) != Some(SA_TOKEN_TYPE) {
+        return None;
+    }
+    secret
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(SA_NAME_ANNOTATION))
+        .and_then(Value::as_str)
+        .filter(|sa| !sa.is_empty())
+}
+
+/// `map[field]` as an object, replacing whatever non-object was there.
+fn object_entry<'a>(map: &'a mut Map<String, Value>, field: &str) -> &'a mut Map<String, Value> {
+    let entry = map
+        .entry(field.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !entry.is_object() {
+        *entry = Value::Object(Map::new());
+    }
+    match entry {
+        Value::Object(inner) => inner,
+        // Just made an object.
+        _ => unreachable!(),
+    }
+}
+
+/// `map[field]` as an object (created when absent); `None` when it holds
+/// something else.
+fn object_entry_checked<'a>(
+    map: &'a mut Map<String, Value>,
+    field: &str,
+) -> Option<&'a mut Map<String, Value>> {
+    map.entry(field.to_owned())
+        .or_insert_with(|| Value::Object(Map::new()))
+        .as_object_mut()
+}
+
+/// `bytes` random bytes (from the ring provider's system RNG) as hex.
+pub(crate) fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    if rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut buf)
+        .is_err()
+    {
+        // The system RNG failed: hash-seeded bytes still differ per call.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in buf.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            let n = chunk.len();
+            chunk.copy_from_slice(&h.finish().to_le_bytes()[..n]);
+        }
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn set_rv(object: &mut Value, rv: u64) {
     if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("resourceVersion".into(), rv.to_string().into());
@@ -754,7 +1205,7 @@ mod tests {
     use super::*;
 
     fn store() -> Store {
-        Store::new(100, broadcast::channel(16).0)
+        Store::new(100, broadcast::channel(16).0, String::new())
     }
 
     fn svc(name: &str, labels: Value) -> Value {
@@ -887,7 +1338,7 @@ mod tests {
 
     #[test]
     fn history_bound_expires_old_watches() {
-        let mut s = Store::new(2, broadcast::channel(16).0);
+        let mut s = Store::new(2, broadcast::channel(16).0, String::new());
         for i in 0..4 {
             s.apply(ResourceKind::Service, svc(&format!("s{i}"), json!({})))
                 .unwrap();
@@ -905,7 +1356,7 @@ mod tests {
     #[test]
     fn removing_a_crd_deletes_its_objects_and_ends_its_watches() {
         let (bus, mut rx) = broadcast::channel(16);
-        let mut s = Store::new(100, bus);
+        let mut s = Store::new(100, bus, String::new());
         let export = json!({"metadata": {"name": "web", "namespace": "ns"}});
         s.apply(ResourceKind::ServiceExport, export.clone())
             .unwrap();
@@ -940,6 +1391,253 @@ mod tests {
         assert!(s.set_installed(ResourceKind::ServiceExport, true));
         s.apply(ResourceKind::ServiceExport, export).unwrap();
         assert_eq!(s.count(ResourceKind::ServiceExport), 1);
+    }
+
+    fn drain(rx: &mut broadcast::Receiver<Bus>) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(msg) = rx.try_recv() {
+            if let Bus::Change(c) = msg {
+                let name = c.object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned();
+                seen.push(format!("{:?} {} {name}", c.op, c.kind.kind()));
+            }
+        }
+        seen
+    }
+
+    fn token_secret(name: &str, sa: &str) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "ns",
+                         "annotations": {SA_NAME_ANNOTATION: sa}},
+            "type": SA_TOKEN_TYPE,
+        })
+    }
+
+    fn account(name: &str) -> Value {
+        json!({"metadata": {"name": name, "namespace": "ns"}})
+    }
+
+    #[test]
+    fn json_merge_patch_follows_rfc_7386() {
+        let mut target = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1]});
+        json_merge_patch(
+            &mut target,
+            &json!({"a": "z", "c": {"f": null}, "l": [2], "n": {"x": 1}}),
+        );
+        assert_eq!(
+            target,
+            json!({"a": "z", "c": {"d": "e"}, "l": [2], "n": {"x": 1}})
+        );
+        json_merge_patch(&mut target, &json!(["whole"]));
+        assert_eq!(target, json!(["whole"]));
+    }
+
+    #[test]
+    fn server_side_apply_merges_metadata_and_replaces_fields() {
+        let mut s = store();
+        let patch = |labels: Value, data: Value| {
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "a", "labels": labels}, "data": data})
+        };
+        let (_, created) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"x": "1"}), json!({"k": "dg=="})),
+            )
+            .unwrap();
+        assert!(created);
+        let (obj, created) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"y": "2"}), json!({"j": "dg=="})),
+            )
+            .unwrap();
+        assert!(!created);
+        assert_eq!(obj["metadata"]["labels"], json!({"x": "1", "y": "2"}));
+        assert_eq!(obj["data"], json!({"j": "dg=="}));
+        assert_eq!(obj["type"], "Opaque");
+        let rv = s.resource_version();
+        let (again, _) = s
+            .server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "a",
+                patch(json!({"y": "2"}), json!({"j": "dg=="})),
+            )
+            .unwrap();
+        assert_eq!((s.resource_version(), again), (rv, obj));
+        // No kind: refused; another name than the URL's: refused.
+        let bare = json!({"metadata": {"name": "a"}});
+        assert!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "a", bare)
+                .is_err()
+        );
+        assert!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "b", patch(json!({}), json!({})))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cluster_scoped_objects_have_no_namespace() {
+        let mut s = store();
+        let role = json!({"metadata": {"name": "r", "namespace": "ignored"}, "rules": []});
+        s.apply(ResourceKind::ClusterRole, role).unwrap();
+        let stored = s.get(ResourceKind::ClusterRole, "", "r").unwrap();
+        assert!(stored["metadata"].get("namespace").is_none());
+        assert_eq!(stored["apiVersion"], "rbac.authorization.k8s.io/v1");
+        assert!(s.delete(ResourceKind::ClusterRole, "", "r"));
+    }
+
+    #[test]
+    fn the_token_controller_mints_keeps_and_revokes() {
+        let (bus, mut rx) = broadcast::channel(64);
+        let mut s = Store::new(100, bus, "CA".into());
+        // The Secret first: nothing to fill until its account exists.
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        assert_eq!(s.token_for("ns", "sa"), None);
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        let token = s.token_for("ns", "sa").unwrap();
+        assert_eq!(s.token_user(&token), Some(("ns".into(), "sa".into())));
+        let secret = s.get(ResourceKind::Secret, "ns", "t").unwrap();
+        assert_eq!(secret["data"]["token"], STANDARD.encode(&token));
+        assert_eq!(secret["data"]["ca.crt"], STANDARD.encode("CA"));
+        assert_eq!(secret["data"]["namespace"], STANDARD.encode("ns"));
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "Added Secret t",
+                "Added ServiceAccount sa",
+                "Modified Secret t"
+            ]
+        );
+        // A full replace that drops the data gets it back, same token.
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        assert_eq!(s.token_for("ns", "sa"), Some(token.clone()));
+        assert_eq!(
+            s.get(ResourceKind::Secret, "ns", "t").unwrap()["data"]["token"],
+            STANDARD.encode(&token)
+        );
+        // Deleting the account deletes its token Secrets and the token.
+        drain(&mut rx);
+        assert!(s.delete(ResourceKind::ServiceAccount, "ns", "sa"));
+        assert_eq!(
+            drain(&mut rx),
+            ["Deleted ServiceAccount sa", "Deleted Secret t"]
+        );
+        assert_eq!(s.token_user(&token), None);
+        // A new Secret for a new account: a new token.
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        let rotated = s.token_for("ns", "sa").unwrap();
+        assert_ne!(rotated, token);
+        // An Opaque Secret is never filled.
+        s.apply(
+            ResourceKind::Secret,
+            json!({"metadata": {"name": "o", "namespace": "ns"}}),
+        )
+        .unwrap();
+        assert!(
+            s.get(ResourceKind::Secret, "ns", "o")
+                .unwrap()
+                .get("data")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn deleting_a_namespace_deletes_its_objects_first() {
+        let (bus, mut rx) = broadcast::channel(64);
+        let mut s = Store::new(100, bus, String::new());
+        s.apply(ResourceKind::Namespace, json!({"metadata": {"name": "ns"}}))
+            .unwrap();
+        s.apply(ResourceKind::Service, svc("web", json!({})))
+            .unwrap();
+        s.apply(ResourceKind::ServiceAccount, account("sa"))
+            .unwrap();
+        s.apply(ResourceKind::Secret, token_secret("t", "sa"))
+            .unwrap();
+        let other = json!({"metadata": {"name": "web", "namespace": "other"}});
+        s.apply(ResourceKind::Service, other).unwrap();
+        drain(&mut rx);
+        let gone = s.remove(ResourceKind::Namespace, "", "ns").unwrap();
+        assert_eq!(
+            gone["metadata"]["resourceVersion"],
+            s.resource_version().to_string()
+        );
+        assert_eq!(
+            drain(&mut rx),
+            [
+                "Deleted Service web",
+                "Deleted ServiceAccount sa",
+                "Deleted Secret t",
+                "Deleted Namespace ns"
+            ]
+        );
+        assert_eq!(s.count(ResourceKind::Service), 1);
+        assert_eq!(s.token_for("ns", "sa"), None);
+        assert!(s.remove(ResourceKind::Namespace, "", "ns").is_none());
+    }
+
+    #[test]
+    fn creates_and_replaces_check_the_request() {
+        let mut s = store();
+        let secret = json!({"metadata": {"name": "a"}});
+        s.create(ResourceKind::Secret, "ns", secret.clone())
+            .unwrap();
+        assert_eq!(
+            s.create(ResourceKind::Secret, "ns", secret.clone()),
+            Err(WriteError::AlreadyExists)
+        );
+        let elsewhere = json!({"metadata": {"name": "b", "namespace": "x"}});
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", elsewhere),
+            Err(WriteError::BadRequest(_))
+        ));
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", json!({"metadata": {}})),
+            Err(WriteError::Invalid(_))
+        ));
+        let wrong = json!({"apiVersion": "v2", "metadata": {"name": "c"}});
+        assert!(matches!(
+            s.create(ResourceKind::Secret, "ns", wrong),
+            Err(WriteError::BadRequest(_))
+        ));
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "zz", secret.clone()),
+            Err(WriteError::BadRequest(
+                "the name of the object (a) does not match the name on the URL (zz)".into()
+            ))
+        );
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "b", json!({})),
+            Err(WriteError::NotFound)
+        );
+        let stale = json!({"metadata": {"name": "a", "resourceVersion": "1"}});
+        assert_eq!(
+            s.replace(ResourceKind::Secret, "ns", "a", stale),
+            Err(WriteError::Conflict)
+        );
+        assert_eq!(
+            s.merge_patch(ResourceKind::Secret, "ns", "b", &json!({})),
+            Err(WriteError::NotFound)
+        );
+        let moved = json!({"metadata": {"namespace": "x"}});
+        assert!(
+            s.merge_patch(ResourceKind::Secret, "ns", "a", &moved)
+                .is_err()
+        );
     }
 
     #[test]

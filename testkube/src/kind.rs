@@ -1,0 +1,211 @@
+//! The resource types the test API server serves, with the names the REST
+//! paths, API discovery, RBAC rules and error messages use for them.
+
+/// The resource types the test API server serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceKind {
+    /// core/v1 `Service`.
+    Service,
+    /// discovery.k8s.io/v1 `EndpointSlice`.
+    EndpointSlice,
+    /// multicluster.x-k8s.io/v1alpha1 `ServiceExport` (Multi-Cluster
+    /// Services API). A custom resource: its CRD can be removed per server
+    /// ([`crate::TestKube::set_service_export_crd`]).
+    ServiceExport,
+    /// core/v1 `Namespace` (cluster-scoped).
+    Namespace,
+    /// core/v1 `ServiceAccount`.
+    ServiceAccount,
+    /// core/v1 `Secret`.
+    Secret,
+    /// rbac.authorization.k8s.io/v1 `ClusterRole` (cluster-scoped).
+    ClusterRole,
+    /// rbac.authorization.k8s.io/v1 `ClusterRoleBinding` (cluster-scoped).
+    ClusterRoleBinding,
+}
+
+impl ResourceKind {
+    /// Every kind, in a fixed order.
+    pub const ALL: [ResourceKind; 8] = [
+        ResourceKind::Service,
+        ResourceKind::EndpointSlice,
+        ResourceKind::ServiceExport,
+        ResourceKind::Namespace,
+        ResourceKind::ServiceAccount,
+        ResourceKind::Secret,
+        ResourceKind::ClusterRole,
+        ResourceKind::ClusterRoleBinding,
+    ];
+
+    /// The object `kind` (`"Service"`, `"EndpointSlice"`, `"ClusterRole"`, ...).
+    pub fn kind(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "Service",
+            ResourceKind::EndpointSlice => "EndpointSlice",
+            ResourceKind::ServiceExport => "ServiceExport",
+            ResourceKind::Namespace => "Namespace",
+            ResourceKind::ServiceAccount => "ServiceAccount",
+            ResourceKind::Secret => "Secret",
+            ResourceKind::ClusterRole => "ClusterRole",
+            ResourceKind::ClusterRoleBinding => "ClusterRoleBinding",
+        }
+    }
+
+    /// The list `kind` (`"ServiceList"`, ...).
+    pub fn list_kind(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "ServiceList",
+            ResourceKind::EndpointSlice => "EndpointSliceList",
+            ResourceKind::ServiceExport => "ServiceExportList",
+            ResourceKind::Namespace => "NamespaceList",
+            ResourceKind::ServiceAccount => "ServiceAccountList",
+            ResourceKind::Secret => "SecretList",
+            ResourceKind::ClusterRole => "ClusterRoleList",
+            ResourceKind::ClusterRoleBinding => "ClusterRoleBindingList",
+        }
+    }
+
+    /// The API group (`""` for core).
+    pub fn group(self) -> &'static str {
+        match self {
+            ResourceKind::Service
+            | ResourceKind::Namespace
+            | ResourceKind::ServiceAccount
+            | ResourceKind::Secret => "",
+            ResourceKind::EndpointSlice => "discovery.k8s.io",
+            ResourceKind::ServiceExport => "multicluster.x-k8s.io",
+            ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
+                "rbac.authorization.k8s.io"
+            }
+        }
+    }
+
+    /// The API version within the group.
+    pub fn version(self) -> &'static str {
+        match self {
+            ResourceKind::ServiceExport => "v1alpha1",
+            _ => "v1",
+        }
+    }
+
+    /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`,
+    /// `"multicluster.x-k8s.io/v1alpha1"`, `"rbac.authorization.k8s.io/v1"`).
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ResourceKind::Service
+            | ResourceKind::Namespace
+            | ResourceKind::ServiceAccount
+            | ResourceKind::Secret => "v1",
+            ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
+            ResourceKind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
+            ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
+                "rbac.authorization.k8s.io/v1"
+            }
+        }
+    }
+
+    /// The plural resource name used in URL paths and RBAC rules.
+    pub fn plural(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "services",
+            ResourceKind::EndpointSlice => "endpointslices",
+            ResourceKind::ServiceExport => "serviceexports",
+            ResourceKind::Namespace => "namespaces",
+            ResourceKind::ServiceAccount => "serviceaccounts",
+            ResourceKind::Secret => "secrets",
+            ResourceKind::ClusterRole => "clusterroles",
+            ResourceKind::ClusterRoleBinding => "clusterrolebindings",
+        }
+    }
+
+    /// The singular resource name, as API discovery reports it.
+    pub fn singular(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "service",
+            ResourceKind::EndpointSlice => "endpointslice",
+            ResourceKind::ServiceExport => "serviceexport",
+            ResourceKind::Namespace => "namespace",
+            ResourceKind::ServiceAccount => "serviceaccount",
+            ResourceKind::Secret => "secret",
+            ResourceKind::ClusterRole => "clusterrole",
+            ResourceKind::ClusterRoleBinding => "clusterrolebinding",
+        }
+    }
+
+    /// The resource as the API server's error messages name it: the plural,
+    /// qualified by the group outside core (`secrets`,
+    /// `clusterroles.rbac.authorization.k8s.io`).
+    pub fn qualified(self) -> String {
+        match self.group() {
+            "" => self.plural().to_owned(),
+            group => format!("{}.{group}", self.plural()),
+        }
+    }
+
+    /// Whether objects of the kind live in a namespace. Cluster-scoped
+    /// objects (Namespaces, ClusterRoles, ClusterRoleBindings) have no
+    /// `metadata.namespace` and use the namespace `""` in the Rust API.
+    pub fn namespaced(self) -> bool {
+        !matches!(
+            self,
+            ResourceKind::Namespace | ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding
+        )
+    }
+
+    /// Whether the kind comes from a CRD (and so can be absent).
+    pub fn is_custom(self) -> bool {
+        self == ResourceKind::ServiceExport
+    }
+
+    /// Looks a kind up by its object `kind` name.
+    pub fn from_kind(kind: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.kind() == kind)
+    }
+
+    /// The short name (`kubectl get svc`) or, for a kind that has none, its
+    /// plural; also used in continue tokens.
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "svc",
+            ResourceKind::EndpointSlice => "eps",
+            ResourceKind::ServiceExport => "svcex",
+            ResourceKind::Namespace => "ns",
+            ResourceKind::ServiceAccount => "sa",
+            other => other.plural(),
+        }
+    }
+
+    /// The short names API discovery lists (none for Secrets and the RBAC
+    /// kinds, as on a real server).
+    pub(crate) fn short_names(self) -> Vec<&'static str> {
+        match self {
+            ResourceKind::Secret | ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
+                Vec::new()
+            }
+            other => vec![other.short()],
+        }
+    }
+
+    pub(crate) fn from_short(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.short() == s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_scopes_right() {
+        let shorts: std::collections::BTreeSet<_> =
+            ResourceKind::ALL.iter().map(|k| k.short()).collect();
+        assert_eq!(shorts.len(), ResourceKind::ALL.len());
+        assert!(!ResourceKind::Namespace.namespaced());
+        assert!(ResourceKind::Secret.namespaced());
+        assert_eq!(
+            ResourceKind::ClusterRole.qualified(),
+            "clusterroles.rbac.authorization.k8s.io"
+        );
+        assert_eq!(ResourceKind::Secret.qualified(), "secrets");
+    }
+}
