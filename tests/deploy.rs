@@ -246,12 +246,12 @@ fn every_container_runs_locked_down() {
     }
 }
 
-/// (verb, group, resource) of every rule of ClusterRole `ferry-discovery`.
-fn granted(objects: &[Value]) -> BTreeSet<(String, String, String)> {
+/// (verb, group, resource) of every rule of the `role_kind` named `role`.
+fn granted(objects: &[Value], role_kind: &str, role: &str) -> BTreeSet<(String, String, String)> {
     let role = objects
         .iter()
-        .find(|o| kind(o) == "ClusterRole" && name(o) == "ferry-discovery")
-        .expect("ClusterRole ferry-discovery");
+        .find(|o| kind(o) == role_kind && name(o) == role)
+        .unwrap_or_else(|| panic!("{role_kind} {role}"));
     let mut out = BTreeSet::new();
     for rule in role["rules"].as_sequence().into_iter().flatten() {
         let list = |k: &str| -> Vec<String> {
@@ -279,25 +279,36 @@ async fn the_cluster_role_grants_exactly_what_discovery_asks_for() {
     let (kube, _dir, kubeconfig) = support::web_cluster("deploy-token").await;
     kube.apply_service_export("shop", "web");
     let catalog = format!(
-        "kubernetes:\n  clusters:\n    - {{name: home, kubeconfig: {}}}\nservices: []\n",
+        "kubernetes:\n  clusters:\n    - {{name: home, kubeconfig: {0}}}\n  \
+         cluster_secrets: {{namespace: ferry-system, kubeconfig: {0}}}\nservices: []\n",
         kubeconfig.display()
     );
     let ferry = support::Ferry::start(&catalog).await;
     support::eventually(Duration::from_secs(20), "web.shop discovered", || async {
-        ferry.status().await["catalog"]["services"]
-            .as_array()
-            .is_some_and(|s| s.iter().any(|s| s["name"] == "web.shop"))
+        let status = ferry.status().await;
+        status["catalog"]["cluster_secrets"]["health"] == "connected"
+            && status["catalog"]["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "web.shop"))
     })
     .await;
-    let asked = kube.access();
-    // …is exactly what the ClusterRole grants, in the home cluster and in
-    // every member.
-    for overlay in ["base", "member"] {
-        let granted = granted(&render(overlay));
-        for access in &asked {
+    let (secrets, asked): (BTreeSet<_>, BTreeSet<_>) = kube
+        .access()
+        .into_iter()
+        .partition(|(_, _, resource)| resource == "secrets");
+    // …is exactly what the roles grant: the ClusterRole in the home cluster
+    // and in every member, the Role on cluster Secrets in ferry-system.
+    let checks = [
+        ("base", "ClusterRole", "ferry-discovery", &asked),
+        ("member", "ClusterRole", "ferry-discovery", &asked),
+        ("base", "Role", "ferry-cluster-secrets", &secrets),
+    ];
+    for (overlay, role_kind, role, asked) in checks {
+        let granted = granted(&render(overlay), role_kind, role);
+        for access in asked {
             assert!(
                 granted.contains(access),
-                "{overlay}: discovery uses {access:?}, not granted"
+                "{overlay}: discovery uses {access:?}, not granted by {role_kind} {role}"
             );
         }
         for grant in &granted {
@@ -305,10 +316,15 @@ async fn the_cluster_role_grants_exactly_what_discovery_asks_for() {
             // each be used.
             assert!(
                 grant.0 == "get" || asked.contains(grant),
-                "{overlay}: grants {grant:?}, which discovery never uses"
+                "{overlay}: {role_kind} {role} grants {grant:?}, which discovery never uses"
             );
         }
     }
+    let role = render("base")
+        .into_iter()
+        .find(|o| kind(o) == "Role" && name(o) == "ferry-cluster-secrets")
+        .expect("Role");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some("ferry-system"));
 }
 
 #[test]
