@@ -27,6 +27,12 @@ use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
 use crate::prometheus::{Prometheus, render};
 use crate::returning::Returning;
 
+mod operations;
+mod proxies;
+mod world;
+
+use self::world::{LatencyReading, LiveWorld};
+
 /// How the engine runs.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -96,63 +102,6 @@ pub struct Engine {
     latencies: Mutex<BTreeMap<String, LatencyReading>>,
     /// Proxies awaited after a restart; when they were last looked at.
     returning: Mutex<(Returning, Option<Instant>)>,
-}
-
-/// The live control plane as the stage machine sees it.
-struct LiveWorld<'a> {
-    catalog: &'a CatalogSnapshot,
-    snapshot: &'a Snapshot,
-    clients: &'a ClientRegistry,
-    loads: &'a LoadReports,
-    policy: &'a Policy,
-    fleet: &'a Fleet,
-    latencies: &'a BTreeMap<String, LatencyReading>,
-    returning: usize,
-}
-
-impl World for LiveWorld<'_> {
-    fn service(&self, name: &ServiceName) -> Option<&Service> {
-        self.catalog.services.get(name).map(|s| &**s)
-    }
-
-    fn weights(&self, name: &ServiceName) -> Option<Weights> {
-        self.policy
-            .weights(&name.to_string())
-            .ok()
-            .map(|(_, w, _, _)| w)
-    }
-
-    fn acks(&self, policy_version: u64) -> Acks {
-        let (acked, total) = local_acks(self.snapshot, self.clients, policy_version);
-        let (peers_acked, peers_total) = self.fleet.acks(policy_version);
-        Acks {
-            acked: acked + peers_acked,
-            connected: total + peers_total,
-            returning: self.returning,
-        }
-    }
-
-    fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load {
-        self.loads
-            .since(&service.to_string(), cluster.as_str(), since_ms)
-    }
-
-    fn latency(&self, m: &Migration) -> Latency {
-        self.latencies
-            .get(&m.id)
-            .filter(|r| r.step == m.step && r.phase_started_ms == m.phase_started_ms)
-            .map(|r| r.latency)
-            .unwrap_or_default()
-    }
-}
-
-/// The latest p99 readings of one migration's baking step.
-#[derive(Debug, Clone, Copy)]
-struct LatencyReading {
-    step: usize,
-    phase_started_ms: i64,
-    fetched: std::time::Instant,
-    latency: Latency,
 }
 
 impl Engine {
@@ -287,190 +236,6 @@ impl Engine {
         out
     }
 
-    /// Validates a plan and records the migration; the engine starts it
-    /// when a slot is free. A refused plan changes nothing.
-    pub fn create(&self, plan: Plan, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        require_reason(reason)?;
-        let mut map = self.lock();
-        if let Some(running) = map
-            .values()
-            .find(|m| m.plan.service == plan.service && !m.stage.is_terminal())
-        {
-            return Err(PolicyError::Precondition(format!(
-                "migration {} is already {} on service {}",
-                running.id,
-                running.stage.as_str(),
-                plan.service
-            )));
-        }
-        if let Some(pin) = self.policy.pin_of(&plan.service) {
-            return Err(PolicyError::Pinned {
-                service: plan.service.to_string(),
-                owner: pin.owner,
-                reason: pin.reason,
-            });
-        }
-        let catalog = self.catalog.current();
-        migration::validate(&plan, catalog.services.get(&plan.service).map(|s| &**s))?;
-        let (_, current, _, _) = self.policy.weights(&plan.service.to_string())?;
-        let source_weights = migration::source_weights(&plan, &current)?;
-        let next_number = map
-            .keys()
-            .filter_map(|id| id.strip_prefix("mig-").and_then(|n| n.parse::<u64>().ok()))
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let now = now_ms();
-        let m = Migration {
-            id: format!("mig-{next_number}"),
-            plan,
-            stage: Stage::Validate,
-            phase: Phase::None,
-            step: 0,
-            paused_from: None,
-            source_weights,
-            weights: BTreeMap::new(),
-            reason: String::new(),
-            purpose: reason.to_owned(),
-            gates: Vec::new(),
-            created_by: actor.to_owned(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            phase_started_ms: now,
-            applied_version: 0,
-            acks: None,
-        };
-        let detail = format!(
-            "{} → {}, steps {:?} bp, bake {:?}",
-            m.plan
-                .from
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join("+"),
-            m.plan.to,
-            m.plan.steps,
-            Duration::from_millis(m.plan.bake_ms)
-        );
-        let change = Change {
-            acting_owner: Some(actor.to_owned()),
-            migration: Some((m.id.clone(), encode(&m)?)),
-            ..Change::new(
-                m.plan.service.clone(),
-                actor,
-                "migration_created",
-                reason,
-                format!("{}: {detail}", m.id),
-            )
-        };
-        self.policy.transact(change)?;
-        tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
-        map.insert(m.id.clone(), m.clone());
-        self.export_gauges(&map);
-        self.announce(m.clone());
-        drop(map);
-        self.wake.notify_one();
-        Ok(m)
-    }
-
-    /// Holds a migration at its current weights.
-    pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| match m.stage {
-            Stage::Validate | Stage::DoubleDeploy | Stage::Shift => {
-                let mut to = m.clone();
-                to.paused_from = Some((m.stage, m.phase));
-                to.stage = Stage::Paused;
-                to.reason = format!("paused by {actor}: {reason}");
-                Ok(Transition::plain("migration_paused", to, reason))
-            }
-            s => Err(PolicyError::Precondition(format!(
-                "migration {id} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
-                s.as_str()
-            ))),
-        })
-    }
-
-    /// Continues a paused migration; a step that was baking bakes again in
-    /// full, a step awaiting acknowledgement waits afresh.
-    pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| match (m.stage, m.paused_from) {
-            (Stage::Paused, Some((stage, phase))) => {
-                let mut to = m.clone();
-                to.stage = stage;
-                to.phase = phase;
-                to.paused_from = None;
-                to.reason = String::new();
-                to.phase_started_ms = now_ms();
-                Ok(Transition::plain("migration_resumed", to, reason))
-            }
-            (s, _) => Err(PolicyError::Precondition(format!(
-                "migration {id} is {}, not PAUSED",
-                s.as_str()
-            ))),
-        })
-    }
-
-    /// Sends all traffic back to the sources at once and stops.
-    pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| {
-            let why = format!("aborted by {actor}: {reason}");
-            let now = now_ms();
-            let touched_weights = !m.weights.is_empty();
-            let t = match m.stage {
-                s if s.is_terminal() => {
-                    return Err(PolicyError::Precondition(format!(
-                        "migration {id} has already ended ({})",
-                        s.as_str()
-                    )));
-                }
-                Stage::RollingBack => {
-                    return Err(PolicyError::Precondition(format!(
-                        "migration {id} is already rolling back"
-                    )));
-                }
-                _ if touched_weights => match begin_rollback(m, why, now) {
-                    Next::Transition(t) => *t,
-                    _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
-                },
-                _ => {
-                    // No weight was changed yet: it ends here.
-                    let mut to = m.clone();
-                    to.stage = Stage::RolledBack;
-                    to.phase = Phase::None;
-                    to.reason = why.clone();
-                    to.phase_started_ms = now;
-                    let pinned = !matches!(m.stage, Stage::Validate)
-                        && !matches!(m.paused_from, Some((Stage::Validate, _)));
-                    Transition {
-                        to,
-                        weights: None,
-                        pin: pinned.then_some(None),
-                        action: "migration_aborted",
-                        detail: why,
-                    }
-                }
-            };
-            Ok(t)
-        })
-    }
-
-    fn operate(
-        &self,
-        id: &str,
-        actor: &str,
-        reason: &str,
-        f: impl FnOnce(&Migration) -> Result<Transition, PolicyError>,
-    ) -> Result<Migration, PolicyError> {
-        require_reason(reason)?;
-        let mut map = self.lock();
-        let m = map.get(id).ok_or_else(|| not_found(id))?;
-        let t = f(m)?;
-        let done = self.apply(&mut map, t, actor)?;
-        drop(map);
-        self.wake.notify_one();
-        Ok(done)
-    }
-
     /// Persists a transition, then makes it the migration's state.
     fn apply(
         &self,
@@ -539,48 +304,6 @@ impl Engine {
             let n = by_stage.get(stage.as_str()).copied().unwrap_or(0);
             metrics::gauge!("ferry_migrate_migrations", "stage" => stage.as_str()).set(n as f64);
         }
-    }
-
-    /// Proxies connected before the last restart that are not back yet.
-    pub fn returning_proxies(&self) -> usize {
-        self.returning
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .awaited()
-    }
-
-    /// Looks at the connected proxies (at most every [`PROXIES_EVERY`]),
-    /// records them when they changed, and returns how many proxies are
-    /// still awaited after a restart.
-    fn observe_proxies(&self) -> usize {
-        let mut guard = self.returning.lock().unwrap_or_else(|p| p.into_inner());
-        let (returning, last) = &mut *guard;
-        let now = Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < PROXIES_EVERY) {
-            return returning.awaited();
-        }
-        *last = Some(now);
-        let connected = self.clients.nodes_subscribed(ResourceType::Route.short());
-        let observed = returning.observe(&connected, now);
-        if observed.all_back {
-            tracing::info!("every proxy connected before this start is back");
-        }
-        if !observed.gave_up_on.is_empty() {
-            tracing::warn!(
-                missing = observed.gave_up_on.len(),
-                first = ?observed.gave_up_on.iter().take(10).collect::<Vec<_>>(),
-                grace = ?self.config.restart_grace,
-                "proxies connected before this start did not come back within the grace period; no longer waiting for them"
-            );
-        }
-        metrics::gauge!("ferry_migrate_returning_proxies").set(returning.awaited() as f64);
-        if let Some(save) = observed.save
-            && let Err(e) = self.policy.save_proxies(&self.config.node, &save)
-        {
-            tracing::warn!(error = %e, "cannot record the connected proxies");
-        }
-        returning.awaited()
     }
 
     /// Advances every migration once (only while leading).
@@ -693,79 +416,6 @@ impl Engine {
         self.export_gauges(map);
         self.announce(to.clone());
         Ok(to)
-    }
-
-    /// Reads the p99 latencies of every baking step with latency gates from
-    /// Prometheus, at most once a second each. A failed query leaves no
-    /// reading: the gate then sees "not enough data", never a pass.
-    async fn refresh_latencies(&self) {
-        if !self.is_leading() {
-            return;
-        }
-        let due: Vec<Migration> = self
-            .lock()
-            .values()
-            .filter(|m| m.stage == Stage::Shift && m.phase == Phase::Baking)
-            .filter(|m| m.plan.gates.latency.is_some())
-            .cloned()
-            .collect();
-        for m in due {
-            let Some(gate) = &m.plan.gates.latency else {
-                continue;
-            };
-            let fresh = self
-                .latencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&m.id)
-                .is_some_and(|r| {
-                    r.step == m.step
-                        && r.phase_started_ms == m.phase_started_ms
-                        && r.fetched.elapsed() < Duration::from_secs(1)
-                });
-            if fresh {
-                continue;
-            }
-            let window = Duration::from_millis((now_ms() - m.phase_started_ms).max(0) as u64);
-            let (name, namespace) = (m.plan.service.name(), m.plan.service.namespace());
-            let sources = format!(
-                "({})",
-                m.plan
-                    .from
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect::<Vec<_>>()
-                    .join("|")
-            );
-            let mut reading = Latency::default();
-            for (side, cluster) in [("source", sources), ("target", m.plan.to.to_string())] {
-                let query = render(&gate.p99_query, name, namespace, &cluster, window);
-                let value = match self.prometheus.scalar(&gate.prometheus_url, &query).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        metrics::counter!("ferry_migrate_prometheus_errors_total").increment(1);
-                        tracing::warn!(id = %m.id, side, error = %e, "cannot read p99 from Prometheus");
-                        None
-                    }
-                };
-                match side {
-                    "source" => reading.source_p99_ms = value,
-                    _ => reading.target_p99_ms = value,
-                }
-            }
-            self.latencies
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    m.id.clone(),
-                    LatencyReading {
-                        step: m.step,
-                        phase_started_ms: m.phase_started_ms,
-                        fetched: std::time::Instant::now(),
-                        latency: reading,
-                    },
-                );
-        }
     }
 
     /// Runs the engine until `cancel`.
