@@ -11,7 +11,7 @@
 //! writes are refused by etcd itself, not by its own belief.
 //!
 //! Keys under the prefix (default `/ferry`): `meta/version`,
-//! `weights/<service>`, `pins/<service>`, `migrations/<id>`,
+//! `weights/<service>`, `pins/<service>`, `migrations/<id>`, `campaigns/<id>`,
 //! `audit/<version, 20 digits>`, the election `election`, and outside the
 //! policy `observations/<node>` and `proxies/<node>` (the proxies each
 //! control plane waits for after a restart).
@@ -172,7 +172,7 @@ impl EtcdStore {
             })?;
         }
         // Every table at the same revision: one consistent state.
-        for table in ["weights", "pins", "migrations"] {
+        for table in ["weights", "pins", "migrations", "campaigns"] {
             let prefix = self.key(&format!("{table}/"));
             let response = client
                 .get(
@@ -191,6 +191,9 @@ impl EtcdStore {
                     }
                     "pins" => {
                         loaded.pins.insert(name, parse(key, json)?);
+                    }
+                    "campaigns" => {
+                        loaded.campaigns.insert(name, json.to_owned());
                     }
                     _ => {
                         loaded.migrations.insert(name, json.to_owned());
@@ -231,12 +234,17 @@ impl EtcdStore {
                 None => TxnOp::delete(record_key("pins"), None),
             });
         }
-        if let Some((id, record)) = &change.migration {
-            ops.push(TxnOp::put(
-                self.key(&format!("migrations/{id}")),
-                record.clone(),
-                None,
-            ));
+        for (table, record) in [
+            ("migrations", &change.migration),
+            ("campaigns", &change.campaign),
+        ] {
+            if let Some((id, record)) = record {
+                ops.push(TxnOp::put(
+                    self.key(&format!("{table}/{id}")),
+                    record.clone(),
+                    None,
+                ));
+            }
         }
         ops.push(TxnOp::put(
             self.key(&format!("audit/{:020}", change.version)),

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod campaign;
 pub mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;

@@ -115,6 +115,8 @@ pub struct Change {
     pub acting_owner: Option<String>,
     /// `(id, JSON)` of the acting migration's record, written with the change.
     pub migration: Option<(String, String)>,
+    /// `(id, JSON)` of a campaign's record, written with the change.
+    pub campaign: Option<(String, String)>,
 }
 
 impl Change {
@@ -136,9 +138,13 @@ impl Change {
             pin: None,
             acting_owner: None,
             migration: None,
+            campaign: None,
         }
     }
 }
+
+/// Stored records by id (JSON).
+pub type Records = BTreeMap<String, String>;
 
 /// A weights change request, as parsed from the API.
 #[derive(Debug, Clone, Default)]
@@ -611,6 +617,7 @@ impl Policy {
             }),
             pin: change.pin.clone(),
             migration: change.migration,
+            campaign: change.campaign,
             audit: AuditRecord {
                 version,
                 at_ms: now_ms(),
@@ -644,9 +651,11 @@ impl Policy {
         Ok(version)
     }
 
-    /// Stored migration records (id → JSON), for the engine to resume.
-    pub fn stored_migrations(&self) -> Result<BTreeMap<String, String>, PolicyError> {
-        Ok(blocking(|| self.store.load())?.migrations)
+    /// Stored migration and campaign records (id → JSON), for the engine
+    /// to resume, read at one point in time.
+    pub fn stored_records(&self) -> Result<(Records, Records), PolicyError> {
+        let loaded = blocking(|| self.store.load())?;
+        Ok((loaded.migrations, loaded.campaigns))
     }
 
     pub fn pins(&self) -> Vec<Pin> {

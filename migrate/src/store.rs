@@ -17,6 +17,7 @@ const PINS: TableDefinition<&str, &str> = TableDefinition::new("pins");
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MIGRATIONS: TableDefinition<&str, &str> = TableDefinition::new("migrations");
+const CAMPAIGNS: TableDefinition<&str, &str> = TableDefinition::new("campaigns");
 /// Control plane name → the node ids of its connected proxies (JSON).
 const PROXIES: TableDefinition<&str, &str> = TableDefinition::new("proxies");
 const VERSION_KEY: &str = "policy_version";
@@ -88,6 +89,8 @@ pub struct Loaded {
     pub pins: BTreeMap<String, StoredPin>,
     /// Migration id → its record (JSON, owned by the migration engine).
     pub migrations: BTreeMap<String, String>,
+    /// Campaign id → its record (JSON, owned by the migration engine).
+    pub campaigns: BTreeMap<String, String>,
 }
 
 /// One accepted change, written atomically.
@@ -101,6 +104,8 @@ pub struct Commit {
     pub pin: Option<Option<StoredPin>>,
     /// `(id, JSON)` of a migration record to write with the change.
     pub migration: Option<(String, String)>,
+    /// `(id, JSON)` of a campaign record to write with the change.
+    pub campaign: Option<(String, String)>,
     pub audit: AuditRecord,
 }
 
@@ -121,6 +126,7 @@ impl Store {
             txn.open_table(AUDIT).map_err(db_err)?;
             txn.open_table(META).map_err(db_err)?;
             txn.open_table(MIGRATIONS).map_err(db_err)?;
+            txn.open_table(CAMPAIGNS).map_err(db_err)?;
             txn.open_table(PROXIES).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)?;
@@ -163,16 +169,19 @@ impl Backend for Store {
             let pin = parse(k.value(), v.value())?;
             loaded.pins.insert(k.value().to_owned(), pin);
         }
-        for row in txn
-            .open_table(MIGRATIONS)
-            .map_err(db_err)?
-            .iter()
-            .map_err(db_err)?
-        {
-            let (k, v) = row.map_err(db_err)?;
-            loaded
-                .migrations
-                .insert(k.value().to_owned(), v.value().to_owned());
+        for (table, records) in [
+            (MIGRATIONS, &mut loaded.migrations),
+            (CAMPAIGNS, &mut loaded.campaigns),
+        ] {
+            for row in txn
+                .open_table(table)
+                .map_err(db_err)?
+                .iter()
+                .map_err(db_err)?
+            {
+                let (k, v) = row.map_err(db_err)?;
+                records.insert(k.value().to_owned(), v.value().to_owned());
+            }
         }
         Ok(loaded)
     }
@@ -186,11 +195,16 @@ impl Backend for Store {
             if let Some(pin) = &change.pin {
                 put_or_remove(&txn, PINS, &change.service, pin.as_ref())?;
             }
-            if let Some((id, json)) = &change.migration {
-                txn.open_table(MIGRATIONS)
-                    .map_err(db_err)?
-                    .insert(id.as_str(), json.as_str())
-                    .map_err(db_err)?;
+            for (table, record) in [
+                (MIGRATIONS, &change.migration),
+                (CAMPAIGNS, &change.campaign),
+            ] {
+                if let Some((id, json)) = record {
+                    txn.open_table(table)
+                        .map_err(db_err)?
+                        .insert(id.as_str(), json.as_str())
+                        .map_err(db_err)?;
+                }
             }
             let json = serde_json::to_string(&change.audit).map_err(db_err)?;
             txn.open_table(AUDIT)

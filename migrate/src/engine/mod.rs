@@ -18,6 +18,7 @@ use ferry_xds::{ResourceType, Snapshot, SnapshotCache};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
+use crate::campaign::Campaign;
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
     self, Acks, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
@@ -27,10 +28,12 @@ use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
 use crate::prometheus::{Prometheus, render};
 use crate::returning::Returning;
 
+mod campaigns;
 mod operations;
 mod proxies;
 mod world;
 
+use self::operations::{abort_transition, resume_transition};
 use self::world::{LatencyReading, LiveWorld};
 
 /// How the engine runs.
@@ -91,6 +94,10 @@ pub struct Engine {
     fleet: Arc<Fleet>,
     config: EngineConfig,
     migrations: Mutex<BTreeMap<String, Migration>>,
+    /// Campaigns; locked after `migrations` when both are.
+    campaigns: Mutex<BTreeMap<String, Campaign>>,
+    /// Every change to a campaign, numbered like `updates`.
+    campaign_updates: broadcast::Sender<(u64, Campaign)>,
     /// Every change, numbered in the order it was made (under the lock).
     updates: broadcast::Sender<(u64, Migration)>,
     sequence: std::sync::atomic::AtomicU64,
@@ -115,7 +122,7 @@ impl Engine {
         fleet: Arc<Fleet>,
         config: EngineConfig,
     ) -> Result<Arc<Self>, PolicyError> {
-        let migrations = stored_migrations(&policy)?;
+        let (migrations, campaigns) = stored(&policy)?;
         let saved = policy.saved_proxies(&config.node).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the proxies connected before this start; waiting for none");
             BTreeSet::new()
@@ -133,6 +140,7 @@ impl Engine {
         for action in TRANSITIONS {
             metrics::counter!("ferry_migrate_transitions_total", "action" => action).increment(0);
         }
+        Self::register_campaign_metrics();
         let returning = Returning::new(saved, Instant::now(), config.restart_grace);
         let (updates, _) = broadcast::channel(1024);
         let engine = Arc::new(Self {
@@ -144,6 +152,8 @@ impl Engine {
             fleet,
             config,
             migrations: Mutex::new(migrations),
+            campaigns: Mutex::new(campaigns),
+            campaign_updates: broadcast::channel(256).0,
             updates,
             sequence: std::sync::atomic::AtomicU64::new(0),
             wake: Notify::new(),
@@ -180,7 +190,7 @@ impl Engine {
     /// Replaces the migrations with the stored ones (a follower following
     /// the leader, or a new leader taking over).
     pub fn reload(&self) -> Result<(), PolicyError> {
-        let migrations = stored_migrations(&self.policy)?;
+        let (migrations, campaigns) = stored(&self.policy)?;
         let mut map = self.lock();
         for (id, m) in &migrations {
             if map.get(id) != Some(m) {
@@ -189,6 +199,13 @@ impl Engine {
         }
         *map = migrations;
         self.export_gauges(&map);
+        let mut held = self.lock_campaigns();
+        for (id, c) in &campaigns {
+            if held.get(id) != Some(c) {
+                self.announce_campaign(c.clone());
+            }
+        }
+        *held = campaigns;
         Ok(())
     }
 
@@ -389,6 +406,7 @@ impl Engine {
                 }
             }
         }
+        self.tick_campaigns(&mut map, &catalog, now);
     }
 
     /// Records a transition that touches neither weights nor pin, without
@@ -451,11 +469,12 @@ fn not_found(id: &str) -> PolicyError {
     PolicyError::NotFound(format!("no migration {id:?}"))
 }
 
-/// The stored migrations, ready to resume.
-fn stored_migrations(policy: &Policy) -> Result<BTreeMap<String, Migration>, PolicyError> {
+/// The stored migrations and campaigns, ready to resume.
+fn stored(policy: &Policy) -> Result<(Migrations, Campaigns), PolicyError> {
     let mut migrations = BTreeMap::new();
     let loaded_version = policy.version();
-    for (id, json) in policy.stored_migrations()? {
+    let (migration_records, campaign_records) = policy.stored_records()?;
+    for (id, json) in migration_records {
         let mut m: Migration =
             serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {
                 key: format!("migrations/{id}"),
@@ -472,8 +491,26 @@ fn stored_migrations(policy: &Policy) -> Result<BTreeMap<String, Migration>, Pol
         }
         migrations.insert(id, m);
     }
-    Ok(migrations)
+    let mut campaigns = BTreeMap::new();
+    for (id, json) in campaign_records {
+        let c: Campaign = serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {
+            key: format!("campaigns/{id}"),
+            reason: e.to_string(),
+        })?;
+        if !c.state.is_terminal() {
+            let counts = c.counts();
+            tracing::info!(
+                id = %c.id, state = c.state.as_str(), done = counts.done,
+                in_flight = counts.in_flight, queued = counts.queued, "campaign loaded"
+            );
+        }
+        campaigns.insert(id, c);
+    }
+    Ok((migrations, campaigns))
 }
+
+type Migrations = BTreeMap<String, Migration>;
+type Campaigns = BTreeMap<String, Campaign>;
 
 fn encode(m: &Migration) -> Result<String, PolicyError> {
     serde_json::to_string(m).map_err(|e| {

@@ -8,6 +8,38 @@ impl Engine {
     pub fn create(&self, plan: Plan, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
         require_reason(reason)?;
         let mut map = self.lock();
+        let (m, detail) = self.prepare(&map, plan, actor, reason)?;
+        let change = Change {
+            acting_owner: Some(actor.to_owned()),
+            migration: Some((m.id.clone(), encode(&m)?)),
+            ..Change::new(
+                m.plan.service.clone(),
+                actor,
+                "migration_created",
+                reason,
+                format!("{}: {detail}", m.id),
+            )
+        };
+        self.policy.transact(change)?;
+        tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
+        map.insert(m.id.clone(), m.clone());
+        self.export_gauges(&map);
+        self.announce(m.clone());
+        drop(map);
+        self.wake.notify_one();
+        Ok(m)
+    }
+
+    /// A new migration record for `plan`, checked against the migrations
+    /// in `map`, pins, the catalog and the current weights; nothing is
+    /// written.
+    pub(super) fn prepare(
+        &self,
+        map: &BTreeMap<String, Migration>,
+        plan: Plan,
+        actor: &str,
+        reason: &str,
+    ) -> Result<(Migration, String), PolicyError> {
         if let Some(running) = map
             .values()
             .find(|m| m.plan.service == plan.service && !m.stage.is_terminal())
@@ -55,6 +87,7 @@ impl Engine {
             phase_started_ms: now,
             applied_version: 0,
             acks: None,
+            hold: false,
         };
         let detail = format!(
             "{} → {}, steps {:?} bp, bake {:?}",
@@ -68,25 +101,7 @@ impl Engine {
             m.plan.steps,
             Duration::from_millis(m.plan.bake_ms)
         );
-        let change = Change {
-            acting_owner: Some(actor.to_owned()),
-            migration: Some((m.id.clone(), encode(&m)?)),
-            ..Change::new(
-                m.plan.service.clone(),
-                actor,
-                "migration_created",
-                reason,
-                format!("{}: {detail}", m.id),
-            )
-        };
-        self.policy.transact(change)?;
-        tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
-        map.insert(m.id.clone(), m.clone());
-        self.export_gauges(&map);
-        self.announce(m.clone());
-        drop(map);
-        self.wake.notify_one();
-        Ok(m)
+        Ok((m, detail))
     }
 
     /// Holds a migration at its current weights.
@@ -109,65 +124,12 @@ impl Engine {
     /// Continues a paused migration; a step that was baking bakes again in
     /// full, a step awaiting acknowledgement waits afresh.
     pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| match (m.stage, m.paused_from) {
-            (Stage::Paused, Some((stage, phase))) => {
-                let mut to = m.clone();
-                to.stage = stage;
-                to.phase = phase;
-                to.paused_from = None;
-                to.reason = String::new();
-                to.phase_started_ms = now_ms();
-                Ok(Transition::plain("migration_resumed", to, reason))
-            }
-            (s, _) => Err(PolicyError::Precondition(format!(
-                "migration {id} is {}, not PAUSED",
-                s.as_str()
-            ))),
-        })
+        self.operate(id, actor, reason, |m| resume_transition(m, reason))
     }
 
     /// Sends all traffic back to the sources at once and stops.
     pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| {
-            let why = format!("aborted by {actor}: {reason}");
-            let now = now_ms();
-            let touched_weights = !m.weights.is_empty();
-            let t = match m.stage {
-                s if s.is_terminal() => {
-                    return Err(PolicyError::Precondition(format!(
-                        "migration {id} has already ended ({})",
-                        s.as_str()
-                    )));
-                }
-                Stage::RollingBack => {
-                    return Err(PolicyError::Precondition(format!(
-                        "migration {id} is already rolling back"
-                    )));
-                }
-                _ if touched_weights => match begin_rollback(m, why, now) {
-                    Next::Transition(t) => *t,
-                    _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
-                },
-                _ => {
-                    // No weight was changed yet: it ends here.
-                    let mut to = m.clone();
-                    to.stage = Stage::RolledBack;
-                    to.phase = Phase::None;
-                    to.reason = why.clone();
-                    to.phase_started_ms = now;
-                    let pinned = !matches!(m.stage, Stage::Validate)
-                        && !matches!(m.paused_from, Some((Stage::Validate, _)));
-                    Transition {
-                        to,
-                        weights: None,
-                        pin: pinned.then_some(None),
-                        action: "migration_aborted",
-                        detail: why,
-                    }
-                }
-            };
-            Ok(t)
-        })
+        self.operate(id, actor, reason, |m| abort_transition(m, actor, reason))
     }
 
     fn operate(
@@ -185,5 +147,74 @@ impl Engine {
         drop(map);
         self.wake.notify_one();
         Ok(done)
+    }
+}
+
+/// The transition that aborts `m`: a rollback when it has changed weights,
+/// the end otherwise.
+pub(super) fn abort_transition(
+    m: &Migration,
+    actor: &str,
+    reason: &str,
+) -> Result<Transition, PolicyError> {
+    let why = format!("aborted by {actor}: {reason}");
+    let now = now_ms();
+    let touched_weights = !m.weights.is_empty();
+    let t = match m.stage {
+        s if s.is_terminal() => {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} has already ended ({})",
+                m.id,
+                s.as_str()
+            )));
+        }
+        Stage::RollingBack => {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} is already rolling back",
+                m.id
+            )));
+        }
+        _ if touched_weights => match begin_rollback(m, why, now) {
+            Next::Transition(t) => *t,
+            _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
+        },
+        _ => {
+            // No weight was changed yet: it ends here.
+            let mut to = m.clone();
+            to.stage = Stage::RolledBack;
+            to.phase = Phase::None;
+            to.reason = why.clone();
+            to.phase_started_ms = now;
+            let pinned = !matches!(m.stage, Stage::Validate)
+                && !matches!(m.paused_from, Some((Stage::Validate, _)));
+            Transition {
+                to,
+                weights: None,
+                pin: pinned.then_some(None),
+                action: "migration_aborted",
+                detail: why,
+            }
+        }
+    };
+    Ok(t)
+}
+
+/// The transition that continues a paused migration where it paused.
+pub(super) fn resume_transition(m: &Migration, reason: &str) -> Result<Transition, PolicyError> {
+    match (m.stage, m.paused_from) {
+        (Stage::Paused, Some((stage, phase))) => {
+            let mut to = m.clone();
+            to.stage = stage;
+            to.phase = phase;
+            to.paused_from = None;
+            to.reason = String::new();
+            to.phase_started_ms = now_ms();
+            Ok(Transition::plain("migration_resumed", to, reason))
+        }
+        (s, _) => Err(PolicyError::Precondition(format!(
+            "migration {} is {}, not PAUSED",
+            m.id,
+            s.as_str()
+        ))),
     }
 }

@@ -1,0 +1,520 @@
+//! Campaigns in the engine: created, paused, resumed, aborted and retried
+//! on request, and advanced on every tick by [`campaign::next`]. A
+//! campaign's own audit entries are filed under the service
+//! `<id>.campaigns` (`ferry audit --service camp-1.campaigns`); its
+//! migrations' under their services, as any migration's.
+
+use super::*;
+use crate::campaign::{self, CampaignPlan, CampaignState, ServiceState, Step};
+
+/// How many steps one campaign may take in one tick (launches, outcomes).
+const STEPS_PER_TICK: usize = 64;
+
+/// Every campaign audit action, zero-registered at start.
+const CAMPAIGN_ACTIONS: [&str; 11] = [
+    "campaign_created",
+    "campaign_paused",
+    "campaign_resumed",
+    "campaign_aborting",
+    "campaign_retried",
+    "campaign_service_ended",
+    "campaign_service_skipped",
+    "campaign_halting",
+    "campaign_done",
+    "campaign_halted",
+    "campaign_aborted",
+];
+
+/// The audit subject of a campaign's own entries.
+pub fn campaign_subject(id: &str) -> Result<ServiceName, PolicyError> {
+    ServiceName::new(id, "campaigns").map_err(|e| PolicyError::InvalidArgument {
+        field: "id".into(),
+        reason: e.to_string(),
+    })
+}
+
+/// The engine as a campaign sees it.
+struct View<'a> {
+    migrations: &'a Migrations,
+    policy: &'a Policy,
+    catalog: &'a CatalogSnapshot,
+}
+
+impl campaign::Fleet for View<'_> {
+    fn migration(&self, id: &str) -> Option<(Stage, String)> {
+        self.migrations.get(id).map(|m| (m.stage, m.reason.clone()))
+    }
+
+    fn obstacle(&self, service: &ServiceName, to: &ClusterName) -> Option<String> {
+        if let Some(pin) = self.policy.pin_of(service) {
+            return Some(format!("pinned by {}: {}", pin.owner, pin.reason));
+        }
+        if let Some(m) = self
+            .migrations
+            .values()
+            .find(|m| m.plan.service == *service && !m.stage.is_terminal())
+        {
+            return Some(format!("migration {} is {} on it", m.id, m.stage.as_str()));
+        }
+        let Some(s) = self.catalog.services.get(service) else {
+            return Some("no longer in the catalog".into());
+        };
+        match s.backends.get(to) {
+            Some(b) if b.ready_endpoints() > 0 => None,
+            Some(_) => Some(format!("no ready endpoint in target cluster {to}")),
+            None => Some(format!("no backend in target cluster {to}")),
+        }
+    }
+}
+
+fn encode_campaign(c: &Campaign) -> Result<String, PolicyError> {
+    serde_json::to_string(c).map_err(|e| {
+        PolicyError::Store(crate::StoreError::Db(format!(
+            "cannot encode campaign {}: {e}",
+            c.id
+        )))
+    })
+}
+
+fn campaign_not_found(id: &str) -> PolicyError {
+    PolicyError::NotFound(format!("no campaign {id:?}"))
+}
+
+impl Engine {
+    pub(super) fn register_campaign_metrics() {
+        for action in CAMPAIGN_ACTIONS {
+            metrics::counter!("ferry_migrate_campaign_transitions_total", "action" => action)
+                .increment(0);
+        }
+    }
+
+    /// The campaigns, locked (after the migrations, when both are).
+    pub(super) fn lock_campaigns(&self) -> std::sync::MutexGuard<'_, Campaigns> {
+        blocking(|| self.campaigns.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(super) fn announce_campaign(&self, c: Campaign) {
+        let n = self.sequence.fetch_add(1, Ordering::SeqCst) + 1;
+        let _ = self.campaign_updates.send((n, c));
+    }
+
+    /// Every change to any campaign from now on, numbered.
+    pub fn campaign_updates(&self) -> broadcast::Receiver<(u64, Campaign)> {
+        self.campaign_updates.subscribe()
+    }
+
+    /// A campaign with the number of the last change made before it was
+    /// read.
+    pub fn get_campaign_numbered(&self, id: &str) -> Result<(u64, Campaign), PolicyError> {
+        let held = self.lock_campaigns();
+        let c = held
+            .get(id)
+            .cloned()
+            .ok_or_else(|| campaign_not_found(id))?;
+        Ok((self.sequence.load(Ordering::SeqCst), c))
+    }
+
+    pub fn get_campaign(&self, id: &str) -> Result<Campaign, PolicyError> {
+        self.lock_campaigns()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| campaign_not_found(id))
+    }
+
+    /// Campaigns, oldest first.
+    pub fn list_campaigns(&self, active_only: bool) -> Vec<Campaign> {
+        let mut out: Vec<Campaign> = self
+            .lock_campaigns()
+            .values()
+            .filter(|c| !active_only || !c.state.is_terminal())
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        out
+    }
+
+    /// Records a campaign and takes every service with a backend in its
+    /// source cluster (that its globs and namespaces select); the engine
+    /// launches their migrations. Refused (changing nothing) when no
+    /// service matches.
+    pub fn create_campaign(
+        &self,
+        plan: CampaignPlan,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        campaign::check_patterns(&plan)?;
+        let catalog = self.catalog.current();
+        let now = now_ms();
+        let services = campaign::select(&plan, &catalog, now);
+        if services.is_empty() {
+            return Err(PolicyError::Precondition(format!(
+                "no service has a backend in cluster {}{}",
+                plan.from,
+                if plan.services.is_empty() && plan.namespaces.is_empty() {
+                    String::new()
+                } else {
+                    " among those the services and namespaces select".to_owned()
+                }
+            )));
+        }
+        let mut held = self.lock_campaigns();
+        let number = held
+            .keys()
+            .filter_map(|id| id.strip_prefix("camp-").and_then(|n| n.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let c = Campaign {
+            id: format!("camp-{number}"),
+            plan,
+            state: CampaignState::Running,
+            reason: String::new(),
+            purpose: reason.to_owned(),
+            services,
+            created_by: actor.to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            ended_at_ms: None,
+        };
+        let detail = format!(
+            "{} → {}: {} services, concurrency {}, max failures {}, {}",
+            c.plan.from,
+            c.plan.to,
+            c.services.len(),
+            c.plan.concurrency,
+            c.plan.max_failures,
+            c.plan.order.as_str()
+        );
+        let c = self.record_campaign(&mut held, c, actor, "campaign_created", reason, detail)?;
+        drop(held);
+        self.wake.notify_one();
+        Ok(c)
+    }
+
+    /// Stops launching; in-flight migrations stop at the end of their
+    /// current step.
+    pub fn pause_campaign(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        let mut map = self.lock();
+        let mut held = self.lock_campaigns();
+        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
+        let to = campaign::pause(c, format!("paused by {actor}: {reason}"), now_ms())?;
+        let to = self.record_campaign(
+            &mut held,
+            to,
+            actor,
+            "campaign_paused",
+            reason,
+            reason.to_owned(),
+        )?;
+        for m in in_flight(&to, &map) {
+            if matches!(
+                m.stage,
+                Stage::Validate | Stage::DoubleDeploy | Stage::Shift
+            ) && !m.hold
+            {
+                let mut held_m = m.clone();
+                held_m.hold = true;
+                let t = Transition::plain(
+                    "migration_hold",
+                    held_m,
+                    &format!("campaign {id} paused: stops after this step"),
+                );
+                self.apply_unpinned(&mut map, t, actor)?;
+            }
+        }
+        drop((held, map));
+        self.wake.notify_one();
+        Ok(to)
+    }
+
+    /// Launches again, and lets the migrations it held go on.
+    pub fn resume_campaign(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        let mut map = self.lock();
+        let mut held = self.lock_campaigns();
+        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
+        let to = campaign::resume(c, now_ms())?;
+        let to = self.record_campaign(
+            &mut held,
+            to,
+            actor,
+            "campaign_resumed",
+            reason,
+            reason.to_owned(),
+        )?;
+        for m in in_flight(&to, &map) {
+            if !m.hold {
+                continue;
+            }
+            let t = match resume_transition(&m, reason) {
+                Ok(mut t) => {
+                    t.to.hold = false;
+                    t
+                }
+                Err(_) => {
+                    let mut free = m.clone();
+                    free.hold = false;
+                    Transition::plain(
+                        "migration_released",
+                        free,
+                        &format!("campaign {id} resumed"),
+                    )
+                }
+            };
+            self.apply_unpinned(&mut map, t, actor)?;
+        }
+        drop((held, map));
+        self.wake.notify_one();
+        Ok(to)
+    }
+
+    /// Launches nothing more and rolls back the migrations in flight.
+    pub fn abort_campaign(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        let mut held = self.lock_campaigns();
+        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
+        let to = campaign::abort(c, format!("aborted by {actor}: {reason}"), now_ms())?;
+        let to = self.record_campaign(
+            &mut held,
+            to,
+            actor,
+            "campaign_aborting",
+            reason,
+            reason.to_owned(),
+        )?;
+        drop(held);
+        self.wake.notify_one();
+        Ok(to)
+    }
+
+    /// Queues skipped and rolled-back services again (those named, or
+    /// all).
+    pub fn retry_campaign(
+        &self,
+        id: &str,
+        services: &[String],
+        actor: &str,
+        reason: &str,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        let mut held = self.lock_campaigns();
+        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
+        let to = campaign::retry(c, services, now_ms())?;
+        let detail = if services.is_empty() {
+            "every skipped and rolled-back service".to_owned()
+        } else {
+            services.join(", ")
+        };
+        let to = self.record_campaign(&mut held, to, actor, "campaign_retried", reason, detail)?;
+        drop(held);
+        self.wake.notify_one();
+        Ok(to)
+    }
+
+    /// Persists a campaign record with its audit entry, then holds it.
+    fn record_campaign(
+        &self,
+        held: &mut Campaigns,
+        mut to: Campaign,
+        actor: &str,
+        action: &'static str,
+        reason: &str,
+        detail: String,
+    ) -> Result<Campaign, PolicyError> {
+        to.updated_at_ms = now_ms();
+        let change = Change {
+            campaign: Some((to.id.clone(), encode_campaign(&to)?)),
+            ..Change::new(
+                campaign_subject(&to.id)?,
+                actor,
+                action,
+                reason,
+                format!("{}: {detail}", to.id),
+            )
+        };
+        self.policy.transact(change)?;
+        tracing::info!(id = %to.id, state = to.state.as_str(), action, %detail, "campaign");
+        metrics::counter!("ferry_migrate_campaign_transitions_total", "action" => action)
+            .increment(1);
+        held.insert(to.id.clone(), to.clone());
+        self.export_campaign_gauges(held);
+        self.announce_campaign(to.clone());
+        Ok(to)
+    }
+
+    fn export_campaign_gauges(&self, held: &Campaigns) {
+        let mut by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut services: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for c in held.values() {
+            *by_state.entry(c.state.as_str()).or_default() += 1;
+            if !c.state.is_terminal() {
+                for s in &c.services {
+                    *services.entry(s.state.as_str()).or_default() += 1;
+                }
+            }
+        }
+        for state in [
+            CampaignState::Running,
+            CampaignState::Paused,
+            CampaignState::Halting,
+            CampaignState::Aborting,
+            CampaignState::Done,
+            CampaignState::Halted,
+            CampaignState::Aborted,
+        ] {
+            let n = by_state.get(state.as_str()).copied().unwrap_or(0);
+            metrics::gauge!("ferry_migrate_campaigns", "state" => state.as_str()).set(n as f64);
+        }
+        for state in ["queued", "in_flight", "done", "rolled_back", "skipped"] {
+            let n = services.get(state).copied().unwrap_or(0);
+            metrics::gauge!("ferry_migrate_campaign_services", "state" => state).set(n as f64);
+        }
+    }
+
+    /// Advances every campaign that has not ended (called by `tick`, with
+    /// the migrations locked).
+    pub(super) fn tick_campaigns(&self, map: &mut Migrations, catalog: &CatalogSnapshot, now: i64) {
+        let mut held = self.lock_campaigns();
+        let active: Vec<String> = held
+            .values()
+            .filter(|c| !c.state.is_terminal())
+            .map(|c| c.id.clone())
+            .collect();
+        for id in active {
+            for _ in 0..STEPS_PER_TICK {
+                let Some(c) = held.get(&id).cloned() else {
+                    break;
+                };
+                let view = View {
+                    migrations: map,
+                    policy: &self.policy,
+                    catalog,
+                };
+                let Some(step) = campaign::next(&c, &view, now) else {
+                    break;
+                };
+                if let Err(e) = self.take_step(&mut held, map, &c, step, now) {
+                    tracing::error!(id = %c.id, error = %e, "campaign step not persisted; retrying");
+                    metrics::counter!("ferry_migrate_store_errors_total").increment(1);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn take_step(
+        &self,
+        held: &mut Campaigns,
+        map: &mut Migrations,
+        c: &Campaign,
+        step: Step,
+        now: i64,
+    ) -> Result<(), PolicyError> {
+        let actor = c.owner();
+        match step {
+            Step::Record { to, action, detail } => {
+                let reason = if to.reason.is_empty() {
+                    to.purpose.clone()
+                } else {
+                    to.reason.clone()
+                };
+                self.record_campaign(held, *to, &actor, action, &reason, detail)?;
+            }
+            Step::Abort { migration } => {
+                let Some(m) = map.get(&migration).cloned() else {
+                    return Ok(());
+                };
+                let t = abort_transition(&m, &actor, &c.reason)?;
+                self.apply(map, t, &actor)?;
+            }
+            Step::Launch { index, plan } => {
+                let service = plan.service.clone();
+                let launched = self
+                    .prepare(map, *plan, &actor, &c.purpose)
+                    .and_then(|(m, detail)| self.launch(held, map, c, index, m, &detail, now));
+                match launched {
+                    Ok(()) => {}
+                    Err(e @ PolicyError::Store(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(campaign = %c.id, %service, error = %e, "service skipped");
+                        if let Step::Record { to, action, detail } =
+                            campaign::skip(c, index, e.to_string(), now)
+                        {
+                            self.record_campaign(held, *to, &actor, action, &c.purpose, detail)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a campaign's new migration and the campaign's record of it
+    /// in one transaction: a service is never launched twice.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        held: &mut Campaigns,
+        map: &mut Migrations,
+        c: &Campaign,
+        index: usize,
+        m: Migration,
+        detail: &str,
+        now: i64,
+    ) -> Result<(), PolicyError> {
+        let actor = c.owner();
+        let to = campaign::launched(c, index, &m.id, now);
+        let change = Change {
+            acting_owner: Some(actor.clone()),
+            migration: Some((m.id.clone(), encode(&m)?)),
+            campaign: Some((to.id.clone(), encode_campaign(&to)?)),
+            ..Change::new(
+                m.plan.service.clone(),
+                &actor,
+                "migration_created",
+                &c.purpose,
+                format!("{} (campaign {}): {detail}", m.id, c.id),
+            )
+        };
+        self.policy.transact(change)?;
+        tracing::info!(campaign = %c.id, id = %m.id, service = %m.plan.service, "campaign launched a migration");
+        metrics::counter!("ferry_migrate_transitions_total", "action" => "migration_created")
+            .increment(1);
+        map.insert(m.id.clone(), m.clone());
+        self.export_gauges(map);
+        self.announce(m);
+        held.insert(to.id.clone(), to.clone());
+        self.export_campaign_gauges(held);
+        self.announce_campaign(to);
+        Ok(())
+    }
+}
+
+/// The migrations a campaign has in flight.
+fn in_flight(c: &Campaign, map: &Migrations) -> Vec<Migration> {
+    c.services
+        .iter()
+        .filter_map(|s| match &s.state {
+            ServiceState::InFlight { migration } => map.get(migration).cloned(),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,321 @@
+//! The stage machine: what a migration does next.
+
+use super::plan::{fail, pct, to_map};
+use super::*;
+
+/// The stage machine: what to do with `m` now.
+pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
+    let elapsed = Duration::from_millis((now - m.phase_started_ms).max(0) as u64);
+    let service = world.service(&m.plan.service);
+    match m.stage {
+        // A held migration (its campaign paused) does not start.
+        Stage::Validate | Stage::Pin if m.hold => Next::Wait,
+        Stage::Validate | Stage::Pin => match validate(&m.plan, service).and_then(|()| {
+            let current = world.weights(&m.plan.service).ok_or_else(|| {
+                PolicyError::NotFound(format!("service {} has no weights", m.plan.service))
+            })?;
+            source_weights(&m.plan, &current)
+        }) {
+            Err(e) => fail(m, format!("validation failed: {e}"), now, false),
+            Ok(sources) => {
+                let mut to = m.clone();
+                to.source_weights = sources;
+                to.stage = Stage::DoubleDeploy;
+                to.phase_started_ms = now;
+                let pin = StoredPin {
+                    owner: m.owner(),
+                    reason: format!("migration {} to {}", m.id, m.plan.to),
+                    pinned_at_ms: now,
+                    expires_at_ms: 0,
+                };
+                transition(
+                    to,
+                    "migration_pin",
+                    format!("pinned as {}", m.owner()),
+                    None,
+                    Some(Some(pin)),
+                )
+            }
+        },
+        Stage::DoubleDeploy => match validate(&m.plan, service) {
+            Ok(()) if m.hold => held(m, (Stage::DoubleDeploy, Phase::None), now),
+            Ok(()) => {
+                let weights = step_weights(m, 0);
+                let mut to = m.clone();
+                to.stage = Stage::Shift;
+                to.phase = Phase::AwaitingAck;
+                to.acks = None;
+                to.step = 0;
+                to.weights = to_map(&weights);
+                to.phase_started_ms = now;
+                let detail = format!(
+                    "both sides healthy; step 1/{}: target {}",
+                    m.plan.steps.len(),
+                    pct(m.plan.steps.first().copied().unwrap_or(TOTAL_WEIGHT))
+                );
+                transition(to, "migration_shift", detail, Some(weights), None)
+            }
+            Err(e) if elapsed.as_millis() as u64 > m.plan.double_deploy_timeout_ms => fail(
+                m,
+                format!(
+                    "both sides were not healthy within {:?}: {e}",
+                    Duration::from_millis(m.plan.double_deploy_timeout_ms)
+                ),
+                now,
+                true,
+            ),
+            Err(_) => Next::Wait,
+        },
+        Stage::Shift | Stage::RollingBack if m.phase == Phase::AwaitingAck => {
+            await_ack(m, world, now, elapsed)
+        }
+        Stage::Shift => bake(m, world, now, elapsed),
+        Stage::Cleanup if elapsed.as_millis() as u64 >= m.plan.drain_ms => {
+            let mut to = m.clone();
+            to.stage = Stage::Unpin;
+            to.phase_started_ms = now;
+            let detail = format!(
+                "sources drained for {:?}",
+                Duration::from_millis(m.plan.drain_ms)
+            );
+            transition(to, "migration_cleanup", detail, None, None)
+        }
+        Stage::Unpin => {
+            let mut to = m.clone();
+            to.stage = Stage::Done;
+            to.phase_started_ms = now;
+            transition(
+                to,
+                "migration_done",
+                format!("all traffic on {}; pin released", m.plan.to),
+                None,
+                Some(None),
+            )
+        }
+        _ => Next::Wait,
+    }
+}
+
+/// Pauses a held migration at a step boundary; resuming continues at
+/// `resume_at` (a baking step bakes again in full).
+fn held(m: &Migration, resume_at: (Stage, Phase), now: i64) -> Next {
+    let mut to = m.clone();
+    to.paused_from = Some(resume_at);
+    to.stage = Stage::Paused;
+    to.phase = Phase::None;
+    to.phase_started_ms = now;
+    to.reason = "paused with its campaign at the end of a step".to_owned();
+    let detail = to.reason.clone();
+    transition(to, "migration_paused", detail, None, None)
+}
+
+fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
+    let acks = world.acks(m.applied_version);
+    let Acks {
+        acked,
+        connected: total,
+        ..
+    } = acks;
+    let enough = acks.enough(&m.plan);
+    let timed_out = elapsed.as_millis() as u64 > m.plan.ack_timeout_ms;
+    if m.stage == Stage::RollingBack {
+        if enough || timed_out {
+            let mut to = m.clone();
+            to.stage = Stage::RolledBack;
+            to.phase = Phase::None;
+            to.acks = Some(acks);
+            to.phase_started_ms = now;
+            let detail = if enough {
+                format!("{acked}/{total} proxies hold the source weights; pin released")
+            } else {
+                format!(
+                    "only {acked}/{total} proxies acknowledged the rollback in time; pin released"
+                )
+            };
+            return transition(to, "migration_rolled_back", detail, None, Some(None));
+        }
+    } else if enough {
+        let mut to = m.clone();
+        to.phase = Phase::Baking;
+        to.acks = Some(acks);
+        to.phase_started_ms = now;
+        let detail = format!(
+            "step {}/{}: {acked}/{total} proxies acknowledged; baking {:?}",
+            m.step + 1,
+            m.plan.steps.len(),
+            Duration::from_millis(m.plan.bake_ms)
+        );
+        return transition(to, "migration_acked", detail, None, None);
+    } else if timed_out {
+        return begin_rollback(
+            m,
+            format!(
+                "step {} was not acknowledged within {:?}: {}",
+                m.step + 1,
+                Duration::from_millis(m.plan.ack_timeout_ms),
+                acks.waiting_for(&m.plan)
+            ),
+            now,
+        );
+    }
+    if Some(acks) != m.acks {
+        let mut seen = m.clone();
+        seen.acks = Some(acks);
+        return Next::Observe(Box::new(seen));
+    }
+    Next::Wait
+}
+
+fn sum_load(world: &dyn World, m: &Migration, clusters: &[ClusterName], since: i64) -> Load {
+    let mut total = Load::default();
+    for c in clusters {
+        let l = world.load(&m.plan.service, c, since);
+        total.requests += l.requests;
+        total.errors += l.errors;
+    }
+    total
+}
+
+/// How long the sources must have been silent before the last step ends:
+/// a proxy reports load about once a second, so a report that arrives just
+/// after the step was acknowledged may still count requests routed before.
+pub const SOURCES_QUIET_MS: i64 = 3_000;
+
+/// At the last step every proxy should send the sources nothing. Requests
+/// the sources served over the last [`SOURCES_QUIET_MS`] (or half the bake,
+/// if longer) of the step mean some proxy still routes to them: the step
+/// must not end, whatever the acknowledgements say.
+fn sources_still_serve(m: &Migration, world: &dyn World, now: i64) -> Option<String> {
+    let quiet = SOURCES_QUIET_MS.max((m.plan.bake_ms / 2) as i64);
+    let since = now - quiet;
+    if since < m.phase_started_ms {
+        return Some(format!(
+            "the sources must be seen idle for {:?} before the last step ends",
+            Duration::from_millis(quiet as u64)
+        ));
+    }
+    let load = sum_load(world, m, &m.plan.from, since);
+    (load.requests > 0).then(|| {
+        format!(
+            "the sources still served {} requests in the last {:?}: some proxy still routes to them",
+            load.requests,
+            Duration::from_millis(quiet as u64)
+        )
+    })
+}
+
+fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
+    let since = m.phase_started_ms;
+    let source = sum_load(world, m, &m.plan.from, since);
+    let target = world.load(&m.plan.service, &m.plan.to, since);
+    // When the source carries nothing (the last step), compare with what
+    // it showed in the step before.
+    let baseline = m
+        .gates
+        .iter()
+        .rev()
+        .find(|g| g.outcome == GateOutcome::Pass)
+        .map(|g| Load {
+            requests: g.source.0,
+            errors: g.source.1,
+        });
+    let mut latency = world.latency(m);
+    if latency.source_p99_ms.is_none() {
+        // Likewise for the source's latency.
+        latency.source_p99_ms = m
+            .gates
+            .iter()
+            .rev()
+            .filter(|g| g.outcome == GateOutcome::Pass)
+            .find_map(|g| g.latency.source_p99_ms);
+    }
+    let (outcome, detail) = judge(&m.plan.gates, source, target, baseline, latency);
+    let result = GateResult {
+        step: m.step,
+        outcome,
+        source: (source.requests, source.errors),
+        target: (target.requests, target.errors),
+        latency,
+        detail: detail.clone(),
+        at_ms: now,
+    };
+    let mut judged = m.clone();
+    match judged.gates.last_mut() {
+        Some(last) if last.step == m.step => *last = result,
+        _ => judged.gates.push(result),
+    }
+    let baked = elapsed.as_millis() as u64 >= m.plan.bake_ms;
+    let outcome = match outcome {
+        GateOutcome::Pass if baked && m.step + 1 == m.plan.steps.len() => {
+            match sources_still_serve(m, world, now) {
+                None => outcome,
+                Some(still) => {
+                    if let Some(last) = judged.gates.last_mut() {
+                        last.outcome = GateOutcome::NotEnoughData;
+                        last.detail = format!("{detail}; {still}");
+                    }
+                    GateOutcome::NotEnoughData
+                }
+            }
+        }
+        other => other,
+    };
+    let detail = judged
+        .gates
+        .last()
+        .map(|g| g.detail.clone())
+        .unwrap_or(detail);
+    match outcome {
+        GateOutcome::Fail => {
+            let reason = format!(
+                "gate failed at step {} ({}): {detail}",
+                m.step + 1,
+                pct(m.plan.steps[m.step])
+            );
+            begin_rollback(&judged, reason, now)
+        }
+        GateOutcome::NotEnoughData
+            if elapsed.as_millis() as u64 > m.plan.bake_ms + m.plan.gates.data_timeout_ms =>
+        {
+            let reason = format!(
+                "gate failed at step {} ({}): not enough data within {:?} after the bake: {detail}",
+                m.step + 1,
+                pct(m.plan.steps[m.step]),
+                Duration::from_millis(m.plan.gates.data_timeout_ms)
+            );
+            begin_rollback(&judged, reason, now)
+        }
+        GateOutcome::Pass if baked && m.hold && m.step + 1 < m.plan.steps.len() => {
+            held(&judged, (Stage::Shift, Phase::Baking), now)
+        }
+        GateOutcome::Pass if baked => {
+            let mut to = judged;
+            to.phase_started_ms = now;
+            if m.step + 1 < m.plan.steps.len() {
+                let weights = step_weights(m, m.step + 1);
+                to.step = m.step + 1;
+                to.phase = Phase::AwaitingAck;
+                to.acks = None;
+                to.acks = None;
+                to.weights = to_map(&weights);
+                let detail = format!(
+                    "step {} passed ({detail}); step {}/{}: target {}",
+                    m.step + 1,
+                    m.step + 2,
+                    m.plan.steps.len(),
+                    pct(m.plan.steps[m.step + 1])
+                );
+                transition(to, "migration_shift", detail, Some(weights), None)
+            } else {
+                let weights = Weights::all_to(m.plan.to.clone());
+                to.stage = Stage::Cleanup;
+                to.phase = Phase::None;
+                to.weights = to_map(&weights);
+                let detail = format!("last step passed ({detail}); sources drain");
+                transition(to, "migration_cleanup_started", detail, Some(weights), None)
+            }
+        }
+        _ if judged.gates != m.gates => Next::Observe(Box::new(judged)),
+        _ => Next::Wait,
+    }
+}

@@ -1,0 +1,366 @@
+//! A migration: its plan, its stage machine and its gates.
+//!
+//! The stage machine is a pure function ([`next`]) of the migration, what
+//! the control plane observes ([`World`]) and the time: it either waits or
+//! names one transition (new record, weights, pin). The engine persists a
+//! transition before it takes effect, so a restart resumes exactly where
+//! the record says, bake timers included.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry_discovery::weights::split_proportionally;
+use ferry_discovery::{ClusterName, Service, ServiceName, TOTAL_WEIGHT, Weights};
+use ferry_xds::lrs::Load;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::PolicyError;
+use crate::store::StoredPin;
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Stage {
+    /// Accepted and waiting for a slot; validated again when it starts.
+    Validate,
+    Pin,
+    DoubleDeploy,
+    Shift,
+    Cleanup,
+    Unpin,
+    Done,
+    Paused,
+    RollingBack,
+    RolledBack,
+    Failed,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Validate => "VALIDATE",
+            Self::Pin => "PIN",
+            Self::DoubleDeploy => "DOUBLE_DEPLOY",
+            Self::Shift => "SHIFT",
+            Self::Cleanup => "CLEANUP",
+            Self::Unpin => "UNPIN",
+            Self::Done => "DONE",
+            Self::Paused => "PAUSED",
+            Self::RollingBack => "ROLLING_BACK",
+            Self::RolledBack => "ROLLED_BACK",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    /// Ended: nothing more will happen to it.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Done | Self::RolledBack | Self::Failed)
+    }
+
+    /// Holds a concurrency slot (started and not ended).
+    pub fn is_active(self) -> bool {
+        !self.is_terminal() && self != Self::Validate
+    }
+}
+
+/// Progress within SHIFT and ROLLING_BACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    #[default]
+    None,
+    /// Weights set; waiting for proxies to acknowledge them.
+    AwaitingAck,
+    /// Acknowledged; the step bakes and its gate is evaluated.
+    Baking,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::AwaitingAck => "AWAITING_ACK",
+            Self::Baking => "BAKING",
+        }
+    }
+}
+
+/// The gates every step must pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gates {
+    /// Target error rate may exceed the source's by this much (a fraction).
+    pub max_error_rate_increase: f64,
+    /// Hard ceiling on the target's error rate (a fraction; 0 = none).
+    pub max_error_rate: f64,
+    /// Requests each side needs in a window before the gate decides.
+    pub min_requests: u64,
+    /// Longest wait for enough data past the bake time.
+    pub data_timeout_ms: u64,
+    /// Latency gates, read from Prometheus.
+    #[serde(default)]
+    pub latency: Option<LatencyGate>,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Self {
+            max_error_rate_increase: 0.01,
+            max_error_rate: 0.0,
+            min_requests: 50,
+            data_timeout_ms: 300_000,
+            latency: None,
+        }
+    }
+}
+
+/// The default p99 query: Envoy's upstream request time (milliseconds) of
+/// one side's clusters, which Ferry names `name_namespace_port_cluster` for
+/// statistics.
+pub const DEFAULT_P99_QUERY: &str = r#"histogram_quantile(0.99, sum by (le) (rate(envoy_cluster_upstream_rq_time_bucket{envoy_cluster_name=~"{name}_{namespace}_[0-9]+_{cluster}"}[{window}])))"#;
+
+/// p99 latency gates: target against source, from a Prometheus server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyGate {
+    /// Base URL of the Prometheus server (`http://host:port`).
+    pub prometheus_url: String,
+    /// PromQL with `{name}`, `{namespace}`, `{cluster}`, `{window}`; the
+    /// result is one side's p99 in milliseconds.
+    pub p99_query: String,
+    /// Target p99 ≤ this × source p99 (0 = off).
+    pub max_p99_ratio: f64,
+    /// Target p99 ≤ this many milliseconds (0 = off).
+    pub max_p99_ms: u64,
+}
+
+/// p99 latencies (milliseconds) of both sides over a step's window, when
+/// Prometheus has them.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub source_p99_ms: Option<f64>,
+    pub target_p99_ms: Option<f64>,
+}
+
+/// What a migration was asked to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub service: ServiceName,
+    pub from: Vec<ClusterName>,
+    pub to: ClusterName,
+    /// The target's share per step, basis points, strictly increasing,
+    /// ending at 10000.
+    pub steps: Vec<u32>,
+    pub bake_ms: u64,
+    pub gates: Gates,
+    /// Share of connected proxies that must acknowledge each step.
+    pub ack_share: f64,
+    pub ack_timeout_ms: u64,
+    pub double_deploy_timeout_ms: u64,
+    /// Target ready endpoints ≥ this × the sources' ready endpoints.
+    pub min_capacity: f64,
+    pub drain_ms: u64,
+    /// Connected proxies that must hold a step's weights before it bakes:
+    /// no proxy is never an acknowledgement.
+    #[serde(default = "one_proxy")]
+    pub min_proxies: u32,
+}
+
+fn one_proxy() -> u32 {
+    1
+}
+
+/// What the acknowledgement wait reads: the proxies holding a policy
+/// version, out of those connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Acks {
+    /// Connected proxies holding routes of the version or a later one.
+    pub acked: usize,
+    /// Connected proxies that take routes.
+    pub connected: usize,
+    /// Proxies connected before this control plane restarted that have
+    /// not come back yet (within the restart grace period).
+    pub returning: usize,
+}
+
+impl Acks {
+    /// Whether `plan`'s step may count as acknowledged.
+    pub fn enough(&self, plan: &Plan) -> bool {
+        self.connected >= plan.min_proxies.max(1) as usize
+            && self.returning == 0
+            && self.acked as f64 >= (plan.ack_share * self.connected as f64).ceil()
+    }
+
+    /// What an unacknowledged step waits for, in words.
+    pub fn waiting_for(&self, plan: &Plan) -> String {
+        let min = plan.min_proxies.max(1) as usize;
+        if self.connected < min {
+            return format!(
+                "{} of at least {min} proxies connected; no proxy is no acknowledgement",
+                self.connected
+            );
+        }
+        if self.returning > 0 {
+            return format!(
+                "{} proxies connected before the control plane restarted have not reconnected",
+                self.returning
+            );
+        }
+        let need = (plan.ack_share * self.connected as f64).ceil() as usize;
+        format!(
+            "{}/{} proxies hold the step's weights; {need} needed",
+            self.acked, self.connected
+        )
+    }
+}
+
+/// One gate evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GateResult {
+    pub step: usize,
+    pub outcome: GateOutcome,
+    pub source: (u64, u64),
+    pub target: (u64, u64),
+    #[serde(default)]
+    pub latency: Latency,
+    pub detail: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOutcome {
+    Pass,
+    Fail,
+    NotEnoughData,
+}
+
+impl GateOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Fail => "fail",
+            Self::NotEnoughData => "not_enough_data",
+        }
+    }
+}
+
+/// A migration as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub id: String,
+    pub plan: Plan,
+    pub stage: Stage,
+    pub phase: Phase,
+    /// Index of the current step in `plan.steps`.
+    pub step: usize,
+    /// Where a paused migration resumes.
+    pub paused_from: Option<(Stage, Phase)>,
+    /// The sources' weights when the migration started (sum 10000): what
+    /// a rollback restores.
+    pub source_weights: BTreeMap<ClusterName, u32>,
+    /// The weights the migration has set (empty before SHIFT).
+    pub weights: BTreeMap<ClusterName, u32>,
+    /// Why it failed, rolled back or paused.
+    pub reason: String,
+    /// Why it was started (the audit reason of its own changes).
+    pub purpose: String,
+    pub gates: Vec<GateResult>,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub phase_started_ms: i64,
+    /// The policy version that carries the weights awaiting
+    /// acknowledgement (kept in memory; after a restart, the loaded one).
+    #[serde(skip)]
+    pub applied_version: u64,
+    /// Proxies that acknowledged the step, out of those connected (none
+    /// until first looked at).
+    #[serde(skip)]
+    pub acks: Option<Acks>,
+    /// Stop at the end of the current step (its campaign is paused): a
+    /// step that passes pauses the migration instead of moving on.
+    #[serde(default)]
+    pub hold: bool,
+}
+
+impl Migration {
+    /// The pin owner a migration holds the service's pin as.
+    pub fn owner(&self) -> String {
+        format!("migration/{}", self.id)
+    }
+}
+
+/// What the stage machine reads of the world.
+pub trait World {
+    fn service(&self, name: &ServiceName) -> Option<&Service>;
+    /// The weights the service's traffic follows now.
+    fn weights(&self, name: &ServiceName) -> Option<Weights>;
+    /// Connected proxies (of every control plane) that hold routes
+    /// translated from policy version `policy_version` or later, out of all
+    /// connected proxies that take routes, and those still awaited after a
+    /// restart.
+    fn acks(&self, policy_version: u64) -> Acks;
+    /// The load a service's backend in `cluster` reported since `since_ms`.
+    fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load;
+    /// The latest p99 readings for migration `m`'s current step (latency
+    /// gates only).
+    fn latency(&self, m: &Migration) -> Latency;
+}
+
+/// One transition: the new record and what changes with it.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    pub to: Migration,
+    pub weights: Option<Weights>,
+    pub pin: Option<Option<StoredPin>>,
+    pub action: &'static str,
+    pub detail: String,
+}
+
+impl Transition {
+    /// A transition of the record alone: no weights, no pin.
+    pub fn plain(action: &'static str, to: Migration, detail: &str) -> Self {
+        Self {
+            to,
+            weights: None,
+            pin: None,
+            action,
+            detail: detail.to_owned(),
+        }
+    }
+}
+
+/// What the stage machine decides.
+#[derive(Debug, Clone)]
+pub enum Next {
+    Wait,
+    /// Nothing to persist, but what is shown changed (acks, interim gates).
+    Observe(Box<Migration>),
+    Transition(Box<Transition>),
+}
+
+fn transition(
+    to: Migration,
+    action: &'static str,
+    detail: String,
+    weights: Option<Weights>,
+    pin: Option<Option<StoredPin>>,
+) -> Next {
+    Next::Transition(Box::new(Transition {
+        to,
+        weights,
+        pin,
+        action,
+        detail,
+    }))
+}
+
+mod gates;
+mod machine;
+mod plan;
+
+pub use self::gates::judge;
+pub use self::machine::{SOURCES_QUIET_MS, next};
+pub use self::plan::{begin_rollback, rollback_weights, source_weights, step_weights, validate};
+
+#[cfg(test)]
+mod tests;

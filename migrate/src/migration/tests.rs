@@ -1,0 +1,436 @@
+use super::*;
+use ferry_discovery::file::parse_catalog;
+use std::path::Path;
+
+/// A world whose every reading the test sets.
+struct Fixed {
+    service: Service,
+    acks: Acks,
+    load: BTreeMap<String, Load>,
+    latency: Latency,
+}
+
+impl World for Fixed {
+    fn service(&self, _: &ServiceName) -> Option<&Service> {
+        Some(&self.service)
+    }
+    fn weights(&self, _: &ServiceName) -> Option<Weights> {
+        self.service.effective_weights()
+    }
+    fn acks(&self, _: u64) -> Acks {
+        self.acks
+    }
+    fn load(&self, _: &ServiceName, cluster: &ClusterName, _: i64) -> Load {
+        self.load.get(cluster.as_str()).copied().unwrap_or_default()
+    }
+    fn latency(&self, _: &Migration) -> Latency {
+        self.latency
+    }
+}
+
+fn acks(acked: usize, connected: usize, returning: usize) -> Acks {
+    Acks {
+        acked,
+        connected,
+        returning,
+    }
+}
+
+fn c(name: &str) -> ClusterName {
+    ClusterName::new(name).unwrap()
+}
+
+fn world() -> Fixed {
+    let yaml = "services:\n  - name: a\n    namespace: ns\n    ports: [{name: http, port: 80}]\n    backends:\n      old1: {endpoints: [\"127.0.0.1:1\", \"127.0.0.2:1\"]}\n      old2: {endpoints: [\"127.0.0.3:1\"]}\n      new: {endpoints: [\"127.0.0.4:1\", \"127.0.0.5:1\"]}\n    weights: {old1: 7500, old2: 2500, new: 0}\n";
+    let service = parse_catalog(Path::new("t.yaml"), yaml).unwrap().remove(0);
+    Fixed {
+        service,
+        acks: acks(1, 1, 0),
+        load: BTreeMap::new(),
+        latency: Latency::default(),
+    }
+}
+
+fn migration() -> Migration {
+    Migration {
+        id: "mig-1".into(),
+        plan: Plan {
+            service: ServiceName::parse("a.ns").unwrap(),
+            from: vec![c("old1"), c("old2")],
+            to: c("new"),
+            steps: vec![1000, 5000, 10000],
+            bake_ms: 1000,
+            gates: Gates {
+                min_requests: 10,
+                data_timeout_ms: 5000,
+                ..Gates::default()
+            },
+            ack_share: 1.0,
+            ack_timeout_ms: 2000,
+            double_deploy_timeout_ms: 3000,
+            min_capacity: 0.5,
+            drain_ms: 500,
+            min_proxies: 1,
+        },
+        stage: Stage::Validate,
+        phase: Phase::None,
+        step: 0,
+        paused_from: None,
+        source_weights: BTreeMap::new(),
+        weights: BTreeMap::new(),
+        reason: String::new(),
+        purpose: "test".into(),
+        gates: Vec::new(),
+        created_by: "t".into(),
+        created_at_ms: 0,
+        updated_at_ms: 0,
+        phase_started_ms: 0,
+        applied_version: 0,
+        acks: None,
+        hold: false,
+    }
+}
+
+fn take(next: Next) -> Transition {
+    match next {
+        Next::Transition(t) => *t,
+        other => panic!("expected a transition, got {other:?}"),
+    }
+}
+
+fn bp(w: &Weights, cluster: &str) -> u32 {
+    w.get(&c(cluster)).basis_points()
+}
+
+#[test]
+fn a_migration_walks_every_stage_and_splits_sources_as_they_were() {
+    let mut w = world();
+    let mut m = migration();
+    // Validate → pinned, sources' split recorded.
+    let t = take(next(&m, &w, 0));
+    assert_eq!(t.to.stage, Stage::DoubleDeploy);
+    assert!(matches!(&t.pin, Some(Some(p)) if p.owner == "migration/mig-1"));
+    assert_eq!(
+        t.to.source_weights,
+        BTreeMap::from([(c("old1"), 7500), (c("old2"), 2500)])
+    );
+    m = t.to;
+    // Double deploy → first step: 10 % to new, 90 % split 3:1.
+    let t = take(next(&m, &w, 10));
+    let weights = t.weights.clone().unwrap();
+    assert_eq!(
+        (
+            bp(&weights, "new"),
+            bp(&weights, "old1"),
+            bp(&weights, "old2")
+        ),
+        (1000, 6750, 2250)
+    );
+    m = t.to;
+    assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
+    // Waits for every proxy, then bakes.
+    w.acks = acks(1, 2, 0);
+    assert!(matches!(next(&m, &w, 20), Next::Observe(_)));
+    w.acks = acks(2, 2, 0);
+    m = take(next(&m, &w, 30)).to;
+    assert_eq!(m.phase, Phase::Baking);
+    // Healthy data, but the bake is not over: no step yet.
+    w.load.insert(
+        "old1".into(),
+        Load {
+            requests: 100,
+            errors: 1,
+        },
+    );
+    w.load.insert(
+        "new".into(),
+        Load {
+            requests: 20,
+            errors: 0,
+        },
+    );
+    assert!(!matches!(next(&m, &w, 500), Next::Transition(_)));
+    let t = take(next(&m, &w, 1100));
+    assert_eq!(t.to.step, 1);
+    assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 5000);
+    m = t.to;
+    m = take(next(&m, &w, 1200)).to; // acked
+    m = take(next(&m, &w, 2300)).to; // step 3
+    assert_eq!(m.step, 2);
+    m = take(next(&m, &w, 2400)).to; // acked
+    // Last step: the sources carry nothing; the reference is the
+    // source's rate from the step before. It ends only once the
+    // sources were seen idle for SOURCES_QUIET_MS.
+    w.load.remove("old1");
+    assert!(!matches!(next(&m, &w, 3500), Next::Transition(_)));
+    let t = take(next(&m, &w, 2400 + SOURCES_QUIET_MS));
+    assert_eq!(t.to.stage, Stage::Cleanup);
+    assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 10000);
+    m = t.to;
+    let cleanup = m.phase_started_ms;
+    assert!(
+        matches!(next(&m, &w, cleanup + 100), Next::Wait),
+        "drains first"
+    );
+    m = take(next(&m, &w, cleanup + 600)).to;
+    assert_eq!(m.stage, Stage::Unpin);
+    let t = take(next(&m, &w, cleanup + 700));
+    assert_eq!(t.to.stage, Stage::Done);
+    assert_eq!(t.pin, Some(None), "the pin is released");
+}
+
+#[test]
+fn a_worse_target_rolls_back_at_once_to_the_sources() {
+    let mut w = world();
+    let mut m = migration();
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    assert_eq!(m.phase, Phase::Baking);
+    w.load.insert(
+        "old1".into(),
+        Load {
+            requests: 100,
+            errors: 0,
+        },
+    );
+    w.load.insert(
+        "new".into(),
+        Load {
+            requests: 10,
+            errors: 3,
+        },
+    );
+    // Well before the bake ends.
+    let t = take(next(&m, &w, 100));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(
+        t.to.reason.contains("gate failed at step 1"),
+        "{}",
+        t.to.reason
+    );
+    let weights = t.weights.unwrap();
+    assert_eq!(
+        (
+            bp(&weights, "new"),
+            bp(&weights, "old1"),
+            bp(&weights, "old2")
+        ),
+        (0, 7500, 2500)
+    );
+    assert_eq!(t.to.gates.last().unwrap().outcome, GateOutcome::Fail);
+    // Once proxies hold the source weights: rolled back and unpinned.
+    let t = take(next(&t.to, &w, 200));
+    assert_eq!(t.to.stage, Stage::RolledBack);
+    assert_eq!(t.pin, Some(None));
+}
+
+#[test]
+fn not_enough_data_is_never_a_pass() {
+    let mut w = world();
+    let mut m = migration();
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    w.load.insert(
+        "old1".into(),
+        Load {
+            requests: 100,
+            errors: 0,
+        },
+    );
+    w.load.insert(
+        "new".into(),
+        Load {
+            requests: 3,
+            errors: 0,
+        },
+    );
+    // Past the bake, within the data timeout: keeps waiting.
+    match next(&m, &w, 2000) {
+        Next::Observe(seen) => {
+            assert_eq!(
+                seen.gates.last().unwrap().outcome,
+                GateOutcome::NotEnoughData
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // Past bake + data timeout: the gate fails.
+    let t = take(next(&m, &w, 7000));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(t.to.reason.contains("not enough data"), "{}", t.to.reason);
+}
+
+#[test]
+fn proxies_that_never_ack_roll_the_step_back() {
+    let mut w = world();
+    let mut m = migration();
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    w.acks = acks(1, 3, 0);
+    assert!(!matches!(next(&m, &w, 1000), Next::Transition(_)));
+    let t = take(next(&m, &w, 2500));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(
+        t.to.reason
+            .contains("1/3 proxies hold the step's weights; 3 needed"),
+        "{}",
+        t.to.reason
+    );
+}
+
+#[test]
+fn no_proxy_is_never_an_acknowledgement() {
+    let mut w = world();
+    let mut m = migration();
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    assert_eq!(m.phase, Phase::AwaitingAck);
+    w.acks = acks(0, 0, 0);
+    assert!(!matches!(next(&m, &w, 100), Next::Transition(_)));
+    assert_eq!(
+        w.acks.waiting_for(&m.plan),
+        "0 of at least 1 proxies connected; no proxy is no acknowledgement"
+    );
+    // More proxies may be required; fewer connected wait.
+    m.plan.min_proxies = 3;
+    w.acks = acks(2, 2, 0);
+    assert!(!matches!(next(&m, &w, 200), Next::Transition(_)));
+    // Nobody ever came: the step rolls back at the ACK timeout.
+    w.acks = acks(0, 0, 0);
+    let t = take(next(&m, &w, 2500));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(
+        t.to.reason.contains("no proxy is no acknowledgement"),
+        "{}",
+        t.to.reason
+    );
+}
+
+#[test]
+fn proxies_connected_before_a_restart_are_waited_for() {
+    let mut w = world();
+    let mut m = migration();
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    // One proxy is back and holds the weights; another one that was
+    // connected before the restart is not back yet.
+    w.acks = acks(1, 1, 1);
+    match next(&m, &w, 100) {
+        Next::Observe(seen) => assert!(
+            seen.acks
+                .unwrap_or_default()
+                .waiting_for(&seen.plan)
+                .contains("1 proxies connected before"),
+            "{}",
+            seen.acks.unwrap_or_default().waiting_for(&seen.plan)
+        ),
+        other => panic!("{other:?}"),
+    }
+    w.acks = acks(2, 2, 0);
+    assert_eq!(take(next(&m, &w, 200)).to.phase, Phase::Baking);
+}
+
+#[test]
+fn the_last_step_never_ends_while_the_sources_still_serve() {
+    let mut w = world();
+    let mut m = migration();
+    m.plan.steps = vec![5000, 10000];
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    m = take(next(&m, &w, 0)).to;
+    let load = |requests| Load {
+        requests,
+        errors: 0,
+    };
+    w.load.insert("new".into(), load(100));
+    w.load.insert("old2".into(), load(100));
+    m = take(next(&m, &w, 1000)).to; // step 1 passed
+    m = take(next(&m, &w, 1000)).to; // step 2 acknowledged
+    assert_eq!((m.stage, m.phase, m.step), (Stage::Shift, Phase::Baking, 1));
+    // Every proxy acknowledged, the target is healthy, but a source
+    // still serves: some proxy routes by older weights.
+    match next(&m, &w, 1000 + SOURCES_QUIET_MS + 100) {
+        Next::Observe(seen) => {
+            let g = seen.gates.last().unwrap();
+            assert_eq!(g.outcome, GateOutcome::NotEnoughData);
+            assert!(
+                g.detail.contains("sources still served 100 requests"),
+                "{}",
+                g.detail
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // It never reaches CLEANUP; past the data timeout it rolls back.
+    let t = take(next(&m, &w, 1000 + 1000 + 5000 + 1));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(
+        t.to.reason.contains("some proxy still routes to them"),
+        "{}",
+        t.to.reason
+    );
+    // Had the sources been idle, it would have ended.
+    w.load.remove("old2");
+    let t = take(next(&m, &w, 1000 + SOURCES_QUIET_MS + 200));
+    assert_eq!(t.to.stage, Stage::Cleanup);
+}
+
+#[test]
+fn validation_names_what_is_wrong() {
+    let w = world();
+    let mut plan = migration().plan;
+    plan.to = c("mars");
+    let e = validate(&plan, Some(&w.service)).unwrap_err().to_string();
+    assert!(e.starts_with("to:") && e.contains("mars"), "{e}");
+    let mut plan = migration().plan;
+    plan.from = vec![c("old1")];
+    // old2 carries 25 % and is neither source nor target.
+    let e = source_weights(&plan, &w.service.effective_weights().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("old2"), "{e}");
+    let mut plan = migration().plan;
+    plan.min_capacity = 2.0;
+    let e = validate(&plan, Some(&w.service)).unwrap_err().to_string();
+    assert!(e.contains("ready endpoints"), "{e}");
+}
+
+#[test]
+fn a_held_migration_finishes_its_step_then_pauses_and_resumes_there() {
+    let mut w = world();
+    let mut m = migration();
+    m.hold = true;
+    // Held before it starts: it does not start.
+    assert!(matches!(next(&m, &w, 0), Next::Wait));
+    m.hold = false;
+    m = take(next(&m, &w, 0)).to; // pinned
+    m = take(next(&m, &w, 10)).to; // step 1 set
+    w.acks = acks(2, 2, 0);
+    m = take(next(&m, &w, 30)).to; // acked: baking
+    m.hold = true;
+    for (cluster, requests) in [("old1", 100), ("new", 20)] {
+        w.load.insert(
+            cluster.into(),
+            Load {
+                requests,
+                errors: 0,
+            },
+        );
+    }
+    // The step bakes in full and passes, then the migration pauses at
+    // step 1's weights instead of moving to step 2.
+    assert!(!matches!(next(&m, &w, 500), Next::Transition(_)));
+    let t = take(next(&m, &w, 1100));
+    assert_eq!(t.to.stage, Stage::Paused);
+    assert_eq!(t.to.paused_from, Some((Stage::Shift, Phase::Baking)));
+    assert_eq!(t.to.step, 0, "still at step 1");
+    assert!(t.weights.is_none(), "weights unchanged");
+    assert_eq!(
+        t.to.gates.last().map(|g| g.outcome),
+        Some(GateOutcome::Pass)
+    );
+    // A paused migration waits.
+    assert!(matches!(next(&t.to, &w, 5000), Next::Wait));
+}
