@@ -35,6 +35,7 @@ fn change(version: u64, actor: &str) -> Commit {
         weights: Some(Some(BTreeMap::from([("old".to_owned(), 10_000)]))),
         pin: None,
         migration: None,
+        campaign: None,
         audit: AuditRecord {
             version,
             at_ms: 0,
