@@ -4,7 +4,11 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["ferry/v1/traffic.proto", "ferry/v1/migration.proto"];
+    let protos = [
+        "ferry/v1/traffic.proto",
+        "ferry/v1/migration.proto",
+        "ferry/v1/campaign.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -422,13 +422,16 @@ pub async fn audit(conn: &Conn, service: Option<String>, limit: u32) -> anyhow::
     Ok(())
 }
 
-pub async fn status(conn: &Conn) -> anyhow::Result<()> {
+pub async fn status(conn: &Conn, cluster: Option<String>) -> anyhow::Result<()> {
     let mut api = connect(conn).await?;
     let reply = api
         .list_services(request(conn, ListServicesRequest {}))
         .await
         .map_err(status_error)?
         .into_inner();
+    if let Some(cluster) = cluster {
+        return still_serving(conn, &reply, &cluster);
+    }
     if conn.output == Output::Json {
         let services: Vec<_> = reply
             .services
@@ -475,6 +478,58 @@ pub async fn status(conn: &Conn) -> anyhow::Result<()> {
                 pin
             );
         }
+    }
+    Ok(())
+}
+
+/// `ferry status --cluster old`: the services `cluster` still serves
+/// (weight above 0) — the answer to "can we turn it off?".
+fn still_serving(
+    conn: &Conn,
+    reply: &ferry_proto::ferry::v1::ListServicesResponse,
+    cluster: &str,
+) -> anyhow::Result<()> {
+    let serving: Vec<(&str, u32, u32)> = reply
+        .services
+        .iter()
+        .filter_map(|s| {
+            let b = s.backends.iter().find(|b| b.cluster == cluster)?;
+            (b.basis_points > 0).then_some((s.service.as_str(), b.basis_points, b.endpoints))
+        })
+        .collect();
+    let idle = reply
+        .services
+        .iter()
+        .filter(|s| {
+            s.backends
+                .iter()
+                .any(|b| b.cluster == cluster && b.basis_points == 0)
+        })
+        .count();
+    if conn.output == Output::Json {
+        let list: Vec<_> = serving
+            .iter()
+            .map(|(s, bp, n)| json!({"service": s, "weight_bp": bp, "endpoints": n}))
+            .collect();
+        println!(
+            "{}",
+            json!({"cluster": cluster, "serving": list, "idle_backends": idle})
+        );
+        return Ok(());
+    }
+    if serving.is_empty() {
+        println!(
+            "cluster {cluster} takes no traffic: no service routes to it ({idle} services still list it at 0 %)"
+        );
+        return Ok(());
+    }
+    println!(
+        "cluster {cluster} still takes traffic for {} services ({idle} more list it at 0 %):",
+        serving.len()
+    );
+    println!("{:<32} {:>9} {:>9}", "SERVICE", "WEIGHT", "ENDPOINTS");
+    for (service, bp, endpoints) in serving {
+        println!("{service:<32} {:>9} {endpoints:>9}", percent(bp));
     }
     Ok(())
 }

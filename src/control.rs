@@ -11,6 +11,7 @@ use ferry_discovery::Catalog;
 use ferry_discovery::file::{FileSource, RemovalLimit};
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
+use ferry_migrate::campaign_api::CampaignsApi;
 use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
 use ferry_xds::ads::XdsLimits;
@@ -280,6 +281,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         api_security,
         TrafficApi::new(policy, catalog.clone(), clusters.clone()).with_shutdown(shutdown.clone()),
         MigrationsApi::new(engine.clone()).with_shutdown(shutdown.clone()),
+        CampaignsApi::new(engine.clone()).with_shutdown(shutdown.clone()),
         shutdown.clone(),
     ));
     // Migrations resume once the served snapshot carries the persisted
@@ -520,6 +522,7 @@ async fn serve_api(
     security: ApiSecurity,
     api: TrafficApi,
     migrations: MigrationsApi,
+    campaigns: CampaignsApi,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -528,6 +531,9 @@ async fn serve_api(
         .await;
     health_reporter
         .set_serving::<ferry_proto::ferry::v1::migrations_server::MigrationsServer<MigrationsApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ferry_proto::ferry::v1::campaigns_server::CampaignsServer<CampaignsApi>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ferry_proto::ferry::v1::FILE_DESCRIPTOR_SET)
@@ -546,7 +552,8 @@ async fn serve_api(
         .layer(security.auth)
         .add_service(health)
         .add_service(api.into_service())
-        .add_service(migrations.into_service());
+        .add_service(migrations.into_service())
+        .add_service(campaigns.into_service());
     if let Ok(reflection) = reflection {
         router = router.add_service(reflection);
     }

@@ -1,6 +1,7 @@
 //! `ferry`: one binary for Ferry's control plane and tools.
 
 mod admin;
+mod campaign_cli;
 mod cli;
 mod cluster_cmd;
 mod console;
@@ -60,6 +61,14 @@ enum Command {
         #[command(flatten)]
         conn: cli::Conn,
     },
+    /// Move every service of one cluster to another: start, list, inspect,
+    /// pause, resume, abort, retry and watch campaigns.
+    Campaign {
+        #[command(subcommand)]
+        command: campaign_cli::CampaignCommand,
+        #[command(flatten)]
+        conn: cli::Conn,
+    },
     /// Pin a service: deploy tooling refuses changes while it is held.
     Pin {
         service: String,
@@ -106,6 +115,10 @@ enum Command {
     },
     /// Services × clusters: weights, ready endpoints, pins.
     Status {
+        /// Only what still takes traffic in this cluster (weight above 0):
+        /// what must move before the cluster can be turned off.
+        #[arg(long)]
+        cluster: Option<String>,
         #[command(flatten)]
         conn: cli::Conn,
     },
@@ -175,7 +188,8 @@ fn main() -> ExitCode {
             limit,
             conn,
         } => run_client(cli::audit(&conn, service, limit)),
-        Command::Status { conn } => run_client(cli::status(&conn)),
+        Command::Status { cluster, conn } => run_client(cli::status(&conn, cluster)),
+        Command::Campaign { command, conn } => run_client(campaign_cli::run(&conn, command)),
         Command::Cluster { command } => {
             // kube-rs builds its TLS from the process's default provider.
             let _ = rustls::crypto::ring::default_provider().install_default();

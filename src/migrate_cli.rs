@@ -60,9 +60,23 @@ pub struct StartArgs {
     /// Target cluster.
     #[arg(long)]
     to: String,
+    #[command(flatten)]
+    options: MigrationOptions,
+    /// Why (goes into the audit log).
+    #[arg(long)]
+    reason: String,
+    /// Follow the migration until it ends.
+    #[arg(long)]
+    watch: bool,
+}
+
+/// How each migration runs: steps, bake, gates, acknowledgements (shared
+/// by `migrate start` and `campaign start`).
+#[derive(Debug, clap::Args)]
+pub struct MigrationOptions {
     /// Target share per step in percent, increasing, ending at 100.
     #[arg(long, value_delimiter = ',', default_value = "1,5,25,50,100")]
-    steps: Vec<f64>,
+    pub steps: Vec<f64>,
     /// Bake time per step.
     #[arg(long, default_value = "60s")]
     bake: String,
@@ -113,12 +127,60 @@ pub struct StartArgs {
     /// How long the source drains at 0 % before it is released.
     #[arg(long, default_value = "10s")]
     drain: String,
-    /// Why (goes into the audit log).
-    #[arg(long)]
-    reason: String,
-    /// Follow the migration until it ends.
-    #[arg(long)]
-    watch: bool,
+}
+
+impl MigrationOptions {
+    /// The create request for `service` from `from` to `to`.
+    pub fn request(
+        self,
+        service: String,
+        from: Vec<String>,
+        to: String,
+        reason: String,
+    ) -> CreateMigrationRequest {
+        let MigrationOptions {
+            steps,
+            bake,
+            max_error_rate_increase,
+            max_error_rate,
+            min_requests,
+            max_p99_ratio,
+            max_p99_ms,
+            prometheus_url,
+            p99_query,
+            data_timeout,
+            ack_share,
+            ack_timeout,
+            min_proxies,
+            double_deploy_timeout,
+            min_capacity,
+            drain,
+        } = self;
+        CreateMigrationRequest {
+            service,
+            from,
+            to,
+            steps,
+            bake,
+            gates: Some(Gates {
+                max_error_rate_increase_pct: max_error_rate_increase,
+                max_error_rate_pct: max_error_rate,
+                min_requests,
+                data_timeout,
+                prometheus_url,
+                max_p99_ratio,
+                max_p99_ms,
+                p99_query,
+            }),
+            ack_share,
+            ack_timeout,
+            double_deploy_timeout,
+            min_capacity,
+            drain,
+            reason,
+            min_proxies,
+        }
+    }
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<MigrationsClient<Channel>> {
@@ -134,49 +196,11 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                 service,
                 from,
                 to,
-                steps,
-                bake,
-                max_error_rate_increase,
-                max_error_rate,
-                min_requests,
-                max_p99_ratio,
-                max_p99_ms,
-                prometheus_url,
-                p99_query,
-                data_timeout,
-                ack_share,
-                ack_timeout,
-                min_proxies,
-                double_deploy_timeout,
-                min_capacity,
-                drain,
+                options,
                 reason,
                 watch,
             } = *args;
-            let message = CreateMigrationRequest {
-                service,
-                from,
-                to,
-                steps,
-                bake,
-                gates: Some(Gates {
-                    max_error_rate_increase_pct: max_error_rate_increase,
-                    max_error_rate_pct: max_error_rate,
-                    min_requests,
-                    data_timeout,
-                    prometheus_url,
-                    max_p99_ratio,
-                    max_p99_ms,
-                    p99_query,
-                }),
-                ack_share,
-                ack_timeout,
-                double_deploy_timeout,
-                min_capacity,
-                drain,
-                reason,
-                min_proxies,
-            };
+            let message = options.request(service, from, to, reason);
             let m = api
                 .create_migration(request(conn, message))
                 .await

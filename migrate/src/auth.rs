@@ -200,6 +200,11 @@ fn needs_write(path: &str) -> bool {
         "/ferry.v1.Migrations/PauseMigration",
         "/ferry.v1.Migrations/ResumeMigration",
         "/ferry.v1.Migrations/AbortMigration",
+        "/ferry.v1.Campaigns/CreateCampaign",
+        "/ferry.v1.Campaigns/PauseCampaign",
+        "/ferry.v1.Campaigns/ResumeCampaign",
+        "/ferry.v1.Campaigns/AbortCampaign",
+        "/ferry.v1.Campaigns/RetryCampaign",
     ];
     WRITES.contains(&path)
 }
