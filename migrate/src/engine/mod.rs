@@ -330,6 +330,11 @@ impl Engine {
             return;
         }
         let catalog = self.catalog.current();
+        // Before the first catalog (just after a start) every service
+        // looks gone: judge nothing yet.
+        if !catalog.is_loaded() {
+            return;
+        }
         let snapshot = self.cache.current();
         let latencies = self
             .latencies

@@ -9,13 +9,20 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
     let service = world.service(&m.plan.service);
     match m.stage {
         // A held migration (its campaign paused) does not start.
-        Stage::Validate | Stage::Pin if m.hold => Next::Wait,
+        Stage::Validate | Stage::Pin if m.hold => held(m, (Stage::Validate, Phase::None), now),
         Stage::Validate | Stage::Pin => match validate(&m.plan, service).and_then(|()| {
             let current = world.weights(&m.plan.service).ok_or_else(|| {
                 PolicyError::NotFound(format!("service {} has no weights", m.plan.service))
             })?;
             source_weights(&m.plan, &current)
         }) {
+            // A service missing from the catalog may be a source that has
+            // not listed yet (a cluster reconnecting): wait a while.
+            Err(PolicyError::NotFound(_))
+                if elapsed.as_millis() as u64 <= m.plan.double_deploy_timeout_ms =>
+            {
+                Next::Wait
+            }
             Err(e) => fail(m, format!("validation failed: {e}"), now, false),
             Ok(sources) => {
                 let mut to = m.clone();

@@ -402,8 +402,11 @@ fn a_held_migration_finishes_its_step_then_pauses_and_resumes_there() {
     let mut w = world();
     let mut m = migration();
     m.hold = true;
-    // Held before it starts: it does not start.
-    assert!(matches!(next(&m, &w, 0), Next::Wait));
+    // Held before it starts: it pauses there, having changed nothing.
+    let t = take(next(&m, &w, 0));
+    assert_eq!(t.to.stage, Stage::Paused);
+    assert_eq!(t.to.paused_from, Some((Stage::Validate, Phase::None)));
+    assert!(t.weights.is_none() && t.pin.is_none());
     m.hold = false;
     m = take(next(&m, &w, 0)).to; // pinned
     m = take(next(&m, &w, 10)).to; // step 1 set
