@@ -517,3 +517,79 @@ async fn bad_campaign_requests_name_the_field_and_change_nothing() {
     assert!(listed.campaigns.is_empty());
     assert!(migrations_per_service(&channel).await.is_empty());
 }
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_resumes_the_campaign_and_migrates_no_service_twice() {
+    const COUNT: usize = 6;
+    let etcd = support::Etcd::start().await;
+    let backends = backends(COUNT).await;
+    let flags = |node: &'static str| {
+        [
+            "--etcd-endpoints",
+            etcd.endpoint.as_str(),
+            "--etcd-lease-ttl",
+            "3s",
+            "--node-name",
+            node,
+        ]
+    };
+    let leading = |ferry: &Ferry| {
+        let port = ferry.admin_port;
+        async move {
+            matches!(support::http_get(port, "localhost", "/status").await,
+                Ok((200, body)) if serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|s| s["policy"]["leading"] == true))
+        }
+    };
+    let mut a = Ferry::start_with(&catalog(&backends, COUNT), &flags("a")).await;
+    support::eventually(Duration::from_secs(10), "a leads", || leading(&a)).await;
+    let b = Ferry::start_with(&catalog(&backends, COUNT), &flags("b")).await;
+    // The fleet takes its config from the follower.
+    let envoy = Envoy::start(&b, Ads::Delta).await;
+    let proxy = FerryProxy::start(b.xds_port).await;
+    let load = load(&envoy, &proxy, COUNT, Duration::from_secs(200));
+    let created = CampaignsClient::new(channel(&a).await)
+        .create_campaign(request(2, 3, "name"))
+        .await
+        .expect("create on the leader")
+        .into_inner();
+    // The follower follows the campaign; the leader dies mid-way.
+    let b_channel = channel(&b).await;
+    let b_api = CampaignsClient::new(b_channel.clone());
+    support::eventually(
+        Duration::from_secs(90),
+        "b sees one done, one in flight",
+        || {
+            let mut api = b_api.clone();
+            let id = created.id.clone();
+            async move {
+                api.get_campaign(GetCampaignRequest { id })
+                    .await
+                    .is_ok_and(|c| {
+                        let n = c.into_inner().counts.unwrap_or_default();
+                        n.done >= 1 && n.in_flight >= 1
+                    })
+            }
+        },
+    )
+    .await;
+    a.kill();
+    support::eventually(Duration::from_secs(10), "b leads", || leading(&b)).await;
+    let mut b_api = b_api.clone();
+    let updates = follow(&mut b_api, &created.id, Duration::from_secs(150)).await;
+    let failed = failures(load).await;
+    let last = updates.last().expect("updates");
+    assert_eq!(last.state, "DONE", "{last:#?}\n{}", b.log());
+    assert_eq!(
+        last.counts.unwrap_or_default().done,
+        COUNT as u32,
+        "{last:#?}"
+    );
+    let per_service = migrations_per_service(&b_channel).await;
+    assert_eq!(per_service.len(), COUNT);
+    assert!(per_service.values().all(|n| *n == 1), "{per_service:?}");
+    for (service, (bad, total)) in &failed {
+        assert_eq!(*bad, 0, "{service}: {bad} of {total} requests failed");
+    }
+}
