@@ -1,8 +1,9 @@
 //! `deploy/` as a platform team applies it: every overlay rendered by the
 //! real `kubectl kustomize`, each object read back and checked against
 //! the real binary (its flags, ports and probe paths), the RBAC against
-//! what discovery actually asks of an API server, and the Prometheus rules
-//! by the real `promtool`.
+//! what discovery actually asks of an API server (and, applied to one, as
+//! enough for `ferry control` with the ServiceAccount's own token), and the
+//! Prometheus rules by the real `promtool`.
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use ferry_testkube::ResourceKind;
 use serde_yaml_ng::Value;
 
 const OVERLAYS: [&str; 6] = [
@@ -325,6 +327,151 @@ async fn the_cluster_role_grants_exactly_what_discovery_asks_for() {
         .find(|o| kind(o) == "Role" && name(o) == "ferry-cluster-secrets")
         .expect("Role");
     assert_eq!(role["metadata"]["namespace"].as_str(), Some("ferry-system"));
+}
+
+/// The user `ferry`'s token authenticates as.
+const FERRY_USER: &str = "system:serviceaccount:ferry-system:ferry";
+
+/// deploy/base's RBAC objects, as JSON: the ServiceAccount `ferry`, the
+/// ClusterRole and ClusterRoleBinding `ferry-discovery` and, with
+/// `secrets_role`, the Role and RoleBinding `ferry-cluster-secrets`.
+fn base_rbac(secrets_role: bool) -> Vec<(ResourceKind, serde_json::Value)> {
+    let mut wanted = vec![
+        ("ServiceAccount", "ferry"),
+        ("ClusterRole", "ferry-discovery"),
+        ("ClusterRoleBinding", "ferry-discovery"),
+    ];
+    if secrets_role {
+        wanted.extend([
+            ("Role", "ferry-cluster-secrets"),
+            ("RoleBinding", "ferry-cluster-secrets"),
+        ]);
+    }
+    let objects = render("base");
+    wanted
+        .into_iter()
+        .map(|(k, n)| {
+            let object = objects
+                .iter()
+                .find(|o| kind(o) == k && name(o) == n)
+                .unwrap_or_else(|| panic!("base renders no {k} {n}"));
+            let kind = ResourceKind::from_kind(k).unwrap_or_else(|| panic!("testkube serves {k}"));
+            (kind, serde_json::to_value(object).expect("JSON"))
+        })
+        .collect()
+}
+
+/// The home cluster (`web.shop` exported) with deploy/base's RBAC applied
+/// (the Role on cluster Secrets only with `secrets_role`), and `ferry
+/// control` watching it and its cluster Secrets with `ferry`'s token.
+async fn ferry_with_base_rbac(
+    secrets_role: bool,
+) -> (ferry_testkube::TestKube, tempfile::TempDir, support::Ferry) {
+    let (kube, dir, _) = support::web_cluster("deploy-rbac-token").await;
+    for (kind, object) in base_rbac(secrets_role) {
+        kube.apply(kind, object).expect("apply deploy/base RBAC");
+    }
+    let token_secret = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "ferry-token",
+            "namespace": "ferry-system",
+            "annotations": {"kubernetes.io/service-account.name": "ferry"},
+        },
+        "type": "kubernetes.io/service-account-token",
+    });
+    kube.apply(ResourceKind::Secret, token_secret)
+        .expect("token Secret");
+    support::eventually(Duration::from_secs(10), "ferry's token", || async {
+        kube.token_for("ferry-system", "ferry").is_some()
+    })
+    .await;
+    let token = kube.token_for("ferry-system", "ferry").expect("token");
+    let kubeconfig = dir.path().join("ferry.kubeconfig");
+    kube.kubeconfig(&kubeconfig, "home", Some(&token))
+        .expect("kubeconfig");
+    let catalog = format!(
+        "kubernetes:\n  clusters:\n    - {{name: home, kubeconfig: {0}}}\n  \
+         cluster_secrets: {{namespace: ferry-system, kubeconfig: {0}}}\nservices: []\n",
+        kubeconfig.display()
+    );
+    let ferry = support::Ferry::start(&catalog).await;
+    (kube, dir, ferry)
+}
+
+/// `/status` shows the home cluster connected and `web.shop` discovered,
+/// and the cluster Secrets watch with `secrets_health`.
+async fn discovers_web_shop(ferry: &support::Ferry, secrets_health: &str) {
+    let what = format!("web.shop discovered, cluster Secrets {secrets_health}");
+    support::eventually(Duration::from_secs(20), &what, || async {
+        let status = ferry.status().await;
+        let catalog = &status["catalog"];
+        let home_connected = catalog["kubernetes"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["cluster"] == "home" && c["health"] == "connected")
+        });
+        home_connected
+            && catalog["cluster_secrets"]["health"] == secrets_health
+            && catalog["services"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "web.shop"))
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_rbac_is_enough_for_discovery_and_cluster_secrets() {
+    // With all of deploy/base's RBAC, ferry's token is enough for both.
+    let (kube, _dir, ferry) = ferry_with_base_rbac(true).await;
+    discovers_web_shop(&ferry, "connected").await;
+    let needed = [
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("", "secrets"),
+    ];
+    support::eventually(
+        Duration::from_secs(20),
+        "list and watch of services, endpointslices and secrets as ferry",
+        || async {
+            let used = kube.access_by(FERRY_USER);
+            needed.iter().all(|(group, resource)| {
+                ["list", "watch"].iter().all(|verb| {
+                    used.contains(&(verb.to_string(), group.to_string(), resource.to_string()))
+                })
+            })
+        },
+    )
+    .await;
+    // Only ferry's token was used.
+    assert_eq!(kube.users_seen(), BTreeSet::from([FERRY_USER.to_owned()]));
+    drop(ferry);
+
+    // Without the Role, the cluster Secrets are refused (403) while
+    // discovery of the home cluster still works: the Role is what grants
+    // them.
+    let (kube, _dir, ferry) = ferry_with_base_rbac(false).await;
+    discovers_web_shop(&ferry, "unauthorized").await;
+    let status = ferry.status().await;
+    let error = status["catalog"]["cluster_secrets"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "(403): secrets is forbidden: User \"{FERRY_USER}\" cannot list resource \"secrets\" \
+             in API group \"\" in the namespace \"ferry-system\""
+        )),
+        "{error}"
+    );
+    let used = kube.access_by(FERRY_USER);
+    assert!(
+        !used.iter().any(|(_, _, resource)| resource == "secrets"),
+        "{used:?}"
+    );
+    assert!(
+        used.contains(&("list".to_owned(), "".to_owned(), "services".to_owned())),
+        "{used:?}"
+    );
 }
 
 #[test]

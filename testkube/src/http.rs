@@ -884,6 +884,26 @@ mod tests {
             ]),
             None
         );
+        assert_eq!(
+            resource_route(&[
+                "apis",
+                "rbac.authorization.k8s.io",
+                "v1",
+                "namespaces",
+                "a",
+                "rolebindings",
+                "b"
+            ]),
+            Some((ResourceKind::RoleBinding, Some("a"), Some("b")))
+        );
+        assert_eq!(
+            resource_route(&["apis", "rbac.authorization.k8s.io", "v1", "roles"]),
+            Some((ResourceKind::Role, None, None))
+        );
+        assert_eq!(
+            resource_route(&["apis", "rbac.authorization.k8s.io", "v1", "roles", "x"]),
+            None
+        );
         assert_eq!(resource_route(&["api", "v1", "services", "x"]), None);
         assert_eq!(
             resource_route(&["api", "v1", "namespaces", "a", "status"]),

@@ -22,11 +22,15 @@ pub enum ResourceKind {
     ClusterRole,
     /// rbac.authorization.k8s.io/v1 `ClusterRoleBinding` (cluster-scoped).
     ClusterRoleBinding,
+    /// rbac.authorization.k8s.io/v1 `Role`.
+    Role,
+    /// rbac.authorization.k8s.io/v1 `RoleBinding`.
+    RoleBinding,
 }
 
 impl ResourceKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ResourceKind; 8] = [
+    pub const ALL: [ResourceKind; 10] = [
         ResourceKind::Service,
         ResourceKind::EndpointSlice,
         ResourceKind::ServiceExport,
@@ -35,6 +39,8 @@ impl ResourceKind {
         ResourceKind::Secret,
         ResourceKind::ClusterRole,
         ResourceKind::ClusterRoleBinding,
+        ResourceKind::Role,
+        ResourceKind::RoleBinding,
     ];
 
     /// The object `kind` (`"Service"`, `"EndpointSlice"`, `"ClusterRole"`, ...).
@@ -48,6 +54,8 @@ impl ResourceKind {
             ResourceKind::Secret => "Secret",
             ResourceKind::ClusterRole => "ClusterRole",
             ResourceKind::ClusterRoleBinding => "ClusterRoleBinding",
+            ResourceKind::Role => "Role",
+            ResourceKind::RoleBinding => "RoleBinding",
         }
     }
 
@@ -62,6 +70,8 @@ impl ResourceKind {
             ResourceKind::Secret => "SecretList",
             ResourceKind::ClusterRole => "ClusterRoleList",
             ResourceKind::ClusterRoleBinding => "ClusterRoleBindingList",
+            ResourceKind::Role => "RoleList",
+            ResourceKind::RoleBinding => "RoleBindingList",
         }
     }
 
@@ -74,9 +84,10 @@ impl ResourceKind {
             | ResourceKind::Secret => "",
             ResourceKind::EndpointSlice => "discovery.k8s.io",
             ResourceKind::ServiceExport => "multicluster.x-k8s.io",
-            ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
-                "rbac.authorization.k8s.io"
-            }
+            ResourceKind::ClusterRole
+            | ResourceKind::ClusterRoleBinding
+            | ResourceKind::Role
+            | ResourceKind::RoleBinding => "rbac.authorization.k8s.io",
         }
     }
 
@@ -98,9 +109,10 @@ impl ResourceKind {
             | ResourceKind::Secret => "v1",
             ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
             ResourceKind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
-            ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
-                "rbac.authorization.k8s.io/v1"
-            }
+            ResourceKind::ClusterRole
+            | ResourceKind::ClusterRoleBinding
+            | ResourceKind::Role
+            | ResourceKind::RoleBinding => "rbac.authorization.k8s.io/v1",
         }
     }
 
@@ -115,6 +127,8 @@ impl ResourceKind {
             ResourceKind::Secret => "secrets",
             ResourceKind::ClusterRole => "clusterroles",
             ResourceKind::ClusterRoleBinding => "clusterrolebindings",
+            ResourceKind::Role => "roles",
+            ResourceKind::RoleBinding => "rolebindings",
         }
     }
 
@@ -129,6 +143,8 @@ impl ResourceKind {
             ResourceKind::Secret => "secret",
             ResourceKind::ClusterRole => "clusterrole",
             ResourceKind::ClusterRoleBinding => "clusterrolebinding",
+            ResourceKind::Role => "role",
+            ResourceKind::RoleBinding => "rolebinding",
         }
     }
 
@@ -179,9 +195,11 @@ impl ResourceKind {
     /// kinds, as on a real server).
     pub(crate) fn short_names(self) -> Vec<&'static str> {
         match self {
-            ResourceKind::Secret | ResourceKind::ClusterRole | ResourceKind::ClusterRoleBinding => {
-                Vec::new()
-            }
+            ResourceKind::Secret
+            | ResourceKind::ClusterRole
+            | ResourceKind::ClusterRoleBinding
+            | ResourceKind::Role
+            | ResourceKind::RoleBinding => Vec::new(),
             other => vec![other.short()],
         }
     }
@@ -202,6 +220,14 @@ mod tests {
         assert_eq!(shorts.len(), ResourceKind::ALL.len());
         assert!(!ResourceKind::Namespace.namespaced());
         assert!(ResourceKind::Secret.namespaced());
+        assert!(ResourceKind::Role.namespaced());
+        assert!(ResourceKind::RoleBinding.namespaced());
+        assert!(!ResourceKind::ClusterRoleBinding.namespaced());
+        assert_eq!(
+            ResourceKind::RoleBinding.qualified(),
+            "rolebindings.rbac.authorization.k8s.io"
+        );
+        assert_eq!(ResourceKind::from_kind("Role"), Some(ResourceKind::Role));
         assert_eq!(
             ResourceKind::ClusterRole.qualified(),
             "clusterroles.rbac.authorization.k8s.io"

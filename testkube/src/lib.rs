@@ -14,9 +14,9 @@
 //! discovery.k8s.io/v1 EndpointSlices, multicluster.x-k8s.io/v1alpha1
 //! ServiceExports (the CRD can be removed per server, its paths then answer
 //! 404 and API discovery drops its group) and rbac.authorization.k8s.io/v1
-//! ClusterRoles and ClusterRoleBindings ([`ResourceKind`]). Namespaces and
-//! the RBAC kinds are cluster-scoped: no `metadata.namespace`, namespace
-//! `""` in the Rust API. API discovery (`/api`, `/api/v1`, `/apis`, each
+//! ClusterRoles, ClusterRoleBindings, Roles and RoleBindings
+//! ([`ResourceKind`]). Namespaces, ClusterRoles and ClusterRoleBindings are
+//! cluster-scoped: no `metadata.namespace`, namespace `""` in the Rust API. API discovery (`/api`, `/api/v1`, `/apis`, each
 //! group and group version) lists every served kind with its scope and
 //! verbs; `/version` answers a version object.
 //!
@@ -69,9 +69,14 @@
 //! it (401), and re-creating the Secret mints a different token. Applying
 //! the Secret again keeps its token.
 //!
-//! Requests with a minted token are authorized by RBAC from the stored
-//! ClusterRoleBindings and ClusterRoles (403 `Forbidden` with the real
-//! server's message otherwise); the server's own token (user `admin`) and
+//! Requests with a minted token are authorized by RBAC as on the real
+//! server: a request in namespace NS is allowed when a ClusterRoleBinding
+//! grants it (through its ClusterRole) or a RoleBinding in NS does (through
+//! a Role in NS or a ClusterRole, whose rules then apply in NS only);
+//! requests at the cluster scope (lists across all namespaces, cluster-scoped
+//! kinds) only by ClusterRoleBindings. Otherwise 403 `Forbidden` with the
+//! real server's message (`... in the namespace "NS"` or `... at the
+//! cluster scope`). The server's own token (user `admin`) and
 //! client certificates are unrestricted. Discovery, `/version` and health
 //! checks are open to every authenticated user. [`TestKube::deny`] refuses a
 //! verb on a kind to everyone until [`TestKube::allow`]. What each user did
@@ -130,7 +135,8 @@
 //!     .unwrap();
 //! let token = cluster.token_for("ferry-system", "reader").unwrap();
 //! // Authenticated as system:serviceaccount:ferry-system:reader; 403 until
-//! // a ClusterRoleBinding grants it something.
+//! // a ClusterRoleBinding (or, in one namespace, a RoleBinding) grants it
+//! // something.
 //! let as_reader = cluster.client_with_token(&token).await;
 //! # let _ = as_reader;
 //! # }

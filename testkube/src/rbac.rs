@@ -1,8 +1,9 @@
 //! Who a request is from and what it may do: the users the server
 //! authenticates, the RBAC verbs of REST requests, and the RBAC authorizer
-//! for service-account tokens (ClusterRoleBindings and their ClusterRoles'
-//! rules; the server's own token and client certificates are
-//! cluster-admin).
+//! for service-account tokens (ClusterRoleBindings cluster-wide, and
+//! RoleBindings in the request's namespace, with the rules of the Roles and
+//! ClusterRoles they reference; the server's own token and client
+//! certificates are cluster-admin).
 
 use hyper::Method;
 use serde_json::Value;
@@ -88,7 +89,17 @@ pub(crate) struct Attributes<'a> {
     pub name: Option<&'a str>,
 }
 
-impl Attributes<'_> {
+impl<'a> Attributes<'a> {
+    /// The namespace the request is in, `None` at the cluster scope. As on
+    /// the real server, a request on one Namespace is in that namespace;
+    /// lists of a namespaced kind across all namespaces are not in any.
+    pub fn scope(&self) -> Option<&'a str> {
+        match (self.kind, self.name) {
+            (ResourceKind::Namespace, Some(name)) => Some(name),
+            _ => self.namespace,
+        }
+    }
+
     /// The API server's 403 message for `user`, e.g. `services is
     /// forbidden: User "x" cannot list resource "services" in API group ""
     /// at the cluster scope`.
@@ -97,12 +108,7 @@ impl Attributes<'_> {
             Some(name) => format!("{} \"{name}\"", self.kind.qualified()),
             None => self.kind.qualified(),
         };
-        // As the real server, a request on a Namespace is in that namespace.
-        let namespace = match (self.kind, self.name) {
-            (ResourceKind::Namespace, Some(name)) => Some(name),
-            _ => self.namespace,
-        };
-        let scope = match namespace {
+        let scope = match self.scope() {
             Some(ns) => format!("in the namespace \"{ns}\""),
             None => "at the cluster scope".to_owned(),
         };
@@ -115,28 +121,51 @@ impl Attributes<'_> {
     }
 }
 
-/// Whether the ClusterRoleBindings in `store` grant the service account
-/// `namespace/name` what `attrs` asks. Subjects match by `ServiceAccount`
-/// (name and namespace), `User` (`system:serviceaccount:NS:NAME`) or
-/// `Group` (`system:serviceaccounts`, `system:serviceaccounts:NS`,
-/// `system:authenticated`); rules by `apiGroups`, `resources` and `verbs`
-/// (`*` matches all) and, when present, `resourceNames` (requests on a
-/// named object only). `nonResourceURLs` rules grant nothing here.
+/// Whether RBAC in `store` grants the service account `namespace/name`
+/// what `attrs` asks: a ClusterRoleBinding (its ClusterRole) anywhere, or,
+/// for a request in a namespace ([`Attributes::scope`]), a RoleBinding in
+/// that namespace whose `roleRef` is a Role in the same namespace or a
+/// ClusterRole (granting its rules in that namespace only). Subjects match
+/// by `ServiceAccount` (name and namespace), `User`
+/// (`system:serviceaccount:NS:NAME`) or `Group` (`system:serviceaccounts`,
+/// `system:serviceaccounts:NS`, `system:authenticated`); rules by
+/// `apiGroups`, `resources` and `verbs` (`*` matches all) and, when
+/// present, `resourceNames` (requests on a named object only).
+/// `nonResourceURLs` rules grant nothing here. A binding whose role does
+/// not exist grants nothing.
 pub(crate) fn allows(store: &Store, namespace: &str, name: &str, attrs: &Attributes<'_>) -> bool {
     let user = User::ServiceAccount {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     }
     .name();
-    store
+    let grants = |role: Value| {
+        role.get("rules")
+            .and_then(Value::as_array)
+            .is_some_and(|rules| rules.iter().any(|rule| rule_allows(rule, attrs)))
+    };
+    let cluster_wide = store
         .objects(ResourceKind::ClusterRoleBinding)
         .filter(|binding| binds(binding, namespace, name, &user))
-        .filter_map(|binding| bound_role(store, binding))
-        .any(|role| {
-            role.get("rules")
-                .and_then(Value::as_array)
-                .is_some_and(|rules| rules.iter().any(|rule| rule_allows(rule, attrs)))
+        .filter_map(|binding| bound_role(store, binding, None))
+        .any(grants);
+    if cluster_wide {
+        return true;
+    }
+    let Some(scope) = attrs.scope() else {
+        return false;
+    };
+    store
+        .objects(ResourceKind::RoleBinding)
+        .filter(|binding| {
+            binding
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                == Some(scope)
         })
+        .filter(|binding| binds(binding, namespace, name, &user))
+        .filter_map(|binding| bound_role(store, binding, Some(scope)))
+        .any(grants)
 }
 
 fn binds(binding: &Value, namespace: &str, name: &str, user: &str) -> bool {
@@ -163,13 +192,20 @@ fn str_of<'a>(subject: &'a Value, field: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-fn bound_role(store: &Store, binding: &Value) -> Option<Value> {
+/// The role a binding references: a ClusterRole, or for a RoleBinding in
+/// `binding_namespace`, a Role in that namespace (a ClusterRoleBinding
+/// cannot reference a Role).
+fn bound_role(store: &Store, binding: &Value, binding_namespace: Option<&str>) -> Option<Value> {
     let role_ref = binding.get("roleRef")?;
-    if role_ref.get("kind").and_then(Value::as_str) != Some("ClusterRole") {
-        return None;
-    }
     let role = role_ref.get("name").and_then(Value::as_str)?;
-    store.get(ResourceKind::ClusterRole, "", role)
+    match (
+        role_ref.get("kind").and_then(Value::as_str)?,
+        binding_namespace,
+    ) {
+        ("ClusterRole", _) => store.get(ResourceKind::ClusterRole, "", role),
+        ("Role", Some(ns)) => store.get(ResourceKind::Role, ns, role),
+        _ => None,
+    }
 }
 
 fn rule_allows(rule: &Value, attrs: &Attributes<'_>) -> bool {
@@ -244,6 +280,104 @@ mod tests {
             &named,
             &attrs(Verb::Get, ResourceKind::Secret, None)
         ));
+    }
+
+    fn store_with(objects: &[(ResourceKind, Value)]) -> Store {
+        let mut store = Store::new(100, tokio::sync::broadcast::channel(16).0, String::new());
+        for (kind, object) in objects {
+            store.apply(*kind, object.clone()).unwrap();
+        }
+        store
+    }
+
+    fn secrets_rule() -> Value {
+        json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}])
+    }
+
+    fn binding(kind: &str, ns: Option<&str>, role_kind: &str, role: &str) -> Value {
+        let mut metadata = json!({"name": "b"});
+        if let Some(ns) = ns {
+            metadata["namespace"] = ns.into();
+        }
+        json!({
+            "kind": kind,
+            "metadata": metadata,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": "home"}],
+        })
+    }
+
+    fn list_secrets(namespace: Option<&str>) -> Attributes<'_> {
+        Attributes {
+            namespace,
+            ..attrs(Verb::List, ResourceKind::Secret, None)
+        }
+    }
+
+    #[test]
+    fn role_bindings_grant_in_their_namespace_only() {
+        let role = json!({"metadata": {"name": "r", "namespace": "a"}, "rules": secrets_rule()});
+        let cluster_role = json!({"metadata": {"name": "cr"}, "rules": secrets_rule()});
+        // A RoleBinding to a Role in its namespace.
+        let store = store_with(&[
+            (ResourceKind::Role, role.clone()),
+            (
+                ResourceKind::RoleBinding,
+                binding("RoleBinding", Some("a"), "Role", "r"),
+            ),
+        ]);
+        assert!(allows(&store, "home", "sa", &list_secrets(Some("a"))));
+        assert!(!allows(&store, "home", "sa", &list_secrets(Some("b"))));
+        assert!(!allows(&store, "home", "sa", &list_secrets(None)));
+        assert!(!allows(&store, "home", "other", &list_secrets(Some("a"))));
+        // A RoleBinding to a Role of another namespace grants nothing.
+        let store = store_with(&[
+            (ResourceKind::Role, role),
+            (
+                ResourceKind::RoleBinding,
+                binding("RoleBinding", Some("b"), "Role", "r"),
+            ),
+        ]);
+        assert!(!allows(&store, "home", "sa", &list_secrets(Some("a"))));
+        assert!(!allows(&store, "home", "sa", &list_secrets(Some("b"))));
+        // A RoleBinding to a ClusterRole: the ClusterRole's rules, in the
+        // binding's namespace.
+        let store = store_with(&[
+            (ResourceKind::ClusterRole, cluster_role.clone()),
+            (
+                ResourceKind::RoleBinding,
+                binding("RoleBinding", Some("a"), "ClusterRole", "cr"),
+            ),
+        ]);
+        assert!(allows(&store, "home", "sa", &list_secrets(Some("a"))));
+        assert!(!allows(&store, "home", "sa", &list_secrets(Some("b"))));
+        assert!(!allows(&store, "home", "sa", &list_secrets(None)));
+        // A ClusterRoleBinding: everywhere, the cluster scope included.
+        let store = store_with(&[
+            (ResourceKind::ClusterRole, cluster_role),
+            (
+                ResourceKind::ClusterRoleBinding,
+                binding("ClusterRoleBinding", None, "ClusterRole", "cr"),
+            ),
+        ]);
+        assert!(allows(&store, "home", "sa", &list_secrets(Some("b"))));
+        assert!(allows(&store, "home", "sa", &list_secrets(None)));
+    }
+
+    #[test]
+    fn a_request_on_one_namespace_is_in_that_namespace() {
+        let role = json!({"metadata": {"name": "r", "namespace": "a"},
+            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]});
+        let store = store_with(&[
+            (ResourceKind::Role, role),
+            (
+                ResourceKind::RoleBinding,
+                binding("RoleBinding", Some("a"), "Role", "r"),
+            ),
+        ]);
+        let get = |name| attrs(Verb::Get, ResourceKind::Namespace, Some(name));
+        assert!(allows(&store, "home", "sa", &get("a")));
+        assert!(!allows(&store, "home", "sa", &get("b")));
     }
 
     #[test]

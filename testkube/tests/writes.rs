@@ -1,8 +1,9 @@
 //! Drives the write side of `ferry-testkube` with the real kube-rs client:
 //! create/get/apply/merge-patch/replace/delete of Namespaces,
-//! ServiceAccounts, Secrets, ClusterRoles and ClusterRoleBindings with the
-//! API server's error codes, the service-account token controller and RBAC
-//! for its tokens, watches of labelled Secrets, injected refusals, namespace
+//! ServiceAccounts, Secrets, ClusterRoles, ClusterRoleBindings, Roles and
+//! RoleBindings with the API server's error codes, the service-account
+//! token controller and RBAC for its tokens (cluster-wide and per
+//! namespace), watches of labelled Secrets, injected refusals, namespace
 //! deletion and API discovery of the new kinds.
 
 use std::collections::BTreeSet;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use ferry_testkube::{ResourceKind, TestKube};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::serde::Serialize;
 use k8s_openapi::serde::de::DeserializeOwned;
 use kube::ResourceExt;
@@ -153,6 +154,18 @@ async fn apply_object(client: &kube::Client, kind: ResourceKind, object: &Value)
         ),
         ResourceKind::ClusterRoleBinding => drop(
             Api::<ClusterRoleBinding>::all(client.clone())
+                .patch(&name, &pp, &patch)
+                .await
+                .unwrap(),
+        ),
+        ResourceKind::Role => drop(
+            Api::<Role>::namespaced(client.clone(), ns.unwrap())
+                .patch(&name, &pp, &patch)
+                .await
+                .unwrap(),
+        ),
+        ResourceKind::RoleBinding => drop(
+            Api::<RoleBinding>::namespaced(client.clone(), ns.unwrap())
                 .patch(&name, &pp, &patch)
                 .await
                 .unwrap(),
@@ -851,4 +864,267 @@ async fn discovery_lists_the_new_kinds_with_their_scope() {
         scope(rbac, "v1", "ClusterRoleBinding"),
         ("clusterrolebindings".to_owned(), Scope::Cluster)
     );
+    assert_eq!(
+        scope(rbac, "v1", "Role"),
+        ("roles".to_owned(), Scope::Namespaced)
+    );
+    assert_eq!(
+        scope(rbac, "v1", "RoleBinding"),
+        ("rolebindings".to_owned(), Scope::Namespaced)
+    );
+}
+
+/// deploy/base's Role on Secrets in ferry-system, for `ferry-reader`.
+fn secrets_role() -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "ferry-cluster-secrets", "namespace": "ferry-system"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}],
+    })
+}
+
+/// A RoleBinding of `ferry-reader` in `namespace` to `role_kind` `role`.
+fn role_binding(namespace: &str, role_kind: &str, role: &str) -> Value {
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": format!("ferry-{role}"), "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": "ferry-reader",
+                      "namespace": "ferry-system"}],
+    })
+}
+
+/// The token of `ferry-reader` (deploy/member's Namespace, ServiceAccount
+/// and token Secret, without any RBAC object) and a Secret in `default`
+/// and in `shop`.
+async fn reader_token(kube: &TestKube, admin: &kube::Client) -> String {
+    let [ns, sa, _, _, secret] = member_objects();
+    for (kind, object) in [&ns, &sa, &secret] {
+        apply_object(admin, *kind, object).await;
+    }
+    for namespace in ["default", "shop"] {
+        let plain = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "plain", "namespace": namespace}});
+        apply_object(admin, ResourceKind::Secret, &plain).await;
+    }
+    eventually("the token controller mints a token", 10, || async {
+        kube.token_for("ferry-system", "ferry-reader")
+    })
+    .await
+}
+
+/// Lists Secrets in `namespace` (all namespaces for `None`), expecting a
+/// 403 whose message ends with `scope`.
+async fn assert_cannot_list_secrets(client: &kube::Client, namespace: Option<&str>, scope: &str) {
+    let api = match namespace {
+        Some(ns) => Api::<Secret>::namespaced(client.clone(), ns),
+        None => Api::<Secret>::all(client.clone()),
+    };
+    let err = api.list(&ListParams::default()).await.unwrap_err();
+    let status = api_error(err, 403, "Forbidden");
+    assert_eq!(
+        status.message,
+        format!(
+            "secrets is forbidden: User \"{SA_USER}\" cannot list resource \"secrets\" in API group \"\" {scope}"
+        )
+    );
+}
+
+#[tokio::test]
+async fn roles_and_role_bindings_round_trip_through_kube() {
+    let kube = TestKube::start(TOKEN).await;
+    let client = kube.client().await;
+    let [ns, ..] = member_objects();
+    apply_object(&client, ns.0, &ns.1).await;
+    round_trip(
+        &kube,
+        ResourceKind::Role,
+        Api::<Role>::namespaced(client.clone(), "ferry-system"),
+        secrets_role(),
+    )
+    .await;
+    round_trip(
+        &kube,
+        ResourceKind::RoleBinding,
+        Api::<RoleBinding>::namespaced(client.clone(), "ferry-system"),
+        role_binding("ferry-system", "Role", "ferry-cluster-secrets"),
+    )
+    .await;
+    // Listed per namespace and across all, watched like the other kinds.
+    let elsewhere = role_binding("shop", "ClusterRole", "ferry-discovery");
+    apply_object(&client, ResourceKind::RoleBinding, &elsewhere).await;
+    let all = Api::<RoleBinding>::all(client.clone());
+    assert_eq!(
+        all.list(&ListParams::default()).await.unwrap().items.len(),
+        2
+    );
+    let in_shop = Api::<RoleBinding>::namespaced(client.clone(), "shop");
+    let listed = in_shop.list(&ListParams::default()).await.unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(listed.items[0].role_ref.kind, "ClusterRole");
+    let mut events = in_shop
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("a watch event within 10 s")
+        .expect("the watch runs")
+        .unwrap();
+    match event {
+        WatchEvent::Added(binding) => assert_eq!(binding.name_any(), "ferry-ferry-discovery"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    // Deleting the namespace deletes its Roles and RoleBindings.
+    Api::<Namespace>::all(client.clone())
+        .delete("ferry-system", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(kube.count(ResourceKind::Role), 0);
+    assert_eq!(kube.count(ResourceKind::RoleBinding), 1);
+}
+
+#[tokio::test]
+async fn a_role_binding_grants_its_role_only_in_its_namespace() {
+    let kube = TestKube::start(TOKEN).await;
+    let admin = kube.client().await;
+    let token = reader_token(&kube, &admin).await;
+    let member = kube.client_with_token(&token).await;
+    let in_home = Api::<Secret>::namespaced(member.clone(), "ferry-system");
+    assert_cannot_list_secrets(
+        &member,
+        Some("ferry-system"),
+        "in the namespace \"ferry-system\"",
+    )
+    .await;
+
+    apply_object(&admin, ResourceKind::Role, &secrets_role()).await;
+    // A Role alone grants nothing.
+    assert_cannot_list_secrets(
+        &member,
+        Some("ferry-system"),
+        "in the namespace \"ferry-system\"",
+    )
+    .await;
+    let binding = role_binding("ferry-system", "Role", "ferry-cluster-secrets");
+    apply_object(&admin, ResourceKind::RoleBinding, &binding).await;
+
+    // Listed, read and watched in ferry-system…
+    let listed = in_home.list(&ListParams::default()).await.unwrap();
+    assert!(
+        listed
+            .items
+            .iter()
+            .any(|s| s.name_any() == "ferry-reader-token")
+    );
+    in_home.get("ferry-reader-token").await.unwrap();
+    let mut events = in_home
+        .watch(&WatchParams::default(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("a watch event within 10 s")
+        .expect("the watch runs")
+        .unwrap();
+    assert!(matches!(first, WatchEvent::Added(_)), "{first:?}");
+    // …with only the Role's verbs…
+    let err = in_home
+        .delete("ferry-reader-token", &DeleteParams::default())
+        .await
+        .unwrap_err();
+    let status = api_error(err, 403, "Forbidden");
+    assert!(
+        status.message.ends_with(
+            "cannot delete resource \"secrets\" in API group \"\" in the namespace \"ferry-system\""
+        ),
+        "{status:?}"
+    );
+    // …and neither in another namespace nor across all of them.
+    assert_cannot_list_secrets(&member, Some("default"), "in the namespace \"default\"").await;
+    let err = Api::<Secret>::namespaced(member.clone(), "default")
+        .get("plain")
+        .await
+        .unwrap_err();
+    api_error(err, 403, "Forbidden");
+    assert_cannot_list_secrets(&member, None, "at the cluster scope").await;
+    assert_eq!(
+        kube.access_by(SA_USER),
+        BTreeSet::from([
+            ("get".to_owned(), "".to_owned(), "secrets".to_owned()),
+            ("list".to_owned(), "".to_owned(), "secrets".to_owned()),
+            ("watch".to_owned(), "".to_owned(), "secrets".to_owned()),
+        ])
+    );
+
+    // The same RoleBinding in another namespace does not reach a Role of
+    // ferry-system.
+    let astray = role_binding("default", "Role", "ferry-cluster-secrets");
+    apply_object(&admin, ResourceKind::RoleBinding, &astray).await;
+    assert_cannot_list_secrets(&member, Some("default"), "in the namespace \"default\"").await;
+
+    // Deleting the binding takes the grant away.
+    Api::<RoleBinding>::namespaced(admin.clone(), "ferry-system")
+        .delete("ferry-ferry-cluster-secrets", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_cannot_list_secrets(
+        &member,
+        Some("ferry-system"),
+        "in the namespace \"ferry-system\"",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_role_binding_to_a_cluster_role_grants_it_only_in_its_namespace() {
+    let kube = TestKube::start(TOKEN).await;
+    let admin = kube.client().await;
+    let token = reader_token(&kube, &admin).await;
+    let member = kube.client_with_token(&token).await;
+    let reader = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "secret-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}],
+    });
+    apply_object(&admin, ResourceKind::ClusterRole, &reader).await;
+    let binding = role_binding("shop", "ClusterRole", "secret-reader");
+    apply_object(&admin, ResourceKind::RoleBinding, &binding).await;
+
+    let listed = Api::<Secret>::namespaced(member.clone(), "shop")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(listed.items[0].name_any(), "plain");
+    for ns in ["ferry-system", "default"] {
+        assert_cannot_list_secrets(&member, Some(ns), &format!("in the namespace \"{ns}\"")).await;
+    }
+    assert_cannot_list_secrets(&member, None, "at the cluster scope").await;
+
+    // A ClusterRoleBinding to the same ClusterRole grants it everywhere.
+    let cluster_wide = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "secret-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": "secret-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ferry-reader",
+                      "namespace": "ferry-system"}],
+    });
+    apply_object(&admin, ResourceKind::ClusterRoleBinding, &cluster_wide).await;
+    let all = Api::<Secret>::all(member.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 3);
+    Api::<Secret>::namespaced(member, "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap();
 }
