@@ -593,3 +593,119 @@ async fn a_new_leader_resumes_the_campaign_and_migrates_no_service_twice() {
         assert_eq!(*bad, 0, "{service}: {bad} of {total} requests failed");
     }
 }
+
+/// The CLI as a person meets it: `campaign start --watch` in a pipe
+/// prints a line per change and exits 0 on DONE; `campaign watch` on a
+/// terminal redraws one block in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_campaign_cli_watches_in_a_pipe_and_on_a_terminal() {
+    const COUNT: usize = 4;
+    let backends = backends(COUNT).await;
+    let ferry = Ferry::start(&catalog(&backends, COUNT)).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let load = load(&envoy, &proxy, COUNT, Duration::from_secs(120));
+    let server = format!("http://127.0.0.1:{}", ferry.api_port);
+    let start = |services: &str, watch: bool| {
+        let mut args = vec![
+            "campaign",
+            "start",
+            "--from",
+            "old",
+            "--to",
+            "new",
+            "--services",
+            services,
+            "--concurrency",
+            "1",
+            "--steps",
+            "50,100",
+            "--bake",
+            "2s",
+            "--min-requests",
+            "20",
+            "--ack-timeout",
+            "20s",
+            "--drain",
+            "1s",
+            "--reason",
+            "rebuild old",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        if watch {
+            args.push("--watch".into());
+        }
+        args
+    };
+    // In a pipe.
+    let args = start("s00.*,s01.*", true);
+    let api = server.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(&args)
+            .args(["--server", &api])
+            .output()
+            .expect("run ferry");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .expect("cli");
+    assert!(ok, "{out}\n{err}");
+    assert!(!out.contains('\u{1b}'), "no escapes in a pipe: {out:?}");
+    let first = out.lines().next().unwrap_or_default();
+    assert!(first.starts_with("camp-1 old → new RUNNING"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("s00.shop") && l.contains("in_flight")),
+        "{out}"
+    );
+    let last_summary = out
+        .lines()
+        .filter(|l| l.starts_with("camp-1"))
+        .last()
+        .unwrap_or_default();
+    assert!(
+        last_summary.contains("DONE: 2 done, 0 in flight, 0 queued"),
+        "{out}"
+    );
+
+    // On a terminal: started without --watch, then watched under script(1).
+    let (ok, created, err) = support::ferry_cli(
+        &ferry,
+        &start("s02.*,s03.*", false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(ok, "{err}");
+    assert!(created.starts_with("camp-2 old → new RUNNING"), "{created}");
+    let command = format!(
+        "stty rows 40 cols 140; {} campaign watch camp-2 --server {server}",
+        env!("CARGO_BIN_EXE_ferry")
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qefc", &command, "/dev/null"])
+            .env("TERM", "xterm-256color")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run ferry under script(1) (util-linux)")
+    })
+    .await
+    .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // Redrawn in place: cursor up and clear below, between blocks.
+    assert!(text.contains("A\r\u{1b}[J"), "{text:?}");
+    assert!(text.contains("camp-2 old → new DONE: 2 done"), "{text:?}");
+    let failed = failures(load).await;
+    for (service, (bad, total)) in &failed {
+        assert_eq!(*bad, 0, "{service}: {bad} of {total} requests failed");
+    }
+}
