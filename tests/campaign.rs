@@ -667,8 +667,7 @@ async fn the_campaign_cli_watches_in_a_pipe_and_on_a_terminal() {
     );
     let last_summary = out
         .lines()
-        .filter(|l| l.starts_with("camp-1"))
-        .last()
+        .rfind(|l| l.starts_with("camp-1"))
         .unwrap_or_default();
     assert!(
         last_summary.contains("DONE: 2 done, 0 in flight, 0 queued"),
