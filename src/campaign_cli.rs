@@ -65,7 +65,8 @@ pub struct StartArgs {
     /// The cluster being emptied.
     #[arg(long)]
     from: String,
-    /// The cluster its services move to.
+    /// The cluster its services move to, or several with their shares in
+    /// percent: `new-a=60,new-b=40`.
     #[arg(long)]
     to: String,
     /// Only services matching these globs on name.namespace (`checkout.*`,
@@ -117,21 +118,18 @@ pub async fn run(conn: &Conn, command: CampaignCommand) -> anyhow::Result<()> {
                 reason,
                 watch,
             } = *args;
+            let (to, targets) = crate::migrate_cli::parse_targets(&to)?;
             let message = CreateCampaignRequest {
                 from,
                 to,
+                targets,
                 services,
                 namespaces,
                 concurrency,
                 max_failures,
                 unlimited_failures: max_failures == 0,
                 order,
-                migration: Some(migration.request(
-                    String::new(),
-                    Vec::new(),
-                    String::new(),
-                    String::new(),
-                )),
+                migration: Some(migration.request(String::new(), Vec::new(), "", String::new())?),
                 reason,
             };
             let c = api
@@ -270,7 +268,15 @@ pub fn summary_line(c: &Campaign) -> String {
     let n = c.counts.unwrap_or_default();
     let mut line = format!(
         "{} {} → {} {}: {} done, {} in flight, {} queued, {} rolled back, {} skipped",
-        c.id, c.from, c.to, c.state, n.done, n.in_flight, n.queued, n.rolled_back, n.skipped
+        c.id,
+        c.from,
+        crate::migrate_cli::targets_text(&c.to, &c.targets),
+        c.state,
+        n.done,
+        n.in_flight,
+        n.queued,
+        n.rolled_back,
+        n.skipped
     );
     if c.per_minute > 0.0 {
         line.push_str(&format!(" ({:.1}/min", c.per_minute));

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use ferry_proto::ferry::v1::migrations_client::MigrationsClient;
 use ferry_proto::ferry::v1::{
     CreateMigrationRequest, Gates, GetMigrationRequest, ListMigrationsRequest, Migration,
-    MigrationActionRequest,
+    MigrationActionRequest, TargetShare,
 };
 use serde_json::json;
 use tonic::transport::Channel;
@@ -57,7 +57,8 @@ pub struct StartArgs {
     /// Source cluster(s), comma separated.
     #[arg(long, required = true, value_delimiter = ',')]
     from: Vec<String>,
-    /// Target cluster.
+    /// Target cluster, or several with their shares of the target side
+    /// in percent: `new-a=60,new-b=40`.
     #[arg(long)]
     to: String,
     #[command(flatten)]
@@ -130,14 +131,16 @@ pub struct MigrationOptions {
 }
 
 impl MigrationOptions {
-    /// The create request for `service` from `from` to `to`.
+    /// The create request for `service` from `from` to `to` (a cluster,
+    /// or `a=60,b=40`).
     pub fn request(
         self,
         service: String,
         from: Vec<String>,
-        to: String,
+        to: &str,
         reason: String,
-    ) -> CreateMigrationRequest {
+    ) -> anyhow::Result<CreateMigrationRequest> {
+        let (to, targets) = parse_targets(to)?;
         let MigrationOptions {
             steps,
             bake,
@@ -156,10 +159,11 @@ impl MigrationOptions {
             min_capacity,
             drain,
         } = self;
-        CreateMigrationRequest {
+        Ok(CreateMigrationRequest {
             service,
             from,
             to,
+            targets,
             steps,
             bake,
             gates: Some(Gates {
@@ -179,8 +183,43 @@ impl MigrationOptions {
             drain,
             reason,
             min_proxies,
-        }
+        })
     }
+}
+
+/// `new`, or `new-a=60%+new-b=40%` for several targets.
+pub fn targets_text(to: &str, targets: &[TargetShare]) -> String {
+    if targets.len() <= 1 {
+        return to.to_owned();
+    }
+    targets
+        .iter()
+        .map(|t| format!("{}={}%", t.cluster, t.percent))
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// `new` → (`new`, none); `new-a=60,new-b=40` → ("", shares in percent).
+pub fn parse_targets(to: &str) -> anyhow::Result<(String, Vec<TargetShare>)> {
+    if !to.contains('=') {
+        return Ok((to.to_owned(), Vec::new()));
+    }
+    let mut targets = Vec::new();
+    for pair in to.split(',') {
+        let Some((cluster, percent)) = pair.split_once('=') else {
+            anyhow::bail!("--to {pair:?}: expected CLUSTER=PERCENT");
+        };
+        let percent: f64 = percent
+            .trim()
+            .trim_end_matches('%')
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--to {pair:?}: {percent:?} is not a percentage"))?;
+        targets.push(TargetShare {
+            cluster: cluster.trim().to_owned(),
+            percent,
+        });
+    }
+    Ok((String::new(), targets))
 }
 
 async fn connect(conn: &Conn) -> anyhow::Result<MigrationsClient<Channel>> {
@@ -200,7 +239,7 @@ pub async fn run(conn: &Conn, command: MigrateCommand) -> anyhow::Result<()> {
                 reason,
                 watch,
             } = *args;
-            let message = options.request(service, from, to, reason);
+            let message = options.request(service, from, &to, reason)?;
             let m = api
                 .create_migration(request(conn, message))
                 .await
@@ -345,7 +384,9 @@ fn to_json(m: &Migration) -> serde_json::Value {
         .map(|g| json!({"step": g.step, "outcome": g.outcome, "source_requests": g.source_requests, "source_errors": g.source_errors, "target_requests": g.target_requests, "target_errors": g.target_errors, "detail": g.detail, "at_unix_ms": g.at_unix_ms}))
         .collect();
     json!({
-        "id": m.id, "service": m.service, "from": m.from, "to": m.to, "steps_bp": m.steps_bp,
+        "id": m.id, "service": m.service, "from": m.from, "to": m.to,
+        "targets": m.targets.iter().map(|t| json!({"cluster": t.cluster, "percent": t.percent})).collect::<Vec<_>>(),
+        "steps_bp": m.steps_bp,
         "stage": m.stage, "phase": m.phase, "step": m.step, "weights_bp": m.weights,
         "reason": m.reason, "gates": gates, "created_by": m.created_by,
         "created_at_unix_ms": m.created_at_unix_ms, "updated_at_unix_ms": m.updated_at_unix_ms,
@@ -360,7 +401,13 @@ fn print_one(conn: &Conn, m: &Migration) {
         println!("{}", to_json(m));
         return;
     }
-    println!("{}  {}  {} → {}", m.id, m.service, m.from.join("+"), m.to);
+    println!(
+        "{}  {}  {} → {}",
+        m.id,
+        m.service,
+        m.from.join("+"),
+        targets_text(&m.to, &m.targets)
+    );
     println!("  stage     {} {}", m.stage, m.phase);
     let steps: Vec<String> = m.steps_bp.iter().map(|bp| pct(*bp)).collect();
     println!(

@@ -708,3 +708,107 @@ async fn the_campaign_cli_watches_in_a_pipe_and_on_a_terminal() {
         assert_eq!(*bad, 0, "{service}: {bad} of {total} requests failed");
     }
 }
+
+/// `--to new-a=60,new-b=40`: the target side splits 60/40, measured in
+/// the traffic of both proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_targets_take_sixty_and_forty_percent_of_the_traffic() {
+    let backends = Backends::start(&["old/s00", "new-a/s00", "new-b/s00"]).await;
+    let yaml = format!(
+        "services:\n  - name: s00\n    namespace: shop\n    ports: [{{name: http, port: 8080}}]\n    backends:\n      old: {{endpoints: [\"{}\"]}}\n      new-a: {{endpoints: [\"{}\"]}}\n      new-b: {{endpoints: [\"{}\"]}}\n    weights: {{old: 10000, new-a: 0, new-b: 0}}\n",
+        backends.addr("old/s00"),
+        backends.addr("new-a/s00"),
+        backends.addr("new-b/s00"),
+    );
+    let ferry = Ferry::start(&yaml).await;
+    let envoy = Envoy::start(&ferry, Ads::Delta).await;
+    let proxy = FerryProxy::start(ferry.xds_port).await;
+    let load: Vec<Steady> = [envoy.listener_port, proxy.listen_port]
+        .into_iter()
+        .map(|port| {
+            Steady::start_paced(
+                port,
+                "s00.shop",
+                Duration::from_millis(2),
+                Duration::from_secs(120),
+            )
+        })
+        .collect();
+    let (ok, out, err) = support::ferry_cli(
+        &ferry,
+        &[
+            "campaign",
+            "start",
+            "--from",
+            "old",
+            "--to",
+            "new-a=60,new-b=40",
+            "--steps",
+            "50,100",
+            "--bake",
+            "2s",
+            "--min-requests",
+            "20",
+            "--ack-timeout",
+            "20s",
+            "--drain",
+            "1s",
+            "--reason",
+            "split old",
+            "--watch",
+        ],
+    );
+    assert!(ok, "{out}\n{err}\n{}", ferry.log());
+    let done_at = Instant::now();
+    // After DONE: every request on a target, 60/40 within ±4 %.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut answers = Vec::new();
+    for steady in load {
+        answers.extend(steady.stop().await);
+    }
+    let after: Vec<&String> = answers
+        .iter()
+        .filter(|(at, _)| *at > done_at)
+        .map(|(_, k)| k)
+        .collect();
+    assert!(
+        after.len() >= 500,
+        "only {} requests after DONE",
+        after.len()
+    );
+    let a = after.iter().filter(|k| k.starts_with("new-a/")).count() as f64 / after.len() as f64;
+    let b = after.iter().filter(|k| k.starts_with("new-b/")).count() as f64 / after.len() as f64;
+    assert!(
+        (a - 0.60).abs() <= 0.04,
+        "new-a got {a:.3} of {}",
+        after.len()
+    );
+    assert!(
+        (b - 0.40).abs() <= 0.04,
+        "new-b got {b:.3} of {}",
+        after.len()
+    );
+    let lost = answers
+        .iter()
+        .filter(|(_, k)| !k.starts_with("old/") && !k.starts_with("new-"))
+        .count();
+    assert_eq!(lost, 0, "failed requests");
+    // The migration shows both targets with their shares.
+    let m = MigrationsClient::new(channel(&ferry).await)
+        .list_migrations(ListMigrationsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .migrations
+        .remove(0);
+    let shares: Vec<(String, f64)> = m
+        .targets
+        .iter()
+        .map(|t| (t.cluster.clone(), t.percent))
+        .collect();
+    assert_eq!(
+        shares,
+        [("new-a".to_owned(), 60.0), ("new-b".to_owned(), 40.0)]
+    );
+    assert_eq!(m.stage, "DONE");
+}

@@ -223,7 +223,6 @@ impl Campaign {
         Some(Plan {
             service,
             from: vec![self.plan.from.clone()],
-            to: self.plan.to.clone(),
             ..self.plan.template.clone()
         })
     }
@@ -282,9 +281,9 @@ pub trait Fleet {
     /// A migration's stage and reason.
     fn migration(&self, id: &str) -> Option<(Stage, String)>;
     /// Why `service` cannot be migrated now (pinned by someone else,
-    /// another migration running on it, no ready endpoint in the target),
+    /// another migration running on it, no ready endpoint in a target),
     /// if so.
-    fn obstacle(&self, service: &ServiceName, to: &ClusterName) -> Option<String>;
+    fn obstacle(&self, service: &ServiceName, targets: &[ClusterName]) -> Option<String>;
 }
 
 /// One thing a campaign does.
@@ -395,7 +394,14 @@ fn launch(c: &Campaign, fleet: &dyn Fleet, now: i64, counts: Counts) -> Option<S
         .iter()
         .enumerate()
         .find(|(_, s)| s.state == ServiceState::Queued)?;
-    if let Some(reason) = fleet.obstacle(&s.service, &c.plan.to) {
+    let targets: Vec<ClusterName> = c
+        .plan
+        .template
+        .target_shares()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    if let Some(reason) = fleet.obstacle(&s.service, &targets) {
         return Some(skip(c, index, reason, now));
     }
     let plan = c.plan_for(index)?;

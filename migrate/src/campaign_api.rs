@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::api::actor;
 use crate::campaign::{Campaign, CampaignPlan, Order, ServiceState};
 use crate::engine::Engine;
-use crate::migration_api::plan_from_request;
+use crate::migration_api::{plan_from_request, target_shares, targets_from_request};
 use crate::policy::PolicyError;
 
 /// Default migrations of one campaign in flight at once.
@@ -59,10 +59,12 @@ pub fn campaign_plan_from_request(
     r: &pb::CreateCampaignRequest,
 ) -> Result<CampaignPlan, PolicyError> {
     let from = ClusterName::new(&r.from).map_err(|e| invalid("from", e.to_string()))?;
-    let to = ClusterName::new(&r.to).map_err(|e| invalid("to", e.to_string()))?;
-    if from == to {
-        return Err(invalid("to", format!("cluster {to} is also the source")));
-    }
+    let targets = pb::CreateMigrationRequest {
+        to: r.to.clone(),
+        targets: r.targets.clone(),
+        ..Default::default()
+    };
+    let (to, _) = targets_from_request(&targets, std::slice::from_ref(&from))?;
     let mut template = r.migration.clone().unwrap_or_default();
     for (field, value) in [
         ("migration.service", template.service.as_str()),
@@ -73,15 +75,16 @@ pub fn campaign_plan_from_request(
             return Err(invalid(field, "leave it empty: the campaign sets it"));
         }
     }
-    if !template.from.is_empty() {
+    if !template.from.is_empty() || !template.targets.is_empty() {
         return Err(invalid(
             "migration.from",
-            "leave it empty: the campaign sets it",
+            "leave from, to and targets empty: the campaign sets them",
         ));
     }
     template.service = "template.campaign".into();
     template.from = vec![r.from.clone()];
     template.to = r.to.clone();
+    template.targets = r.targets.clone();
     let template = plan_from_request(&template).map_err(|e| match e {
         PolicyError::InvalidArgument { field, reason } => PolicyError::InvalidArgument {
             field: format!("migration.{field}"),
@@ -187,6 +190,7 @@ pub fn campaign_to_proto(c: &Campaign, engine: &Engine, now_ms: i64) -> pb::Camp
         id: c.id.clone(),
         from: c.plan.from.to_string(),
         to: c.plan.to.to_string(),
+        targets: target_shares(&c.plan.template),
         state: c.state.as_str().to_owned(),
         reason: c.reason.clone(),
         concurrency: c.plan.concurrency,

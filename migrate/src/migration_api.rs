@@ -92,6 +92,70 @@ fn percent(field: &str, value: f64) -> Result<f64, PolicyError> {
     Ok(value / 100.0)
 }
 
+/// Basis points of a percent with at most two decimals.
+fn basis_points(field: &str, percent: f64) -> Result<u32, PolicyError> {
+    if !percent.is_finite() || percent <= 0.0 || percent > 100.0 {
+        return Err(invalid(
+            field,
+            format!("{percent} is not a percentage in (0, 100]"),
+        ));
+    }
+    let bp = (percent * 100.0).round();
+    if (bp - percent * 100.0).abs() > 1e-6 {
+        return Err(invalid(
+            field,
+            format!("{percent} has more than two decimals"),
+        ));
+    }
+    Ok(bp as u32)
+}
+
+/// The target (`to`) or targets (`targets`, with shares summing to 100).
+pub fn targets_from_request(
+    r: &pb::CreateMigrationRequest,
+    from: &[ClusterName],
+) -> Result<(ClusterName, Vec<(ClusterName, u32)>), PolicyError> {
+    if r.targets.is_empty() {
+        let to = ClusterName::new(&r.to).map_err(|e| invalid("to", e.to_string()))?;
+        if from.contains(&to) {
+            return Err(invalid("to", format!("cluster {to} is also a source")));
+        }
+        return Ok((to, Vec::new()));
+    }
+    if !r.to.is_empty() {
+        return Err(invalid("to", "give `to` or `targets`, not both"));
+    }
+    let mut targets: Vec<(ClusterName, u32)> = Vec::with_capacity(r.targets.len());
+    for (i, t) in r.targets.iter().enumerate() {
+        let field = format!("targets[{i}]");
+        let c = ClusterName::new(&t.cluster).map_err(|e| invalid(&field, e.to_string()))?;
+        if from.contains(&c) {
+            return Err(invalid(&field, format!("cluster {c} is also a source")));
+        }
+        if targets.iter().any(|(seen, _)| *seen == c) {
+            return Err(invalid(&field, format!("cluster {c} is listed twice")));
+        }
+        let bp = basis_points(&format!("{field}.percent"), t.percent)?;
+        targets.push((c, bp));
+    }
+    let sum: u32 = targets.iter().map(|(_, bp)| bp).sum();
+    if sum != TOTAL_WEIGHT {
+        return Err(invalid(
+            "targets",
+            format!(
+                "shares sum to {}.{:02} %, must be 100 %",
+                sum / 100,
+                sum % 100
+            ),
+        ));
+    }
+    let to = targets[0].0.clone();
+    if targets.len() == 1 {
+        return Ok((to, Vec::new()));
+    }
+    Ok((to, targets))
+}
+
 /// Parses and checks a create request; every error names its field.
 pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyError> {
     let service = ServiceName::parse(&r.service)
@@ -110,10 +174,7 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
         }
         from.push(c);
     }
-    let to = ClusterName::new(&r.to).map_err(|e| invalid("to", e.to_string()))?;
-    if from.contains(&to) {
-        return Err(invalid("to", format!("cluster {to} is also a source")));
-    }
+    let (to, targets) = targets_from_request(r, &from)?;
     if r.steps.is_empty() {
         return Err(invalid(
             "steps",
@@ -123,17 +184,7 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
     let mut steps = Vec::with_capacity(r.steps.len());
     for (i, p) in r.steps.iter().enumerate() {
         let field = format!("steps[{i}]");
-        if !p.is_finite() || *p <= 0.0 || *p > 100.0 {
-            return Err(invalid(
-                &field,
-                format!("{p} is not a percentage in (0, 100]"),
-            ));
-        }
-        let bp = (p * 100.0).round();
-        if (bp - p * 100.0).abs() > 1e-6 {
-            return Err(invalid(&field, format!("{p} has more than two decimals")));
-        }
-        let bp = bp as u32;
+        let bp = basis_points(&field, *p)?;
         if steps.last().is_some_and(|last| bp <= *last) {
             return Err(invalid(
                 &field,
@@ -213,6 +264,7 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
         service,
         from,
         to,
+        targets,
         steps,
         bake_ms: duration("bake", &r.bake, Duration::from_secs(60))?,
         gates,
@@ -247,6 +299,17 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
     })
 }
 
+/// Every target with its share, in percent.
+pub fn target_shares(plan: &Plan) -> Vec<pb::TargetShare> {
+    plan.target_shares()
+        .into_iter()
+        .map(|(c, bp)| pb::TargetShare {
+            cluster: c.to_string(),
+            percent: f64::from(bp) / 100.0,
+        })
+        .collect()
+}
+
 /// The wire form of a migration.
 pub fn to_proto(m: &Migration) -> pb::Migration {
     pb::Migration {
@@ -254,6 +317,7 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
         service: m.plan.service.to_string(),
         from: m.plan.from.iter().map(|c| c.to_string()).collect(),
         to: m.plan.to.to_string(),
+        targets: target_shares(&m.plan),
         steps_bp: m.plan.steps.clone(),
         stage: m.stage.as_str().to_owned(),
         phase: m.phase.as_str().to_owned(),

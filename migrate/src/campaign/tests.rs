@@ -28,6 +28,7 @@ fn template() -> Plan {
         min_capacity: 0.5,
         drain_ms: 500,
         min_proxies: 1,
+        targets: Vec::new(),
     }
 }
 
@@ -79,7 +80,7 @@ impl Fleet for FakeFleet {
     fn migration(&self, id: &str) -> Option<(Stage, String)> {
         self.migrations.get(id).cloned()
     }
-    fn obstacle(&self, service: &ServiceName, _: &ClusterName) -> Option<String> {
+    fn obstacle(&self, service: &ServiceName, _: &[ClusterName]) -> Option<String> {
         self.blocked.get(&service.to_string()).cloned()
     }
 }

@@ -45,7 +45,7 @@ impl campaign::Fleet for View<'_> {
         self.migrations.get(id).map(|m| (m.stage, m.reason.clone()))
     }
 
-    fn obstacle(&self, service: &ServiceName, to: &ClusterName) -> Option<String> {
+    fn obstacle(&self, service: &ServiceName, targets: &[ClusterName]) -> Option<String> {
         if let Some(pin) = self.policy.pin_of(service) {
             return Some(format!("pinned by {}: {}", pin.owner, pin.reason));
         }
@@ -59,11 +59,11 @@ impl campaign::Fleet for View<'_> {
         let Some(s) = self.catalog.services.get(service) else {
             return Some("no longer in the catalog".into());
         };
-        match s.backends.get(to) {
+        targets.iter().find_map(|to| match s.backends.get(to) {
             Some(b) if b.ready_endpoints() > 0 => None,
             Some(_) => Some(format!("no ready endpoint in target cluster {to}")),
             None => Some(format!("no backend in target cluster {to}")),
-        }
+        })
     }
 }
 
@@ -181,7 +181,7 @@ impl Engine {
         let detail = format!(
             "{} → {}: {} services, concurrency {}, max failures {}, {}",
             c.plan.from,
-            c.plan.to,
+            c.plan.template.targets_text(),
             c.services.len(),
             c.plan.concurrency,
             c.plan.max_failures,

@@ -97,7 +97,7 @@ impl Engine {
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>()
                 .join("+"),
-            m.plan.to,
+            m.plan.targets_text(),
             m.plan.steps,
             Duration::from_millis(m.plan.bake_ms)
         );

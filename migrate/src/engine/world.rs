@@ -104,7 +104,16 @@ impl Engine {
                     .join("|")
             );
             let mut reading = Latency::default();
-            for (side, cluster) in [("source", sources), ("target", m.plan.to.to_string())] {
+            let targets = format!(
+                "({})",
+                m.plan
+                    .target_shares()
+                    .iter()
+                    .map(|(c, _)| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            );
+            for (side, cluster) in [("source", sources), ("target", targets)] {
                 let query = render(&gate.p99_query, name, namespace, &cluster, window);
                 let value = match self.prometheus.scalar(&gate.prometheus_url, &query).await {
                     Ok(v) => v,

@@ -31,7 +31,7 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
                 to.phase_started_ms = now;
                 let pin = StoredPin {
                     owner: m.owner(),
-                    reason: format!("migration {} to {}", m.id, m.plan.to),
+                    reason: format!("migration {} to {}", m.id, m.plan.targets_text()),
                     pinned_at_ms: now,
                     expires_at_ms: 0,
                 };
@@ -94,7 +94,7 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
             transition(
                 to,
                 "migration_done",
-                format!("all traffic on {}; pin released", m.plan.to),
+                format!("all traffic on {}; pin released", m.plan.targets_text()),
                 None,
                 Some(None),
             )
@@ -214,7 +214,19 @@ fn sources_still_serve(m: &Migration, world: &dyn World, now: i64) -> Option<Str
 fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     let since = m.phase_started_ms;
     let source = sum_load(world, m, &m.plan.from, since);
-    let target = world.load(&m.plan.service, &m.plan.to, since);
+    let targets: Vec<(ClusterName, Load)> = m
+        .plan
+        .target_shares()
+        .into_iter()
+        .map(|(c, _)| {
+            let load = world.load(&m.plan.service, &c, since);
+            (c, load)
+        })
+        .collect();
+    let target = targets.iter().fold(Load::default(), |sum, (_, l)| Load {
+        requests: sum.requests.saturating_add(l.requests),
+        errors: sum.errors.saturating_add(l.errors),
+    });
     // When the source carries nothing (the last step), compare with what
     // it showed in the step before.
     let baseline = m
@@ -236,7 +248,34 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
             .filter(|g| g.outcome == GateOutcome::Pass)
             .find_map(|g| g.latency.source_p99_ms);
     }
-    let (outcome, detail) = judge(&m.plan.gates, source, target, baseline, latency);
+    // Each target is judged against the sources on its own.
+    let (outcome, detail) = if targets.len() == 1 {
+        judge(&m.plan.gates, source, target, baseline, latency)
+    } else {
+        let judged: Vec<(ClusterName, GateOutcome, String)> = targets
+            .iter()
+            .map(|(c, load)| {
+                let (o, d) = judge(&m.plan.gates, source, *load, baseline, latency);
+                (c.clone(), o, d)
+            })
+            .collect();
+        let worst = if judged.iter().any(|(_, o, _)| *o == GateOutcome::Fail) {
+            GateOutcome::Fail
+        } else if judged
+            .iter()
+            .any(|(_, o, _)| *o == GateOutcome::NotEnoughData)
+        {
+            GateOutcome::NotEnoughData
+        } else {
+            GateOutcome::Pass
+        };
+        let detail = judged
+            .iter()
+            .map(|(c, o, d)| format!("{c} {}: {d}", o.as_str()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        (worst, detail)
+    };
     let result = GateResult {
         step: m.step,
         outcome,
@@ -314,7 +353,8 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
                 );
                 transition(to, "migration_shift", detail, Some(weights), None)
             } else {
-                let weights = Weights::all_to(m.plan.to.clone());
+                let weights = Weights::new(m.plan.split_targets(TOTAL_WEIGHT))
+                    .unwrap_or_else(|_| Weights::all_to(m.plan.to.clone()));
                 to.stage = Stage::Cleanup;
                 to.phase = Phase::None;
                 to.weights = to_map(&weights);

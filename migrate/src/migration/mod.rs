@@ -162,10 +162,51 @@ pub struct Plan {
     /// no proxy is never an acknowledgement.
     #[serde(default = "one_proxy")]
     pub min_proxies: u32,
+    /// Several targets, each with its share of the target side in basis
+    /// points (summing to 10000); `to` is the first. Empty: `to` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<(ClusterName, u32)>,
 }
 
 fn one_proxy() -> u32 {
     1
+}
+
+impl Plan {
+    /// Every target with its share of the target side (basis points).
+    pub fn target_shares(&self) -> Vec<(ClusterName, u32)> {
+        if self.targets.is_empty() {
+            vec![(self.to.clone(), TOTAL_WEIGHT)]
+        } else {
+            self.targets.clone()
+        }
+    }
+
+    pub fn is_target(&self, cluster: &ClusterName) -> bool {
+        self.target_shares().iter().any(|(c, _)| c == cluster)
+    }
+
+    /// `new` or `new-a=60%+new-b=40%`, for messages.
+    pub fn targets_text(&self) -> String {
+        if self.targets.is_empty() {
+            return self.to.to_string();
+        }
+        self.targets
+            .iter()
+            .map(|(c, bp)| format!("{c}={}%", f64::from(*bp) / 100.0))
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+
+    /// `total` basis points split among the targets by their shares.
+    pub fn split_targets(&self, total: u32) -> BTreeMap<ClusterName, u32> {
+        let shares = self
+            .target_shares()
+            .into_iter()
+            .map(|(c, bp)| (c, u64::from(bp)))
+            .collect();
+        split_proportionally(total, &shares)
+    }
 }
 
 /// What the acknowledgement wait reads: the proxies holding a policy

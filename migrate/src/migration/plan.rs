@@ -31,34 +31,41 @@ pub fn validate(plan: &Plan, service: Option<&Service>) -> Result<(), PolicyErro
             });
         }
     }
-    let Some(target) = service.backends.get(&plan.to) else {
-        return Err(PolicyError::InvalidArgument {
-            field: "to".into(),
-            reason: format!(
-                "service {} has no backend in cluster {} (it has: {})",
-                plan.service,
-                plan.to,
-                have()
-            ),
-        });
-    };
+    let mut target_ready = 0;
+    for (i, (cluster, _)) in plan.target_shares().iter().enumerate() {
+        let field = if plan.targets.is_empty() {
+            "to".to_owned()
+        } else {
+            format!("targets[{i}]")
+        };
+        let Some(target) = service.backends.get(cluster) else {
+            return Err(PolicyError::InvalidArgument {
+                field,
+                reason: format!(
+                    "service {} has no backend in cluster {cluster} (it has: {})",
+                    plan.service,
+                    have()
+                ),
+            });
+        };
+        if target.ready_endpoints() == 0 {
+            return Err(PolicyError::Precondition(format!(
+                "target cluster {cluster} has no ready endpoints for {}",
+                plan.service
+            )));
+        }
+        target_ready += target.ready_endpoints();
+    }
     let source_ready: usize = plan
         .from
         .iter()
         .filter_map(|c| service.backends.get(c))
         .map(|b| b.ready_endpoints())
         .sum();
-    let target_ready = target.ready_endpoints();
-    if target_ready == 0 {
-        return Err(PolicyError::Precondition(format!(
-            "target cluster {} has no ready endpoints for {}",
-            plan.to, plan.service
-        )));
-    }
     if (target_ready as f64) < plan.min_capacity * source_ready as f64 {
         return Err(PolicyError::Precondition(format!(
-            "target cluster {} has {target_ready} ready endpoints, less than {:.0} % of the source's {source_ready}",
-            plan.to,
+            "target {} has {target_ready} ready endpoints, less than {:.0} % of the source's {source_ready}",
+            plan.targets_text(),
             plan.min_capacity * 100.0
         )));
     }
@@ -72,7 +79,7 @@ pub fn source_weights(
     current: &Weights,
 ) -> Result<BTreeMap<ClusterName, u32>, PolicyError> {
     for (cluster, w) in current.iter() {
-        if w.basis_points() > 0 && *cluster != plan.to && !plan.from.contains(cluster) {
+        if w.basis_points() > 0 && !plan.is_target(cluster) && !plan.from.contains(cluster) {
             return Err(PolicyError::Precondition(format!(
                 "cluster {cluster} carries {w} of {}'s traffic and is neither a source nor the target; include it in `from`",
                 plan.service
@@ -97,14 +104,16 @@ pub fn step_weights(m: &Migration, step: usize) -> Weights {
         .map(|(c, w)| (c.clone(), u64::from(*w)))
         .collect();
     let mut map = split_proportionally(TOTAL_WEIGHT - target, &shares);
-    map.insert(m.plan.to.clone(), target);
+    map.extend(m.plan.split_targets(target));
     Weights::new(map).unwrap_or_else(|_| Weights::all_to(m.plan.to.clone()))
 }
 
 /// All traffic back to the sources.
 pub fn rollback_weights(m: &Migration) -> Weights {
     let mut map = m.source_weights.clone();
-    map.insert(m.plan.to.clone(), 0);
+    for (target, _) in m.plan.target_shares() {
+        map.insert(target, 0);
+    }
     Weights::new(map).unwrap_or_else(|_| {
         Weights::all_to(m.plan.from.first().cloned().unwrap_or(m.plan.to.clone()))
     })

@@ -71,6 +71,7 @@ fn migration() -> Migration {
             min_capacity: 0.5,
             drain_ms: 500,
             min_proxies: 1,
+            targets: Vec::new(),
         },
         stage: Stage::Validate,
         phase: Phase::None,
@@ -436,4 +437,76 @@ fn a_held_migration_finishes_its_step_then_pauses_and_resumes_there() {
     );
     // A paused migration waits.
     assert!(matches!(next(&t.to, &w, 5000), Next::Wait));
+}
+
+fn two_targets() -> (Fixed, Migration) {
+    let yaml = "services:\n  - name: a\n    namespace: ns\n    ports: [{name: http, port: 80}]\n    backends:\n      old1: {endpoints: [\"127.0.0.1:1\"]}\n      new-a: {endpoints: [\"127.0.0.4:1\"]}\n      new-b: {endpoints: [\"127.0.0.5:1\"]}\n    weights: {old1: 10000, new-a: 0, new-b: 0}\n";
+    let service = parse_catalog(Path::new("t.yaml"), yaml).unwrap().remove(0);
+    let w = Fixed {
+        service,
+        acks: acks(1, 1, 0),
+        load: BTreeMap::new(),
+        latency: Latency::default(),
+    };
+    let mut m = migration();
+    m.plan.from = vec![c("old1")];
+    m.plan.to = c("new-a");
+    m.plan.targets = vec![(c("new-a"), 6000), (c("new-b"), 4000)];
+    m.plan.steps = vec![5000, 10000];
+    (w, m)
+}
+
+#[test]
+fn several_targets_share_each_step_and_are_each_judged() {
+    let (mut w, mut m) = two_targets();
+    m = take(next(&m, &w, 0)).to; // pinned
+    let t = take(next(&m, &w, 10)); // step 1: 50 % to the targets, 60/40
+    let weights = t.weights.clone().unwrap();
+    assert_eq!(
+        (
+            bp(&weights, "old1"),
+            bp(&weights, "new-a"),
+            bp(&weights, "new-b")
+        ),
+        (5000, 3000, 2000)
+    );
+    m = take(next(&t.to, &w, 20)).to; // acked
+    assert_eq!(m.phase, Phase::Baking);
+    // new-b fails while new-a is fine: the step fails, naming new-b.
+    for (cluster, requests, errors) in [("old1", 100, 0), ("new-a", 60, 0), ("new-b", 40, 20)] {
+        w.load.insert(cluster.into(), Load { requests, errors });
+    }
+    let t = take(next(&m, &w, 500));
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert!(t.to.reason.contains("new-b fail"), "{}", t.to.reason);
+    assert!(t.to.reason.contains("new-a pass"), "{}", t.to.reason);
+    let back = t.weights.unwrap();
+    assert_eq!(
+        (bp(&back, "old1"), bp(&back, "new-a"), bp(&back, "new-b")),
+        (10000, 0, 0)
+    );
+    // Both healthy: the last step gives each its share of everything.
+    w.load.insert(
+        "new-b".into(),
+        Load {
+            requests: 40,
+            errors: 0,
+        },
+    );
+    let t = take(next(&m, &w, 1100));
+    assert_eq!(t.to.step, 1);
+    let weights = t.weights.unwrap();
+    assert_eq!((bp(&weights, "new-a"), bp(&weights, "new-b")), (6000, 4000));
+}
+
+#[test]
+fn several_targets_must_each_exist_and_be_ready() {
+    let (w, mut m) = two_targets();
+    m.plan.targets[1].0 = c("mars");
+    let err = validate(&m.plan, Some(&w.service)).expect_err("mars");
+    assert!(err.to_string().contains("targets[1]"), "{err}");
+    assert!(
+        err.to_string().contains("no backend in cluster mars"),
+        "{err}"
+    );
 }
