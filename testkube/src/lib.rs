@@ -44,7 +44,8 @@
 //! (`application/apply-patch+yaml`, YAML or JSON; `fieldManager` required,
 //! else 400; creates when absent; a simplified merge: labels and
 //! annotations key by key, every other top-level field given replaces the
-//! stored one, no field ownership or conflicts) or as an RFC 7386 JSON merge
+//! stored one, no field ownership or conflicts; a `metadata.resourceVersion`
+//! in the patch is a precondition, 409 when stale) or as an RFC 7386 JSON merge
 //! patch (`application/merge-patch+json`; other patch types get 415), and
 //! `DELETE` (200 with the deleted object). Bodies whose kind, apiVersion,
 //! name or namespace disagree with the path get 400, a missing name 422

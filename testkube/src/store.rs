@@ -483,9 +483,10 @@ impl Store {
     /// `metadata.annotations` merge key by key (a `null` value removes the
     /// key), other metadata and every other top-level field in the patch
     /// replace the stored ones, and fields the patch leaves out are kept (no
-    /// field ownership is tracked, so no conflicts either). Returns the
-    /// object and whether it was created. `manager` is the apply's
-    /// `fieldManager`.
+    /// field ownership is tracked, so no conflicts either; a
+    /// `metadata.resourceVersion` in the patch must be the stored one).
+    /// Returns the object and whether it was created. `manager` is the
+    /// apply's `fieldManager`.
     pub fn server_side_apply(
         &mut self,
         kind: ResourceKind,
@@ -517,6 +518,7 @@ impl Store {
                 Ok((self.commit(kind, key, patch, writer, &owned), true))
             }
             Some(stored) => {
+                check_precondition(stored, &patch)?;
                 let merged = apply_merge(stored, &patch);
                 Ok((self.commit(kind, key, merged, writer, &patch), false))
             }
@@ -2015,6 +2017,13 @@ mod tests {
             )
             .unwrap();
         assert_eq!((s.resource_version(), again), (rv, obj));
+        // A stale resourceVersion in the patch conflicts.
+        let mut stale = patch(json!({"y": "3"}), json!({}));
+        stale["metadata"]["resourceVersion"] = "1".into();
+        assert_eq!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "a", stale, "ferry"),
+            Err(WriteError::Conflict)
+        );
         // No kind: refused; another name than the URL's: refused.
         let bare = json!({"metadata": {"name": "a"}});
         assert!(
