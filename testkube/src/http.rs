@@ -4,7 +4,7 @@
 //! REST paths and API discovery, lists with paging and the chunked
 //! newline-delimited JSON watch stream (replay, live events, bookmarks,
 //! in-stream 410s, timeouts and test-forced aborts). Requests on one object
-//! and creates are served by `writes`.
+//! (and its `scale` subresource) and creates are served by `writes`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -73,11 +73,11 @@ impl Shared {
         self.denied.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn record(&self, user: &User, verb: Verb, kind: ResourceKind) {
+    fn record(&self, user: &User, attrs: &Attributes<'_>) {
         self.access().entry(user.name()).or_default().insert((
-            verb.as_str().to_owned(),
-            kind.group().to_owned(),
-            kind.plural().to_owned(),
+            attrs.verb.as_str().to_owned(),
+            attrs.kind.group().to_owned(),
+            attrs.resource(),
         ));
     }
 
@@ -350,7 +350,31 @@ fn resource_route<'a>(
     })
 }
 
-fn api_resource(kind: ResourceKind) -> Value {
+/// `(kind, namespace, name, subresource)` for a resource path or, for a
+/// Deployment or StatefulSet, the path of its `scale` subresource.
+type Route<'a> = (
+    ResourceKind,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+);
+
+fn route<'a>(segs: &[&'a str]) -> Option<Route<'a>> {
+    if let Some((kind, namespace, name)) = resource_route(segs) {
+        return Some((kind, namespace, name, None));
+    }
+    let (sub, parent) = segs.split_last()?;
+    match resource_route(parent)? {
+        (kind, namespace, Some(name)) if *sub == "scale" && kind.is_workload() => {
+            Some((kind, namespace, Some(name), Some(*sub)))
+        }
+        _ => None,
+    }
+}
+
+/// The discovery entries of a kind: the kind itself and, for workloads,
+/// its `scale` subresource.
+fn api_resources(kind: ResourceKind) -> Vec<Value> {
     let mut resource = json!({
         "name": kind.plural(),
         "singularName": kind.singular(),
@@ -362,7 +386,19 @@ fn api_resource(kind: ResourceKind) -> Value {
     if !short.is_empty() {
         resource["shortNames"] = json!(short);
     }
-    resource
+    let mut resources = vec![resource];
+    if kind.is_workload() {
+        resources.push(json!({
+            "name": format!("{}/scale", kind.plural()),
+            "singularName": "",
+            "namespaced": true,
+            "group": "autoscaling",
+            "version": "v1",
+            "kind": "Scale",
+            "verbs": ["get", "patch", "update"],
+        }));
+    }
+    resources
 }
 
 fn group_version(group: &str, version: &str) -> Value {
@@ -407,7 +443,7 @@ fn discovery(shared: &Shared, segs: &[&str]) -> Option<Response<Body>> {
         ["api", "v1"] => json!({
             "kind": "APIResourceList",
             "groupVersion": "v1",
-            "resources": in_group("", Some("v1")).into_iter().map(api_resource).collect::<Vec<_>>(),
+            "resources": in_group("", Some("v1")).into_iter().flat_map(api_resources).collect::<Vec<_>>(),
         }),
         ["apis"] => {
             let mut groups: Vec<Value> = Vec::new();
@@ -435,7 +471,7 @@ fn discovery(shared: &Shared, segs: &[&str]) -> Option<Response<Body>> {
                 "kind": "APIResourceList",
                 "apiVersion": "v1",
                 "groupVersion": format!("{group}/{version}"),
-                "resources": kinds.into_iter().map(api_resource).collect::<Vec<_>>(),
+                "resources": kinds.into_iter().flat_map(api_resources).collect::<Vec<_>>(),
             })
         }
         _ => return None,
@@ -464,8 +500,7 @@ async fn handle(
     let path = req.uri().path().to_string();
     let query = Query::parse(req.uri().query());
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let route = resource_route(&segs);
-    let Some((kind, namespace, name)) = route else {
+    let Some((kind, namespace, name, subresource)) = route(&segs) else {
         // Discovery, version and health: open to every authenticated user.
         if req.method() != Method::GET {
             return method_not_allowed();
@@ -482,16 +517,20 @@ async fn handle(
     if verb == Verb::Create && kind.namespaced() && namespace.is_none() {
         return method_not_allowed();
     }
+    if subresource.is_some() && !matches!(verb, Verb::Get | Verb::Update | Verb::Patch) {
+        return method_not_allowed();
+    }
     let attrs = Attributes {
         verb,
         kind,
         namespace,
         name,
+        subresource,
     };
     if let Err(refused) = shared.authorize(&user, &attrs) {
         return refused.into_response();
     }
-    shared.record(&user, verb, kind);
+    shared.record(&user, &attrs);
     match verb {
         Verb::List | Verb::Watch => collection(&shared, conn, &tracker, kind, namespace, &query),
         _ => crate::writes::object(&shared, &attrs, &query, req).await,
@@ -908,6 +947,65 @@ mod tests {
         assert_eq!(
             resource_route(&["api", "v1", "namespaces", "a", "status"]),
             None
+        );
+        let apps = |rest: &[&'static str]| {
+            let mut segs = vec!["apis", "apps", "v1", "namespaces", "shop"];
+            segs.extend_from_slice(rest);
+            route(&segs)
+        };
+        assert_eq!(
+            apps(&["deployments", "web", "scale"]),
+            Some((
+                ResourceKind::Deployment,
+                Some("shop"),
+                Some("web"),
+                Some("scale")
+            ))
+        );
+        assert_eq!(
+            apps(&["statefulsets", "db"]),
+            Some((ResourceKind::StatefulSet, Some("shop"), Some("db"), None))
+        );
+        assert_eq!(apps(&["deployments", "web", "status"]), None);
+        assert_eq!(
+            apps(&["deployments", "scale"]),
+            Some((ResourceKind::Deployment, Some("shop"), Some("scale"), None))
+        );
+        assert_eq!(
+            route(&["api", "v1", "namespaces", "a", "secrets", "b", "scale"]),
+            None
+        );
+        assert_eq!(
+            route(&[
+                "apis",
+                "autoscaling",
+                "v2",
+                "namespaces",
+                "a",
+                "horizontalpodautoscalers"
+            ]),
+            Some((ResourceKind::HorizontalPodAutoscaler, Some("a"), None, None))
+        );
+        assert_eq!(
+            route(&[
+                "apis",
+                "policy",
+                "v1",
+                "namespaces",
+                "a",
+                "poddisruptionbudgets",
+                "p"
+            ]),
+            Some((
+                ResourceKind::PodDisruptionBudget,
+                Some("a"),
+                Some("p"),
+                None
+            ))
+        );
+        assert_eq!(
+            route(&["api", "v1", "namespaces", "a", "configmaps", "c"]),
+            Some((ResourceKind::ConfigMap, Some("a"), Some("c"), None))
         );
     }
 }

@@ -26,11 +26,23 @@ pub enum ResourceKind {
     Role,
     /// rbac.authorization.k8s.io/v1 `RoleBinding`.
     RoleBinding,
+    /// apps/v1 `Deployment`, with a simulated controller for its status and
+    /// the `scale` subresource.
+    Deployment,
+    /// apps/v1 `StatefulSet`, with a simulated controller for its status and
+    /// the `scale` subresource.
+    StatefulSet,
+    /// core/v1 `ConfigMap`.
+    ConfigMap,
+    /// autoscaling/v2 `HorizontalPodAutoscaler`.
+    HorizontalPodAutoscaler,
+    /// policy/v1 `PodDisruptionBudget`.
+    PodDisruptionBudget,
 }
 
 impl ResourceKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ResourceKind; 10] = [
+    pub const ALL: [ResourceKind; 15] = [
         ResourceKind::Service,
         ResourceKind::EndpointSlice,
         ResourceKind::ServiceExport,
@@ -41,6 +53,11 @@ impl ResourceKind {
         ResourceKind::ClusterRoleBinding,
         ResourceKind::Role,
         ResourceKind::RoleBinding,
+        ResourceKind::Deployment,
+        ResourceKind::StatefulSet,
+        ResourceKind::ConfigMap,
+        ResourceKind::HorizontalPodAutoscaler,
+        ResourceKind::PodDisruptionBudget,
     ];
 
     /// The object `kind` (`"Service"`, `"EndpointSlice"`, `"ClusterRole"`, ...).
@@ -56,6 +73,11 @@ impl ResourceKind {
             ResourceKind::ClusterRoleBinding => "ClusterRoleBinding",
             ResourceKind::Role => "Role",
             ResourceKind::RoleBinding => "RoleBinding",
+            ResourceKind::Deployment => "Deployment",
+            ResourceKind::StatefulSet => "StatefulSet",
+            ResourceKind::ConfigMap => "ConfigMap",
+            ResourceKind::HorizontalPodAutoscaler => "HorizontalPodAutoscaler",
+            ResourceKind::PodDisruptionBudget => "PodDisruptionBudget",
         }
     }
 
@@ -72,6 +94,11 @@ impl ResourceKind {
             ResourceKind::ClusterRoleBinding => "ClusterRoleBindingList",
             ResourceKind::Role => "RoleList",
             ResourceKind::RoleBinding => "RoleBindingList",
+            ResourceKind::Deployment => "DeploymentList",
+            ResourceKind::StatefulSet => "StatefulSetList",
+            ResourceKind::ConfigMap => "ConfigMapList",
+            ResourceKind::HorizontalPodAutoscaler => "HorizontalPodAutoscalerList",
+            ResourceKind::PodDisruptionBudget => "PodDisruptionBudgetList",
         }
     }
 
@@ -81,7 +108,11 @@ impl ResourceKind {
             ResourceKind::Service
             | ResourceKind::Namespace
             | ResourceKind::ServiceAccount
-            | ResourceKind::Secret => "",
+            | ResourceKind::Secret
+            | ResourceKind::ConfigMap => "",
+            ResourceKind::Deployment | ResourceKind::StatefulSet => "apps",
+            ResourceKind::HorizontalPodAutoscaler => "autoscaling",
+            ResourceKind::PodDisruptionBudget => "policy",
             ResourceKind::EndpointSlice => "discovery.k8s.io",
             ResourceKind::ServiceExport => "multicluster.x-k8s.io",
             ResourceKind::ClusterRole
@@ -95,18 +126,24 @@ impl ResourceKind {
     pub fn version(self) -> &'static str {
         match self {
             ResourceKind::ServiceExport => "v1alpha1",
+            ResourceKind::HorizontalPodAutoscaler => "v2",
             _ => "v1",
         }
     }
 
     /// The `apiVersion` (`"v1"`, `"discovery.k8s.io/v1"`,
-    /// `"multicluster.x-k8s.io/v1alpha1"`, `"rbac.authorization.k8s.io/v1"`).
+    /// `"multicluster.x-k8s.io/v1alpha1"`, `"rbac.authorization.k8s.io/v1"`,
+    /// `"apps/v1"`, `"autoscaling/v2"`, `"policy/v1"`).
     pub fn api_version(self) -> &'static str {
         match self {
             ResourceKind::Service
             | ResourceKind::Namespace
             | ResourceKind::ServiceAccount
-            | ResourceKind::Secret => "v1",
+            | ResourceKind::Secret
+            | ResourceKind::ConfigMap => "v1",
+            ResourceKind::Deployment | ResourceKind::StatefulSet => "apps/v1",
+            ResourceKind::HorizontalPodAutoscaler => "autoscaling/v2",
+            ResourceKind::PodDisruptionBudget => "policy/v1",
             ResourceKind::EndpointSlice => "discovery.k8s.io/v1",
             ResourceKind::ServiceExport => "multicluster.x-k8s.io/v1alpha1",
             ResourceKind::ClusterRole
@@ -129,6 +166,11 @@ impl ResourceKind {
             ResourceKind::ClusterRoleBinding => "clusterrolebindings",
             ResourceKind::Role => "roles",
             ResourceKind::RoleBinding => "rolebindings",
+            ResourceKind::Deployment => "deployments",
+            ResourceKind::StatefulSet => "statefulsets",
+            ResourceKind::ConfigMap => "configmaps",
+            ResourceKind::HorizontalPodAutoscaler => "horizontalpodautoscalers",
+            ResourceKind::PodDisruptionBudget => "poddisruptionbudgets",
         }
     }
 
@@ -145,6 +187,11 @@ impl ResourceKind {
             ResourceKind::ClusterRoleBinding => "clusterrolebinding",
             ResourceKind::Role => "role",
             ResourceKind::RoleBinding => "rolebinding",
+            ResourceKind::Deployment => "deployment",
+            ResourceKind::StatefulSet => "statefulset",
+            ResourceKind::ConfigMap => "configmap",
+            ResourceKind::HorizontalPodAutoscaler => "horizontalpodautoscaler",
+            ResourceKind::PodDisruptionBudget => "poddisruptionbudget",
         }
     }
 
@@ -168,6 +215,26 @@ impl ResourceKind {
         )
     }
 
+    /// Whether the kind is a workload with replicas: its `status` is the
+    /// simulated controller's, and it has the `scale` subresource.
+    pub fn is_workload(self) -> bool {
+        matches!(self, ResourceKind::Deployment | ResourceKind::StatefulSet)
+    }
+
+    /// Whether the server keeps `metadata.generation` for the kind (bumped
+    /// by every change outside `metadata` and `status`), as for the
+    /// built-in kinds with a spec and for custom resources.
+    pub fn has_generation(self) -> bool {
+        matches!(
+            self,
+            ResourceKind::Deployment
+                | ResourceKind::StatefulSet
+                | ResourceKind::HorizontalPodAutoscaler
+                | ResourceKind::PodDisruptionBudget
+                | ResourceKind::ServiceExport
+        )
+    }
+
     /// Whether the kind comes from a CRD (and so can be absent).
     pub fn is_custom(self) -> bool {
         self == ResourceKind::ServiceExport
@@ -187,6 +254,11 @@ impl ResourceKind {
             ResourceKind::ServiceExport => "svcex",
             ResourceKind::Namespace => "ns",
             ResourceKind::ServiceAccount => "sa",
+            ResourceKind::Deployment => "deploy",
+            ResourceKind::StatefulSet => "sts",
+            ResourceKind::ConfigMap => "cm",
+            ResourceKind::HorizontalPodAutoscaler => "hpa",
+            ResourceKind::PodDisruptionBudget => "pdb",
             other => other.plural(),
         }
     }
@@ -233,5 +305,13 @@ mod tests {
             "clusterroles.rbac.authorization.k8s.io"
         );
         assert_eq!(ResourceKind::Secret.qualified(), "secrets");
+        assert_eq!(ResourceKind::Deployment.qualified(), "deployments.apps");
+        for kind in ResourceKind::ALL {
+            let expected = match kind.group() {
+                "" => kind.version().to_owned(),
+                group => format!("{group}/{}", kind.version()),
+            };
+            assert_eq!(kind.api_version(), expected, "{kind:?}");
+        }
     }
 }

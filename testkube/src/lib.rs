@@ -10,15 +10,18 @@
 //!
 //! ## Kinds
 //!
-//! core/v1 Services, Namespaces, ServiceAccounts and Secrets,
+//! core/v1 Services, Namespaces, ServiceAccounts, Secrets and ConfigMaps,
 //! discovery.k8s.io/v1 EndpointSlices, multicluster.x-k8s.io/v1alpha1
 //! ServiceExports (the CRD can be removed per server, its paths then answer
-//! 404 and API discovery drops its group) and rbac.authorization.k8s.io/v1
-//! ClusterRoles, ClusterRoleBindings, Roles and RoleBindings
-//! ([`ResourceKind`]). Namespaces, ClusterRoles and ClusterRoleBindings are
-//! cluster-scoped: no `metadata.namespace`, namespace `""` in the Rust API. API discovery (`/api`, `/api/v1`, `/apis`, each
-//! group and group version) lists every served kind with its scope and
-//! verbs; `/version` answers a version object.
+//! 404 and API discovery drops its group), rbac.authorization.k8s.io/v1
+//! ClusterRoles, ClusterRoleBindings, Roles and RoleBindings, apps/v1
+//! Deployments and StatefulSets, autoscaling/v2 HorizontalPodAutoscalers and
+//! policy/v1 PodDisruptionBudgets ([`ResourceKind`]). Namespaces,
+//! ClusterRoles and ClusterRoleBindings are cluster-scoped: no
+//! `metadata.namespace`, namespace `""` in the Rust API. API discovery
+//! (`/api`, `/api/v1`, `/apis`, each group and group version) lists every
+//! served kind with its scope and verbs, and the `scale` subresources;
+//! `/version` answers a version object.
 //!
 //! ## Reads
 //!
@@ -41,7 +44,8 @@
 //! (`application/apply-patch+yaml`, YAML or JSON; `fieldManager` required,
 //! else 400; creates when absent; a simplified merge: labels and
 //! annotations key by key, every other top-level field given replaces the
-//! stored one, no field ownership or conflicts) or as an RFC 7386 JSON merge
+//! stored one, no field ownership or conflicts; a `metadata.resourceVersion`
+//! in the patch is a precondition, 409 when stale) or as an RFC 7386 JSON merge
 //! patch (`application/merge-patch+json`; other patch types get 415), and
 //! `DELETE` (200 with the deleted object). Bodies whose kind, apiVersion,
 //! name or namespace disagree with the path get 400, a missing name 422
@@ -49,7 +53,51 @@
 //! resourceVersion and is a watch event; a write that changes nothing is a
 //! no-op. The server defaults a Namespace's `kubernetes.io/metadata.name`
 //! label, finalizer and `Active` phase, a Secret's `type` (`Opaque`), and
-//! folds `stringData` into `data`.
+//! folds `stringData` into `data`, and a Deployment's or StatefulSet's
+//! `spec.replicas` (1).
+//!
+//! As a real server, it keeps the metadata a copy to another cluster must
+//! not carry: `uid`, `resourceVersion`, `creationTimestamp`, `generation`
+//! (Deployments, StatefulSets, HorizontalPodAutoscalers,
+//! PodDisruptionBudgets and ServiceExports: 1 at creation, one more for
+//! each change outside `metadata` and `status`) and `managedFields` (one
+//! entry per field manager, operation and subresource: `manager`,
+//! `operation` `Apply` or `Update`, `apiVersion`, `time`, `fieldsType:
+//! FieldsV1` and a simplified `fieldsV1` of what that write sent; the
+//! manager is the `fieldManager` parameter, else the start of the
+//! User-Agent, else `unknown`; the server's controllers write as
+//! `kube-controller-manager`, [`TestKube::apply`] as `testkube`). What a
+//! client sends of these is ignored. A Service without `spec.clusterIP`
+//! gets one, kept across later writes that leave it out: a free address of
+//! 10.96.0.0/12 from a cursor that starts at random, so two servers hand
+//! out different addresses (headless and `ExternalName` Services get none),
+//! with `clusterIPs`, `ipFamilies`, `ipFamilyPolicy`, `sessionAffinity` and
+//! `internalTrafficPolicy` defaulted.
+//!
+//! ## Workloads
+//!
+//! A simulated workload controller keeps the `status` of Deployments and
+//! StatefulSets as a real cluster's would look once its pods run: after
+//! every write of one (a create, an update, a scale, or a change of the
+//! test's limit) it sets `observedGeneration` and `replicas`,
+//! `updatedReplicas`, `readyReplicas` and `availableReplicas` (and a
+//! StatefulSet's `currentReplicas`, a Deployment's `unavailableReplicas`)
+//! from `spec.replicas`, in a write of its own right after the client's (a
+//! MODIFIED event). As the real controllers do, a Deployment's status
+//! leaves out zero counts; a StatefulSet's always has `replicas` and
+//! `availableReplicas`. Clients cannot write a workload's status.
+//! [`TestKube::set_available_limit`] caps the ready and available replicas
+//! of a workload (pods that do not come up) until lifted.
+//!
+//! The `scale` subresource of both (`.../deployments/NAME/scale`): `GET`
+//! answers an `autoscaling/v1` `Scale` (`spec.replicas`, left out at 0 as
+//! the API server does; `status.replicas`; `status.selector` as a string);
+//! `PUT` of a `Scale`, a JSON merge patch or a server-side apply of one sets
+//! `spec.replicas` (a new generation; the controller follows; a negative
+//! count is 422, a stale `resourceVersion` 409), so kube-rs's
+//! `Api::get_scale`, `replace_scale` and `patch_scale` work. RBAC names it
+//! `deployments/scale` (`statefulsets/scale`) in the workload's group, with
+//! verbs `get`, `update` and `patch`.
 //!
 //! Deleting a Namespace deletes every namespaced object in it at once (each
 //! a DELETED event; a real server does it later, through the namespace
@@ -72,7 +120,9 @@
 //! Requests with a minted token are authorized by RBAC as on the real
 //! server: a request in namespace NS is allowed when a ClusterRoleBinding
 //! grants it (through its ClusterRole) or a RoleBinding in NS does (through
-//! a Role in NS or a ClusterRole, whose rules then apply in NS only);
+//! a Role in NS or a ClusterRole, whose rules then apply in NS only); a
+//! rule grants a subresource only by naming it (`deployments/scale`,
+//! `*/scale` or `*`);
 //! requests at the cluster scope (lists across all namespaces, cluster-scoped
 //! kinds) only by ClusterRoleBindings. Otherwise 403 `Forbidden` with the
 //! real server's message (`... in the namespace "NS"` or `... at the
@@ -139,6 +189,12 @@
 //! // something.
 //! let as_reader = cluster.client_with_token(&token).await;
 //! # let _ = as_reader;
+//!
+//! // A Deployment whose pods never all come up: the controller reports 3
+//! // replicas, 1 of them available, until the limit is lifted.
+//! cluster.set_available_limit("default", "web", Some(1));
+//! cluster.apply_deployment("default", "web", &[("app", "web")], 3);
+//! cluster.set_available_limit("default", "web", None);
 //! # }
 //! ```
 //!
@@ -498,9 +554,10 @@ impl TestKube {
 
     /// Creates or replaces any served object (`metadata.name` required,
     /// `metadata.namespace` defaults to `default` for namespaced kinds and
-    /// is dropped for cluster-scoped ones). uid, creationTimestamp and
-    /// resourceVersion are set by the server; applying an unchanged object
-    /// is a no-op. The token controller runs as for a write over HTTP.
+    /// is dropped for cluster-scoped ones). uid, creationTimestamp,
+    /// resourceVersion, generation and managedFields (manager `testkube`)
+    /// are set by the server; applying an unchanged object is a no-op. The
+    /// token and workload controllers run as for a write over HTTP.
     /// Returns the object's resourceVersion (after the controller's write,
     /// if any).
     pub fn apply(&self, kind: ResourceKind, object: Value) -> Result<u64, InvalidObject> {
@@ -567,6 +624,48 @@ impl TestKube {
         });
         self.apply(ResourceKind::Service, object)
             .expect("a generated Service is valid")
+    }
+
+    /// Creates or replaces a Deployment with `replicas` replicas whose
+    /// selector (`matchLabels`) and pod template labels are `labels`, one
+    /// container `app` (image `registry.example/NAME:1`). The workload
+    /// controller then reports its status. Returns its resourceVersion
+    /// (after the controller's write).
+    pub fn apply_deployment(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        replicas: i32,
+    ) -> u64 {
+        let labels = label_map(labels);
+        let object = json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [
+                        {"name": "app", "image": format!("registry.example/{name}:1")}
+                    ]},
+                },
+            },
+        });
+        self.apply(ResourceKind::Deployment, object)
+            .expect("a generated Deployment is valid")
+    }
+
+    /// Caps the ready and available replicas the workload controller
+    /// reports for the Deployment and the StatefulSet `namespace/name` at
+    /// `limit` (pods that do not come up), or with `None` lifts the cap.
+    /// The cap holds for objects created later too, so a test can hold a
+    /// rollout back before it starts. The controller runs at once: a
+    /// changed status is a MODIFIED event.
+    pub fn set_available_limit(&self, namespace: &str, name: &str, limit: Option<i32>) {
+        self.shared
+            .store()
+            .set_available_limit(namespace, name, limit);
     }
 
     /// Deletes a Service; returns whether it existed.
@@ -676,9 +775,10 @@ impl TestKube {
     // ---- faults --------------------------------------------------------
 
     /// Refuses every request with RBAC verb `verb` (`get`, `list`, `watch`,
-    /// `create`, `update`, `patch`, `delete`) on `kind` with 403
-    /// `Forbidden`, whoever asks (the server's token included, reported as
-    /// user `admin`), until [`TestKube::allow`].
+    /// `create`, `update`, `patch`, `delete`) on `kind` (its `scale`
+    /// subresource included) with 403 `Forbidden`, whoever asks (the
+    /// server's token included, reported as user `admin`), until
+    /// [`TestKube::allow`].
     pub fn deny(&self, verb: &str, kind: ResourceKind) {
         self.shared.denied().insert((verb.to_owned(), kind));
     }
@@ -745,8 +845,9 @@ impl TestKube {
 
     /// Every (verb, API group, resource) a client has used, as RBAC rules
     /// name them (`""` for the core group; verbs `get`, `list`, `watch`,
-    /// `create`, `update`, `patch`, `delete`), whoever the user. Refused
-    /// (401, 403) requests are not recorded.
+    /// `create`, `update`, `patch`, `delete`; a subresource as
+    /// `deployments/scale`), whoever the user. Refused (401, 403) requests
+    /// are not recorded.
     pub fn access(&self) -> BTreeSet<(String, String, String)> {
         self.shared.access().values().flatten().cloned().collect()
     }

@@ -87,9 +87,20 @@ pub(crate) struct Attributes<'a> {
     pub kind: ResourceKind,
     pub namespace: Option<&'a str>,
     pub name: Option<&'a str>,
+    /// The subresource (`scale`) of a request on one object's subresource.
+    pub subresource: Option<&'a str>,
 }
 
 impl<'a> Attributes<'a> {
+    /// The resource as RBAC rules name it: the plural, and for a
+    /// subresource `plural/subresource` (`deployments/scale`).
+    pub fn resource(&self) -> String {
+        match self.subresource {
+            Some(sub) => format!("{}/{sub}", self.kind.plural()),
+            None => self.kind.plural().to_owned(),
+        }
+    }
+
     /// The namespace the request is in, `None` at the cluster scope. As on
     /// the real server, a request on one Namespace is in that namespace;
     /// lists of a namespaced kind across all namespaces are not in any.
@@ -115,7 +126,7 @@ impl<'a> Attributes<'a> {
         format!(
             "{resource} is forbidden: User \"{user}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
             self.verb.as_str(),
-            self.kind.plural(),
+            self.resource(),
             self.kind.group(),
         )
     }
@@ -129,8 +140,9 @@ impl<'a> Attributes<'a> {
 /// by `ServiceAccount` (name and namespace), `User`
 /// (`system:serviceaccount:NS:NAME`) or `Group` (`system:serviceaccounts`,
 /// `system:serviceaccounts:NS`, `system:authenticated`); rules by
-/// `apiGroups`, `resources` and `verbs` (`*` matches all) and, when
-/// present, `resourceNames` (requests on a named object only).
+/// `apiGroups`, `resources` and `verbs` (`*` matches all; a subresource
+/// request needs `plural/subresource` or `*/subresource` in `resources`)
+/// and, when present, `resourceNames` (requests on a named object only).
 /// `nonResourceURLs` rules grant nothing here. A binding whose role does
 /// not exist grants nothing.
 pub(crate) fn allows(store: &Store, namespace: &str, name: &str, attrs: &Attributes<'_>) -> bool {
@@ -218,7 +230,22 @@ fn rule_allows(rule: &Value, attrs: &Attributes<'_>) -> bool {
     names_ok
         && lists(rule, "verbs", attrs.verb.as_str())
         && lists(rule, "apiGroups", attrs.kind.group())
-        && lists(rule, "resources", attrs.kind.plural())
+        && lists_resource(rule, attrs)
+}
+
+/// Whether `rule.resources` holds the request's resource, `*`, or for a
+/// subresource `*/subresource`.
+fn lists_resource(rule: &Value, attrs: &Attributes<'_>) -> bool {
+    let resource = attrs.resource();
+    let any_parent = attrs.subresource.map(|sub| format!("*/{sub}"));
+    rule.get("resources")
+        .and_then(Value::as_array)
+        .is_some_and(|items| {
+            items
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|v| v == "*" || v == resource || any_parent.as_deref() == Some(v))
+        })
 }
 
 /// Whether `rule[field]` holds `want` or `*`.
@@ -244,6 +271,7 @@ mod tests {
             kind,
             namespace: None,
             name,
+            subresource: None,
         }
     }
 
@@ -392,6 +420,7 @@ mod tests {
             kind: ResourceKind::ClusterRoleBinding,
             namespace: None,
             name: None,
+            subresource: None,
         };
         assert!(
             b.forbidden_message("admin")
@@ -403,5 +432,35 @@ mod tests {
             ..attrs(Verb::Get, ResourceKind::Secret, None)
         };
         assert!(c.forbidden_message("u").ends_with("in the namespace \"x\""));
+        let d = Attributes {
+            verb: Verb::Patch,
+            kind: ResourceKind::Deployment,
+            namespace: Some("shop"),
+            name: Some("web"),
+            subresource: Some("scale"),
+        };
+        assert_eq!(
+            d.forbidden_message("u"),
+            "deployments.apps \"web\" is forbidden: User \"u\" cannot patch resource \"deployments/scale\" in API group \"apps\" in the namespace \"shop\""
+        );
+    }
+
+    #[test]
+    fn subresources_need_their_own_rules() {
+        let scale = Attributes {
+            subresource: Some("scale"),
+            ..attrs(Verb::Patch, ResourceKind::Deployment, Some("web"))
+        };
+        let deployment = attrs(Verb::Patch, ResourceKind::Deployment, Some("web"));
+        let rule = |resources: Value| json!({"apiGroups": ["apps"], "resources": resources, "verbs": ["patch"]});
+        let parent = rule(json!(["deployments"]));
+        assert!(rule_allows(&parent, &deployment));
+        assert!(!rule_allows(&parent, &scale));
+        let sub = rule(json!(["deployments/scale"]));
+        assert!(rule_allows(&sub, &scale));
+        assert!(!rule_allows(&sub, &deployment));
+        assert!(rule_allows(&rule(json!(["*/scale"])), &scale));
+        assert!(rule_allows(&rule(json!(["*"])), &scale));
+        assert!(!rule_allows(&rule(json!(["statefulsets/scale"])), &scale));
     }
 }

@@ -1,8 +1,10 @@
 //! The fake cluster's state: objects, the global resourceVersion counter, the
 //! bounded event history that watches replay from, label/field selectors,
 //! list paging with continue tokens, the write verbs (create, replace,
-//! server-side apply, merge patch, delete with its cascades) and the
-//! service-account token controller.
+//! server-side apply, merge patch, the `scale` subresource, delete with its
+//! cascades), the server-side bookkeeping of writes (generation, managed
+//! fields, Service cluster IPs), the service-account token controller and
+//! the simulated workload controller of Deployments and StatefulSets.
 //!
 //! Everything here is synchronous and lives behind one mutex in the server;
 //! changes are published on a broadcast bus *while the lock is held*, so a
@@ -267,6 +269,47 @@ impl std::fmt::Display for WriteError {
     }
 }
 
+/// The field manager of the server's own controllers.
+const CONTROLLER_MANAGER: &str = "kube-controller-manager";
+/// The field manager of writes made through [`crate::TestKube::apply`].
+const TESTKUBE_MANAGER: &str = "testkube";
+
+/// The `operation` of a `metadata.managedFields` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Operation {
+    /// A server-side apply.
+    Apply,
+    /// Any other write (create, replace, merge patch, a controller's write).
+    Update,
+}
+
+impl Operation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Operation::Apply => "Apply",
+            Operation::Update => "Update",
+        }
+    }
+}
+
+/// Who makes a write, as `metadata.managedFields` records it.
+#[derive(Clone, Copy, Debug)]
+struct Writer<'a> {
+    manager: &'a str,
+    operation: Operation,
+    subresource: Option<&'static str>,
+}
+
+impl<'a> Writer<'a> {
+    fn update(manager: &'a str) -> Self {
+        Writer {
+            manager,
+            operation: Operation::Update,
+            subresource: None,
+        }
+    }
+}
+
 /// A token the token controller minted for a Secret.
 #[derive(Clone, Debug)]
 struct Minted {
@@ -292,6 +335,11 @@ pub(crate) struct Store {
     ca_pem: String,
     /// Tokens minted for service-account token Secrets, by Secret.
     minted: BTreeMap<Key, Minted>,
+    /// Caps on the ready and available replicas of the workloads (a
+    /// Deployment or StatefulSet) of that namespace and name.
+    available_limits: BTreeMap<Key, i32>,
+    /// Service cluster IPs handed out so far (the allocator's cursor).
+    ip_seq: u32,
 }
 
 /// The store key of an object: cluster-scoped kinds ignore `ns`.
@@ -325,6 +373,8 @@ impl Store {
             uninstalled: BTreeSet::new(),
             ca_pem,
             minted: BTreeMap::new(),
+            available_limits: BTreeMap::new(),
+            ip_seq: 0,
         }
     }
 
@@ -380,25 +430,35 @@ impl Store {
         };
         let key =
             prepare(kind, &mut object, &ns, None).map_err(|e| InvalidObject(e.to_string()))?;
-        self.commit(kind, key.clone(), object);
+        let owned = object.clone();
+        self.commit(
+            kind,
+            key.clone(),
+            object,
+            Writer::update(TESTKUBE_MANAGER),
+            &owned,
+        );
         Ok(self.get_key(kind, &key).map_or(self.rv, |o| self.rv_of(o)))
     }
 
     /// Creates an object in namespace `ns` (ignored for cluster-scoped
     /// kinds), as `POST` does: `metadata.generateName` is honoured, an
-    /// existing object is a 409. Returns the object as stored.
+    /// existing object is a 409. Returns the object as stored. `manager`
+    /// is the write's field manager.
     pub fn create(
         &mut self,
         kind: ResourceKind,
         ns: &str,
         mut object: Value,
+        manager: &str,
     ) -> Result<Value, WriteError> {
         generate_name(&mut object);
         let key = prepare(kind, &mut object, ns, None)?;
         if self.get_key(kind, &key).is_some() {
             return Err(WriteError::AlreadyExists);
         }
-        Ok(self.commit(kind, key, object))
+        let owned = object.clone();
+        Ok(self.commit(kind, key, object, Writer::update(manager), &owned))
     }
 
     /// Replaces an existing object, as `PUT` does (404 when absent; a
@@ -409,11 +469,13 @@ impl Store {
         ns: &str,
         name: &str,
         mut object: Value,
+        manager: &str,
     ) -> Result<Value, WriteError> {
         let key = prepare(kind, &mut object, ns, Some(name))?;
         let stored = self.get_key(kind, &key).ok_or(WriteError::NotFound)?;
         check_precondition(stored, &object)?;
-        Ok(self.commit(kind, key, object))
+        let owned = object.clone();
+        Ok(self.commit(kind, key, object, Writer::update(manager), &owned))
     }
 
     /// Server-side apply of `patch` (creating the object when absent).
@@ -421,14 +483,17 @@ impl Store {
     /// `metadata.annotations` merge key by key (a `null` value removes the
     /// key), other metadata and every other top-level field in the patch
     /// replace the stored ones, and fields the patch leaves out are kept (no
-    /// field ownership is tracked, so no conflicts either). Returns the
-    /// object and whether it was created.
+    /// field ownership is tracked, so no conflicts either; a
+    /// `metadata.resourceVersion` in the patch must be the stored one).
+    /// Returns the object and whether it was created. `manager` is the
+    /// apply's `fieldManager`.
     pub fn server_side_apply(
         &mut self,
         kind: ResourceKind,
         ns: &str,
         name: &str,
         mut patch: Value,
+        manager: &str,
     ) -> Result<(Value, bool), WriteError> {
         for field in ["apiVersion", "kind"] {
             if patch
@@ -442,11 +507,20 @@ impl Store {
             }
         }
         let key = prepare(kind, &mut patch, ns, Some(name))?;
+        let writer = Writer {
+            manager,
+            operation: Operation::Apply,
+            subresource: None,
+        };
         match self.get_key(kind, &key) {
-            None => Ok((self.commit(kind, key, patch), true)),
+            None => {
+                let owned = patch.clone();
+                Ok((self.commit(kind, key, patch, writer, &owned), true))
+            }
             Some(stored) => {
+                check_precondition(stored, &patch)?;
                 let merged = apply_merge(stored, &patch);
-                Ok((self.commit(kind, key, merged), false))
+                Ok((self.commit(kind, key, merged, writer, &patch), false))
             }
         }
     }
@@ -459,6 +533,7 @@ impl Store {
         ns: &str,
         name: &str,
         patch: &Value,
+        manager: &str,
     ) -> Result<Value, WriteError> {
         let key = key(kind, ns, name);
         let stored = self.get_key(kind, &key).ok_or(WriteError::NotFound)?;
@@ -471,7 +546,78 @@ impl Store {
             }
         }
         let key = prepare(kind, &mut merged, ns, Some(name))?;
-        Ok(self.commit(kind, key, merged))
+        Ok(self.commit(kind, key, merged, Writer::update(manager), patch))
+    }
+
+    /// The `autoscaling/v1` `Scale` of a Deployment or StatefulSet (`None`
+    /// when absent or not a workload).
+    pub fn get_scale(&self, kind: ResourceKind, ns: &str, name: &str) -> Option<Value> {
+        if !kind.is_workload() {
+            return None;
+        }
+        self.get_key(kind, &key(kind, ns, name)).map(scale_of)
+    }
+
+    /// A write of the `scale` subresource: sets the workload's
+    /// `spec.replicas` to the `Scale`'s (absent: 0; 404 when the workload
+    /// is absent, 409 for a stale `metadata.resourceVersion` in `scale`,
+    /// 422 for a negative count), then runs the workload controller.
+    /// Returns the `Scale` as the write stored it.
+    pub fn set_scale(
+        &mut self,
+        kind: ResourceKind,
+        ns: &str,
+        name: &str,
+        scale: &Value,
+        manager: &str,
+        operation: Operation,
+    ) -> Result<Value, WriteError> {
+        let key = key(kind, ns, name);
+        let stored = match self.get_key(kind, &key) {
+            Some(stored) if kind.is_workload() => stored,
+            _ => return Err(WriteError::NotFound),
+        };
+        check_precondition(stored, scale)?;
+        let replicas = match scale.pointer("/spec/replicas") {
+            None | Some(Value::Null) => 0,
+            Some(n) => n.as_i64().ok_or_else(|| {
+                WriteError::BadRequest(format!("spec.replicas must be an integer, not {n}"))
+            })?,
+        };
+        let replicas = match i32::try_from(replicas) {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                return Err(WriteError::Invalid(format!(
+                    "spec.replicas: Invalid value: {replicas}: must be greater than or equal to 0"
+                )));
+            }
+        };
+        let mut scaled = stored.clone();
+        if let Some(obj) = scaled.as_object_mut() {
+            object_entry(obj, "spec").insert("replicas".into(), replicas.into());
+        }
+        let writer = Writer {
+            manager,
+            operation,
+            subresource: Some("scale"),
+        };
+        let owned = json!({"spec": {"replicas": replicas}});
+        let written = self.commit(kind, key, scaled, writer, &owned);
+        Ok(scale_of(&written))
+    }
+
+    /// Caps (or, with `None`, stops capping) the ready and available
+    /// replicas of the Deployment and the StatefulSet `ns/name`, present or
+    /// future, and runs the workload controller on them.
+    pub fn set_available_limit(&mut self, ns: &str, name: &str, limit: Option<i32>) {
+        let key = (ns.to_owned(), name.to_owned());
+        match limit {
+            Some(n) => self.available_limits.insert(key.clone(), n.max(0)),
+            None => self.available_limits.remove(&key),
+        };
+        for kind in ResourceKind::ALL.into_iter().filter(|k| k.is_workload()) {
+            self.reconcile_workload(kind, &key);
+        }
     }
 
     /// Deletes an object; returns whether it existed.
@@ -515,26 +661,81 @@ impl Store {
         Some(object)
     }
 
-    /// Writes a prepared object, then runs the controllers on it. Returns
-    /// the object as this write stored it.
-    fn commit(&mut self, kind: ResourceKind, key: Key, object: Value) -> Value {
-        let stored = self.write(kind, key.clone(), object);
+    /// Writes a prepared object from a client, then runs the controllers
+    /// on it. A workload's `status` is its controller's: what the client
+    /// sent is replaced by the stored one. Returns the object as this write
+    /// stored it.
+    fn commit(
+        &mut self,
+        kind: ResourceKind,
+        key: Key,
+        mut object: Value,
+        writer: Writer<'_>,
+        owned: &Value,
+    ) -> Value {
+        if kind.is_workload()
+            && let Some(obj) = object.as_object_mut()
+        {
+            match self
+                .get_key(kind, &key)
+                .and_then(|old| old.get("status"))
+                .cloned()
+            {
+                Some(status) => obj.insert("status".into(), status),
+                None => obj.remove("status"),
+            };
+        }
+        let stored = self.write(kind, key.clone(), object, writer, owned);
         self.reconcile(kind, &key);
         stored
     }
 
     /// Stores a prepared object: server defaults and server-owned metadata
-    /// filled in, a no-op when nothing changed. Returns the stored object.
-    fn write(&mut self, kind: ResourceKind, key: Key, mut object: Value) -> Value {
+    /// (uid, creationTimestamp, resourceVersion, generation, the writer's
+    /// `managedFields` entry owning the fields of `owned`) filled in, a
+    /// no-op when nothing changed. Returns the stored object.
+    fn write(
+        &mut self,
+        kind: ResourceKind,
+        key: Key,
+        mut object: Value,
+        writer: Writer<'_>,
+        owned: &Value,
+    ) -> Value {
         apply_defaults(kind, &key, &mut object);
         let existing = self.get_key(kind, &key).cloned();
+        if kind == ResourceKind::Service {
+            self.allocate_cluster_ip(&mut object, existing.as_ref());
+        }
+        let generation = kind.has_generation().then(|| match &existing {
+            None => 1,
+            Some(old) => {
+                let before = old
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1);
+                if desired_state(old) == desired_state(&object) {
+                    before
+                } else {
+                    before + 1
+                }
+            }
+        });
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             for field in SERVER_METADATA {
                 meta.remove(field);
             }
+            if let Some(generation) = generation {
+                meta.insert("generation".into(), generation.into());
+            }
             match &existing {
                 Some(old) => {
-                    for field in ["uid", "creationTimestamp", "resourceVersion"] {
+                    for field in [
+                        "uid",
+                        "creationTimestamp",
+                        "resourceVersion",
+                        "managedFields",
+                    ] {
                         if let Some(v) = old.pointer(&format!("/metadata/{field}")) {
                             meta.insert(field.into(), v.clone());
                         }
@@ -556,6 +757,9 @@ impl Store {
         {
             return object;
         }
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            record_manager(meta, kind, writer, owned);
+        }
         self.rv += 1;
         set_rv(&mut object, self.rv);
         self.objects
@@ -572,9 +776,13 @@ impl Store {
     }
 
     /// The controllers: after a write of a Secret or a ServiceAccount, the
-    /// token controller fills (or revokes) the tokens concerned.
+    /// token controller fills (or revokes) the tokens concerned; after a
+    /// write of a workload, the workload controller updates its status.
     fn reconcile(&mut self, kind: ResourceKind, key: &Key) {
         match kind {
+            ResourceKind::Deployment | ResourceKind::StatefulSet => {
+                self.reconcile_workload(kind, key);
+            }
             ResourceKind::Secret => self.reconcile_token(key),
             ResourceKind::ServiceAccount => {
                 let secrets = self.keys_where(ResourceKind::Secret, |k, secret| {
@@ -635,7 +843,115 @@ impl Store {
             object_entry(meta, "annotations").insert(SA_UID_ANNOTATION.into(), sa_uid);
         }
         if Some(&filled) != self.get_key(ResourceKind::Secret, key) {
-            self.write(ResourceKind::Secret, key.clone(), filled);
+            let owned = json!({
+                "data": {"token": "", "ca.crt": "", "namespace": ""},
+                "metadata": {"annotations": {SA_UID_ANNOTATION: ""}},
+            });
+            let writer = Writer::update(CONTROLLER_MANAGER);
+            self.write(ResourceKind::Secret, key.clone(), filled, writer, &owned);
+        }
+    }
+
+    /// The workload controller for one Deployment or StatefulSet: its
+    /// status reports `spec.replicas` (default 1) replicas, all of them
+    /// updated, and as many ready and available as the test's limit allows
+    /// ([`Store::set_available_limit`]), observed at the current
+    /// generation. Writes only when the status changes.
+    fn reconcile_workload(&mut self, kind: ResourceKind, key: &Key) {
+        let Some(workload) = self.get_key(kind, key) else {
+            return;
+        };
+        let status = workload_status(kind, workload, self.available_limits.get(key).copied());
+        if workload.get("status") == Some(&status) {
+            return;
+        }
+        let mut updated = workload.clone();
+        if let Some(obj) = updated.as_object_mut() {
+            obj.insert("status".into(), status.clone());
+        }
+        let writer = Writer {
+            manager: CONTROLLER_MANAGER,
+            operation: Operation::Update,
+            subresource: Some("status"),
+        };
+        let owned = json!({ "status": status });
+        self.write(kind, key.clone(), updated, writer, &owned);
+    }
+
+    /// Fills in a Service's cluster IP as the API server's allocator does:
+    /// kept from the request or, when the request has none, from the stored
+    /// Service; otherwise a free address of 10.96.0.0/12 (from a cursor
+    /// that starts at a random place, so two servers hand out different
+    /// addresses). Headless (`None`) and `ExternalName` Services get none.
+    fn allocate_cluster_ip(&mut self, object: &mut Value, existing: Option<&Value>) {
+        let Some(obj) = object.as_object_mut() else {
+            return;
+        };
+        let spec = object_entry(obj, "spec");
+        let service_type = spec
+            .entry("type")
+            .or_insert_with(|| "ClusterIP".into())
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if service_type == "ExternalName" {
+            return;
+        }
+        let given = |s: &Map<String, Value>| {
+            s.get("clusterIP")
+                .and_then(Value::as_str)
+                .filter(|ip| !ip.is_empty())
+                .map(str::to_owned)
+        };
+        let kept = existing
+            .and_then(|old| old.get("spec"))
+            .and_then(Value::as_object)
+            .and_then(|old| given(old).map(|ip| (ip, old.get("clusterIPs").cloned())));
+        let (ip, ips) = match (given(spec), kept) {
+            (Some(ip), Some((old_ip, old_ips))) if ip == old_ip => (ip, old_ips),
+            (Some(ip), _) => (ip, None),
+            (None, Some((old_ip, old_ips))) => (old_ip, old_ips),
+            (None, None) => (self.free_cluster_ip(), None),
+        };
+        if spec
+            .get("clusterIPs")
+            .and_then(Value::as_array)
+            .is_none_or(Vec::is_empty)
+        {
+            spec.insert(
+                "clusterIPs".into(),
+                ips.unwrap_or_else(|| json!([ip.clone()])),
+            );
+        }
+        spec.insert("clusterIP".into(), ip.into());
+        spec.entry("ipFamilies").or_insert_with(|| json!(["IPv4"]));
+        spec.entry("ipFamilyPolicy")
+            .or_insert_with(|| "SingleStack".into());
+        spec.entry("sessionAffinity")
+            .or_insert_with(|| "None".into());
+        spec.entry("internalTrafficPolicy")
+            .or_insert_with(|| "Cluster".into());
+    }
+
+    /// The next cluster IP no Service uses.
+    fn free_cluster_ip(&mut self) -> String {
+        let used: BTreeSet<String> = self
+            .objects(ResourceKind::Service)
+            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect();
+        loop {
+            self.ip_seq = self.ip_seq.wrapping_add(1);
+            let offset = (self.uid_prefix.wrapping_add(self.ip_seq.wrapping_mul(7919))) & 0xf_ffff;
+            let addr = (10u32 << 24) | (96 << 16) | offset;
+            let [a, b, c, d] = addr.to_be_bytes();
+            if d == 0 || d == 255 {
+                continue;
+            }
+            let ip = format!("{a}.{b}.{c}.{d}");
+            if !used.contains(&ip) {
+                return ip;
+            }
         }
     }
 
@@ -999,7 +1315,7 @@ fn merge_metadata(out: &mut Map<String, Value>, patch: &Map<String, Value>) {
 }
 
 /// RFC 7386 JSON merge patch.
-fn json_merge_patch(target: &mut Value, patch: &Value) {
+pub(crate) fn json_merge_patch(target: &mut Value, patch: &Value) {
     let Value::Object(fields) = patch else {
         *target = patch.clone();
         return;
@@ -1018,8 +1334,229 @@ fn json_merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// An object without its metadata and status: what `metadata.generation`
+/// counts the changes of.
+fn desired_state(object: &Value) -> Value {
+    match object.as_object() {
+        Some(obj) => Value::Object(
+            obj.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "metadata" | "status"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
+        None => object.clone(),
+    }
+}
+
+/// Records `writer`'s write in `metadata.managedFields`: one entry per
+/// manager, operation and subresource (a later write of the same replaces
+/// it), owning the fields of `owned` in the `FieldsV1` format (simplified:
+/// lists are owned whole).
+fn record_manager(
+    meta: &mut Map<String, Value>,
+    kind: ResourceKind,
+    writer: Writer<'_>,
+    owned: &Value,
+) {
+    let mut entry = json!({
+        "manager": writer.manager,
+        "operation": writer.operation.as_str(),
+        "apiVersion": kind.api_version(),
+        "time": rfc3339_now(),
+        "fieldsType": "FieldsV1",
+        "fieldsV1": owned_fields(owned),
+    });
+    if let Some(sub) = writer.subresource {
+        entry["subresource"] = sub.into();
+    }
+    let same = |e: &Value| {
+        e.get("manager").and_then(Value::as_str) == Some(writer.manager)
+            && e.get("operation").and_then(Value::as_str) == Some(writer.operation.as_str())
+            && e.get("subresource").and_then(Value::as_str) == writer.subresource
+    };
+    let entries = meta
+        .entry("managedFields")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if !entries.is_array() {
+        *entries = Value::Array(Vec::new());
+    }
+    if let Value::Array(entries) = entries {
+        match entries.iter_mut().find(|e| same(e)) {
+            Some(e) => *e = entry,
+            None => entries.push(entry),
+        }
+    }
+}
+
+/// The `fieldsV1` of what a write sent: every field but `apiVersion`,
+/// `kind` and the metadata the server or the URL sets.
+fn owned_fields(owned: &Value) -> Value {
+    let Some(obj) = owned.as_object() else {
+        return json!({});
+    };
+    let mut fields = Map::new();
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("apiVersion" | "kind", _) => {}
+            ("metadata", Value::Object(meta)) => {
+                let kept: Map<String, Value> = meta
+                    .iter()
+                    .filter(|(f, _)| {
+                        matches!(
+                            f.as_str(),
+                            "labels" | "annotations" | "finalizers" | "ownerReferences"
+                        )
+                    })
+                    .map(|(f, v)| (format!("f:{f}"), fields_v1(v)))
+                    .collect();
+                if !kept.is_empty() {
+                    fields.insert("f:metadata".into(), Value::Object(kept));
+                }
+            }
+            _ => {
+                fields.insert(format!("f:{k}"), fields_v1(v));
+            }
+        }
+    }
+    Value::Object(fields)
+}
+
+fn fields_v1(value: &Value) -> Value {
+    match value {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, v)| (format!("f:{k}"), fields_v1(v)))
+                .collect(),
+        ),
+        _ => json!({}),
+    }
+}
+
+/// The status the workload controller reports for a Deployment or a
+/// StatefulSet with `available_limit`: as the real controllers do, a
+/// Deployment's zero counts are left out.
+fn workload_status(kind: ResourceKind, workload: &Value, available_limit: Option<i32>) -> Value {
+    let desired = workload
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .and_then(|n| i32::try_from(n).ok())
+        .unwrap_or(1)
+        .max(0);
+    let available = available_limit.map_or(desired, |l| l.clamp(0, desired));
+    let generation = workload
+        .pointer("/metadata/generation")
+        .cloned()
+        .unwrap_or_else(|| 1.into());
+    let mut status = Map::new();
+    status.insert("observedGeneration".into(), generation);
+    if kind == ResourceKind::StatefulSet {
+        status.insert("replicas".into(), desired.into());
+        status.insert("availableReplicas".into(), available.into());
+    }
+    let counts = [
+        ("replicas", desired),
+        ("updatedReplicas", desired),
+        ("readyReplicas", available),
+        ("availableReplicas", available),
+        ("currentReplicas", desired),
+        ("unavailableReplicas", desired - available),
+    ];
+    for (field, n) in counts {
+        let applies = match field {
+            "currentReplicas" => kind == ResourceKind::StatefulSet,
+            "unavailableReplicas" => kind == ResourceKind::Deployment,
+            _ => true,
+        };
+        if applies && n > 0 {
+            status.insert(field.into(), n.into());
+        }
+    }
+    Value::Object(status)
+}
+
+/// The `autoscaling/v1` `Scale` of a workload: its desired replicas (left
+/// out when zero, as the API server does), the replicas its status reports
+/// and its selector as a label selector string.
+fn scale_of(workload: &Value) -> Value {
+    let mut metadata = Map::new();
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "resourceVersion",
+        "creationTimestamp",
+    ] {
+        if let Some(v) = workload.pointer(&format!("/metadata/{field}")) {
+            metadata.insert(field.into(), v.clone());
+        }
+    }
+    let mut spec = Map::new();
+    if let Some(n) = workload
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .filter(|n| *n != 0)
+    {
+        spec.insert("replicas".into(), n.into());
+    }
+    let replicas = workload
+        .pointer("/status/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let mut status = json!({ "replicas": replicas });
+    if let Some(selector) = workload.pointer("/spec/selector") {
+        status["selector"] = selector_string(selector).into();
+    }
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": metadata,
+        "spec": spec,
+        "status": status,
+    })
+}
+
+/// A `LabelSelector` object as the string form (`app=web,tier in (a,b)`),
+/// terms sorted by key.
+fn selector_string(selector: &Value) -> String {
+    let mut terms: Vec<(String, String)> = Vec::new();
+    if let Some(labels) = selector.get("matchLabels").and_then(Value::as_object) {
+        for (k, v) in labels {
+            terms.push((k.clone(), format!("{k}={}", v.as_str().unwrap_or_default())));
+        }
+    }
+    for expr in selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = expr.get("key").and_then(Value::as_str).unwrap_or_default();
+        let values: Vec<&str> = expr
+            .get("values")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let term = match expr.get("operator").and_then(Value::as_str) {
+            Some("In") => format!("{key} in ({})", values.join(",")),
+            Some("NotIn") => format!("{key} notin ({})", values.join(",")),
+            Some("DoesNotExist") => format!("!{key}"),
+            _ => key.to_owned(),
+        };
+        terms.push((key.to_owned(), term));
+    }
+    terms.sort();
+    terms
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What the API server defaults: a Namespace's name label, finalizer and
-/// phase; a Secret's type, and its `stringData` folded into `data`.
+/// phase; a Secret's type, and its `stringData` folded into `data`; a
+/// workload's `spec.replicas` (1).
 fn apply_defaults(kind: ResourceKind, key: &Key, object: &mut Value) {
     let Some(obj) = object.as_object_mut() else {
         return;
@@ -1044,6 +1581,11 @@ fn apply_defaults(kind: ResourceKind, key: &Key, object: &mut Value) {
                     data.insert(k, STANDARD.encode(text.as_bytes()).into());
                 }
             }
+        }
+        ResourceKind::Deployment | ResourceKind::StatefulSet => {
+            object_entry(obj, "spec")
+                .entry("replicas")
+                .or_insert_with(|| 1.into());
         }
         _ => {}
     }
@@ -1447,6 +1989,7 @@ mod tests {
                 "ns",
                 "a",
                 patch(json!({"x": "1"}), json!({"k": "dg=="})),
+                "ferry",
             )
             .unwrap();
         assert!(created);
@@ -1456,6 +1999,7 @@ mod tests {
                 "ns",
                 "a",
                 patch(json!({"y": "2"}), json!({"j": "dg=="})),
+                "ferry",
             )
             .unwrap();
         assert!(!created);
@@ -1469,18 +2013,32 @@ mod tests {
                 "ns",
                 "a",
                 patch(json!({"y": "2"}), json!({"j": "dg=="})),
+                "ferry",
             )
             .unwrap();
         assert_eq!((s.resource_version(), again), (rv, obj));
+        // A stale resourceVersion in the patch conflicts.
+        let mut stale = patch(json!({"y": "3"}), json!({}));
+        stale["metadata"]["resourceVersion"] = "1".into();
+        assert_eq!(
+            s.server_side_apply(ResourceKind::Secret, "ns", "a", stale, "ferry"),
+            Err(WriteError::Conflict)
+        );
         // No kind: refused; another name than the URL's: refused.
         let bare = json!({"metadata": {"name": "a"}});
         assert!(
-            s.server_side_apply(ResourceKind::Secret, "ns", "a", bare)
+            s.server_side_apply(ResourceKind::Secret, "ns", "a", bare, "ferry")
                 .is_err()
         );
         assert!(
-            s.server_side_apply(ResourceKind::Secret, "ns", "b", patch(json!({}), json!({})))
-                .is_err()
+            s.server_side_apply(
+                ResourceKind::Secret,
+                "ns",
+                "b",
+                patch(json!({}), json!({})),
+                "ferry"
+            )
+            .is_err()
         );
     }
 
@@ -1594,50 +2152,256 @@ mod tests {
     fn creates_and_replaces_check_the_request() {
         let mut s = store();
         let secret = json!({"metadata": {"name": "a"}});
-        s.create(ResourceKind::Secret, "ns", secret.clone())
+        s.create(ResourceKind::Secret, "ns", secret.clone(), "t")
             .unwrap();
         assert_eq!(
-            s.create(ResourceKind::Secret, "ns", secret.clone()),
+            s.create(ResourceKind::Secret, "ns", secret.clone(), "t"),
             Err(WriteError::AlreadyExists)
         );
         let elsewhere = json!({"metadata": {"name": "b", "namespace": "x"}});
         assert!(matches!(
-            s.create(ResourceKind::Secret, "ns", elsewhere),
+            s.create(ResourceKind::Secret, "ns", elsewhere, "t"),
             Err(WriteError::BadRequest(_))
         ));
         assert!(matches!(
-            s.create(ResourceKind::Secret, "ns", json!({"metadata": {}})),
+            s.create(ResourceKind::Secret, "ns", json!({"metadata": {}}), "t"),
             Err(WriteError::Invalid(_))
         ));
         let wrong = json!({"apiVersion": "v2", "metadata": {"name": "c"}});
         assert!(matches!(
-            s.create(ResourceKind::Secret, "ns", wrong),
+            s.create(ResourceKind::Secret, "ns", wrong, "t"),
             Err(WriteError::BadRequest(_))
         ));
         assert_eq!(
-            s.replace(ResourceKind::Secret, "ns", "zz", secret.clone()),
+            s.replace(ResourceKind::Secret, "ns", "zz", secret.clone(), "t"),
             Err(WriteError::BadRequest(
                 "the name of the object (a) does not match the name on the URL (zz)".into()
             ))
         );
         assert_eq!(
-            s.replace(ResourceKind::Secret, "ns", "b", json!({})),
+            s.replace(ResourceKind::Secret, "ns", "b", json!({}), "t"),
             Err(WriteError::NotFound)
         );
         let stale = json!({"metadata": {"name": "a", "resourceVersion": "1"}});
         assert_eq!(
-            s.replace(ResourceKind::Secret, "ns", "a", stale),
+            s.replace(ResourceKind::Secret, "ns", "a", stale, "t"),
             Err(WriteError::Conflict)
         );
         assert_eq!(
-            s.merge_patch(ResourceKind::Secret, "ns", "b", &json!({})),
+            s.merge_patch(ResourceKind::Secret, "ns", "b", &json!({}), "t"),
             Err(WriteError::NotFound)
         );
         let moved = json!({"metadata": {"namespace": "x"}});
         assert!(
-            s.merge_patch(ResourceKind::Secret, "ns", "a", &moved)
+            s.merge_patch(ResourceKind::Secret, "ns", "a", &moved, "t")
                 .is_err()
         );
+    }
+
+    fn deployment(name: &str, replicas: Option<i32>) -> Value {
+        let mut spec = json!({"selector": {"matchLabels": {"app": name}}});
+        if let Some(n) = replicas {
+            spec["replicas"] = n.into();
+        }
+        json!({"metadata": {"name": name, "namespace": "ns"}, "spec": spec})
+    }
+
+    #[test]
+    fn the_workload_controller_reports_replicas_up_to_the_limit() {
+        let (bus, mut rx) = broadcast::channel(64);
+        let mut s = Store::new(100, bus, String::new());
+        s.apply(ResourceKind::Deployment, deployment("web", None))
+            .unwrap();
+        assert_eq!(
+            drain(&mut rx),
+            ["Added Deployment web", "Modified Deployment web"]
+        );
+        let web = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        assert_eq!(web["spec"]["replicas"], 1);
+        assert_eq!(web["metadata"]["generation"], 1);
+        assert_eq!(
+            web["status"],
+            json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+                   "readyReplicas": 1, "availableReplicas": 1})
+        );
+        // A limit set first holds back a later scale-up.
+        s.set_available_limit("ns", "web", Some(2));
+        assert!(drain(&mut rx).is_empty(), "one replica is within the limit");
+        s.apply(ResourceKind::Deployment, deployment("web", Some(5)))
+            .unwrap();
+        let web = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        assert_eq!(web["metadata"]["generation"], 2);
+        assert_eq!(
+            web["status"],
+            json!({"observedGeneration": 2, "replicas": 5, "updatedReplicas": 5,
+                   "readyReplicas": 2, "availableReplicas": 2, "unavailableReplicas": 3})
+        );
+        // A client cannot write the status.
+        let mut forged = deployment("web", Some(5));
+        forged["status"] = json!({"availableReplicas": 5});
+        drain(&mut rx);
+        s.apply(ResourceKind::Deployment, forged).unwrap();
+        assert!(drain(&mut rx).is_empty(), "a no-op");
+        s.set_available_limit("ns", "web", None);
+        assert_eq!(drain(&mut rx), ["Modified Deployment web"]);
+        let web = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        assert_eq!(web["status"]["availableReplicas"], 5);
+        // Scale to zero: the Scale, the generation and a status of zeros
+        // left out.
+        let scale = s
+            .set_scale(
+                ResourceKind::Deployment,
+                "ns",
+                "web",
+                &json!({"spec": {"replicas": 0}}),
+                "ferry",
+                Operation::Update,
+            )
+            .unwrap();
+        assert_eq!(scale["spec"], json!({}));
+        assert_eq!(scale["status"]["selector"], "app=web");
+        let web = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        assert_eq!(web["metadata"]["generation"], 3);
+        assert_eq!(web["status"], json!({"observedGeneration": 3}));
+        assert_eq!(
+            s.set_scale(
+                ResourceKind::Deployment,
+                "ns",
+                "web",
+                &json!({"spec": {"replicas": -1}}),
+                "ferry",
+                Operation::Update
+            ),
+            Err(WriteError::Invalid(
+                "spec.replicas: Invalid value: -1: must be greater than or equal to 0".into()
+            ))
+        );
+        let stale = json!({"metadata": {"resourceVersion": "1"}, "spec": {"replicas": 1}});
+        assert_eq!(
+            s.set_scale(
+                ResourceKind::Deployment,
+                "ns",
+                "web",
+                &stale,
+                "ferry",
+                Operation::Update
+            ),
+            Err(WriteError::Conflict)
+        );
+        // A StatefulSet reports its zeros.
+        s.set_available_limit("ns", "db", Some(0));
+        s.apply(ResourceKind::StatefulSet, deployment("db", Some(2)))
+            .unwrap();
+        let db = s.get(ResourceKind::StatefulSet, "ns", "db").unwrap();
+        assert_eq!(
+            db["status"],
+            json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+                   "currentReplicas": 2, "availableReplicas": 0})
+        );
+        assert_eq!(
+            s.get_scale(ResourceKind::StatefulSet, "ns", "db").unwrap()["status"],
+            json!({"replicas": 2, "selector": "app=db"})
+        );
+        assert!(s.get_scale(ResourceKind::Service, "ns", "db").is_none());
+    }
+
+    #[test]
+    fn writes_record_their_field_managers() {
+        let mut s = store();
+        let patch = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                           "metadata": {"name": "web", "labels": {"a": "b"}},
+                           "spec": {"replicas": 2}});
+        s.server_side_apply(ResourceKind::Deployment, "ns", "web", patch, "ferry")
+            .unwrap();
+        let merge = json!({"metadata": {"annotations": {"x": "y"}}});
+        s.merge_patch(ResourceKind::Deployment, "ns", "web", &merge, "kubectl")
+            .unwrap();
+        let web = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        let entries = web["metadata"]["managedFields"].as_array().unwrap();
+        let summary: Vec<(&str, &str, Option<&str>)> = entries
+            .iter()
+            .map(|e| {
+                assert_eq!(e["fieldsType"], "FieldsV1");
+                assert_eq!(e["apiVersion"], "apps/v1");
+                assert!(e["time"].as_str().unwrap().ends_with('Z'));
+                (
+                    e["manager"].as_str().unwrap(),
+                    e["operation"].as_str().unwrap(),
+                    e["subresource"].as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("ferry", "Apply", None),
+                ("kube-controller-manager", "Update", Some("status")),
+                ("kubectl", "Update", None),
+            ]
+        );
+        assert_eq!(
+            entries[0]["fieldsV1"],
+            json!({"f:metadata": {"f:labels": {"f:a": {}}}, "f:spec": {"f:replicas": {}}})
+        );
+        assert_eq!(
+            entries[2]["fieldsV1"],
+            json!({"f:metadata": {"f:annotations": {"f:x": {}}}})
+        );
+        assert_eq!(web["metadata"]["generation"], 1, "metadata only");
+        // A client's managedFields are ignored.
+        let mut forged = web.clone();
+        forged["metadata"]["managedFields"] = json!([]);
+        s.replace(ResourceKind::Deployment, "ns", "web", forged, "kubectl")
+            .unwrap();
+        let again = s.get(ResourceKind::Deployment, "ns", "web").unwrap();
+        assert_eq!(
+            again["metadata"]["managedFields"].as_array().unwrap().len(),
+            3
+        );
+    }
+
+    #[test]
+    fn services_get_a_cluster_ip_that_stays() {
+        let mut a = store();
+        let mut b = store();
+        let bare = json!({"metadata": {"name": "web", "namespace": "ns"},
+                          "spec": {"ports": [{"port": 80}]}});
+        a.apply(ResourceKind::Service, bare.clone()).unwrap();
+        b.apply(ResourceKind::Service, bare.clone()).unwrap();
+        let ip_of = |s: &Store| {
+            let svc = s.get(ResourceKind::Service, "ns", "web").unwrap();
+            assert_eq!(svc["spec"]["clusterIPs"], json!([svc["spec"]["clusterIP"]]));
+            assert_eq!(svc["spec"]["type"], "ClusterIP");
+            svc["spec"]["clusterIP"].as_str().unwrap().to_owned()
+        };
+        let ip = ip_of(&a);
+        let [first, second, ..] = ip.split('.').collect::<Vec<_>>()[..] else {
+            panic!("{ip}")
+        };
+        assert_eq!(first, "10");
+        assert!((96..112).contains(&second.parse::<u8>().unwrap()), "{ip}");
+        assert_ne!(ip, ip_of(&b), "two clusters allocate apart");
+        // Applying again without an IP keeps it; a second Service gets
+        // another one.
+        let rv = a.resource_version();
+        a.apply(ResourceKind::Service, bare.clone()).unwrap();
+        assert_eq!((a.resource_version(), ip_of(&a)), (rv, ip.clone()));
+        let mut other = bare.clone();
+        other["metadata"]["name"] = "api".into();
+        a.apply(ResourceKind::Service, other).unwrap();
+        let api = a.get(ResourceKind::Service, "ns", "api").unwrap();
+        assert_ne!(api["spec"]["clusterIP"], ip.as_str());
+        // Headless and ExternalName Services keep what they are.
+        let headless = json!({"metadata": {"name": "h", "namespace": "ns"},
+                              "spec": {"clusterIP": "None"}});
+        a.apply(ResourceKind::Service, headless).unwrap();
+        let h = a.get(ResourceKind::Service, "ns", "h").unwrap();
+        assert_eq!(h["spec"]["clusterIPs"], json!(["None"]));
+        let external = json!({"metadata": {"name": "e", "namespace": "ns"},
+                              "spec": {"type": "ExternalName", "externalName": "example.com"}});
+        a.apply(ResourceKind::Service, external).unwrap();
+        let e = a.get(ResourceKind::Service, "ns", "e").unwrap();
+        assert!(e["spec"].get("clusterIP").is_none());
     }
 
     #[test]

@@ -1,17 +1,18 @@
 //! Requests on one object and creates: `GET`, `POST` (create), `PUT`
 //! (replace), `PATCH` (server-side apply and JSON merge patch) and `DELETE`,
-//! with the API server's status codes and `Status` bodies.
+//! and `GET`/`PUT`/`PATCH` of a workload's `scale` subresource, with the API
+//! server's status codes and `Status` bodies.
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{CONTENT_TYPE, USER_AGENT};
 use hyper::{Request, Response, StatusCode};
 use serde_json::Value;
 
 use crate::http::{Body, Query, Refusal, Shared, details, json_response, status_response};
 use crate::kind::ResourceKind;
 use crate::rbac::{Attributes, Verb};
-use crate::store::WriteError;
+use crate::store::{Operation, WriteError, json_merge_patch};
 
 /// The largest request body accepted (the real server's limit is 3 MiB).
 const MAX_BODY: usize = 3 << 20;
@@ -36,6 +37,11 @@ pub(crate) async fn object(
             "dryRun is not supported by the test API server",
         );
     }
+    if attrs.subresource.is_some() {
+        return scale(shared, attrs, query, req)
+            .await
+            .unwrap_or_else(Refusal::into_response);
+    }
     match attrs.verb {
         Verb::Get => match shared.store().get(kind, ns, name) {
             Some(obj) => json_response(StatusCode::OK, &obj),
@@ -47,14 +53,15 @@ pub(crate) async fn object(
         },
         Verb::Create | Verb::Update | Verb::Patch => {
             let content_type = media_type(&req);
+            let manager = field_manager(&req, query);
             let body = match read_body(req).await {
                 Ok(body) => body,
                 Err(refused) => return refused.into_response(),
             };
             let result = match attrs.verb {
-                Verb::Create => create(shared, kind, ns, &content_type, &body),
-                Verb::Update => update(shared, kind, ns, name, &content_type, &body),
-                _ => patch(shared, kind, ns, name, &content_type, &body, query),
+                Verb::Create => create(shared, kind, ns, &content_type, &body, &manager),
+                Verb::Update => update(shared, kind, ns, name, &content_type, &body, &manager),
+                _ => patch(shared, kind, ns, name, &content_type, &body, &manager),
             };
             result.unwrap_or_else(Refusal::into_response)
         }
@@ -69,14 +76,21 @@ pub(crate) async fn object(
 
 type Answer = Result<Response<Body>, Refusal>;
 
-fn create(shared: &Shared, kind: ResourceKind, ns: &str, media: &str, body: &[u8]) -> Answer {
+fn create(
+    shared: &Shared,
+    kind: ResourceKind,
+    ns: &str,
+    media: &str,
+    body: &[u8],
+    manager: &str,
+) -> Answer {
     let object = parse(media, body)?;
     let name = object
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    match shared.store().create(kind, ns, object) {
+    match shared.store().create(kind, ns, object, manager) {
         Ok(stored) => Ok(json_response(StatusCode::CREATED, &stored)),
         Err(e) => Err(write_error(kind, &name, e)),
     }
@@ -89,9 +103,10 @@ fn update(
     name: &str,
     media: &str,
     body: &[u8],
+    manager: &str,
 ) -> Answer {
     let object = parse(media, body)?;
-    match shared.store().replace(kind, ns, name, object) {
+    match shared.store().replace(kind, ns, name, object, manager) {
         Ok(stored) => Ok(json_response(StatusCode::OK, &stored)),
         Err(e) => Err(write_error(kind, name, e)),
     }
@@ -104,19 +119,16 @@ fn patch(
     name: &str,
     media: &str,
     body: &[u8],
-    query: &Query,
+    manager: &Manager,
 ) -> Answer {
     match media {
         APPLY_PATCH => {
-            if query.get("fieldManager").is_none_or(str::is_empty) {
-                return Err(Refusal::new(
-                    400,
-                    "BadRequest",
-                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
-                ));
-            }
             let patch = parse_yaml(body)?;
-            match shared.store().server_side_apply(kind, ns, name, patch) {
+            let manager = manager.for_apply()?;
+            match shared
+                .store()
+                .server_side_apply(kind, ns, name, patch, manager)
+            {
                 Ok((stored, true)) => Ok(json_response(StatusCode::CREATED, &stored)),
                 Ok((stored, false)) => Ok(json_response(StatusCode::OK, &stored)),
                 Err(e) => Err(write_error(kind, name, e)),
@@ -124,19 +136,177 @@ fn patch(
         }
         MERGE_PATCH => {
             let patch = parse_json(body)?;
-            match shared.store().merge_patch(kind, ns, name, &patch) {
+            match shared.store().merge_patch(kind, ns, name, &patch, manager) {
                 Ok(stored) => Ok(json_response(StatusCode::OK, &stored)),
                 Err(e) => Err(write_error(kind, name, e)),
             }
         }
-        _ => Err(Refusal::new(
-            415,
-            "UnsupportedMediaType",
-            &format!(
-                "the body of the request was in an unknown format ({media}) - accepted media types include: {MERGE_PATCH}, {APPLY_PATCH}"
-            ),
-        )),
+        _ => Err(unsupported_patch(media)),
     }
+}
+
+fn unsupported_patch(media: &str) -> Refusal {
+    Refusal::new(
+        415,
+        "UnsupportedMediaType",
+        &format!(
+            "the body of the request was in an unknown format ({media}) - accepted media types include: {MERGE_PATCH}, {APPLY_PATCH}"
+        ),
+    )
+}
+
+/// A write's field manager: the `fieldManager` parameter or, when the
+/// request has none, the start of its User-Agent (as the API server
+/// does; `unknown` without one).
+struct Manager {
+    given: Option<String>,
+    default: String,
+}
+
+impl Manager {
+    /// The manager of a server-side apply, which must be given (else 400).
+    fn for_apply(&self) -> Result<&str, Refusal> {
+        self.given.as_deref().ok_or_else(|| {
+            Refusal::new(
+                400,
+                "BadRequest",
+                "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+            )
+        })
+    }
+}
+
+impl std::ops::Deref for Manager {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.given.as_deref().unwrap_or(&self.default)
+    }
+}
+
+fn field_manager(req: &Request<Incoming>, query: &Query) -> Manager {
+    let default = req
+        .headers()
+        .get(USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .unwrap_or("unknown")
+        .to_owned();
+    Manager {
+        given: query
+            .get("fieldManager")
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned),
+        default,
+    }
+}
+
+/// The `scale` subresource of a Deployment or StatefulSet: `GET` answers
+/// its `autoscaling/v1` `Scale`; `PUT` of a `Scale`, a JSON merge patch of
+/// it or a server-side apply of one sets `spec.replicas`.
+async fn scale(
+    shared: &Shared,
+    attrs: &Attributes<'_>,
+    query: &Query,
+    req: Request<Incoming>,
+) -> Answer {
+    let kind = attrs.kind;
+    let ns = attrs.namespace.unwrap_or("");
+    let name = attrs.name.unwrap_or("");
+    let not_found = || write_error(kind, name, WriteError::NotFound);
+    let current = shared
+        .store()
+        .get_scale(kind, ns, name)
+        .ok_or_else(not_found)?;
+    if attrs.verb == Verb::Get {
+        return Ok(json_response(StatusCode::OK, &current));
+    }
+    let media = media_type(&req);
+    let manager = field_manager(&req, query);
+    let body = read_body(req).await?;
+    let (scale, manager, operation) = match (attrs.verb, media.as_str()) {
+        (Verb::Update, _) => (parse(&media, &body)?, &*manager, Operation::Update),
+        (Verb::Patch, MERGE_PATCH) => {
+            let patch = parse_json(&body)?;
+            (
+                merge_scale(current, &patch, name)?,
+                &*manager,
+                Operation::Update,
+            )
+        }
+        (Verb::Patch, APPLY_PATCH) => {
+            let patch = parse_yaml(&body)?;
+            for field in ["apiVersion", "kind"] {
+                if patch
+                    .get(field)
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                {
+                    return Err(Refusal::new(
+                        400,
+                        "BadRequest",
+                        &format!("{field} must be set in a server-side apply patch"),
+                    ));
+                }
+            }
+            let manager = manager.for_apply()?;
+            (
+                merge_scale(current, &patch, name)?,
+                manager,
+                Operation::Apply,
+            )
+        }
+        (_, media) => return Err(unsupported_patch(media)),
+    };
+    check_scale(&scale, name)?;
+    match shared
+        .store()
+        .set_scale(kind, ns, name, &scale, manager, operation)
+    {
+        Ok(stored) => Ok(json_response(StatusCode::OK, &stored)),
+        Err(e) => Err(write_error(kind, name, e)),
+    }
+}
+
+/// The current `Scale` with `patch` merged in (RFC 7386); its
+/// `resourceVersion`, a precondition, only when the patch has one.
+fn merge_scale(mut current: Value, patch: &Value, name: &str) -> Result<Value, Refusal> {
+    check_scale(patch, name)?;
+    if let Some(meta) = current.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+    }
+    json_merge_patch(&mut current, patch);
+    Ok(current)
+}
+
+/// A `Scale` body must be one (when it says what it is) and name the
+/// object of the URL (when it names one).
+fn check_scale(scale: &Value, name: &str) -> Result<(), Refusal> {
+    let bad = |m: String| Err(Refusal::new(400, "BadRequest", &m));
+    if !scale.is_object() {
+        return bad("the body is not a JSON object".into());
+    }
+    for (field, expected) in [("kind", "Scale"), ("apiVersion", "autoscaling/v1")] {
+        if let Some(given) = scale.get(field).and_then(Value::as_str)
+            && !given.is_empty()
+            && given != expected
+        {
+            return bad(format!(
+                "the {field} in the data ({given}) does not match the expected {field} ({expected})"
+            ));
+        }
+    }
+    if let Some(given) = scale.pointer("/metadata/name").and_then(Value::as_str)
+        && !given.is_empty()
+        && given != name
+    {
+        return bad(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        ));
+    }
+    Ok(())
 }
 
 /// The request's media type, lower-cased, without parameters.
