@@ -12,6 +12,7 @@ use ferry_discovery::file::{FileSource, RemovalLimit};
 use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
 use ferry_migrate::campaign_api::CampaignsApi;
+use ferry_migrate::deploy::{DeployConfig, DeployHook};
 use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
 use ferry_xds::ads::XdsLimits;
@@ -157,6 +158,42 @@ pub struct ControlArgs {
     /// the proxies connected before it are back, or after this long.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     restart_grace: Duration,
+
+    /// The deploy hook of migrations started with `--deploy hook`: a shell
+    /// command run at DOUBLE_DEPLOY, CLEANUP and on a rollback, with
+    /// FERRY_STAGE, FERRY_MIGRATION, FERRY_SERVICE, FERRY_SOURCES and
+    /// FERRY_TARGETS in its environment; exit 0 is success.
+    #[arg(long, value_name = "CMD", conflicts_with = "deploy_webhook")]
+    deploy_hook: Option<String>,
+
+    /// Like --deploy-hook, as a JSON POST to an http:// URL; a 2xx answer
+    /// is success.
+    #[arg(long, value_name = "URL")]
+    deploy_webhook: Option<String>,
+
+    /// The longest one deploy hook call may take.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    deploy_timeout: Duration,
+}
+
+impl ControlArgs {
+    fn deploy(&self) -> anyhow::Result<DeployConfig> {
+        let hook = match (&self.deploy_hook, &self.deploy_webhook) {
+            (Some(command), _) if command.trim().is_empty() => {
+                anyhow::bail!("--deploy-hook: the command is empty")
+            }
+            (Some(command), _) => DeployHook::Command(command.clone()),
+            (None, Some(url)) if url.starts_with("http://") => DeployHook::Webhook(url.clone()),
+            (None, Some(url)) => {
+                anyhow::bail!("--deploy-webhook {url:?}: give an http:// URL")
+            }
+            (None, None) => DeployHook::None,
+        };
+        Ok(DeployConfig {
+            hook,
+            timeout: self.deploy_timeout,
+        })
+    }
 }
 
 pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
@@ -192,6 +229,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             concurrency: args.max_concurrent_migrations.max(1),
             node: store.node().to_owned(),
             restart_grace: args.restart_grace,
+            deploy: args.deploy()?,
             ..EngineConfig::default()
         },
     )

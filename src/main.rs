@@ -36,7 +36,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the control plane: watch the catalog and serve it over xDS (ADS,
     /// state-of-the-world and delta) to Envoy and other xDS clients.
-    Control(control::ControlArgs),
+    Control(Box<control::ControlArgs>),
     /// Validate a catalog file and print what it describes; exits non-zero
     /// with the error (file, service, field) if it is invalid.
     Check {
@@ -145,7 +145,7 @@ fn main() -> ExitCode {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build();
-            block_on(runtime, control::run(args), "ferry control")
+            block_on(runtime, control::run(*args), "ferry control")
         }
         Command::Proxy(args) => {
             telemetry::init_tracing();

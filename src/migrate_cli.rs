@@ -128,6 +128,11 @@ pub struct MigrationOptions {
     /// How long the source drains at 0 % before it is released.
     #[arg(long, default_value = "10s")]
     drain: String,
+    /// Who deploys: none (someone else; DOUBLE_DEPLOY waits for both sides
+    /// to be healthy) or hook (the control plane's --deploy-hook or
+    /// --deploy-webhook, at DOUBLE_DEPLOY, CLEANUP and on a rollback).
+    #[arg(long, default_value = "none")]
+    deploy: String,
 }
 
 impl MigrationOptions {
@@ -158,6 +163,7 @@ impl MigrationOptions {
             double_deploy_timeout,
             min_capacity,
             drain,
+            deploy,
         } = self;
         Ok(CreateMigrationRequest {
             service,
@@ -183,6 +189,7 @@ impl MigrationOptions {
             drain,
             reason,
             min_proxies,
+            deploy,
         })
     }
 }

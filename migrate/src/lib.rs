@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod campaign;
 pub mod campaign_api;
+pub mod deploy;
 pub mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;

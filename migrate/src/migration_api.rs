@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::actor;
 use crate::engine::Engine;
-use crate::migration::{DEFAULT_P99_QUERY, Gates, LatencyGate, Migration, Phase, Plan};
+use crate::migration::{DEFAULT_P99_QUERY, Deploy, Gates, LatencyGate, Migration, Phase, Plan};
 use crate::policy::PolicyError;
 
 /// The migrations API.
@@ -260,11 +260,22 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
         )?,
         latency,
     };
+    let deploy = match r.deploy.trim() {
+        "" | "none" => Deploy::None,
+        "hook" => Deploy::Hook,
+        other => {
+            return Err(invalid(
+                "deploy",
+                format!("{other:?} is not a deploy mode (none or hook)"),
+            ));
+        }
+    };
     Ok(Plan {
         service,
         from,
         to,
         targets,
+        deploy,
         steps,
         bake_ms: duration("bake", &r.bake, Duration::from_secs(60))?,
         gates,
@@ -318,6 +329,7 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
         from: m.plan.from.iter().map(|c| c.to_string()).collect(),
         to: m.plan.to.to_string(),
         targets: target_shares(&m.plan),
+        deploy: m.plan.deploy.as_str().to_owned(),
         steps_bp: m.plan.steps.clone(),
         stage: m.stage.as_str().to_owned(),
         phase: m.phase.as_str().to_owned(),

@@ -29,6 +29,7 @@ fn template() -> Plan {
         drain_ms: 500,
         min_proxies: 1,
         targets: Vec::new(),
+        deploy: crate::migration::Deploy::None,
     }
 }
 

@@ -19,16 +19,19 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::campaign::Campaign;
+use crate::deploy::{DeployConfig, Deployer};
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
     self, Acks, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
     begin_rollback,
 };
+use crate::migration::{DeployProgress, DeployStep};
 use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
 use crate::prometheus::{Prometheus, render};
 use crate::returning::Returning;
 
 mod campaigns;
+mod deploys;
 mod operations;
 mod proxies;
 mod world;
@@ -49,6 +52,8 @@ pub struct EngineConfig {
     /// After a restart, how long an acknowledgement also waits for the
     /// proxies that were connected before it.
     pub restart_grace: Duration,
+    /// The deploy hook of migrations with `--deploy hook`.
+    pub deploy: DeployConfig,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +63,7 @@ impl Default for EngineConfig {
             tick: Duration::from_millis(100),
             node: "local".into(),
             restart_grace: Duration::from_secs(30),
+            deploy: DeployConfig::default(),
         }
     }
 }
@@ -101,7 +107,7 @@ pub struct Engine {
     /// Every change, numbered in the order it was made (under the lock).
     updates: broadcast::Sender<(u64, Migration)>,
     sequence: std::sync::atomic::AtomicU64,
-    wake: Notify,
+    wake: Arc<Notify>,
     /// Whether migrations run here: always with the embedded store; with
     /// etcd, only while this control plane is the elected leader.
     leading: AtomicBool,
@@ -109,7 +115,13 @@ pub struct Engine {
     latencies: Mutex<BTreeMap<String, LatencyReading>>,
     /// Proxies awaited after a restart; when they were last looked at.
     returning: Mutex<(Returning, Option<Instant>)>,
+    deployer: Deployer,
+    /// Deploy work by migration and step (in memory: after a restart, work
+    /// that is asked for again runs again).
+    deploys: Arc<Mutex<Deploys>>,
 }
+
+type Deploys = BTreeMap<(String, DeployStep), DeployProgress>;
 
 impl Engine {
     /// Loads the persisted migrations; those in flight resume on [`run`](Self::run).
@@ -143,6 +155,7 @@ impl Engine {
         Self::register_campaign_metrics();
         let returning = Returning::new(saved, Instant::now(), config.restart_grace);
         let (updates, _) = broadcast::channel(1024);
+        let config_deploy = config.deploy.clone();
         let engine = Arc::new(Self {
             policy,
             catalog,
@@ -156,11 +169,13 @@ impl Engine {
             campaign_updates: broadcast::channel(256).0,
             updates,
             sequence: std::sync::atomic::AtomicU64::new(0),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             leading: AtomicBool::new(true),
             prometheus: Prometheus::default(),
             latencies: Mutex::new(BTreeMap::new()),
             returning: Mutex::new((returning, None)),
+            deployer: Deployer::new(config_deploy),
+            deploys: Arc::new(Mutex::new(BTreeMap::new())),
         });
         engine.export_gauges(&engine.lock());
         Ok(engine)
@@ -341,7 +356,14 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let deploys = self
+            .deploys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let world = LiveWorld {
+            deploys: &deploys,
+            asked: Default::default(),
             latencies: &latencies,
             catalog: &catalog,
             snapshot: &snapshot,
@@ -411,6 +433,8 @@ impl Engine {
                 }
             }
         }
+        let asked = world.asked.take();
+        self.start_deploys(asked, &map);
         self.tick_campaigns(&mut map, &catalog, now);
     }
 

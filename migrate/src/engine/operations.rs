@@ -58,6 +58,7 @@ impl Engine {
                 reason: pin.reason,
             });
         }
+        self.deployer.check(&plan)?;
         let catalog = self.catalog.current();
         migration::validate(&plan, catalog.services.get(&plan.service).map(|s| &**s))?;
         let (_, current, _, _) = self.policy.weights(&plan.service.to_string())?;
@@ -174,10 +175,14 @@ pub(super) fn abort_transition(
                 m.id
             )));
         }
-        _ if touched_weights => match begin_rollback(m, why, now) {
-            Next::Transition(t) => *t,
-            _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
-        },
+        // With a deploy mode, a deploy may have begun: roll back, which
+        // undoes it.
+        _ if touched_weights || (!m.plan.deploy.is_none() && m.stage == Stage::DoubleDeploy) => {
+            match begin_rollback(m, why, now) {
+                Next::Transition(t) => *t,
+                _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
+            }
+        }
         _ => {
             // No weight was changed yet: it ends here.
             let mut to = m.clone();

@@ -13,6 +13,10 @@ pub(super) struct LiveWorld<'a> {
     pub(super) fleet: &'a Fleet,
     pub(super) latencies: &'a BTreeMap<String, LatencyReading>,
     pub(super) returning: usize,
+    /// Deploy work as it stands.
+    pub(super) deploys: &'a Deploys,
+    /// Deploy work the stage machine asked for that has not started.
+    pub(super) asked: std::cell::RefCell<Vec<(Migration, DeployStep)>>,
 }
 
 impl World for LiveWorld<'_> {
@@ -40,6 +44,16 @@ impl World for LiveWorld<'_> {
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load {
         self.loads
             .since(&service.to_string(), cluster.as_str(), since_ms)
+    }
+
+    fn deploy(&self, m: &Migration, step: DeployStep) -> DeployProgress {
+        match self.deploys.get(&(m.id.clone(), step)) {
+            Some(progress) => progress.clone(),
+            None => {
+                self.asked.borrow_mut().push((m.clone(), step));
+                DeployProgress::Pending
+            }
+        }
     }
 
     fn latency(&self, m: &Migration) -> Latency {

@@ -44,49 +44,49 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
                 )
             }
         },
-        Stage::DoubleDeploy => match validate(&m.plan, service) {
-            Ok(()) if m.hold => held(m, (Stage::DoubleDeploy, Phase::None), now),
-            Ok(()) => {
-                let weights = step_weights(m, 0);
-                let mut to = m.clone();
-                to.stage = Stage::Shift;
-                to.phase = Phase::AwaitingAck;
-                to.acks = None;
-                to.step = 0;
-                to.weights = to_map(&weights);
-                to.phase_started_ms = now;
-                let detail = format!(
-                    "both sides healthy; step 1/{}: target {}",
-                    m.plan.steps.len(),
-                    pct(m.plan.steps.first().copied().unwrap_or(TOTAL_WEIGHT))
-                );
-                transition(to, "migration_shift", detail, Some(weights), None)
-            }
-            Err(e) if elapsed.as_millis() as u64 > m.plan.double_deploy_timeout_ms => fail(
-                m,
-                format!(
-                    "both sides were not healthy within {:?}: {e}",
-                    Duration::from_millis(m.plan.double_deploy_timeout_ms)
+        Stage::DoubleDeploy if !m.plan.deploy.is_none() => {
+            match world.deploy(m, DeployStep::Deploy) {
+                DeployProgress::Done => double_deploy(m, service, now, elapsed, true),
+                DeployProgress::Failed(e) => fail(
+                    m,
+                    format!("the {} deploy failed: {e}", m.plan.deploy.as_str()),
+                    now,
+                    true,
                 ),
-                now,
-                true,
-            ),
-            Err(_) => Next::Wait,
-        },
+                DeployProgress::Pending
+                    if elapsed.as_millis() as u64 > m.plan.double_deploy_timeout_ms =>
+                {
+                    fail(
+                        m,
+                        format!(
+                            "the {} deploy did not finish within {:?}",
+                            m.plan.deploy.as_str(),
+                            Duration::from_millis(m.plan.double_deploy_timeout_ms)
+                        ),
+                        now,
+                        true,
+                    )
+                }
+                DeployProgress::Pending => Next::Wait,
+            }
+        }
+        Stage::DoubleDeploy => double_deploy(m, service, now, elapsed, false),
         Stage::Shift | Stage::RollingBack if m.phase == Phase::AwaitingAck => {
             await_ack(m, world, now, elapsed)
         }
         Stage::Shift => bake(m, world, now, elapsed),
-        Stage::Cleanup if elapsed.as_millis() as u64 >= m.plan.drain_ms => {
-            let mut to = m.clone();
-            to.stage = Stage::Unpin;
-            to.phase_started_ms = now;
-            let detail = format!(
-                "sources drained for {:?}",
-                Duration::from_millis(m.plan.drain_ms)
-            );
-            transition(to, "migration_cleanup", detail, None, None)
+        Stage::Cleanup
+            if elapsed.as_millis() as u64 >= m.plan.drain_ms && !m.plan.deploy.is_none() =>
+        {
+            match world.deploy(m, DeployStep::Retire) {
+                DeployProgress::Pending => Next::Wait,
+                DeployProgress::Done => cleaned(m, now, None),
+                // The traffic has moved: a source that could not be
+                // retired is reported, not rolled back to.
+                DeployProgress::Failed(e) => cleaned(m, now, Some(e)),
+            }
         }
+        Stage::Cleanup if elapsed.as_millis() as u64 >= m.plan.drain_ms => cleaned(m, now, None),
         Stage::Unpin => {
             let mut to = m.clone();
             to.stage = Stage::Done;
@@ -100,6 +100,65 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
             )
         }
         _ => Next::Wait,
+    }
+}
+
+/// Drained (and the source retired): on to UNPIN.
+fn cleaned(m: &Migration, now: i64, retire_failed: Option<String>) -> Next {
+    let mut to = m.clone();
+    to.stage = Stage::Unpin;
+    to.phase_started_ms = now;
+    let mut detail = format!(
+        "sources drained for {:?}",
+        Duration::from_millis(m.plan.drain_ms)
+    );
+    if let Some(e) = retire_failed {
+        detail.push_str(&format!("; the source was not retired: {e}"));
+        to.reason = detail.clone();
+    }
+    transition(to, "migration_cleanup", detail, None, None)
+}
+
+/// DOUBLE_DEPLOY: once both sides are healthy, the first step.
+fn double_deploy(
+    m: &Migration,
+    service: Option<&Service>,
+    now: i64,
+    elapsed: Duration,
+    deployed: bool,
+) -> Next {
+    let healthy = validate(&m.plan, service).and_then(|()| match service {
+        Some(s) if deployed => validate_targets(&m.plan, s),
+        _ => Ok(()),
+    });
+    match healthy {
+        Ok(()) if m.hold => held(m, (Stage::DoubleDeploy, Phase::None), now),
+        Ok(()) => {
+            let weights = step_weights(m, 0);
+            let mut to = m.clone();
+            to.stage = Stage::Shift;
+            to.phase = Phase::AwaitingAck;
+            to.acks = None;
+            to.step = 0;
+            to.weights = to_map(&weights);
+            to.phase_started_ms = now;
+            let detail = format!(
+                "both sides healthy; step 1/{}: target {}",
+                m.plan.steps.len(),
+                pct(m.plan.steps.first().copied().unwrap_or(TOTAL_WEIGHT))
+            );
+            transition(to, "migration_shift", detail, Some(weights), None)
+        }
+        Err(e) if elapsed.as_millis() as u64 > m.plan.double_deploy_timeout_ms => fail(
+            m,
+            format!(
+                "both sides were not healthy within {:?}: {e}",
+                Duration::from_millis(m.plan.double_deploy_timeout_ms)
+            ),
+            now,
+            true,
+        ),
+        Err(_) => Next::Wait,
     }
 }
 
@@ -127,6 +186,16 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
     let timed_out = elapsed.as_millis() as u64 > m.plan.ack_timeout_ms;
     if m.stage == Stage::RollingBack {
         if enough || timed_out {
+            // With a deploy mode, what was deployed is undone first.
+            let undo = if m.plan.deploy.is_none() {
+                None
+            } else {
+                match world.deploy(m, DeployStep::Undo) {
+                    DeployProgress::Pending => return Next::Wait,
+                    DeployProgress::Done => Some("the deploy was undone".to_owned()),
+                    DeployProgress::Failed(e) => Some(format!("undoing the deploy failed: {e}")),
+                }
+            };
             let mut to = m.clone();
             to.stage = Stage::RolledBack;
             to.phase = Phase::None;
@@ -138,6 +207,10 @@ fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> N
                 format!(
                     "only {acked}/{total} proxies acknowledged the rollback in time; pin released"
                 )
+            };
+            let detail = match undo {
+                Some(undo) => format!("{detail}; {undo}"),
+                None => detail,
             };
             return transition(to, "migration_rolled_back", detail, None, Some(None));
         }

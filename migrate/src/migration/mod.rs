@@ -166,6 +166,65 @@ pub struct Plan {
     /// points (summing to 10000); `to` is the first. Empty: `to` alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<(ClusterName, u32)>,
+    /// Who deploys the target and retires the source.
+    #[serde(default, skip_serializing_if = "Deploy::is_none")]
+    pub deploy: Deploy,
+}
+
+/// Who does the double deploy, and the cleanup after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Deploy {
+    /// Someone else: DOUBLE_DEPLOY waits for both sides to be healthy.
+    #[default]
+    None,
+    /// The control plane's deploy hook (a command or a webhook), called at
+    /// DOUBLE_DEPLOY, CLEANUP and on a rollback.
+    Hook,
+}
+
+impl Deploy {
+    pub fn is_none(&self) -> bool {
+        *self == Deploy::None
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Deploy::None => "none",
+            Deploy::Hook => "hook",
+        }
+    }
+}
+
+/// Deploy work a migration waits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeployStep {
+    /// DOUBLE_DEPLOY: make the target(s) run the service.
+    Deploy,
+    /// CLEANUP, after the drain: retire the source.
+    Retire,
+    /// A rollback, once proxies hold the source weights: undo the deploy.
+    Undo,
+}
+
+impl DeployStep {
+    /// The stage name the hook is told.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeployStep::Deploy => "double_deploy",
+            DeployStep::Retire => "cleanup",
+            DeployStep::Undo => "rollback",
+        }
+    }
+}
+
+/// How deploy work stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployProgress {
+    /// Asked for, or running.
+    Pending,
+    Done,
+    Failed(String),
 }
 
 fn one_proxy() -> u32 {
@@ -342,6 +401,9 @@ pub trait World {
     fn acks(&self, policy_version: u64) -> Acks;
     /// The load a service's backend in `cluster` reported since `since_ms`.
     fn load(&self, service: &ServiceName, cluster: &ClusterName, since_ms: i64) -> Load;
+    /// How `step` of `m`'s deploy stands; asking starts it (only asked of a
+    /// plan with a deploy mode).
+    fn deploy(&self, m: &Migration, step: DeployStep) -> DeployProgress;
     /// The latest p99 readings for migration `m`'s current step (latency
     /// gates only).
     fn latency(&self, m: &Migration) -> Latency;
@@ -401,7 +463,9 @@ mod plan;
 
 pub use self::gates::judge;
 pub use self::machine::{SOURCES_QUIET_MS, next};
-pub use self::plan::{begin_rollback, rollback_weights, source_weights, step_weights, validate};
+pub use self::plan::{
+    begin_rollback, rollback_weights, source_weights, step_weights, validate, validate_targets,
+};
 
 #[cfg(test)]
 mod tests;

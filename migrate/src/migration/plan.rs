@@ -31,6 +31,23 @@ pub fn validate(plan: &Plan, service: Option<&Service>) -> Result<(), PolicyErro
             });
         }
     }
+    // A deploy mode makes the target(s): they are checked once deployed.
+    if !plan.deploy.is_none() {
+        return Ok(());
+    }
+    validate_targets(plan, service)
+}
+
+/// The target(s) run the service, ready, with enough capacity.
+pub fn validate_targets(plan: &Plan, service: &Service) -> Result<(), PolicyError> {
+    let have = || {
+        service
+            .backends
+            .keys()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut target_ready = 0;
     for (i, (cluster, _)) in plan.target_shares().iter().enumerate() {
         let field = if plan.targets.is_empty() {

@@ -8,6 +8,8 @@ struct Fixed {
     acks: Acks,
     load: BTreeMap<String, Load>,
     latency: Latency,
+    deploys: BTreeMap<DeployStep, DeployProgress>,
+    asked: std::cell::RefCell<Vec<DeployStep>>,
 }
 
 impl World for Fixed {
@@ -25,6 +27,13 @@ impl World for Fixed {
     }
     fn latency(&self, _: &Migration) -> Latency {
         self.latency
+    }
+    fn deploy(&self, _: &Migration, step: DeployStep) -> DeployProgress {
+        self.asked.borrow_mut().push(step);
+        self.deploys
+            .get(&step)
+            .cloned()
+            .unwrap_or(DeployProgress::Pending)
     }
 }
 
@@ -48,6 +57,8 @@ fn world() -> Fixed {
         acks: acks(1, 1, 0),
         load: BTreeMap::new(),
         latency: Latency::default(),
+        deploys: BTreeMap::new(),
+        asked: Default::default(),
     }
 }
 
@@ -72,6 +83,7 @@ fn migration() -> Migration {
             drain_ms: 500,
             min_proxies: 1,
             targets: Vec::new(),
+            deploy: Deploy::None,
         },
         stage: Stage::Validate,
         phase: Phase::None,
@@ -447,6 +459,8 @@ fn two_targets() -> (Fixed, Migration) {
         acks: acks(1, 1, 0),
         load: BTreeMap::new(),
         latency: Latency::default(),
+        deploys: BTreeMap::new(),
+        asked: Default::default(),
     };
     let mut m = migration();
     m.plan.from = vec![c("old1")];
@@ -508,5 +522,74 @@ fn several_targets_must_each_exist_and_be_ready() {
     assert!(
         err.to_string().contains("no backend in cluster mars"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_hook_deploy_gates_double_deploy_cleanup_and_rollback() {
+    let mut w = world();
+    let mut m = migration();
+    m.plan.deploy = Deploy::Hook;
+    m = take(next(&m, &w, 0)).to; // pinned: DOUBLE_DEPLOY
+    // Waits for the deploy, which it asks for.
+    assert!(matches!(next(&m, &w, 10), Next::Wait));
+    assert_eq!(w.asked.borrow().last(), Some(&DeployStep::Deploy));
+    // A failed deploy fails the migration and releases the pin.
+    w.deploys.insert(
+        DeployStep::Deploy,
+        DeployProgress::Failed("exit 3: no quota".into()),
+    );
+    let t = take(next(&m, &w, 20));
+    assert_eq!(t.to.stage, Stage::Failed);
+    assert!(
+        t.to.reason
+            .contains("the hook deploy failed: exit 3: no quota")
+    );
+    assert_eq!(t.pin, Some(None));
+    // So does one that takes too long.
+    w.deploys.clear();
+    let t = take(next(&m, &w, 3001));
+    assert_eq!(t.to.stage, Stage::Failed);
+    assert!(
+        t.to.reason.contains("did not finish within"),
+        "{}",
+        t.to.reason
+    );
+    // Done: the first step.
+    w.deploys.insert(DeployStep::Deploy, DeployProgress::Done);
+    m = take(next(&m, &w, 30)).to;
+    assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
+    // A rollback undoes the deploy once proxies hold the source weights.
+    let Next::Transition(t) = begin_rollback(&m, "test".into(), 40) else {
+        panic!("rollback");
+    };
+    let rolling = t.to;
+    assert!(
+        matches!(next(&rolling, &w, 50), Next::Wait),
+        "waits for the undo"
+    );
+    assert_eq!(w.asked.borrow().last(), Some(&DeployStep::Undo));
+    w.deploys.insert(DeployStep::Undo, DeployProgress::Done);
+    let t = take(next(&rolling, &w, 60));
+    assert_eq!(t.to.stage, Stage::RolledBack);
+    assert!(t.detail.contains("the deploy was undone"), "{}", t.detail);
+    // CLEANUP retires the source after the drain; a failure is reported,
+    // and the migration still ends.
+    let mut cleanup = m.clone();
+    cleanup.stage = Stage::Cleanup;
+    cleanup.phase = Phase::None;
+    cleanup.phase_started_ms = 100;
+    assert!(matches!(next(&cleanup, &w, 200), Next::Wait), "draining");
+    assert!(matches!(next(&cleanup, &w, 700), Next::Wait), "retiring");
+    assert_eq!(w.asked.borrow().last(), Some(&DeployStep::Retire));
+    w.deploys.insert(
+        DeployStep::Retire,
+        DeployProgress::Failed("scale refused".into()),
+    );
+    let t = take(next(&cleanup, &w, 800));
+    assert_eq!(t.to.stage, Stage::Unpin);
+    assert!(
+        t.to.reason
+            .contains("the source was not retired: scale refused")
     );
 }
