@@ -192,6 +192,7 @@ impl ControlArgs {
         Ok(DeployConfig {
             hook,
             timeout: self.deploy_timeout,
+            clusters: None,
         })
     }
 }
@@ -217,6 +218,12 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     );
     let clients = Arc::new(ClientRegistry::default());
     let loads = Arc::new(LoadReports::default());
+    let source = FileSource::new(&args.catalog).with_removal_limit(RemovalLimit {
+        max_share: args.max_removed_share / 100.0,
+        allow: args.allow_mass_removal,
+    });
+    let mut deploy = args.deploy()?;
+    deploy.clusters = Some(source.kubernetes());
     let fleet = Arc::new(ferry_migrate::fleet::Fleet::default());
     let engine = Engine::load(
         policy.clone(),
@@ -229,7 +236,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             concurrency: args.max_concurrent_migrations.max(1),
             node: store.node().to_owned(),
             restart_grace: args.restart_grace,
-            deploy: args.deploy()?,
+            deploy,
             ..EngineConfig::default()
         },
     )
@@ -247,10 +254,6 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
 
-    let source = FileSource::new(&args.catalog).with_removal_limit(RemovalLimit {
-        max_share: args.max_removed_share / 100.0,
-        allow: args.allow_mass_removal,
-    });
     let file_status = source.status();
     let kubernetes_config = source.kubernetes();
     let clusters: ClusterStatuses = Default::default();

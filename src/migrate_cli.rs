@@ -129,10 +129,16 @@ pub struct MigrationOptions {
     #[arg(long, default_value = "10s")]
     drain: String,
     /// Who deploys: none (someone else; DOUBLE_DEPLOY waits for both sides
-    /// to be healthy) or hook (the control plane's --deploy-hook or
-    /// --deploy-webhook, at DOUBLE_DEPLOY, CLEANUP and on a rollback).
+    /// to be healthy), hook (the control plane's --deploy-hook or
+    /// --deploy-webhook, at DOUBLE_DEPLOY, CLEANUP and on a rollback) or
+    /// kube (Ferry copies the workload with each cluster's
+    /// deploy_kubeconfig, undoes it on a rollback, scales the source to 0
+    /// at CLEANUP).
     #[arg(long, default_value = "none")]
     deploy: String,
+    /// With --deploy kube: copy the Secrets the pods use too.
+    #[arg(long)]
+    copy_secrets: bool,
 }
 
 impl MigrationOptions {
@@ -164,6 +170,7 @@ impl MigrationOptions {
             min_capacity,
             drain,
             deploy,
+            copy_secrets,
         } = self;
         Ok(CreateMigrationRequest {
             service,
@@ -190,6 +197,7 @@ impl MigrationOptions {
             reason,
             min_proxies,
             deploy,
+            copy_secrets,
         })
     }
 }

@@ -263,13 +263,19 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
     let deploy = match r.deploy.trim() {
         "" | "none" => Deploy::None,
         "hook" => Deploy::Hook,
+        "kube" => Deploy::Kube {
+            copy_secrets: r.copy_secrets,
+        },
         other => {
             return Err(invalid(
                 "deploy",
-                format!("{other:?} is not a deploy mode (none or hook)"),
+                format!("{other:?} is not a deploy mode (none, hook or kube)"),
             ));
         }
     };
+    if r.copy_secrets && !matches!(deploy, Deploy::Kube { .. }) {
+        return Err(invalid("copy_secrets", "goes with deploy \"kube\""));
+    }
     Ok(Plan {
         service,
         from,

@@ -51,6 +51,10 @@ pub(super) struct RawCluster {
     pub(super) context: Option<String>,
     #[serde(default)]
     pub(super) in_cluster: bool,
+    /// A write credential for `--deploy kube` (Ferry's own identity stays
+    /// read-only).
+    pub(super) deploy_kubeconfig: Option<PathBuf>,
+    pub(super) deploy_context: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -79,6 +79,7 @@ impl<'a> Validator<'a> {
                 .map_err(|e| self.err(format!("kubernetes.namespaces[{i}]"), e.to_string()))?;
         }
         let mut clusters: Vec<ClusterConfig> = Vec::new();
+        let mut deploy = BTreeMap::new();
         for (i, c) in raw.clusters.into_iter().enumerate() {
             let field = format!("kubernetes.clusters[{i}]");
             let name = ClusterName::new(&c.name)
@@ -90,6 +91,24 @@ impl<'a> Validator<'a> {
                 ));
             }
             let access = self.access(&field, c.kubeconfig, c.context, c.in_cluster)?;
+            match (c.deploy_kubeconfig, c.deploy_context) {
+                (Some(path), context) => {
+                    let access = self.access(
+                        &format!("{field}.deploy_kubeconfig"),
+                        Some(path),
+                        context,
+                        false,
+                    )?;
+                    deploy.insert(name.clone(), access);
+                }
+                (None, Some(_)) => {
+                    return Err(self.err(
+                        format!("{field}.deploy_context"),
+                        "`deploy_context` goes with `deploy_kubeconfig: PATH`",
+                    ));
+                }
+                (None, None) => {}
+            }
             clusters.push(ClusterConfig { name, access });
         }
         let cluster_secrets = match raw.cluster_secrets {
@@ -115,6 +134,7 @@ impl<'a> Validator<'a> {
             namespaces: raw.namespaces,
             clusters,
             cluster_secrets,
+            deploy,
         })
     }
 

@@ -186,6 +186,11 @@ pub(super) async fn kube_config(access: &Access) -> Result<kube::Config, WatchEr
     }
 }
 
+/// A kube client for `access`, or why there is none.
+pub async fn client(access: &Access) -> Result<Client, String> {
+    client_for(access).await.map_err(|e| e.to_string())
+}
+
 pub(super) async fn client_for(access: &Access) -> Result<Client, WatchError> {
     let config = kube_config(access).await?;
     Client::try_from(config).map_err(|e| WatchError::Config(e.to_string()))

@@ -44,7 +44,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use self::cluster::Change;
+pub use self::cluster::{Change, client as kube_client};
 pub use self::secrets::{
     CLUSTER_LABEL, KUBECONFIG_KEY, SecretError, SecretStatus, SecretsStatus, SecretsStatusHandle,
     parse_secret,
@@ -142,6 +142,9 @@ pub struct KubernetesConfig {
     pub clusters: Vec<ClusterConfig>,
     /// Member clusters from labelled Secrets, besides `clusters`.
     pub cluster_secrets: Option<ClusterSecrets>,
+    /// Write credentials per cluster, for `--deploy kube`
+    /// (`deploy_kubeconfig`); discovery never uses them.
+    pub deploy: BTreeMap<ClusterName, Access>,
 }
 
 impl KubernetesConfig {

@@ -181,6 +181,14 @@ pub enum Deploy {
     /// The control plane's deploy hook (a command or a webhook), called at
     /// DOUBLE_DEPLOY, CLEANUP and on a rollback.
     Hook,
+    /// Ferry copies the workload to the target(s) by server-side apply,
+    /// deletes what it created on a rollback, and scales the source to 0
+    /// at CLEANUP.
+    Kube {
+        /// Copy the Secrets the pods use too.
+        #[serde(default)]
+        copy_secrets: bool,
+    },
 }
 
 impl Deploy {
@@ -192,6 +200,7 @@ impl Deploy {
         match self {
             Deploy::None => "none",
             Deploy::Hook => "hook",
+            Deploy::Kube { .. } => "kube",
         }
     }
 }

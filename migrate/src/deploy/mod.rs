@@ -17,6 +17,8 @@
 //!
 //! A call may be repeated (after a control plane restart, say): hooks must
 //! be idempotent.
+//!
+//! `--deploy kube` is Ferry's own deployer ([`kube`]).
 
 use std::time::Duration;
 
@@ -28,6 +30,10 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::migration::{Deploy, DeployStep, Migration, Plan};
 use crate::policy::PolicyError;
+
+pub mod kube;
+
+pub use self::kube::{KubeDeployer, MIGRATION_LABEL};
 
 /// The most of a hook's output an error quotes.
 const QUOTED_OUTPUT: usize = 512;
@@ -44,11 +50,15 @@ pub enum DeployHook {
 }
 
 /// The control plane's deploy configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct DeployConfig {
     pub hook: DeployHook,
-    /// The longest one hook call may take.
+    /// The longest one hook call (or one `kube` step) may take.
     pub timeout: Duration,
+    /// The catalog's clusters, whose `deploy_kubeconfig`s `--deploy kube`
+    /// writes with (`None`: no Kubernetes clusters).
+    pub clusters:
+        Option<tokio::sync::watch::Receiver<ferry_discovery::kubernetes::KubernetesConfig>>,
 }
 
 impl Default for DeployConfig {
@@ -56,6 +66,7 @@ impl Default for DeployConfig {
         Self {
             hook: DeployHook::None,
             timeout: Duration::from_secs(600),
+            clusters: None,
         }
     }
 }
@@ -73,6 +84,8 @@ pub enum DeployError {
     Timeout(Duration),
     #[error("the deploy webhook {url}: {reason}")]
     Webhook { url: String, reason: String },
+    #[error("{0}")]
+    Kube(String),
 }
 
 /// The last `QUOTED_OUTPUT` bytes of a hook's output, as one line.
@@ -120,11 +133,13 @@ fn call(m: &Migration, step: DeployStep) -> Vec<(&'static str, String)> {
 pub struct Deployer {
     config: DeployConfig,
     client: Client<HttpConnector, Full<Bytes>>,
+    kube: Option<KubeDeployer>,
 }
 
 impl Deployer {
     pub fn new(config: DeployConfig) -> Self {
         Self {
+            kube: config.clusters.clone().map(KubeDeployer::new),
             config,
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
@@ -141,6 +156,29 @@ impl Deployer {
                 })
             }
             Deploy::Hook => Ok(()),
+            Deploy::Kube { .. } => {
+                let mut clusters = plan.from.clone();
+                clusters.extend(plan.target_shares().into_iter().map(|(c, _)| c));
+                let missing = match &self.kube {
+                    Some(kube) => kube.missing(&clusters),
+                    None => clusters,
+                };
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                Err(PolicyError::InvalidArgument {
+                    field: "deploy".into(),
+                    reason: format!(
+                        "--deploy kube writes with a credential of its own per cluster, and {} \
+                         has no deploy_kubeconfig in the catalog (Ferry's own identity stays read-only)",
+                        missing
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+            }
         }
     }
 
@@ -148,10 +186,20 @@ impl Deployer {
     pub async fn run(&self, m: &Migration, step: DeployStep) -> Result<(), DeployError> {
         let timeout = self.config.timeout;
         let work = async {
-            match &self.config.hook {
-                DeployHook::None => Err(DeployError::NotConfigured),
-                DeployHook::Command(command) => self.command(command, m, step).await,
-                DeployHook::Webhook(url) => self.webhook(url, m, step).await,
+            match (m.plan.deploy, &self.kube) {
+                (Deploy::Kube { copy_secrets }, Some(kube)) => match step {
+                    DeployStep::Deploy => kube.deploy(m, copy_secrets).await,
+                    DeployStep::Undo => kube.undo(m).await,
+                    DeployStep::Retire => kube.retire(m).await,
+                },
+                (Deploy::Kube { .. }, None) => Err(DeployError::Kube(
+                    "this control plane has no Kubernetes clusters to deploy to".into(),
+                )),
+                _ => match &self.config.hook {
+                    DeployHook::None => Err(DeployError::NotConfigured),
+                    DeployHook::Command(command) => self.command(command, m, step).await,
+                    DeployHook::Webhook(url) => self.webhook(url, m, step).await,
+                },
             }
         };
         tokio::time::timeout(timeout, work)
