@@ -114,6 +114,9 @@ struct MigrationStatus {
     waiting: String,
 }
 
+/// Ended migrations `/status` shows besides those in flight.
+const ENDED_SHOWN: usize = 20;
+
 #[derive(Serialize)]
 struct CatalogStatus {
     version: u64,
@@ -209,9 +212,11 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .into_iter()
         .map(|k| (k.short(), snapshot.of(k).len()))
         .collect();
-    let migrations = state
-        .engine
-        .list(None, false)
+    // Those in flight and the last ones that ended: /status costs what is
+    // active, not every migration ever run (`ferry migrate list` has all).
+    let mut recent = state.engine.recent(ENDED_SHOWN);
+    recent.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    let migrations = recent
         .into_iter()
         .map(|m| MigrationStatus {
             waiting: ferry_migrate::migration_api::waiting(&m),

@@ -198,7 +198,7 @@ fn services(state: &AdminState, now_ms: i64) -> Vec<ServiceView> {
 }
 
 fn migrations(state: &AdminState) -> Vec<MigrationView> {
-    let mut all = state.engine.list(None, false);
+    let mut all = state.engine.recent(ENDED_SHOWN);
     // In flight first, then the most recently changed.
     all.sort_by_key(|m| (m.stage.is_terminal(), std::cmp::Reverse(m.updated_at_ms)));
     let in_flight = all.iter().filter(|m| !m.stage.is_terminal()).count();

@@ -51,8 +51,8 @@ impl campaign::Fleet for View<'_> {
         }
         if let Some(m) = self
             .migrations
-            .values()
-            .find(|m| m.plan.service == *service && !m.stage.is_terminal())
+            .active()
+            .find(|m| m.plan.service == *service)
         {
             return Some(format!("migration {} is {} on it", m.id, m.stage.as_str()));
         }

@@ -34,9 +34,11 @@ mod campaigns;
 mod deploys;
 mod operations;
 mod proxies;
+mod records;
 mod world;
 
 use self::operations::{abort_transition, resume_transition};
+use self::records::Migrations;
 use self::world::{LatencyReading, LiveWorld};
 
 /// How the engine runs.
@@ -99,7 +101,7 @@ pub struct Engine {
     loads: Arc<LoadReports>,
     fleet: Arc<Fleet>,
     config: EngineConfig,
-    migrations: Mutex<BTreeMap<String, Migration>>,
+    migrations: Mutex<Migrations>,
     /// Campaigns; locked after `migrations` when both are.
     campaigns: Mutex<BTreeMap<String, Campaign>>,
     /// Every change to a campaign, numbered like `updates`.
@@ -207,7 +209,7 @@ impl Engine {
     pub fn reload(&self) -> Result<(), PolicyError> {
         let (migrations, campaigns) = stored(&self.policy)?;
         let mut map = self.lock();
-        for (id, m) in &migrations {
+        for (id, m) in migrations.iter() {
             if map.get(id) != Some(m) {
                 self.announce(m.clone());
             }
@@ -227,7 +229,7 @@ impl Engine {
     /// The migrations, locked. A holder may be writing to the store (a
     /// network round trip with etcd), so the wait never stalls a runtime
     /// worker.
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Migration>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Migrations> {
         blocking(|| self.migrations.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -257,21 +259,30 @@ impl Engine {
 
     /// Migrations (of one service, if given), oldest first.
     pub fn list(&self, service: Option<&str>, active_only: bool) -> Vec<Migration> {
-        let mut out: Vec<Migration> = self
-            .lock()
-            .values()
+        let map = self.lock();
+        let candidates: Box<dyn Iterator<Item = &Migration>> = if active_only {
+            Box::new(map.active())
+        } else {
+            Box::new(map.values())
+        };
+        let mut out: Vec<Migration> = candidates
             .filter(|m| service.is_none_or(|s| m.plan.service.to_string() == s))
-            .filter(|m| !active_only || !m.stage.is_terminal())
             .cloned()
             .collect();
         out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         out
     }
 
+    /// Those not ended, then up to `ended` of those that ended last: what
+    /// status pages show, at the cost of what is active.
+    pub fn recent(&self, ended: usize) -> Vec<Migration> {
+        self.lock().recent(ended)
+    }
+
     /// Persists a transition, then makes it the migration's state.
     fn apply(
         &self,
-        map: &mut BTreeMap<String, Migration>,
+        map: &mut Migrations,
         t: Transition,
         actor: &str,
     ) -> Result<Migration, PolicyError> {
@@ -316,11 +327,7 @@ impl Engine {
         Ok(to)
     }
 
-    fn export_gauges(&self, map: &BTreeMap<String, Migration>) {
-        let mut by_stage: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for m in map.values() {
-            *by_stage.entry(m.stage.as_str()).or_default() += 1;
-        }
+    fn export_gauges(&self, map: &Migrations) {
         for stage in [
             Stage::Validate,
             Stage::DoubleDeploy,
@@ -333,8 +340,8 @@ impl Engine {
             Stage::RolledBack,
             Stage::Failed,
         ] {
-            let n = by_stage.get(stage.as_str()).copied().unwrap_or(0);
-            metrics::gauge!("ferry_migrate_migrations", "stage" => stage.as_str()).set(n as f64);
+            metrics::gauge!("ferry_migrate_migrations", "stage" => stage.as_str())
+                .set(map.count(stage) as f64);
         }
     }
 
@@ -375,11 +382,11 @@ impl Engine {
         };
         let now = now_ms();
         let mut map = self.lock();
-        let active = map.values().filter(|m| m.stage.is_active()).count();
+        let active = map.active().filter(|m| m.stage.is_active()).count();
         let mut slots = self.config.concurrency.saturating_sub(active);
         let mut order: Vec<(i64, String)> = map
-            .values()
-            .filter(|m| !m.stage.is_terminal() && m.stage != Stage::Paused)
+            .active()
+            .filter(|m| m.stage != Stage::Paused)
             .map(|m| (m.created_at_ms, m.id.clone()))
             .collect();
         order.sort();
@@ -442,7 +449,7 @@ impl Engine {
     /// acting as the migration's pin owner.
     fn apply_unpinned(
         &self,
-        map: &mut BTreeMap<String, Migration>,
+        map: &mut Migrations,
         t: Transition,
         actor: &str,
     ) -> Result<Migration, PolicyError> {
@@ -535,10 +542,9 @@ fn stored(policy: &Policy) -> Result<(Migrations, Campaigns), PolicyError> {
         }
         campaigns.insert(id, c);
     }
-    Ok((migrations, campaigns))
+    Ok((Migrations::new(migrations), campaigns))
 }
 
-type Migrations = BTreeMap<String, Migration>;
 type Campaigns = BTreeMap<String, Campaign>;
 
 fn encode(m: &Migration) -> Result<String, PolicyError> {

@@ -35,15 +35,12 @@ impl Engine {
     /// written.
     pub(super) fn prepare(
         &self,
-        map: &BTreeMap<String, Migration>,
+        map: &Migrations,
         plan: Plan,
         actor: &str,
         reason: &str,
     ) -> Result<(Migration, String), PolicyError> {
-        if let Some(running) = map
-            .values()
-            .find(|m| m.plan.service == plan.service && !m.stage.is_terminal())
-        {
+        if let Some(running) = map.active().find(|m| m.plan.service == plan.service) {
             return Err(PolicyError::Precondition(format!(
                 "migration {} is already {} on service {}",
                 running.id,
