@@ -222,10 +222,19 @@ async fn discovered(ferry: &Ferry) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ferry_copies_the_workload_moves_traffic_and_scales_the_source_down_after_the_drain() {
-    let c = clusters().await;
-    let ferry = Ferry::start(&catalog(&c, None)).await;
+/// A control plane with both clusters' write credentials, a proxy routing
+/// web.shop to `old` under steady load, and the kube-deployed migration
+/// started.
+struct Running {
+    ferry: Ferry,
+    _proxy: FerryProxy,
+    steady: Steady,
+    api: MigrationsClient<Channel>,
+    m: Migration,
+}
+
+async fn start(c: &Clusters) -> Running {
+    let ferry = Ferry::start(&catalog(c, None)).await;
     discovered(&ferry).await;
     let proxy = FerryProxy::start(ferry.xds_port).await;
     support::eventually(
@@ -252,6 +261,25 @@ async fn ferry_copies_the_workload_moves_traffic_and_scales_the_source_down_afte
         .await
         .expect("create")
         .into_inner();
+    Running {
+        ferry,
+        _proxy: proxy,
+        steady,
+        api,
+        m,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ferry_copies_the_workload_moves_traffic_and_scales_the_source_down_after_the_drain() {
+    let c = clusters().await;
+    let Running {
+        ferry,
+        _proxy,
+        steady,
+        api,
+        m,
+    } = start(&c).await;
     assert_eq!(m.deploy, "kube");
 
     // The workload appears in `new`, stripped and labelled.
@@ -361,33 +389,13 @@ async fn a_rollback_deletes_only_what_ferry_created_in_the_target() {
     let c = clusters().await;
     // The new side fails every request: the gate rolls the migration back.
     c.backends.set_status("new/web", 503);
-    let ferry = Ferry::start(&catalog(&c, None)).await;
-    discovered(&ferry).await;
-    let proxy = FerryProxy::start(ferry.xds_port).await;
-    support::eventually(
-        Duration::from_secs(20),
-        "the proxy routes to old",
-        || async {
-            support::share(
-                &support::split(proxy.listen_port, "web.shop", 5).await,
-                "old/",
-            ) == 1.0
-        },
-    )
-    .await;
-    let steady = Steady::start_paced(
-        proxy.listen_port,
-        "web.shop",
-        Duration::from_millis(5),
-        Duration::from_secs(120),
-    );
-    let api = MigrationsClient::new(channel(&ferry).await);
-    let m = api
-        .clone()
-        .create_migration(plan())
-        .await
-        .expect("create")
-        .into_inner();
+    let Running {
+        ferry,
+        _proxy,
+        steady,
+        api,
+        m,
+    } = start(&c).await;
     support::eventually(Duration::from_secs(20), "the Deployment copied", || async {
         in_new(&c, ResourceKind::Deployment, "web").is_some()
     })
