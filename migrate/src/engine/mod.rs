@@ -480,7 +480,11 @@ impl Engine {
         );
         loop {
             self.refresh_latencies().await;
+            let started = Instant::now();
             self.tick();
+            // What one pass over the active migrations and campaigns costs.
+            metrics::histogram!("ferry_migrate_tick_seconds")
+                .record(started.elapsed().as_secs_f64());
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(self.config.tick) => {}
