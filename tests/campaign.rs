@@ -70,10 +70,10 @@ fn request(concurrency: u32, max_failures: u32, order: &str) -> CreateCampaignRe
             bake: "2s".into(),
             gates: Some(ferry_proto::ferry::v1::Gates {
                 min_requests: 20,
-                data_timeout: "10s".into(),
+                data_timeout: "30s".into(),
                 ..Default::default()
             }),
-            ack_timeout: "20s".into(),
+            ack_timeout: "60s".into(),
             drain: "1s".into(),
             ..Default::default()
         }),

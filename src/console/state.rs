@@ -212,7 +212,7 @@ fn migrations(state: &AdminState) -> Vec<MigrationView> {
             to: m.plan.to.to_string(),
             stage: m.stage.as_str(),
             phase: m.phase.as_str(),
-            step: if m.stage == Stage::Validate || m.stage == Stage::Pin {
+            step: if m.stage == Stage::Validate {
                 0
             } else {
                 m.step + 1
@@ -244,9 +244,8 @@ pub fn timeline(m: &Migration) -> Vec<TimelineStage> {
 }
 
 fn course(at: Stage, shifted: bool) -> Vec<TimelineStage> {
-    const FORWARD: [Stage; 7] = [
+    const FORWARD: [Stage; 6] = [
         Stage::Validate,
-        Stage::Pin,
         Stage::DoubleDeploy,
         Stage::Shift,
         Stage::Cleanup,
@@ -255,7 +254,7 @@ fn course(at: Stage, shifted: bool) -> Vec<TimelineStage> {
     ];
     let stages: Vec<Stage> = match at {
         Stage::RollingBack | Stage::RolledBack | Stage::Failed => {
-            let mut stages = FORWARD[..if shifted { 4 } else { 1 }].to_vec();
+            let mut stages = FORWARD[..if shifted { 3 } else { 1 }].to_vec();
             if at == Stage::RolledBack {
                 stages.push(Stage::RollingBack);
             }
@@ -351,7 +350,6 @@ mod tests {
             states(Stage::Shift, true),
             [
                 "VALIDATE:done",
-                "PIN:done",
                 "DOUBLE_DEPLOY:done",
                 "SHIFT:current",
                 "CLEANUP:pending",
@@ -372,7 +370,6 @@ mod tests {
             states(Stage::RolledBack, true),
             [
                 "VALIDATE:done",
-                "PIN:done",
                 "DOUBLE_DEPLOY:done",
                 "SHIFT:done",
                 "ROLLING_BACK:done",

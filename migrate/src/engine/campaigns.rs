@@ -227,7 +227,7 @@ impl Engine {
                     held_m,
                     &format!("campaign {id} paused: stops after this step"),
                 );
-                self.apply_unpinned(&mut map, t, actor)?;
+                self.apply(&mut map, t, actor)?;
             }
         }
         drop((held, map));
@@ -259,7 +259,7 @@ impl Engine {
             if !m.hold {
                 continue;
             }
-            let t = match resume_transition(&m, reason) {
+            let t = match migration::resume(&m, reason, now_ms()) {
                 Ok(mut t) => {
                     t.to.hold = false;
                     t
@@ -274,7 +274,7 @@ impl Engine {
                     )
                 }
             };
-            self.apply_unpinned(&mut map, t, actor)?;
+            self.apply(&mut map, t, actor)?;
         }
         drop((held, map));
         self.wake.notify_one();
@@ -442,7 +442,7 @@ impl Engine {
                 let Some(m) = map.get(&migration).cloned() else {
                     return Ok(());
                 };
-                let t = abort_transition(&m, &actor, &c.reason)?;
+                let t = migration::abort(&m, &actor, &c.reason, now)?;
                 self.apply(map, t, &actor)?;
             }
             Step::Launch { index, plan } => {

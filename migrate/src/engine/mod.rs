@@ -23,7 +23,6 @@ use crate::deploy::{DeployConfig, Deployer};
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
     self, Acks, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
-    begin_rollback,
 };
 use crate::migration::{DeployProgress, DeployStep};
 use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
@@ -37,7 +36,6 @@ mod proxies;
 mod records;
 mod world;
 
-use self::operations::{abort_transition, resume_transition};
 use self::records::Migrations;
 use self::world::{LatencyReading, LiveWorld};
 
@@ -279,7 +277,10 @@ impl Engine {
         self.lock().recent(ended)
     }
 
-    /// Persists a transition, then makes it the migration's state.
+    /// Persists a transition, then makes it the migration's state. One
+    /// that sets weights or the pin acts as the migration's pin owner (and
+    /// is refused if someone else holds the service); one that only records
+    /// the migration's state does not need to.
     fn apply(
         &self,
         map: &mut Migrations,
@@ -293,10 +294,11 @@ impl Engine {
         } else {
             to.reason.clone()
         };
+        let acting = t.weights.is_some() || t.pin.is_some();
         let change = Change {
             weights: t.weights.map(Some),
+            acting_owner: acting.then(|| to.owner()),
             pin: t.pin,
-            acting_owner: Some(to.owner()),
             migration: Some((to.id.clone(), encode(&to)?)),
             ..Change::new(
                 to.plan.service.clone(),
@@ -427,7 +429,7 @@ impl Engine {
                                 action: "migration_failed",
                                 detail: e.to_string(),
                             };
-                            let change_owner = self.apply_unpinned(&mut map, t, &actor);
+                            let change_owner = self.apply(&mut map, t, &actor);
                             if let Err(e) = change_owner {
                                 tracing::error!(id = %m.id, error = %e, "cannot record a failed migration");
                             }
@@ -443,33 +445,6 @@ impl Engine {
         let asked = world.asked.take();
         self.start_deploys(asked, &map);
         self.tick_campaigns(&mut map, &catalog, now);
-    }
-
-    /// Records a transition that touches neither weights nor pin, without
-    /// acting as the migration's pin owner.
-    fn apply_unpinned(
-        &self,
-        map: &mut Migrations,
-        t: Transition,
-        actor: &str,
-    ) -> Result<Migration, PolicyError> {
-        let mut to = t.to;
-        to.updated_at_ms = now_ms();
-        let change = Change {
-            migration: Some((to.id.clone(), encode(&to)?)),
-            ..Change::new(
-                to.plan.service.clone(),
-                actor,
-                t.action,
-                to.reason.clone(),
-                format!("{}: {}", to.id, t.detail),
-            )
-        };
-        self.policy.transact(change)?;
-        map.insert(to.id.clone(), to.clone());
-        self.export_gauges(map);
-        self.announce(to.clone());
-        Ok(to)
     }
 
     /// Runs the engine until `cancel`.

@@ -104,30 +104,22 @@ impl Engine {
 
     /// Holds a migration at its current weights.
     pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| match m.stage {
-            Stage::Validate | Stage::DoubleDeploy | Stage::Shift => {
-                let mut to = m.clone();
-                to.paused_from = Some((m.stage, m.phase));
-                to.stage = Stage::Paused;
-                to.reason = format!("paused by {actor}: {reason}");
-                Ok(Transition::plain("migration_paused", to, reason))
-            }
-            s => Err(PolicyError::Precondition(format!(
-                "migration {id} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
-                s.as_str()
-            ))),
-        })
+        self.operate(id, actor, reason, |m| migration::pause(m, actor, reason))
     }
 
     /// Continues a paused migration; a step that was baking bakes again in
     /// full, a step awaiting acknowledgement waits afresh.
     pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| resume_transition(m, reason))
+        self.operate(id, actor, reason, |m| {
+            migration::resume(m, reason, now_ms())
+        })
     }
 
     /// Sends all traffic back to the sources at once and stops.
     pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
-        self.operate(id, actor, reason, |m| abort_transition(m, actor, reason))
+        self.operate(id, actor, reason, |m| {
+            migration::abort(m, actor, reason, now_ms())
+        })
     }
 
     fn operate(
@@ -145,78 +137,5 @@ impl Engine {
         drop(map);
         self.wake.notify_one();
         Ok(done)
-    }
-}
-
-/// The transition that aborts `m`: a rollback when it has changed weights,
-/// the end otherwise.
-pub(super) fn abort_transition(
-    m: &Migration,
-    actor: &str,
-    reason: &str,
-) -> Result<Transition, PolicyError> {
-    let why = format!("aborted by {actor}: {reason}");
-    let now = now_ms();
-    let touched_weights = !m.weights.is_empty();
-    let t = match m.stage {
-        s if s.is_terminal() => {
-            return Err(PolicyError::Precondition(format!(
-                "migration {} has already ended ({})",
-                m.id,
-                s.as_str()
-            )));
-        }
-        Stage::RollingBack => {
-            return Err(PolicyError::Precondition(format!(
-                "migration {} is already rolling back",
-                m.id
-            )));
-        }
-        // With a deploy mode, a deploy may have begun: roll back, which
-        // undoes it.
-        _ if touched_weights || (!m.plan.deploy.is_none() && m.stage == Stage::DoubleDeploy) => {
-            match begin_rollback(m, why, now) {
-                Next::Transition(t) => *t,
-                _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
-            }
-        }
-        _ => {
-            // No weight was changed yet: it ends here.
-            let mut to = m.clone();
-            to.stage = Stage::RolledBack;
-            to.phase = Phase::None;
-            to.reason = why.clone();
-            to.phase_started_ms = now;
-            let pinned = !matches!(m.stage, Stage::Validate)
-                && !matches!(m.paused_from, Some((Stage::Validate, _)));
-            Transition {
-                to,
-                weights: None,
-                pin: pinned.then_some(None),
-                action: "migration_aborted",
-                detail: why,
-            }
-        }
-    };
-    Ok(t)
-}
-
-/// The transition that continues a paused migration where it paused.
-pub(super) fn resume_transition(m: &Migration, reason: &str) -> Result<Transition, PolicyError> {
-    match (m.stage, m.paused_from) {
-        (Stage::Paused, Some((stage, phase))) => {
-            let mut to = m.clone();
-            to.stage = stage;
-            to.phase = phase;
-            to.paused_from = None;
-            to.reason = String::new();
-            to.phase_started_ms = now_ms();
-            Ok(Transition::plain("migration_resumed", to, reason))
-        }
-        (s, _) => Err(PolicyError::Precondition(format!(
-            "migration {} is {}, not PAUSED",
-            m.id,
-            s.as_str()
-        ))),
     }
 }

@@ -9,8 +9,8 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
     let service = world.service(&m.plan.service);
     match m.stage {
         // A held migration (its campaign paused) does not start.
-        Stage::Validate | Stage::Pin if m.hold => held(m, (Stage::Validate, Phase::None), now),
-        Stage::Validate | Stage::Pin => match validate(&m.plan, service).and_then(|()| {
+        Stage::Validate if m.hold => held(m, (Stage::Validate, Phase::None), now),
+        Stage::Validate => match validate(&m.plan, service).and_then(|()| {
             let current = world.weights(&m.plan.service).ok_or_else(|| {
                 PolicyError::NotFound(format!("service {} has no weights", m.plan.service))
             })?;

@@ -21,9 +21,9 @@ use crate::store::StoredPin;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Stage {
-    /// Accepted and waiting for a slot; validated again when it starts.
+    /// Accepted and waiting for a slot; validated again when it starts,
+    /// and pinned as it leaves.
     Validate,
-    Pin,
     DoubleDeploy,
     Shift,
     Cleanup,
@@ -39,7 +39,6 @@ impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Validate => "VALIDATE",
-            Self::Pin => "PIN",
             Self::DoubleDeploy => "DOUBLE_DEPLOY",
             Self::Shift => "SHIFT",
             Self::Cleanup => "CLEANUP",
@@ -469,12 +468,14 @@ fn transition(
 mod gates;
 mod machine;
 mod plan;
+mod requests;
 
 pub use self::gates::judge;
 pub use self::machine::{SOURCES_QUIET_MS, next};
 pub use self::plan::{
     begin_rollback, rollback_weights, source_weights, step_weights, validate, validate_targets,
 };
+pub use self::requests::{abort, pause, resume};
 
 #[cfg(test)]
 mod tests;

@@ -593,3 +593,34 @@ fn a_hook_deploy_gates_double_deploy_cleanup_and_rollback() {
             .contains("the source was not retired: scale refused")
     );
 }
+
+#[test]
+fn pause_resume_and_abort_are_decided_from_the_record_alone() {
+    let w = world();
+    let mut m = migration();
+    // Aborted before it started: it ends, changing no weight and no pin.
+    let t = abort(&m, "alice", "wrong service", 5).expect("abort");
+    assert_eq!(t.to.stage, Stage::RolledBack);
+    assert!(t.weights.is_none() && t.pin.is_none());
+    assert_eq!(t.to.reason, "aborted by alice: wrong service");
+    m = take(next(&m, &w, 0)).to; // pinned
+    m = take(next(&m, &w, 10)).to; // step 1 set
+    // Paused while shifting, then resumed where it was, its wait started
+    // afresh.
+    let paused = pause(&m, "bob", "freeze").expect("pause").to;
+    assert_eq!(paused.stage, Stage::Paused);
+    assert_eq!(paused.paused_from, Some((Stage::Shift, Phase::AwaitingAck)));
+    assert!(pause(&paused, "bob", "again").is_err(), "not twice");
+    let resumed = resume(&paused, "go on", 99).expect("resume").to;
+    assert_eq!(
+        (resumed.stage, resumed.phase, resumed.phase_started_ms),
+        (Stage::Shift, Phase::AwaitingAck, 99)
+    );
+    assert!(resume(&resumed, "again", 100).is_err(), "not paused");
+    // Aborted with weights set: all traffic back to the sources.
+    let t = abort(&resumed, "carol", "stop", 120).expect("abort");
+    assert_eq!(t.to.stage, Stage::RollingBack);
+    assert_eq!(bp(t.weights.as_ref().expect("weights"), "new"), 0);
+    let err = abort(&t.to, "carol", "again", 130).expect_err("already rolling back");
+    assert!(err.to_string().contains("already rolling back"), "{err}");
+}

@@ -1,0 +1,96 @@
+//! What people ask of a migration, as pure functions of the record, the
+//! request and the time, next to the stage machine's [`super::next`]: the
+//! engine persists the transition they name, or answers their error.
+
+use super::*;
+
+/// Holds a migration at its current weights.
+pub fn pause(m: &Migration, actor: &str, reason: &str) -> Result<Transition, PolicyError> {
+    match m.stage {
+        Stage::Validate | Stage::DoubleDeploy | Stage::Shift => {
+            let mut to = m.clone();
+            to.paused_from = Some((m.stage, m.phase));
+            to.stage = Stage::Paused;
+            to.reason = format!("paused by {actor}: {reason}");
+            Ok(Transition::plain("migration_paused", to, reason))
+        }
+        s => Err(PolicyError::Precondition(format!(
+            "migration {} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
+            m.id,
+            s.as_str()
+        ))),
+    }
+}
+
+/// The transition that continues a paused migration where it paused.
+pub fn resume(m: &Migration, reason: &str, now: i64) -> Result<Transition, PolicyError> {
+    match (m.stage, m.paused_from) {
+        (Stage::Paused, Some((stage, phase))) => {
+            let mut to = m.clone();
+            to.stage = stage;
+            to.phase = phase;
+            to.paused_from = None;
+            to.reason = String::new();
+            to.phase_started_ms = now;
+            Ok(Transition::plain("migration_resumed", to, reason))
+        }
+        (s, _) => Err(PolicyError::Precondition(format!(
+            "migration {} is {}, not PAUSED",
+            m.id,
+            s.as_str()
+        ))),
+    }
+}
+
+/// The transition that aborts `m`: a rollback when it has changed weights,
+/// the end otherwise.
+pub fn abort(
+    m: &Migration,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Transition, PolicyError> {
+    let why = format!("aborted by {actor}: {reason}");
+    let touched_weights = !m.weights.is_empty();
+    let t = match m.stage {
+        s if s.is_terminal() => {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} has already ended ({})",
+                m.id,
+                s.as_str()
+            )));
+        }
+        Stage::RollingBack => {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} is already rolling back",
+                m.id
+            )));
+        }
+        // With a deploy mode, a deploy may have begun: roll back, which
+        // undoes it.
+        _ if touched_weights || (!m.plan.deploy.is_none() && m.stage == Stage::DoubleDeploy) => {
+            match begin_rollback(m, why, now) {
+                Next::Transition(t) => *t,
+                _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
+            }
+        }
+        _ => {
+            // No weight was changed yet: it ends here.
+            let mut to = m.clone();
+            to.stage = Stage::RolledBack;
+            to.phase = Phase::None;
+            to.reason = why.clone();
+            to.phase_started_ms = now;
+            let pinned = !matches!(m.stage, Stage::Validate)
+                && !matches!(m.paused_from, Some((Stage::Validate, _)));
+            Transition {
+                to,
+                weights: None,
+                pin: pinned.then_some(None),
+                action: "migration_aborted",
+                detail: why,
+            }
+        }
+    };
+    Ok(t)
+}
