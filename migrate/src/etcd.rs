@@ -536,9 +536,14 @@ fn sync(policy: &Policy, engine: &Engine, leading: bool) {
     engine.set_leading(leading);
 }
 
-/// Shares what this control plane observes with its peers, about once a
-/// second, and takes theirs into `fleet`: the leader's gates and
-/// acknowledgement waits then count every proxy, wherever it connects.
+/// How often an unchanged observation is written again: peers hold one
+/// for 3 s ([`crate::fleet::Fleet`]'s default freshness).
+const OBSERVATION_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// Shares what this control plane observes with its peers (looked at once
+/// a second, written when it changed or as a heartbeat), and takes theirs
+/// into `fleet`: the leader's gates and acknowledgement waits then count
+/// every proxy, wherever it connects.
 pub async fn share_observations(
     store: EtcdStore,
     node: String,
@@ -554,6 +559,9 @@ pub async fn share_observations(
             (store.clone(), node.clone(), loads.clone(), cancel.clone());
         async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            // Written when it changes, and otherwise as a heartbeat well
+            // within the time peers keep an observation fresh.
+            let mut last: Option<(String, tokio::time::Instant)> = None;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -563,10 +571,20 @@ pub async fn share_observations(
                 let Ok(json) = to_json(&observation) else {
                     continue;
                 };
+                let unchanged = last.as_ref().is_some_and(|(seen, at)| {
+                    *seen == json && at.elapsed() < OBSERVATION_HEARTBEAT
+                });
+                if unchanged {
+                    continue;
+                }
                 let mut client = store.client.clone();
                 let key = store.key(&format!("observations/{node}"));
-                if let Err(e) = client.put(key, json, None).await {
-                    tracing::debug!(error = %e, "cannot share observations");
+                match client.put(key, json.clone(), None).await {
+                    Ok(_) => {
+                        metrics::counter!("ferry_migrate_observations_written_total").increment(1);
+                        last = Some((json, tokio::time::Instant::now()));
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot share observations"),
                 }
             }
         }
