@@ -139,6 +139,13 @@ pub struct MigrationOptions {
     /// With --deploy kube: copy the Secrets the pods use too.
     #[arg(long)]
     copy_secrets: bool,
+    /// With --deploy kube: how long the source's objects are kept, scaled
+    /// to 0, after DONE (default 24h)…
+    #[arg(long, default_value = "")]
+    retain: String,
+    /// …and delete them once it has passed.
+    #[arg(long)]
+    delete_source: bool,
 }
 
 impl MigrationOptions {
@@ -171,6 +178,8 @@ impl MigrationOptions {
             drain,
             deploy,
             copy_secrets,
+            retain,
+            delete_source,
         } = self;
         Ok(CreateMigrationRequest {
             service,
@@ -198,6 +207,8 @@ impl MigrationOptions {
             min_proxies,
             deploy,
             copy_secrets,
+            retain,
+            delete_source,
         })
     }
 }

@@ -163,6 +163,8 @@ fn plan() -> CreateMigrationRequest {
     CreateMigrationRequest {
         service: "web.shop".into(),
         deploy: "kube".into(),
+        retain: "2s".into(),
+        delete_source: true,
         double_deploy_timeout: "30s".into(),
         ..support::migration_plan(&[50.0, 100.0], "2s")
     }
@@ -365,13 +367,42 @@ async fn ferry_copies_the_workload_moves_traffic_and_scales_the_source_down_afte
     .await;
     let answers = steady.stop().await;
     assert_eq!(done.stage, "DONE", "{done:?}\n{}", ferry.log());
-    // …and is scaled to 0 after it, its objects kept.
+    // …and is scaled to 0 after it, its objects kept for the retention…
     assert_eq!(replicas(&c.old), 0);
     assert!(
         c.old
             .get(ResourceKind::ConfigMap, "shop", "web-config")
             .is_some()
     );
+    // …then deleted (--delete-source), and recorded.
+    support::eventually(Duration::from_secs(20), "the source deleted", || async {
+        c.old.get(ResourceKind::Deployment, "shop", "web").is_none()
+    })
+    .await;
+    for (kind, name) in [
+        (ResourceKind::Service, "web"),
+        (ResourceKind::ConfigMap, "web-config"),
+        (ResourceKind::HorizontalPodAutoscaler, "web"),
+        (ResourceKind::PodDisruptionBudget, "web"),
+        (ResourceKind::ServiceAccount, "web-sa"),
+    ] {
+        assert!(
+            c.old.get(kind, "shop", name).is_none(),
+            "{kind:?} {name} kept"
+        );
+    }
+    assert!(
+        c.old
+            .get(ResourceKind::Secret, "shop", "web-secret")
+            .is_some(),
+        "Secrets were not copied, so they are not deleted either"
+    );
+    support::eventually(Duration::from_secs(10), "the deletion recorded", || async {
+        support::ferry_cli(&ferry, &["audit", "--service", "web.shop"])
+            .1
+            .contains("migration_source_deleted")
+    })
+    .await;
     let failed: Vec<&String> = answers
         .iter()
         .map(|(_, k)| k)

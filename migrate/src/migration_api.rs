@@ -265,6 +265,12 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
         "hook" => Deploy::Hook,
         "kube" => Deploy::Kube {
             copy_secrets: r.copy_secrets,
+            delete_source: r.delete_source,
+            retain_ms: duration(
+                "retain",
+                &r.retain,
+                Duration::from_millis(crate::migration::DEFAULT_RETAIN_MS),
+            )?,
         },
         other => {
             return Err(invalid(
@@ -273,8 +279,14 @@ pub fn plan_from_request(r: &pb::CreateMigrationRequest) -> Result<Plan, PolicyE
             ));
         }
     };
-    if r.copy_secrets && !matches!(deploy, Deploy::Kube { .. }) {
-        return Err(invalid("copy_secrets", "goes with deploy \"kube\""));
+    for (field, given) in [
+        ("copy_secrets", r.copy_secrets),
+        ("delete_source", r.delete_source),
+        ("retain", !r.retain.is_empty()),
+    ] {
+        if given && !matches!(deploy, Deploy::Kube { .. }) {
+            return Err(invalid(field, "goes with deploy \"kube\""));
+        }
     }
     Ok(Plan {
         service,

@@ -247,6 +247,47 @@ impl KubeDeployer {
     }
 }
 
+impl KubeDeployer {
+    /// Deletes the source's copy of the workload (what [`Self::deploy`]
+    /// copies), once the retention has passed.
+    pub async fn delete_source(
+        &self,
+        m: &Migration,
+        with_secrets: bool,
+    ) -> Result<(), DeployError> {
+        let ns = m.plan.service.namespace();
+        for source in &m.plan.from {
+            let client = self.client(source).await?;
+            let workload =
+                match Workload::read(&client, ns, m.plan.service.name(), with_secrets).await {
+                    Ok(w) => w,
+                    // Already gone (deleted by hand, or by an earlier attempt).
+                    Err(e) if e.to_string().contains("no Service") => continue,
+                    Err(e) => return Err(e),
+                };
+            for (kind, object) in workload.objects.iter().rev() {
+                let name = object.metadata.name.clone().unwrap_or_default();
+                match api(&client, ns, *kind)
+                    .delete(&name, &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(id = %m.id, cluster = %source, kind = kind.2, name, "source object deleted")
+                    }
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        return Err(fail(format!(
+                            "deleting {} {ns}/{name} in {source}: {e}",
+                            kind.2
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A service's workload in one cluster.
 struct Workload {
     kind: Kind,

@@ -187,10 +187,11 @@ impl Deployer {
         let timeout = self.config.timeout;
         let work = async {
             match (m.plan.deploy, &self.kube) {
-                (Deploy::Kube { copy_secrets }, Some(kube)) => match step {
+                (Deploy::Kube { copy_secrets, .. }, Some(kube)) => match step {
                     DeployStep::Deploy => kube.deploy(m, copy_secrets).await,
                     DeployStep::Undo => kube.undo(m).await,
                     DeployStep::Retire => kube.retire(m).await,
+                    DeployStep::DeleteSource => kube.delete_source(m, copy_secrets).await,
                 },
                 (Deploy::Kube { .. }, None) => Err(DeployError::Kube(
                     "this control plane has no Kubernetes clusters to deploy to".into(),

@@ -8,7 +8,12 @@ impl Engine {
     /// of migrations that have ended.
     pub(super) fn start_deploys(&self, asked: Vec<(Migration, DeployStep)>, map: &Migrations) {
         let mut deploys = self.deploys.lock().unwrap_or_else(|p| p.into_inner());
-        deploys.retain(|(id, _), _| map.get(id).is_some_and(|m| !m.stage.is_terminal()));
+        deploys.retain(|(id, step), _| {
+            map.get(id).is_some_and(|m| {
+                !m.stage.is_terminal()
+                    || (*step == DeployStep::DeleteSource && m.source_deletion_due().is_some())
+            })
+        });
         for (m, step) in asked {
             let key = (m.id.clone(), step);
             if deploys.contains_key(&key) {
@@ -53,3 +58,65 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Deletes the source objects of DONE migrations whose retention has
+    /// passed (`--deploy kube --delete-source`), and records it. A failed
+    /// deletion is tried again after [`DELETE_RETRY`].
+    pub(super) fn tick_deletions(&self, map: &mut Migrations, now: i64) {
+        let due = map.deletions_due(now);
+        if due.is_empty() {
+            return;
+        }
+        let progress = self
+            .deploys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut asked = Vec::new();
+        for m in due {
+            let key = (m.id.clone(), DeployStep::DeleteSource);
+            match progress.get(&key) {
+                None => {
+                    let backoff = self
+                        .deletion_backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&m.id)
+                        .is_some_and(|at| at.elapsed() < DELETE_RETRY);
+                    if !backoff {
+                        asked.push((m, DeployStep::DeleteSource));
+                    }
+                }
+                Some(DeployProgress::Pending) => {}
+                Some(DeployProgress::Done) => {
+                    let mut to = m.clone();
+                    to.source_deleted = true;
+                    let t = Transition::plain(
+                        "migration_source_deleted",
+                        to,
+                        "the retention passed; the source's objects were deleted",
+                    );
+                    if let Err(e) = self.apply(map, t, &m.owner()) {
+                        tracing::error!(id = %m.id, error = %e, "cannot record the source's deletion");
+                    }
+                }
+                Some(DeployProgress::Failed(e)) => {
+                    tracing::warn!(id = %m.id, error = %e, retry_in = ?DELETE_RETRY, "deleting the source failed");
+                    self.deletion_backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(m.id.clone(), Instant::now());
+                    self.deploys
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                }
+            }
+        }
+        self.start_deploys(asked, map);
+    }
+}
+
+/// How long a failed source deletion waits before it is tried again.
+const DELETE_RETRY: Duration = Duration::from_secs(300);

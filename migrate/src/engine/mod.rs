@@ -70,7 +70,7 @@ impl Default for EngineConfig {
 
 /// Every transition's audit action (the `action` label of
 /// `ferry_migrate_transitions_total`).
-const TRANSITIONS: [&str; 13] = [
+const TRANSITIONS: [&str; 14] = [
     "migration_created",
     "migration_pin",
     "migration_shift",
@@ -84,6 +84,7 @@ const TRANSITIONS: [&str; 13] = [
     "migration_rolled_back",
     "migration_aborted",
     "migration_failed",
+    "migration_source_deleted",
 ];
 
 /// How often the connected proxies are looked at (and recorded on change).
@@ -119,6 +120,8 @@ pub struct Engine {
     /// Deploy work by migration and step (in memory: after a restart, work
     /// that is asked for again runs again).
     deploys: Arc<Mutex<Deploys>>,
+    /// When a source deletion last failed, by migration.
+    deletion_backoff: Mutex<BTreeMap<String, Instant>>,
 }
 
 type Deploys = BTreeMap<(String, DeployStep), DeployProgress>;
@@ -176,6 +179,7 @@ impl Engine {
             returning: Mutex::new((returning, None)),
             deployer: Deployer::new(config_deploy),
             deploys: Arc::new(Mutex::new(BTreeMap::new())),
+            deletion_backoff: Mutex::new(BTreeMap::new()),
         });
         engine.export_gauges(&engine.lock());
         Ok(engine)
@@ -444,6 +448,7 @@ impl Engine {
         }
         let asked = world.asked.take();
         self.start_deploys(asked, &map);
+        self.tick_deletions(&mut map, now);
         self.tick_campaigns(&mut map, &catalog, now);
     }
 

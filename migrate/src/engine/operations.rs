@@ -86,6 +86,7 @@ impl Engine {
             applied_version: 0,
             acks: None,
             hold: false,
+            source_deleted: false,
         };
         let detail = format!(
             "{} → {}, steps {:?} bp, bake {:?}",

@@ -15,6 +15,9 @@ pub struct Migrations {
     by_stage: BTreeMap<&'static str, u64>,
     /// The ids of those that ended last, newest first.
     ended: VecDeque<String>,
+    /// DONE ones whose source objects are to be deleted after their
+    /// retention.
+    deletions: BTreeSet<String>,
 }
 
 /// How many recently ended migrations are kept at hand.
@@ -43,6 +46,11 @@ impl Migrations {
 
     /// Adds or replaces a record.
     pub fn insert(&mut self, id: String, m: Migration) {
+        if m.source_deletion_due().is_some() {
+            self.deletions.insert(id.clone());
+        } else {
+            self.deletions.remove(&id);
+        }
         if m.stage.is_terminal() {
             if self.active.remove(&id) {
                 self.ended.retain(|e| *e != id);
@@ -77,6 +85,16 @@ impl Migrations {
                 .cloned(),
         );
         out
+    }
+
+    /// DONE migrations whose source deletion is due at `now`.
+    pub fn deletions_due(&self, now: i64) -> Vec<Migration> {
+        self.deletions
+            .iter()
+            .filter_map(|id| self.all.get(id))
+            .filter(|m| m.source_deletion_due().is_some_and(|due| due <= now))
+            .cloned()
+            .collect()
     }
 
     /// How many are in `stage`.

@@ -187,7 +187,20 @@ pub enum Deploy {
         /// Copy the Secrets the pods use too.
         #[serde(default)]
         copy_secrets: bool,
+        /// Delete the source's objects once `retain_ms` has passed after
+        /// the migration ended DONE (otherwise they stay, scaled to 0).
+        #[serde(default)]
+        delete_source: bool,
+        #[serde(default = "default_retain_ms")]
+        retain_ms: u64,
     },
+}
+
+/// How long a source's objects are kept after DONE by default: a day.
+pub const DEFAULT_RETAIN_MS: u64 = 24 * 3600 * 1000;
+
+fn default_retain_ms() -> u64 {
+    DEFAULT_RETAIN_MS
 }
 
 impl Deploy {
@@ -213,6 +226,9 @@ pub enum DeployStep {
     Retire,
     /// A rollback, once proxies hold the source weights: undo the deploy.
     Undo,
+    /// `retain` after DONE, with `delete_source`: delete the source's
+    /// objects.
+    DeleteSource,
 }
 
 impl DeployStep {
@@ -222,6 +238,7 @@ impl DeployStep {
             DeployStep::Deploy => "double_deploy",
             DeployStep::Retire => "cleanup",
             DeployStep::Undo => "rollback",
+            DeployStep::DeleteSource => "delete_source",
         }
     }
 }
@@ -388,6 +405,27 @@ pub struct Migration {
     /// step that passes pauses the migration instead of moving on.
     #[serde(default)]
     pub hold: bool,
+    /// With `--deploy kube --delete-source`: the source's objects were
+    /// deleted after the retention.
+    #[serde(default)]
+    pub source_deleted: bool,
+}
+
+impl Migration {
+    /// When a DONE migration's source objects are due for deletion, if
+    /// they are.
+    pub fn source_deletion_due(&self) -> Option<i64> {
+        match self.plan.deploy {
+            Deploy::Kube {
+                delete_source: true,
+                retain_ms,
+                ..
+            } if self.stage == Stage::Done && !self.source_deleted => {
+                Some(self.phase_started_ms.saturating_add(retain_ms as i64))
+            }
+            _ => None,
+        }
+    }
 }
 
 impl Migration {

@@ -101,6 +101,7 @@ fn migration() -> Migration {
         applied_version: 0,
         acks: None,
         hold: false,
+        source_deleted: false,
     }
 }
 
