@@ -45,19 +45,6 @@ async fn backends(count: usize) -> Backends {
     Backends::start(&labels).await
 }
 
-async fn channel(ferry: &Ferry) -> Channel {
-    let url = format!("http://127.0.0.1:{}", ferry.api_port);
-    for _ in 0..100 {
-        if let Ok(endpoint) = Channel::from_shared(url.clone())
-            && let Ok(c) = endpoint.connect().await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("API not reachable at {url}");
-}
-
 fn request(concurrency: u32, max_failures: u32, order: &str) -> CreateCampaignRequest {
     CreateCampaignRequest {
         from: "old".into(),
@@ -194,7 +181,7 @@ async fn a_campaign_moves_twelve_services_through_envoy_and_ferry_proxy() {
         )
         .await;
     }
-    let channel = channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = CampaignsClient::new(channel.clone());
     let load = load(&envoy, &proxy, COUNT, Duration::from_secs(240));
 
@@ -271,7 +258,7 @@ async fn max_failures_halts_the_campaign_and_lists_its_failures() {
     let ferry = Ferry::start(&catalog(&backends, COUNT)).await;
     let envoy = Envoy::start(&ferry, Ads::Sotw).await;
     let proxy = FerryProxy::start(ferry.xds_port).await;
-    let channel = channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = CampaignsClient::new(channel.clone());
     let load = load(&envoy, &proxy, COUNT, Duration::from_secs(120));
     let created = api
@@ -310,7 +297,7 @@ async fn a_killed_control_plane_resumes_its_campaign_and_migrates_no_service_twi
     let envoy = Envoy::start(&ferry, Ads::Delta).await;
     let proxy = FerryProxy::start(ferry.xds_port).await;
     let load = load(&envoy, &proxy, COUNT, Duration::from_secs(200));
-    let mut api = CampaignsClient::new(channel(&ferry).await);
+    let mut api = CampaignsClient::new(support::api_channel(&ferry).await);
     let created = api
         .create_campaign(request(2, 3, "name"))
         .await
@@ -342,7 +329,7 @@ async fn a_killed_control_plane_resumes_its_campaign_and_migrates_no_service_twi
         "never had one done, one in flight and two queued\n{}",
         ferry.log()
     );
-    let channel = self::channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let paused = api
         .pause_campaign(CampaignActionRequest {
             id: created.id.clone(),
@@ -382,7 +369,7 @@ async fn a_killed_control_plane_resumes_its_campaign_and_migrates_no_service_twi
     let counts = get(&api).await.expect("get").counts.unwrap_or_default();
     // SIGKILL while paused: it comes back paused, holding the same.
     ferry.restart().await;
-    let channel = self::channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = CampaignsClient::new(channel.clone());
     let after = get(&api).await.expect("get after restart");
     assert_eq!(after.state, "PAUSED");
@@ -404,7 +391,7 @@ async fn a_killed_control_plane_resumes_its_campaign_and_migrates_no_service_twi
     })
     .await;
     ferry.restart().await;
-    let channel = self::channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = CampaignsClient::new(channel.clone());
     let updates = follow(&mut api, &created.id, Duration::from_secs(150)).await;
     let failed = failures(load).await;
@@ -428,7 +415,7 @@ async fn a_killed_control_plane_resumes_its_campaign_and_migrates_no_service_twi
 async fn bad_campaign_requests_name_the_field_and_change_nothing() {
     let backends = backends(2).await;
     let ferry = Ferry::start(&catalog(&backends, 2)).await;
-    let channel = channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = CampaignsClient::new(channel.clone());
     let cases: Vec<(CreateCampaignRequest, &str)> = vec![
         (
@@ -549,13 +536,13 @@ async fn a_new_leader_resumes_the_campaign_and_migrates_no_service_twice() {
     let envoy = Envoy::start(&b, Ads::Delta).await;
     let proxy = FerryProxy::start(b.xds_port).await;
     let load = load(&envoy, &proxy, COUNT, Duration::from_secs(200));
-    let created = CampaignsClient::new(channel(&a).await)
+    let created = CampaignsClient::new(support::api_channel(&a).await)
         .create_campaign(request(2, 3, "name"))
         .await
         .expect("create on the leader")
         .into_inner();
     // The follower follows the campaign; the leader dies mid-way.
-    let b_channel = channel(&b).await;
+    let b_channel = support::api_channel(&b).await;
     let b_api = CampaignsClient::new(b_channel.clone());
     support::eventually(
         Duration::from_secs(90),
@@ -794,7 +781,7 @@ async fn two_targets_take_sixty_and_forty_percent_of_the_traffic() {
         .count();
     assert_eq!(lost, 0, "failed requests");
     // The migration shows both targets with their shares.
-    let m = MigrationsClient::new(channel(&ferry).await)
+    let m = MigrationsClient::new(support::api_channel(&ferry).await)
         .list_migrations(ListMigrationsRequest::default())
         .await
         .expect("list")

@@ -29,14 +29,6 @@ fn catalog(backends: &Backends, services: &[&str]) -> String {
     yaml
 }
 
-async fn channel(ferry: &Ferry) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{}", ferry.api_port))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
-}
-
 fn plan(service: &str) -> CreateMigrationRequest {
     CreateMigrationRequest {
         deploy: "hook".into(),
@@ -96,7 +88,7 @@ async fn a_deploy_command_is_called_at_each_stage_and_its_failure_or_timeout_fai
         Duration::from_millis(5),
         Duration::from_secs(90),
     );
-    let api = MigrationsClient::new(channel(&ferry).await);
+    let api = MigrationsClient::new(support::api_channel(&ferry).await);
     let mut ids = Vec::new();
     for service in ["ok", "broken", "slow"] {
         let m = api
@@ -201,7 +193,7 @@ async fn a_deploy_webhook_is_called_and_an_abort_undoes_the_deploy() {
     let url = format!("http://127.0.0.1:{port}/deploy");
     let ferry = Ferry::start_with(&catalog(&backends, &["web"]), &["--deploy-webhook", &url]).await;
     let _proxy = FerryProxy::start(ferry.xds_port).await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let m = api
         .create_migration(CreateMigrationRequest {
             bake: "60s".into(),
@@ -243,7 +235,7 @@ async fn a_deploy_webhook_is_called_and_an_abort_undoes_the_deploy() {
 async fn a_hook_migration_is_refused_where_no_hook_is_configured() {
     let backends = Backends::start(&["old/web", "new/web"]).await;
     let ferry = Ferry::start(&catalog(&backends, &["web"])).await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let err = api
         .create_migration(plan("web"))
         .await

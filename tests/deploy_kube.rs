@@ -151,14 +151,6 @@ fn catalog(c: &Clusters, without: Option<&str>) -> String {
     yaml
 }
 
-async fn channel(ferry: &Ferry) -> Channel {
-    Channel::from_shared(format!("http://127.0.0.1:{}", ferry.api_port))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
-}
-
 fn plan() -> CreateMigrationRequest {
     CreateMigrationRequest {
         service: "web.shop".into(),
@@ -256,7 +248,7 @@ async fn start(c: &Clusters) -> Running {
         Duration::from_millis(5),
         Duration::from_secs(120),
     );
-    let api = MigrationsClient::new(channel(&ferry).await);
+    let api = MigrationsClient::new(support::api_channel(&ferry).await);
     let m = api
         .clone()
         .create_migration(plan())
@@ -375,22 +367,20 @@ async fn ferry_copies_the_workload_moves_traffic_and_scales_the_source_down_afte
             .is_some()
     );
     // …then deleted (--delete-source), and recorded.
-    support::eventually(Duration::from_secs(20), "the source deleted", || async {
-        c.old.get(ResourceKind::Deployment, "shop", "web").is_none()
-    })
-    .await;
-    for (kind, name) in [
+    let source_objects = [
+        (ResourceKind::Deployment, "web"),
         (ResourceKind::Service, "web"),
         (ResourceKind::ConfigMap, "web-config"),
         (ResourceKind::HorizontalPodAutoscaler, "web"),
         (ResourceKind::PodDisruptionBudget, "web"),
         (ResourceKind::ServiceAccount, "web-sa"),
-    ] {
-        assert!(
-            c.old.get(kind, "shop", name).is_none(),
-            "{kind:?} {name} kept"
-        );
-    }
+    ];
+    support::eventually(Duration::from_secs(20), "the source deleted", || async {
+        source_objects
+            .iter()
+            .all(|(kind, name)| c.old.get(*kind, "shop", name).is_none())
+    })
+    .await;
     assert!(
         c.old
             .get(ResourceKind::Secret, "shop", "web-secret")
@@ -466,7 +456,7 @@ async fn without_a_write_credential_kube_deploys_are_refused() {
     let c = clusters().await;
     let ferry = Ferry::start(&catalog(&c, Some("new"))).await;
     discovered(&ferry).await;
-    let err = MigrationsClient::new(channel(&ferry).await)
+    let err = MigrationsClient::new(support::api_channel(&ferry).await)
         .create_migration(plan())
         .await
         .expect_err("refused");

@@ -26,19 +26,6 @@ fn catalog(backends: &Backends) -> String {
     support::checkout_catalog(backends)
 }
 
-async fn channel(ferry: &Ferry) -> Channel {
-    let url = format!("http://127.0.0.1:{}", ferry.api_port);
-    for _ in 0..100 {
-        if let Ok(endpoint) = Channel::from_shared(url.clone())
-            && let Ok(c) = endpoint.connect().await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("API not reachable at {url}");
-}
-
 use support::migration_plan as plan;
 
 /// Follows a migration until it ends (or `limit`), recording each update
@@ -106,7 +93,7 @@ async fn a_migration_moves_envoy_step_by_step_and_ends_unpinned() {
         share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
     })
     .await;
-    let channel = channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = MigrationsClient::new(channel.clone());
     let mut traffic = TrafficClient::new(channel);
 
@@ -247,7 +234,7 @@ async fn a_failing_gate_rolls_back_to_the_source_at_once() {
         share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
     })
     .await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(60));
     let created = api
         .create_migration(plan(&[20.0, 100.0], "20s"))
@@ -309,7 +296,7 @@ async fn a_control_plane_killed_mid_shift_resumes_and_waits_for_envoy_before_the
         share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
     })
     .await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(150));
     let mut request = plan(&[20.0, 60.0, 100.0], "6s");
     request.ack_timeout = "90s".into();
@@ -342,7 +329,7 @@ async fn a_control_plane_killed_mid_shift_resumes_and_waits_for_envoy_before_the
     gate.shut();
     let killed_at = Instant::now();
     ferry.restart().await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let after = get(&mut api).await.expect("get after restart");
     assert_eq!(
         (after.stage.as_str(), after.step),
@@ -536,7 +523,7 @@ async fn the_cli_watch_exits_as_the_migration_ends_with_its_outcome() {
 async fn bad_migration_requests_are_refused_naming_the_field_and_change_nothing() {
     let backends = Backends::start(&["old/a", "new/a"]).await;
     let ferry = Ferry::start(&catalog(&backends)).await;
-    let channel = channel(&ferry).await;
+    let channel = support::api_channel(&ferry).await;
     let mut api = MigrationsClient::new(channel.clone());
     let mut traffic = TrafficClient::new(channel);
 
@@ -933,7 +920,7 @@ async fn a_slower_target_fails_the_latency_gate_read_from_prometheus() {
         share(&split(envoy.listener_port, HOST, 20).await, "old/") == 1.0
     })
     .await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let steady = Steady::start_for(envoy.listener_port, HOST, Duration::from_secs(60));
     let mut request = plan(&[50.0, 100.0], "8s");
     request.gates = Some(Gates {
@@ -983,7 +970,7 @@ async fn migrations_beyond_the_concurrency_limit_wait_their_turn() {
     let ferry = Ferry::start_with(&two, &["--max-concurrent-migrations", "1"]).await;
     // A proxy acknowledges each step (and the abort's rollback).
     let _proxy = FerryProxy::start(ferry.xds_port).await;
-    let mut api = MigrationsClient::new(channel(&ferry).await);
+    let mut api = MigrationsClient::new(support::api_channel(&ferry).await);
     let first = api
         .create_migration(plan(&[10.0, 100.0], "10m"))
         .await
