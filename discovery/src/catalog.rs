@@ -164,25 +164,26 @@ impl Catalog {
         touched: BTreeSet<ServiceName>,
     ) -> bool {
         let current = self.current();
-        let mut services = current.services.clone();
-        let mut changed = !current.is_loaded();
+        // What changes, found before anything is copied: a no-op update
+        // (a relist, an unchanged file) costs no copy of the catalog.
+        let mut changes: Vec<(ServiceName, Option<Arc<Service>>)> = Vec::new();
         for name in touched {
             let merged = merge(sources.values().filter_map(|s| s.get(&name)));
-            match (merged, services.get(&name)) {
+            match (merged, current.services.get(&name)) {
                 (None, None) => {}
-                (None, Some(_)) => {
-                    services.remove(&name);
-                    changed = true;
-                }
-                (Some(m), Some(old)) if **old == *m => {}
-                (Some(m), _) => {
-                    services.insert(name, m);
-                    changed = true;
-                }
+                (Some(m), Some(old)) if Arc::ptr_eq(old, &m) || **old == *m => {}
+                (merged, _) => changes.push((name, merged)),
             }
         }
-        if !changed {
+        if changes.is_empty() && current.is_loaded() {
             return false;
+        }
+        let mut services = current.services.clone();
+        for (name, merged) in changes {
+            match merged {
+                Some(m) => services.insert(name, m),
+                None => services.remove(&name),
+            };
         }
         let snapshot = CatalogSnapshot {
             version: current.version + 1,
