@@ -34,6 +34,8 @@ mod deploys;
 mod operations;
 mod proxies;
 mod records;
+#[cfg(test)]
+mod tests;
 mod world;
 
 use self::records::Migrations;
@@ -388,6 +390,16 @@ impl Engine {
         };
         let now = now_ms();
         let mut map = self.lock();
+        self.advance(&mut map, &world, now);
+        let asked = world.asked.take();
+        self.start_deploys(asked, &map);
+        self.tick_deletions(&mut map, now);
+        self.tick_campaigns(&mut map, &catalog, now);
+    }
+
+    /// One pass of the stage machine over the active migrations, against
+    /// `world` at `now` (within the concurrency limit, oldest first).
+    fn advance(&self, map: &mut Migrations, world: &dyn World, now: i64) {
         let active = map.active().filter(|m| m.stage.is_active()).count();
         let mut slots = self.config.concurrency.saturating_sub(active);
         let mut order: Vec<(i64, String)> = map
@@ -406,7 +418,7 @@ impl Engine {
                 }
                 slots -= 1;
             }
-            match migration::next(&m, &world, now) {
+            match migration::next(&m, world, now) {
                 Next::Wait => {}
                 Next::Observe(seen) => {
                     self.announce((*seen).clone());
@@ -419,7 +431,7 @@ impl Engine {
                         metrics::histogram!("ferry_migrate_ack_wait_seconds").record(waited);
                     }
                     let actor = m.owner();
-                    match self.apply(&mut map, *t, &actor) {
+                    match self.apply(map, *t, &actor) {
                         Ok(_) => {}
                         Err(e @ PolicyError::Pinned { .. }) => {
                             // Someone else holds the service: stop, changing nothing.
@@ -433,7 +445,7 @@ impl Engine {
                                 action: "migration_failed",
                                 detail: e.to_string(),
                             };
-                            let change_owner = self.apply(&mut map, t, &actor);
+                            let change_owner = self.apply(map, t, &actor);
                             if let Err(e) = change_owner {
                                 tracing::error!(id = %m.id, error = %e, "cannot record a failed migration");
                             }
@@ -446,9 +458,16 @@ impl Engine {
                 }
             }
         }
-        let asked = world.asked.take();
-        self.start_deploys(asked, &map);
-        self.tick_deletions(&mut map, now);
+    }
+
+    /// One pass over migrations and campaigns against `world` at `now`,
+    /// as `tick` does with the live world and clock: for tests with a
+    /// world and a clock of their own.
+    #[cfg(test)]
+    pub(crate) fn tick_at(&self, world: &dyn World, now: i64) {
+        let catalog = self.catalog.current();
+        let mut map = self.lock();
+        self.advance(&mut map, world, now);
         self.tick_campaigns(&mut map, &catalog, now);
     }
 
