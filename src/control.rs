@@ -13,6 +13,7 @@ use ferry_discovery::kubernetes::{self, ClusterStatuses};
 use ferry_migrate::api::TrafficApi;
 use ferry_migrate::campaign_api::CampaignsApi;
 use ferry_migrate::deploy::{DeployConfig, DeployHook};
+use ferry_migrate::leadership::{Leadership, Shared, Standalone};
 use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
 use ferry_xds::ads::XdsLimits;
@@ -379,103 +380,20 @@ fn percent(text: &str) -> anyhow::Result<f64> {
     }
 }
 
-/// The policy store chosen by the flags.
-enum PolicyStore {
-    Embedded(Store),
-    #[cfg(feature = "etcd")]
-    Etcd(Box<EtcdStore>),
-}
-
-/// The etcd store, this control plane's election, and its name in it.
-#[cfg(feature = "etcd")]
-struct EtcdStore {
-    store: ferry_migrate::etcd::EtcdStore,
-    election: ferry_migrate::etcd::Election,
-    node: String,
-}
-
-/// What the HA store keeps in step with its peers.
-#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-struct Shared {
-    policy: Arc<Policy>,
-    engine: Arc<Engine>,
-    cache: Arc<SnapshotCache>,
-    clients: Arc<ClientRegistry>,
-    loads: Arc<LoadReports>,
-    fleet: Arc<ferry_migrate::fleet::Fleet>,
-}
-
-impl PolicyStore {
-    fn kind(&self) -> &'static str {
-        match self {
-            Self::Embedded(_) => "embedded",
-            #[cfg(feature = "etcd")]
-            Self::Etcd(_) => "etcd",
-        }
-    }
-
-    /// This control plane's name in the store.
-    fn node(&self) -> &str {
-        match self {
-            Self::Embedded(_) => "local",
-            #[cfg(feature = "etcd")]
-            Self::Etcd(etcd) => &etcd.node,
-        }
-    }
-
-    fn backend(&self) -> Box<dyn ferry_migrate::store::Backend> {
-        match self {
-            Self::Embedded(store) => Box::new(store.clone()),
-            #[cfg(feature = "etcd")]
-            Self::Etcd(etcd) => Box::new(etcd.store.clone()),
-        }
-    }
-
-    /// With etcd: campaign for leadership, follow the shared state and
-    /// share observations with the peers; the engine runs only while
-    /// leading.
-    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
-    fn start(self, shared: Shared, shutdown: CancellationToken) {
-        match self {
-            Self::Embedded(_) => {}
-            #[cfg(feature = "etcd")]
-            Self::Etcd(parts) => {
-                use ferry_migrate::etcd;
-                let EtcdStore {
-                    store,
-                    election,
-                    node,
-                } = *parts;
-                shared.engine.set_leading(false);
-                tokio::spawn(election.run(shutdown.clone()));
-                tokio::spawn(etcd::share_observations(
-                    store.clone(),
-                    node,
-                    shared.cache,
-                    shared.clients,
-                    shared.loads,
-                    shared.fleet,
-                    shutdown.clone(),
-                ));
-                tokio::spawn(etcd::follow(store, shared.policy, shared.engine, shutdown));
-            }
-        }
-    }
-}
-
-async fn open_store(args: &ControlArgs) -> anyhow::Result<PolicyStore> {
+/// The policy store the flags choose, with its leadership.
+async fn open_store(args: &ControlArgs) -> anyhow::Result<Box<dyn Leadership>> {
     if args.etcd_endpoints.is_empty() {
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("creating the data directory {}", args.data_dir.display()))?;
         let store = Store::open(&args.data_dir.join("policy.redb"))
             .with_context(|| format!("opening the policy store in {}", args.data_dir.display()))?;
-        return Ok(PolicyStore::Embedded(store));
+        return Ok(Box::new(Standalone { store }));
     }
     open_etcd(args).await
 }
 
 #[cfg(feature = "etcd")]
-async fn open_etcd(args: &ControlArgs) -> anyhow::Result<PolicyStore> {
+async fn open_etcd(args: &ControlArgs) -> anyhow::Result<Box<dyn Leadership>> {
     let node = args.node_name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -492,15 +410,15 @@ async fn open_etcd(args: &ControlArgs) -> anyhow::Result<PolicyStore> {
         .await
         .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
     tracing::info!(node = %node, endpoints = %args.etcd_endpoints.join(","), prefix = %args.etcd_prefix, "policy store: etcd");
-    Ok(PolicyStore::Etcd(Box::new(EtcdStore {
+    Ok(Box::new(ferry_migrate::etcd::EtcdLeadership {
         store,
         election,
         node,
-    })))
+    }))
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn open_etcd(_: &ControlArgs) -> anyhow::Result<PolicyStore> {
+async fn open_etcd(_: &ControlArgs) -> anyhow::Result<Box<dyn Leadership>> {
     anyhow::bail!(
         "--etcd-endpoints: this ferry was built without etcd support; build it with `--features etcd`"
     )

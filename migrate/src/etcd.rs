@@ -632,3 +632,45 @@ pub async fn share_observations(
     }
     drop(publisher);
 }
+
+/// The etcd store with this control plane's election: one leader among
+/// peers.
+pub struct EtcdLeadership {
+    pub store: EtcdStore,
+    pub election: Election,
+    pub node: String,
+}
+
+impl crate::leadership::Leadership for EtcdLeadership {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn backend(&self) -> Box<dyn Backend> {
+        Box::new(self.store.clone())
+    }
+
+    fn start(self: Box<Self>, shared: crate::leadership::Shared, shutdown: CancellationToken) {
+        let EtcdLeadership {
+            store,
+            election,
+            node,
+        } = *self;
+        shared.engine.set_leading(false);
+        tokio::spawn(election.run(shutdown.clone()));
+        tokio::spawn(share_observations(
+            store.clone(),
+            node,
+            shared.cache,
+            shared.clients,
+            shared.loads,
+            shared.fleet,
+            shutdown.clone(),
+        ));
+        tokio::spawn(follow(store, shared.policy, shared.engine, shutdown));
+    }
+}

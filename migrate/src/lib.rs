@@ -16,6 +16,7 @@ pub mod engine;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod fleet;
+pub mod leadership;
 pub mod migration;
 pub mod migration_api;
 pub mod policy;
