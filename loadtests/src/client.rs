@@ -181,14 +181,29 @@ impl DeltaStream {
     /// The next response with the time it arrived, ACKed before it is
     /// returned; `None` once the server ends the stream.
     pub async fn next(&mut self) -> anyhow::Result<Option<(Instant, DeltaDiscoveryResponse)>> {
+        let Some((at, response)) = self.recv().await? else {
+            return Ok(None);
+        };
+        self.ack(&response).await?;
+        Ok(Some((at, response)))
+    }
+
+    /// The next response with the time it arrived, not yet ACKed (a client
+    /// that applies a config before accepting it calls [`Self::ack`]
+    /// after); `None` once the server ends the stream.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<(Instant, DeltaDiscoveryResponse)>> {
         let Some(response) = self.inbound.message().await? else {
             return Ok(None);
         };
-        let at = Instant::now();
+        Ok(Some((Instant::now(), response)))
+    }
+
+    /// ACKs `response`.
+    pub async fn ack(&self, response: &DeltaDiscoveryResponse) -> anyhow::Result<()> {
         self.tx
             .send(request(&response.type_url, None, response.nonce.clone()))
             .await?;
-        Ok(Some((at, response)))
+        Ok(())
     }
 }
 

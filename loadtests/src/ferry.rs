@@ -32,6 +32,8 @@ pub struct FerryOptions {
     pub log_filter: String,
     /// Where its stdout and stderr go.
     pub log_file: PathBuf,
+    /// More `ferry control` flags, after the ones every run gets.
+    pub extra_args: Vec<String>,
 }
 
 /// A running `ferry control`; dropping it kills the process.
@@ -41,6 +43,8 @@ pub struct FerryProcess {
     pub pid: u32,
     pub xds_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The traffic, migrations and campaigns gRPC API.
+    pub api_addr: SocketAddr,
     log_file: PathBuf,
 }
 
@@ -55,17 +59,21 @@ pub struct ProcSample {
     pub cpu_seconds: f64,
 }
 
-/// Two free loopback ports, held until both are picked.
-fn free_ports() -> anyhow::Result<(SocketAddr, SocketAddr)> {
-    let a = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    let b = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok((a.local_addr()?, b.local_addr()?))
+/// Three free loopback ports, held until all are picked.
+fn free_ports() -> anyhow::Result<[SocketAddr; 3]> {
+    let bind = || TcpListener::bind("127.0.0.1:0").context("finding a free port");
+    let held = [bind()?, bind()?, bind()?];
+    Ok([
+        held[0].local_addr()?,
+        held[1].local_addr()?,
+        held[2].local_addr()?,
+    ])
 }
 
 impl FerryProcess {
     /// Starts `ferry control` on free loopback ports.
     pub fn spawn(options: &FerryOptions) -> anyhow::Result<Self> {
-        let (xds_addr, admin_addr) = free_ports()?;
+        let [xds_addr, admin_addr, api_addr] = free_ports()?;
         let log = std::fs::File::create(&options.log_file)
             .with_context(|| format!("creating {}", options.log_file.display()))?;
         let child = Command::new(&options.binary)
@@ -79,7 +87,7 @@ impl FerryProcess {
             .arg("--listener-addr")
             .arg(options.listener_addr.to_string())
             .arg("--api-addr")
-            .arg("127.0.0.1:0")
+            .arg(api_addr.to_string())
             .arg("--data-dir")
             .arg(
                 options
@@ -94,6 +102,7 @@ impl FerryProcess {
             // share one HTTP/2 connection.
             .args(["--xds-max-streams-per-peer", "1000000"])
             .args(["--xds-max-streams-per-connection", "100000"])
+            .args(&options.extra_args)
             .env("RUST_LOG", &options.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -110,6 +119,7 @@ impl FerryProcess {
             child,
             xds_addr,
             admin_addr,
+            api_addr,
             log_file: options.log_file.clone(),
         })
     }
@@ -151,11 +161,17 @@ impl FerryProcess {
         sample_process(self.pid)
     }
 
+    /// The whole `/metrics` page.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        let (status, body) = http_get(self.admin_addr, "/metrics").await?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(body)
+    }
+
     /// Prometheus lines (not histogram buckets) whose names start with one
     /// of `prefixes`, from `/metrics`.
     pub async fn metrics(&self, prefixes: &[&str]) -> anyhow::Result<Vec<String>> {
-        let (status, body) = http_get(self.admin_addr, "/metrics").await?;
-        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        let body = self.metrics_text().await?;
         Ok(body
             .lines()
             .filter(|l| prefixes.iter().any(|p| l.starts_with(p)) && !l.contains("_bucket"))

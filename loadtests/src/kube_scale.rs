@@ -558,6 +558,7 @@ impl RunContext<'_> {
             listener_addr: ferry::UNBOUND_LISTENER,
             log_filter: config.ferry_log.clone(),
             log_file: log_file.clone(),
+            extra_args: Vec::new(),
         })?;
         ferry.wait_ready(config.ready_timeout).await?;
         let ready_s = spawned.elapsed().as_secs_f64();

@@ -24,11 +24,18 @@
 //! three fake API servers holding 100,000 endpoints (binary `kube_scale`,
 //! smoke test `tests/kube_scale_smoke.rs`).
 //!
+//! [`campaign_scale`] runs one campaign over many services (1,000 at
+//! concurrency 50 by default) with simulated proxies that ACK routes and
+//! report load following the weights: wall time, time per migration, the
+//! engine's cost per pass (binary `campaign_scale`, smoke test
+//! `tests/campaign_scale_smoke.rs`).
+//!
 //! [`proxy_vs_envoy`] measures Ferry's proxy against Envoy on one pinned
 //! core: requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
 //! memory and CPU (binary `proxy_vs_envoy`, smoke test
 //! `tests/proxy_vs_envoy_smoke.rs`).
 
+pub mod campaign_scale;
 pub mod catalog;
 pub mod client;
 pub mod ferry;
@@ -327,6 +334,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         listener_addr: ferry::UNBOUND_LISTENER,
         log_filter: config.ferry_log.clone(),
         log_file: dir.path().join("ferry.log"),
+        extra_args: Vec::new(),
     })?;
     let ready = ferry.wait_ready(config.ready_timeout).await?;
     let at_ready = ferry.sample()?;

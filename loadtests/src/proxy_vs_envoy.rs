@@ -594,6 +594,7 @@ impl Bench {
             listener_addr: envoy_listen,
             log_filter: "info".to_owned(),
             log_file: dir.join("ferry-control.log"),
+            extra_args: Vec::new(),
         })?;
         control.wait_ready(config.ready_timeout).await?;
         // The control plane idles during the runs; keep it off the proxy core.
