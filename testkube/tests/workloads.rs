@@ -10,6 +10,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+mod common;
+
+use common::{api_error, eventually};
 use ferry_testkube::{ResourceKind, TestKube};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
@@ -27,40 +30,6 @@ use serde_json::{Value, json};
 
 const TOKEN: &str = "workloads-token";
 const SCALER: &str = "system:serviceaccount:ferry-system:scaler";
-
-/// Polls `check` every 20 ms until it yields, panicking after `secs`.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    secs: u64,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The `Status` of an API error, asserting its code and reason.
-fn api_error(err: kube::Error, code: u16, reason: &str) -> Box<kube::core::Status> {
-    match err {
-        kube::Error::Api(status) => {
-            assert_eq!(
-                (status.code, status.reason.as_str()),
-                (code, reason),
-                "{status:?}"
-            );
-            status
-        }
-        other => panic!("expected a {code} {reason} Status, got {other:?}"),
-    }
-}
 
 fn ferry() -> PatchParams {
     PatchParams::apply("ferry")
