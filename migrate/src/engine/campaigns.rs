@@ -201,38 +201,26 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<Campaign, PolicyError> {
-        require_reason(reason)?;
-        let mut map = self.lock();
-        let mut held = self.lock_campaigns();
-        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
-        let to = campaign::pause(c, format!("paused by {actor}: {reason}"), now_ms())?;
-        let to = self.record_campaign(
-            &mut held,
-            to,
+        let why = format!("paused by {actor}: {reason}");
+        let detail = format!("campaign {id} paused: stops after this step");
+        self.steer(
+            id,
             actor,
-            "campaign_paused",
             reason,
-            reason.to_owned(),
-        )?;
-        for m in in_flight(&to, &map) {
-            if matches!(
-                m.stage,
-                Stage::Validate | Stage::DoubleDeploy | Stage::Shift
-            ) && !m.hold
-            {
-                let mut held_m = m.clone();
-                held_m.hold = true;
-                let t = Transition::plain(
-                    "migration_hold",
-                    held_m,
-                    &format!("campaign {id} paused: stops after this step"),
+            ("campaign_paused", reason.to_owned()),
+            |c| campaign::pause(c, why, now_ms()),
+            |m| {
+                let holdable = matches!(
+                    m.stage,
+                    Stage::Validate | Stage::DoubleDeploy | Stage::Shift
                 );
-                self.apply(&mut map, t, actor)?;
-            }
-        }
-        drop((held, map));
-        self.wake.notify_one();
-        Ok(to)
+                (holdable && !m.hold).then(|| {
+                    let mut held = m.clone();
+                    held.hold = true;
+                    Transition::plain("migration_hold", held, &detail)
+                })
+            },
+        )
     }
 
     /// Launches again, and lets the migrations it held go on.
@@ -242,67 +230,49 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<Campaign, PolicyError> {
-        require_reason(reason)?;
-        let mut map = self.lock();
-        let mut held = self.lock_campaigns();
-        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
-        let to = campaign::resume(c, now_ms())?;
-        let to = self.record_campaign(
-            &mut held,
-            to,
+        let detail = format!("campaign {id} resumed");
+        self.steer(
+            id,
             actor,
-            "campaign_resumed",
             reason,
-            reason.to_owned(),
-        )?;
-        for m in in_flight(&to, &map) {
-            if !m.hold {
-                continue;
-            }
-            let t = match migration::resume(&m, reason, now_ms()) {
-                Ok(mut t) => {
-                    t.to.hold = false;
-                    t
+            ("campaign_resumed", reason.to_owned()),
+            |c| campaign::resume(c, now_ms()),
+            |m| {
+                if !m.hold {
+                    return None;
                 }
-                Err(_) => {
-                    let mut free = m.clone();
-                    free.hold = false;
-                    Transition::plain(
-                        "migration_released",
-                        free,
-                        &format!("campaign {id} resumed"),
-                    )
-                }
-            };
-            self.apply(&mut map, t, actor)?;
-        }
-        drop((held, map));
-        self.wake.notify_one();
-        Ok(to)
+                Some(match migration::resume(m, reason, now_ms()) {
+                    Ok(mut t) => {
+                        t.to.hold = false;
+                        t
+                    }
+                    Err(_) => {
+                        let mut free = m.clone();
+                        free.hold = false;
+                        Transition::plain("migration_released", free, &detail)
+                    }
+                })
+            },
+        )
     }
 
-    /// Launches nothing more and rolls back the migrations in flight.
+    /// Launches nothing more and rolls back the migrations in flight (on
+    /// the following ticks).
     pub fn abort_campaign(
         &self,
         id: &str,
         actor: &str,
         reason: &str,
     ) -> Result<Campaign, PolicyError> {
-        require_reason(reason)?;
-        let mut held = self.lock_campaigns();
-        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
-        let to = campaign::abort(c, format!("aborted by {actor}: {reason}"), now_ms())?;
-        let to = self.record_campaign(
-            &mut held,
-            to,
+        let why = format!("aborted by {actor}: {reason}");
+        self.steer(
+            id,
             actor,
-            "campaign_aborting",
             reason,
-            reason.to_owned(),
-        )?;
-        drop(held);
-        self.wake.notify_one();
-        Ok(to)
+            ("campaign_aborting", reason.to_owned()),
+            |c| campaign::abort(c, why, now_ms()),
+            |_| None,
+        )
     }
 
     /// Queues skipped and rolled-back services again (those named, or
@@ -314,17 +284,46 @@ impl Engine {
         actor: &str,
         reason: &str,
     ) -> Result<Campaign, PolicyError> {
-        require_reason(reason)?;
-        let mut held = self.lock_campaigns();
-        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
-        let to = campaign::retry(c, services, now_ms())?;
         let detail = if services.is_empty() {
             "every skipped and rolled-back service".to_owned()
         } else {
             services.join(", ")
         };
-        let to = self.record_campaign(&mut held, to, actor, "campaign_retried", reason, detail)?;
-        drop(held);
+        self.steer(
+            id,
+            actor,
+            reason,
+            ("campaign_retried", detail),
+            |c| campaign::retry(c, services, now_ms()),
+            |_| None,
+        )
+    }
+
+    /// A request about campaign `id`: `decide` makes its new record, which
+    /// is persisted with `audit` (action, detail), then each of its
+    /// in-flight migrations gets the transition `each` names, if any.
+    fn steer(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        audit: (&'static str, String),
+        decide: impl FnOnce(&Campaign) -> Result<Campaign, PolicyError>,
+        mut each: impl FnMut(&Migration) -> Option<Transition>,
+    ) -> Result<Campaign, PolicyError> {
+        require_reason(reason)?;
+        let mut map = self.lock();
+        let mut held = self.lock_campaigns();
+        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
+        let to = decide(c)?;
+        let (action, detail) = audit;
+        let to = self.record_campaign(&mut held, to, actor, action, reason, detail)?;
+        for m in in_flight(&to, &map) {
+            if let Some(t) = each(&m) {
+                self.apply(&mut map, t, actor)?;
+            }
+        }
+        drop((held, map));
         self.wake.notify_one();
         Ok(to)
     }
