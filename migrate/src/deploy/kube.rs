@@ -138,12 +138,17 @@ impl KubeDeployer {
         let source = self.client(source_cluster).await?;
         let ns = m.plan.service.namespace();
         let workload = Workload::read(&source, ns, m.plan.service.name(), copy_secrets).await?;
+        // One client per target, for the copy and the wait that follows.
+        let mut targets = Vec::new();
         for target in Self::targets(m) {
             let client = self.client(&target).await?;
+            targets.push((target, client));
+        }
+        for (target, client) in &targets {
             let mut created = Vec::new();
             for (kind, object) in &workload.objects {
                 let name = object.metadata.name.clone().unwrap_or_default();
-                let api = api(&client, ns, *kind);
+                let api = api(client, ns, *kind);
                 if api
                     .get_opt(&name)
                     .await
@@ -171,9 +176,8 @@ impl KubeDeployer {
         let mut delay = Duration::from_millis(200);
         loop {
             let mut short = Vec::new();
-            for target in Self::targets(m) {
-                let client = self.client(&target).await?;
-                let have = available(&client, ns, workload.kind, &workload.name).await?;
+            for (target, client) in &targets {
+                let have = available(client, ns, workload.kind, &workload.name).await?;
                 if have < want.max(1) {
                     short.push(format!("{target} {have}/{}", want.max(1)));
                 }
