@@ -13,7 +13,7 @@
 use ferry_discovery::{CatalogSnapshot, ClusterName, ServiceName};
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{Plan, Stage};
+use crate::migration::{Plan, StageName};
 use crate::policy::PolicyError;
 
 /// Which services go first.
@@ -279,7 +279,7 @@ pub fn select(plan: &CampaignPlan, catalog: &CatalogSnapshot, now: i64) -> Vec<C
 /// What a campaign reads of the engine.
 pub trait Fleet {
     /// A migration's stage and reason.
-    fn migration(&self, id: &str) -> Option<(Stage, String)>;
+    fn migration(&self, id: &str) -> Option<(StageName, String)>;
     /// Why `service` cannot be migrated now (pinned by someone else,
     /// another migration running on it, no ready endpoint in a target),
     /// if so.
@@ -313,10 +313,10 @@ pub fn next(c: &Campaign, fleet: &dyn Fleet, now: i64) -> Option<Step> {
             continue;
         };
         let outcome = match fleet.migration(migration) {
-            Some((Stage::Done, _)) => ServiceState::Done {
+            Some((StageName::Done, _)) => ServiceState::Done {
                 migration: migration.clone(),
             },
-            Some((Stage::RolledBack | Stage::Failed, reason)) => ServiceState::RolledBack {
+            Some((StageName::RolledBack | StageName::Failed, reason)) => ServiceState::RolledBack {
                 migration: migration.clone(),
                 reason,
             },
@@ -367,7 +367,7 @@ pub fn next(c: &Campaign, fleet: &dyn Fleet, now: i64) -> Option<Step> {
             .find(|m| {
                 fleet
                     .migration(m)
-                    .is_some_and(|(stage, _)| !matches!(stage, Stage::RollingBack))
+                    .is_some_and(|(stage, _)| !matches!(stage, StageName::RollingBack))
             })
             .map(|m| Step::Abort {
                 migration: m.to_owned(),

@@ -162,12 +162,12 @@ pub fn campaign_to_proto(c: &Campaign, engine: &Engine, now_ms: i64) -> pb::Camp
                         .get(migration)
                         .map(|m| {
                             let mut p = m.stage.as_str().to_owned();
-                            if !m.phase.as_str().is_empty() {
+                            if !m.stage.phase_str().is_empty() {
                                 p.push('/');
-                                p.push_str(m.phase.as_str());
+                                p.push_str(m.stage.phase_str());
                             }
-                            if !m.weights.is_empty() {
-                                p.push_str(&format!(" {}/{}", m.step + 1, m.plan.steps.len()));
+                            if let Some(step) = m.stage.step() {
+                                p.push_str(&format!(" {}/{}", step + 1, m.plan.steps.len()));
                             }
                             p
                         })

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::actor;
 use crate::engine::Engine;
-use crate::migration::{DEFAULT_P99_QUERY, Deploy, Gates, LatencyGate, Migration, Phase, Plan};
+use crate::migration::{DEFAULT_P99_QUERY, Deploy, Gates, LatencyGate, Migration, Plan};
 use crate::policy::PolicyError;
 
 /// The migrations API.
@@ -350,8 +350,8 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
         deploy: m.plan.deploy.as_str().to_owned(),
         steps_bp: m.plan.steps.clone(),
         stage: m.stage.as_str().to_owned(),
-        phase: m.phase.as_str().to_owned(),
-        step: m.step as u32,
+        phase: m.stage.phase_str().to_owned(),
+        step: m.step_reached() as u32,
         weights: m.weights.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
         reason: m.reason.clone(),
         gates: m
@@ -385,7 +385,7 @@ pub fn to_proto(m: &Migration) -> pb::Migration {
 
 /// What a step awaiting acknowledgement waits for (empty otherwise).
 pub fn waiting(m: &Migration) -> String {
-    if m.phase == Phase::AwaitingAck {
+    if m.stage.awaits_ack() {
         match m.acks {
             Some(acks) => acks.waiting_for(&m.plan),
             None => "proxies to acknowledge the step's weights".to_owned(),

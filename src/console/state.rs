@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_discovery::kubernetes::{self, ClusterHealth};
-use ferry_migrate::migration::{GateOutcome, GateResult, Migration, Stage};
+use ferry_migrate::migration::{GateOutcome, GateResult, Migration, Stage, StageName};
 use ferry_migrate::store::AuditRecord;
 use ferry_xds::history::Chart;
 use serde::Serialize;
@@ -211,11 +211,11 @@ fn migrations(state: &AdminState) -> Vec<MigrationView> {
             from: m.plan.from.iter().map(ToString::to_string).collect(),
             to: m.plan.to.to_string(),
             stage: m.stage.as_str(),
-            phase: m.phase.as_str(),
+            phase: m.stage.phase_str(),
             step: if m.stage == Stage::Validate {
                 0
             } else {
-                m.step + 1
+                m.step_reached() + 1
             },
             steps_bp: m.plan.steps.clone(),
             weights_bp: m.weights.iter().map(|(c, w)| (c.to_string(), *w)).collect(),
@@ -233,9 +233,9 @@ fn migrations(state: &AdminState) -> Vec<MigrationView> {
 /// (or FAILED) once it turned back; a paused one shows the stage it was
 /// paused in.
 pub fn timeline(m: &Migration) -> Vec<TimelineStage> {
-    let at = match (m.stage, m.paused_from) {
-        (Stage::Paused, Some((stage, _))) => stage,
-        (stage, _) => stage,
+    let at = match m.stage {
+        Stage::Paused { resume } => resume.stage().name(),
+        stage => stage.name(),
     };
     // Weights were moved (or a gate failed) before it turned back: it
     // got as far as SHIFT.
@@ -243,20 +243,20 @@ pub fn timeline(m: &Migration) -> Vec<TimelineStage> {
     course(at, shifted)
 }
 
-fn course(at: Stage, shifted: bool) -> Vec<TimelineStage> {
-    const FORWARD: [Stage; 6] = [
-        Stage::Validate,
-        Stage::DoubleDeploy,
-        Stage::Shift,
-        Stage::Cleanup,
-        Stage::Unpin,
-        Stage::Done,
+fn course(at: StageName, shifted: bool) -> Vec<TimelineStage> {
+    const FORWARD: [StageName; 6] = [
+        StageName::Validate,
+        StageName::DoubleDeploy,
+        StageName::Shift,
+        StageName::Cleanup,
+        StageName::Unpin,
+        StageName::Done,
     ];
-    let stages: Vec<Stage> = match at {
-        Stage::RollingBack | Stage::RolledBack | Stage::Failed => {
+    let stages: Vec<StageName> = match at {
+        StageName::RollingBack | StageName::RolledBack | StageName::Failed => {
             let mut stages = FORWARD[..if shifted { 3 } else { 1 }].to_vec();
-            if at == Stage::RolledBack {
-                stages.push(Stage::RollingBack);
+            if at == StageName::RolledBack {
+                stages.push(StageName::RollingBack);
             }
             stages.push(at);
             stages
@@ -337,7 +337,7 @@ fn discovery(state: &AdminState) -> Vec<DiscoveryView> {
 mod tests {
     use super::*;
 
-    fn states(at: Stage, shifted: bool) -> Vec<String> {
+    fn states(at: StageName, shifted: bool) -> Vec<String> {
         course(at, shifted)
             .into_iter()
             .map(|t| format!("{}:{}", t.stage, t.state))
@@ -347,7 +347,7 @@ mod tests {
     #[test]
     fn a_timeline_marks_done_current_and_pending_stages() {
         assert_eq!(
-            states(Stage::Shift, true),
+            states(StageName::Shift, true),
             [
                 "VALIDATE:done",
                 "DOUBLE_DEPLOY:done",
@@ -358,7 +358,7 @@ mod tests {
             ]
         );
         assert!(
-            states(Stage::Done, true)
+            states(StageName::Done, true)
                 .iter()
                 .all(|s| s.ends_with(":done"))
         );
@@ -367,7 +367,7 @@ mod tests {
     #[test]
     fn a_rolled_back_timeline_ends_in_its_rollback() {
         assert_eq!(
-            states(Stage::RolledBack, true),
+            states(StageName::RolledBack, true),
             [
                 "VALIDATE:done",
                 "DOUBLE_DEPLOY:done",
@@ -377,12 +377,14 @@ mod tests {
             ]
         );
         assert_eq!(
-            states(Stage::RollingBack, true).last().map(String::as_str),
+            states(StageName::RollingBack, true)
+                .last()
+                .map(String::as_str),
             Some("ROLLING_BACK:current")
         );
         // Refused before anything moved.
         assert_eq!(
-            states(Stage::Failed, false),
+            states(StageName::Failed, false),
             ["VALIDATE:done", "FAILED:done"]
         );
     }

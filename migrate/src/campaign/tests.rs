@@ -73,12 +73,12 @@ fn campaign(services: &[&str], concurrency: u32, max_failures: u32) -> Campaign 
 /// services that cannot move.
 #[derive(Default)]
 struct FakeFleet {
-    migrations: BTreeMap<String, (Stage, String)>,
+    migrations: BTreeMap<String, (StageName, String)>,
     blocked: BTreeMap<String, String>,
 }
 
 impl Fleet for FakeFleet {
-    fn migration(&self, id: &str) -> Option<(Stage, String)> {
+    fn migration(&self, id: &str) -> Option<(StageName, String)> {
         self.migrations.get(id).cloned()
     }
     fn obstacle(&self, service: &ServiceName, _: &[ClusterName]) -> Option<String> {
@@ -102,21 +102,21 @@ fn settle(camp: &mut Campaign, fleet: &mut FakeFleet, now: i64) -> Vec<String> {
                 assert_eq!(plan.steps, template().steps, "the template's plan");
                 fleet
                     .migrations
-                    .insert(id.clone(), (Stage::Validate, String::new()));
+                    .insert(id.clone(), (StageName::Validate, String::new()));
                 *camp = launched(camp, index, &id, now);
                 launched_now.push(plan.service.to_string());
             }
             Some(Step::Abort { migration }) => {
                 fleet
                     .migrations
-                    .insert(migration, (Stage::RollingBack, "aborted".into()));
+                    .insert(migration, (StageName::RollingBack, "aborted".into()));
             }
         }
     }
     panic!("the campaign never settles");
 }
 
-fn end(fleet: &mut FakeFleet, service: &str, stage: Stage) {
+fn end(fleet: &mut FakeFleet, service: &str, stage: StageName) {
     fleet
         .migrations
         .insert(format!("mig-{service}"), (stage, format!("{stage:?}")));
@@ -130,14 +130,14 @@ fn a_campaign_keeps_its_concurrency_and_ends_done() {
     assert_eq!(camp.counts().in_flight, 2);
     // Nothing more while both run.
     assert!(settle(&mut camp, &mut fleet, 2).is_empty());
-    end(&mut fleet, "a.ns", Stage::Done);
+    end(&mut fleet, "a.ns", StageName::Done);
     assert_eq!(settle(&mut camp, &mut fleet, 3), ["c.ns"]);
     for s in ["b.ns", "c.ns"] {
-        end(&mut fleet, s, Stage::Done);
+        end(&mut fleet, s, StageName::Done);
     }
     assert_eq!(settle(&mut camp, &mut fleet, 4), ["d.ns", "e.ns"]);
     for s in ["d.ns", "e.ns"] {
-        end(&mut fleet, s, Stage::Done);
+        end(&mut fleet, s, StageName::Done);
     }
     settle(&mut camp, &mut fleet, 5);
     assert_eq!(camp.state, CampaignState::Done);
@@ -151,15 +151,15 @@ fn a_rollback_counts_as_a_failure_and_the_campaign_goes_on() {
     let mut camp = campaign(&["a.ns", "b.ns", "c.ns"], 1, 3);
     let mut fleet = FakeFleet::default();
     settle(&mut camp, &mut fleet, 1);
-    end(&mut fleet, "a.ns", Stage::RolledBack);
+    end(&mut fleet, "a.ns", StageName::RolledBack);
     assert_eq!(settle(&mut camp, &mut fleet, 2), ["b.ns"]);
     assert!(matches!(
         camp.services[0].state,
         ServiceState::RolledBack { .. }
     ));
-    end(&mut fleet, "b.ns", Stage::Done);
+    end(&mut fleet, "b.ns", StageName::Done);
     settle(&mut camp, &mut fleet, 3);
-    end(&mut fleet, "c.ns", Stage::Done);
+    end(&mut fleet, "c.ns", StageName::Done);
     settle(&mut camp, &mut fleet, 4);
     assert_eq!(camp.state, CampaignState::Done);
     assert_eq!(camp.reason, "2 done, 1 rolled back, 0 skipped");
@@ -170,13 +170,13 @@ fn max_failures_halts_launching_lets_in_flight_finish_and_lists_failures() {
     let mut camp = campaign(&["a.ns", "b.ns", "c.ns", "d.ns"], 2, 1);
     let mut fleet = FakeFleet::default();
     settle(&mut camp, &mut fleet, 1);
-    end(&mut fleet, "a.ns", Stage::RolledBack);
+    end(&mut fleet, "a.ns", StageName::RolledBack);
     assert!(
         settle(&mut camp, &mut fleet, 2).is_empty(),
         "nothing new after the failure"
     );
     assert_eq!(camp.state, CampaignState::Halting);
-    end(&mut fleet, "b.ns", Stage::Done);
+    end(&mut fleet, "b.ns", StageName::Done);
     settle(&mut camp, &mut fleet, 3);
     assert_eq!(camp.state, CampaignState::Halted);
     assert_eq!(camp.counts().queued, 2, "c and d never launched");
@@ -201,7 +201,7 @@ fn blocked_services_are_skipped_with_their_reason_and_can_be_retried() {
             reason: "pinned by deploy-bot: release".into()
         }
     );
-    end(&mut fleet, "b.ns", Stage::Done);
+    end(&mut fleet, "b.ns", StageName::Done);
     settle(&mut camp, &mut fleet, 2);
     assert_eq!(camp.state, CampaignState::Done);
     // Retried once the pin is gone: running again, and done.
@@ -209,7 +209,7 @@ fn blocked_services_are_skipped_with_their_reason_and_can_be_retried() {
     camp = retry(&camp, &["a.ns".into()], 3).expect("retry");
     assert_eq!(camp.state, CampaignState::Running);
     assert_eq!(settle(&mut camp, &mut fleet, 3), ["a.ns"]);
-    end(&mut fleet, "a.ns", Stage::Done);
+    end(&mut fleet, "a.ns", StageName::Done);
     settle(&mut camp, &mut fleet, 4);
     assert_eq!(camp.state, CampaignState::Done);
     assert_eq!(camp.counts().done, 2);
@@ -229,7 +229,7 @@ fn pause_stops_launching_and_abort_rolls_back_what_is_in_flight() {
     settle(&mut camp, &mut fleet, 1);
     camp = pause(&camp, "freeze".into(), 2).expect("pause");
     assert!(pause(&camp, "again".into(), 2).is_err());
-    end(&mut fleet, "a.ns", Stage::Done);
+    end(&mut fleet, "a.ns", StageName::Done);
     assert!(
         settle(&mut camp, &mut fleet, 3).is_empty(),
         "paused: nothing launched"
@@ -241,11 +241,11 @@ fn pause_stops_launching_and_abort_rolls_back_what_is_in_flight() {
     settle(&mut camp, &mut fleet, 5);
     assert_eq!(
         fleet.migrations["mig-b.ns"].0,
-        Stage::RollingBack,
+        StageName::RollingBack,
         "the in-flight migration is rolled back"
     );
     assert_eq!(camp.state, CampaignState::Aborting);
-    end(&mut fleet, "b.ns", Stage::RolledBack);
+    end(&mut fleet, "b.ns", StageName::RolledBack);
     settle(&mut camp, &mut fleet, 6);
     assert_eq!(camp.state, CampaignState::Aborted);
     assert_eq!(camp.counts().queued, 1, "c never launched");
@@ -266,7 +266,7 @@ fn a_restart_resumes_from_the_record_without_launching_twice() {
         settle(&mut loaded, &mut fleet, 2).is_empty(),
         "a and b are in flight"
     );
-    end(&mut fleet, "a.ns", Stage::Done);
+    end(&mut fleet, "a.ns", StageName::Done);
     assert_eq!(settle(&mut loaded, &mut fleet, 3), ["c.ns"]);
 }
 

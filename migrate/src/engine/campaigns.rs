@@ -41,8 +41,10 @@ struct View<'a> {
 }
 
 impl campaign::Fleet for View<'_> {
-    fn migration(&self, id: &str) -> Option<(Stage, String)> {
-        self.migrations.get(id).map(|m| (m.stage, m.reason.clone()))
+    fn migration(&self, id: &str) -> Option<(StageName, String)> {
+        self.migrations
+            .get(id)
+            .map(|m| (m.stage.name(), m.reason.clone()))
     }
 
     fn obstacle(&self, service: &ServiceName, targets: &[ClusterName]) -> Option<String> {
@@ -212,7 +214,7 @@ impl Engine {
             |m| {
                 let holdable = matches!(
                     m.stage,
-                    Stage::Validate | Stage::DoubleDeploy | Stage::Shift
+                    Stage::Validate | Stage::DoubleDeploy | Stage::Shift { .. }
                 );
                 (holdable && !m.hold).then(|| {
                     let mut held = m.clone();

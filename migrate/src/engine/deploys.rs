@@ -91,7 +91,9 @@ impl Engine {
                 Some(DeployProgress::Pending) => {}
                 Some(DeployProgress::Done) => {
                     let mut to = m.clone();
-                    to.source_deleted = true;
+                    to.stage = Stage::Done {
+                        source_deleted: true,
+                    };
                     let t = Transition::plain(
                         "migration_source_deleted",
                         to,

@@ -22,7 +22,8 @@ use crate::campaign::Campaign;
 use crate::deploy::{DeployConfig, Deployer};
 use crate::fleet::{Fleet, local_acks};
 use crate::migration::{
-    self, Acks, GateOutcome, Latency, Migration, Next, Phase, Plan, Stage, Transition, World,
+    self, Acks, GateOutcome, Latency, Migration, Next, Plan, Stage, StageName, StepPhase,
+    Transition, World,
 };
 use crate::migration::{DeployProgress, DeployStep};
 use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
@@ -321,7 +322,7 @@ impl Engine {
         }
         tracing::info!(
             id = %to.id, service = %to.plan.service, stage = to.stage.as_str(),
-            phase = to.phase.as_str(), step = to.step + 1, action = t.action,
+            phase = to.stage.phase_str(), step = to.step_reached() + 1, action = t.action,
             detail = %t.detail, "migration transition"
         );
         metrics::counter!("ferry_migrate_transitions_total", "action" => t.action).increment(1);
@@ -336,18 +337,7 @@ impl Engine {
     }
 
     fn export_gauges(&self, map: &Migrations) {
-        for stage in [
-            Stage::Validate,
-            Stage::DoubleDeploy,
-            Stage::Shift,
-            Stage::Cleanup,
-            Stage::Unpin,
-            Stage::Done,
-            Stage::Paused,
-            Stage::RollingBack,
-            Stage::RolledBack,
-            Stage::Failed,
-        ] {
+        for stage in StageName::ALL {
             metrics::gauge!("ferry_migrate_migrations", "stage" => stage.as_str())
                 .set(map.count(stage) as f64);
         }
@@ -404,7 +394,7 @@ impl Engine {
         let mut slots = self.config.concurrency.saturating_sub(active);
         let mut order: Vec<(i64, String)> = map
             .active()
-            .filter(|m| m.stage != Stage::Paused)
+            .filter(|m| !matches!(m.stage, Stage::Paused { .. }))
             .map(|m| (m.created_at_ms, m.id.clone()))
             .collect();
         order.sort();
@@ -525,7 +515,7 @@ fn stored(policy: &Policy) -> Result<(Migrations, Campaigns), PolicyError> {
         if !m.stage.is_terminal() {
             tracing::info!(
                 id = %m.id, service = %m.plan.service, stage = m.stage.as_str(),
-                phase = m.phase.as_str(), step = m.step + 1, "migration loaded"
+                phase = m.stage.phase_str(), step = m.step_reached() + 1, "migration loaded"
             );
         }
         migrations.insert(id, m);

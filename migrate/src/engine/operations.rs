@@ -71,9 +71,6 @@ impl Engine {
             id: format!("mig-{next_number}"),
             plan,
             stage: Stage::Validate,
-            phase: Phase::None,
-            step: 0,
-            paused_from: None,
             source_weights,
             weights: BTreeMap::new(),
             reason: String::new(),
@@ -86,7 +83,6 @@ impl Engine {
             applied_version: 0,
             acks: None,
             hold: false,
-            source_deleted: false,
         };
         let detail = format!(
             "{} → {}, steps {:?} bp, bake {:?}",

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Deref;
 
-use crate::migration::{Migration, Stage};
+use crate::migration::{Migration, StageName};
 
 /// Every migration by id, with the ids of those not ended and a count per
 /// stage, kept as records change.
@@ -12,7 +12,7 @@ use crate::migration::{Migration, Stage};
 pub struct Migrations {
     all: BTreeMap<String, Migration>,
     active: BTreeSet<String>,
-    by_stage: BTreeMap<&'static str, u64>,
+    by_stage: BTreeMap<StageName, u64>,
     /// The ids of those that ended last, newest first.
     ended: VecDeque<String>,
     /// DONE ones whose source objects are to be deleted after their
@@ -60,9 +60,9 @@ impl Migrations {
         } else {
             self.active.insert(id.clone());
         }
-        *self.by_stage.entry(m.stage.as_str()).or_default() += 1;
+        *self.by_stage.entry(m.stage.name()).or_default() += 1;
         if let Some(old) = self.all.insert(id, m)
-            && let Some(n) = self.by_stage.get_mut(old.stage.as_str())
+            && let Some(n) = self.by_stage.get_mut(&old.stage.name())
         {
             *n = n.saturating_sub(1);
         }
@@ -98,8 +98,8 @@ impl Migrations {
     }
 
     /// How many are in `stage`.
-    pub fn count(&self, stage: Stage) -> u64 {
-        self.by_stage.get(stage.as_str()).copied().unwrap_or(0)
+    pub fn count(&self, stage: StageName) -> u64 {
+        self.by_stage.get(&stage).copied().unwrap_or(0)
     }
 }
 
@@ -114,16 +114,14 @@ impl Deref for Migrations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::Phase;
-
-    fn record(id: &str, stage: Stage, updated: i64) -> Migration {
+    fn record(id: &str, stage: StageName, updated: i64) -> Migration {
         let json = serde_json::json!({
             "id": id,
             "plan": {"service": "a.ns", "from": ["old"], "to": "new", "steps": [10000],
                      "bake_ms": 1, "gates": {"max_error_rate_increase": 0.01, "max_error_rate": 0.0,
                      "min_requests": 1, "data_timeout_ms": 1}, "ack_share": 1.0,
                      "ack_timeout_ms": 1, "double_deploy_timeout_ms": 1, "min_capacity": 0.5, "drain_ms": 1},
-            "stage": stage, "phase": Phase::None, "step": 0, "paused_from": null,
+            "stage": stage, "phase": "AWAITING_ACK", "step": 0, "paused_from": null,
             "source_weights": {}, "weights": {}, "reason": "", "purpose": "", "gates": [],
             "created_by": "t", "created_at_ms": 0, "updated_at_ms": updated, "phase_started_ms": 0,
         });
@@ -134,9 +132,9 @@ mod tests {
     fn the_index_follows_every_change() {
         let mut all = BTreeMap::new();
         for (id, stage, at) in [
-            ("mig-1", Stage::Done, 10),
-            ("mig-2", Stage::RolledBack, 30),
-            ("mig-3", Stage::Shift, 5),
+            ("mig-1", StageName::Done, 10),
+            ("mig-2", StageName::RolledBack, 30),
+            ("mig-3", StageName::Shift, 5),
         ] {
             all.insert(id.to_owned(), record(id, stage, at));
         }
@@ -147,14 +145,20 @@ mod tests {
             ["mig-3"]
         );
         assert_eq!(ids(m.recent(5)), ["mig-3", "mig-2", "mig-1"]);
-        assert_eq!((m.count(Stage::Shift), m.count(Stage::Done)), (1, 1));
+        assert_eq!(
+            (m.count(StageName::Shift), m.count(StageName::Done)),
+            (1, 1)
+        );
         // mig-3 ends: it leaves the active set and is the newest ended.
-        m.insert("mig-3".into(), record("mig-3", Stage::Done, 40));
+        m.insert("mig-3".into(), record("mig-3", StageName::Done, 40));
         assert_eq!(m.active().count(), 0);
         assert_eq!(ids(m.recent(2)), ["mig-3", "mig-2"]);
-        assert_eq!((m.count(Stage::Shift), m.count(Stage::Done)), (0, 2));
+        assert_eq!(
+            (m.count(StageName::Shift), m.count(StageName::Done)),
+            (0, 2)
+        );
         // A new one is active; ended ones stay listed.
-        m.insert("mig-4".into(), record("mig-4", Stage::Validate, 50));
+        m.insert("mig-4".into(), record("mig-4", StageName::Validate, 50));
         assert_eq!(ids(m.recent(1)), ["mig-4", "mig-3"]);
         assert_eq!(m.len(), 4);
     }

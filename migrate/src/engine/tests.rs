@@ -10,7 +10,7 @@ use ferry_discovery::file::parse_catalog;
 
 use super::*;
 use crate::campaign::{CampaignPlan, CampaignState, Order};
-use crate::migration::{Deploy, Gates};
+use crate::migration::{Deploy, Gates, Resume};
 use crate::store::Store;
 
 /// Proxies that hold every version, and every side serving `requests`
@@ -208,7 +208,10 @@ fn a_campaign_runs_to_done_within_its_concurrency_on_a_fake_clock() {
     // One migration per service, each DONE.
     let all = engine.list(None, false);
     assert_eq!(all.len(), 5);
-    assert!(all.iter().all(|m| m.stage == Stage::Done));
+    assert!(all.iter().all(|m| m.stage
+        == Stage::Done {
+            source_deleted: false
+        }));
 }
 
 #[test]
@@ -287,7 +290,13 @@ fn pausing_holds_migrations_at_a_step_boundary_and_resuming_finishes_them() {
     let held = engine.list(None, true);
     assert_eq!(held.len(), 2);
     assert!(
-        held.iter().all(|m| m.stage == Stage::Paused && m.step == 0),
+        held.iter().all(|m| m.stage
+            == Stage::Paused {
+                resume: Resume::Shift {
+                    step: 0,
+                    phase: StepPhase::Baking
+                }
+            }),
         "held at the end of step 1: {held:#?}"
     );
     // Held at 50 %: the first step's weights.

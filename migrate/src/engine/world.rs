@@ -59,7 +59,7 @@ impl World for LiveWorld<'_> {
     fn latency(&self, m: &Migration) -> Latency {
         self.latencies
             .get(&m.id)
-            .filter(|r| r.step == m.step && r.phase_started_ms == m.phase_started_ms)
+            .filter(|r| Some(r.step) == m.stage.step() && r.phase_started_ms == m.phase_started_ms)
             .map(|r| r.latency)
             .unwrap_or_default()
     }
@@ -85,7 +85,15 @@ impl Engine {
         let due: Vec<Migration> = self
             .lock()
             .values()
-            .filter(|m| m.stage == Stage::Shift && m.phase == Phase::Baking)
+            .filter(|m| {
+                matches!(
+                    m.stage,
+                    Stage::Shift {
+                        phase: StepPhase::Baking,
+                        ..
+                    }
+                )
+            })
             .filter(|m| m.plan.gates.latency.is_some())
             .cloned()
             .collect();
@@ -99,7 +107,7 @@ impl Engine {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&m.id)
                 .is_some_and(|r| {
-                    r.step == m.step
+                    Some(r.step) == m.stage.step()
                         && r.phase_started_ms == m.phase_started_ms
                         && r.fetched.elapsed() < Duration::from_secs(1)
                 });
@@ -148,7 +156,7 @@ impl Engine {
                 .insert(
                     m.id.clone(),
                     LatencyReading {
-                        step: m.step,
+                        step: m.step_reached(),
                         phase_started_ms: m.phase_started_ms,
                         fetched: std::time::Instant::now(),
                         latency: reading,

@@ -9,7 +9,7 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
     let service = world.service(&m.plan.service);
     match m.stage {
         // A held migration (its campaign paused) does not start.
-        Stage::Validate if m.hold => held(m, (Stage::Validate, Phase::None), now),
+        Stage::Validate if m.hold => held(m, Resume::Validate, now),
         Stage::Validate => match validate(&m.plan, service).and_then(|()| {
             let current = world.weights(&m.plan.service).ok_or_else(|| {
                 PolicyError::NotFound(format!("service {} has no weights", m.plan.service))
@@ -71,10 +71,15 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
             }
         }
         Stage::DoubleDeploy => double_deploy(m, service, now, elapsed, false),
-        Stage::Shift | Stage::RollingBack if m.phase == Phase::AwaitingAck => {
-            await_ack(m, world, now, elapsed)
-        }
-        Stage::Shift => bake(m, world, now, elapsed),
+        Stage::RollingBack => await_rollback_ack(m, world, now, elapsed),
+        Stage::Shift {
+            step,
+            phase: StepPhase::AwaitingAck,
+        } => await_ack(m, step, world, now, elapsed),
+        Stage::Shift {
+            step,
+            phase: StepPhase::Baking,
+        } => bake(m, step, world, now, elapsed),
         Stage::Cleanup
             if elapsed.as_millis() as u64 >= m.plan.drain_ms && !m.plan.deploy.is_none() =>
         {
@@ -89,7 +94,9 @@ pub fn next(m: &Migration, world: &dyn World, now: i64) -> Next {
         Stage::Cleanup if elapsed.as_millis() as u64 >= m.plan.drain_ms => cleaned(m, now, None),
         Stage::Unpin => {
             let mut to = m.clone();
-            to.stage = Stage::Done;
+            to.stage = Stage::Done {
+                source_deleted: false,
+            };
             to.phase_started_ms = now;
             transition(
                 to,
@@ -132,14 +139,15 @@ fn double_deploy(
         _ => Ok(()),
     });
     match healthy {
-        Ok(()) if m.hold => held(m, (Stage::DoubleDeploy, Phase::None), now),
+        Ok(()) if m.hold => held(m, Resume::DoubleDeploy, now),
         Ok(()) => {
             let weights = step_weights(m, 0);
             let mut to = m.clone();
-            to.stage = Stage::Shift;
-            to.phase = Phase::AwaitingAck;
+            to.stage = Stage::Shift {
+                step: 0,
+                phase: StepPhase::AwaitingAck,
+            };
             to.acks = None;
-            to.step = 0;
             to.weights = to_map(&weights);
             to.phase_started_ms = now;
             let detail = format!(
@@ -163,87 +171,98 @@ fn double_deploy(
 }
 
 /// Pauses a held migration at a step boundary; resuming continues at
-/// `resume_at` (a baking step bakes again in full).
-fn held(m: &Migration, resume_at: (Stage, Phase), now: i64) -> Next {
+/// `resume` (a baking step bakes again in full).
+fn held(m: &Migration, resume: Resume, now: i64) -> Next {
     let mut to = m.clone();
-    to.paused_from = Some(resume_at);
-    to.stage = Stage::Paused;
-    to.phase = Phase::None;
+    to.stage = Stage::Paused { resume };
     to.phase_started_ms = now;
     to.reason = "paused with its campaign at the end of a step".to_owned();
     let detail = to.reason.clone();
     transition(to, "migration_paused", detail, None, None)
 }
 
-fn await_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
+/// ROLLING_BACK: once proxies hold the source weights (or the wait timed
+/// out), undo the deploy if there is one, and end.
+fn await_rollback_ack(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     let acks = world.acks(m.applied_version);
-    let Acks {
-        acked,
-        connected: total,
-        ..
-    } = acks;
     let enough = acks.enough(&m.plan);
-    let timed_out = elapsed.as_millis() as u64 > m.plan.ack_timeout_ms;
-    if m.stage == Stage::RollingBack {
-        if enough || timed_out {
-            // With a deploy mode, what was deployed is undone first.
-            let undo = if m.plan.deploy.is_none() {
-                None
-            } else {
-                match world.deploy(m, DeployStep::Undo) {
-                    DeployProgress::Pending => return Next::Wait,
-                    DeployProgress::Done => Some("the deploy was undone".to_owned()),
-                    DeployProgress::Failed(e) => Some(format!("undoing the deploy failed: {e}")),
-                }
-            };
-            let mut to = m.clone();
-            to.stage = Stage::RolledBack;
-            to.phase = Phase::None;
-            to.acks = Some(acks);
-            to.phase_started_ms = now;
-            let detail = if enough {
-                format!("{acked}/{total} proxies hold the source weights; pin released")
-            } else {
-                format!(
-                    "only {acked}/{total} proxies acknowledged the rollback in time; pin released"
-                )
-            };
-            let detail = match undo {
-                Some(undo) => format!("{detail}; {undo}"),
-                None => detail,
-            };
-            return transition(to, "migration_rolled_back", detail, None, Some(None));
+    if !enough && elapsed.as_millis() as u64 <= m.plan.ack_timeout_ms {
+        return observe_acks(m, acks);
+    }
+    // With a deploy mode, what was deployed is undone first.
+    let undo = if m.plan.deploy.is_none() {
+        None
+    } else {
+        match world.deploy(m, DeployStep::Undo) {
+            DeployProgress::Pending => return Next::Wait,
+            DeployProgress::Done => Some("the deploy was undone".to_owned()),
+            DeployProgress::Failed(e) => Some(format!("undoing the deploy failed: {e}")),
         }
-    } else if enough {
+    };
+    let mut to = m.clone();
+    to.stage = Stage::RolledBack;
+    to.acks = Some(acks);
+    to.phase_started_ms = now;
+    let Acks {
+        acked, connected, ..
+    } = acks;
+    let detail = if enough {
+        format!("{acked}/{connected} proxies hold the source weights; pin released")
+    } else {
+        format!("only {acked}/{connected} proxies acknowledged the rollback in time; pin released")
+    };
+    let detail = match undo {
+        Some(undo) => format!("{detail}; {undo}"),
+        None => detail,
+    };
+    transition(to, "migration_rolled_back", detail, None, Some(None))
+}
+
+/// SHIFT, awaiting acknowledgement of `step`'s weights: bake once enough
+/// proxies hold them, roll back if they do not in time.
+fn await_ack(m: &Migration, step: usize, world: &dyn World, now: i64, elapsed: Duration) -> Next {
+    let acks = world.acks(m.applied_version);
+    if acks.enough(&m.plan) {
         let mut to = m.clone();
-        to.phase = Phase::Baking;
+        to.stage = Stage::Shift {
+            step,
+            phase: StepPhase::Baking,
+        };
         to.acks = Some(acks);
         to.phase_started_ms = now;
         let detail = format!(
-            "step {}/{}: {acked}/{total} proxies acknowledged; baking {:?}",
-            m.step + 1,
+            "step {}/{}: {}/{} proxies acknowledged; baking {:?}",
+            step + 1,
             m.plan.steps.len(),
+            acks.acked,
+            acks.connected,
             Duration::from_millis(m.plan.bake_ms)
         );
         return transition(to, "migration_acked", detail, None, None);
-    } else if timed_out {
+    }
+    if elapsed.as_millis() as u64 > m.plan.ack_timeout_ms {
         return begin_rollback(
             m,
             format!(
                 "step {} was not acknowledged within {:?}: {}",
-                m.step + 1,
+                step + 1,
                 Duration::from_millis(m.plan.ack_timeout_ms),
                 acks.waiting_for(&m.plan)
             ),
             now,
         );
     }
-    if Some(acks) != m.acks {
-        let mut seen = m.clone();
-        seen.acks = Some(acks);
-        return Next::Observe(Box::new(seen));
+    observe_acks(m, acks)
+}
+
+/// Shows new acknowledgement figures, persisting nothing.
+fn observe_acks(m: &Migration, acks: Acks) -> Next {
+    if Some(acks) == m.acks {
+        return Next::Wait;
     }
-    Next::Wait
+    let mut seen = m.clone();
+    seen.acks = Some(acks);
+    Next::Observe(Box::new(seen))
 }
 
 fn sum_load(world: &dyn World, m: &Migration, clusters: &[ClusterName], since: i64) -> Load {
@@ -284,7 +303,7 @@ fn sources_still_serve(m: &Migration, world: &dyn World, now: i64) -> Option<Str
     })
 }
 
-fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
+fn bake(m: &Migration, step: usize, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     let since = m.phase_started_ms;
     let source = sum_load(world, m, &m.plan.from, since);
     let targets: Vec<(ClusterName, Load)> = m
@@ -350,7 +369,7 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
         (worst, detail)
     };
     let result = GateResult {
-        step: m.step,
+        step,
         outcome,
         source: (source.requests, source.errors),
         target: (target.requests, target.errors),
@@ -360,12 +379,12 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
     };
     let mut judged = m.clone();
     match judged.gates.last_mut() {
-        Some(last) if last.step == m.step => *last = result,
+        Some(last) if last.step == step => *last = result,
         _ => judged.gates.push(result),
     }
     let baked = elapsed.as_millis() as u64 >= m.plan.bake_ms;
     let outcome = match outcome {
-        GateOutcome::Pass if baked && m.step + 1 == m.plan.steps.len() => {
+        GateOutcome::Pass if baked && step + 1 == m.plan.steps.len() => {
             match sources_still_serve(m, world, now) {
                 None => outcome,
                 Some(still) => {
@@ -388,8 +407,8 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
         GateOutcome::Fail => {
             let reason = format!(
                 "gate failed at step {} ({}): {detail}",
-                m.step + 1,
-                pct(m.plan.steps[m.step])
+                step + 1,
+                pct(m.plan.steps[step])
             );
             begin_rollback(&judged, reason, now)
         }
@@ -398,38 +417,43 @@ fn bake(m: &Migration, world: &dyn World, now: i64, elapsed: Duration) -> Next {
         {
             let reason = format!(
                 "gate failed at step {} ({}): not enough data within {:?} after the bake: {detail}",
-                m.step + 1,
-                pct(m.plan.steps[m.step]),
+                step + 1,
+                pct(m.plan.steps[step]),
                 Duration::from_millis(m.plan.gates.data_timeout_ms)
             );
             begin_rollback(&judged, reason, now)
         }
-        GateOutcome::Pass if baked && m.hold && m.step + 1 < m.plan.steps.len() => {
-            held(&judged, (Stage::Shift, Phase::Baking), now)
-        }
+        GateOutcome::Pass if baked && m.hold && step + 1 < m.plan.steps.len() => held(
+            &judged,
+            Resume::Shift {
+                step,
+                phase: StepPhase::Baking,
+            },
+            now,
+        ),
         GateOutcome::Pass if baked => {
             let mut to = judged;
             to.phase_started_ms = now;
-            if m.step + 1 < m.plan.steps.len() {
-                let weights = step_weights(m, m.step + 1);
-                to.step = m.step + 1;
-                to.phase = Phase::AwaitingAck;
-                to.acks = None;
+            if step + 1 < m.plan.steps.len() {
+                let weights = step_weights(m, step + 1);
+                to.stage = Stage::Shift {
+                    step: step + 1,
+                    phase: StepPhase::AwaitingAck,
+                };
                 to.acks = None;
                 to.weights = to_map(&weights);
                 let detail = format!(
                     "step {} passed ({detail}); step {}/{}: target {}",
-                    m.step + 1,
-                    m.step + 2,
+                    step + 1,
+                    step + 2,
                     m.plan.steps.len(),
-                    pct(m.plan.steps[m.step + 1])
+                    pct(m.plan.steps[step + 1])
                 );
                 transition(to, "migration_shift", detail, Some(weights), None)
             } else {
                 let weights = Weights::new(m.plan.split_targets(TOTAL_WEIGHT))
                     .unwrap_or_else(|_| Weights::all_to(m.plan.to.clone()));
                 to.stage = Stage::Cleanup;
-                to.phase = Phase::None;
                 to.weights = to_map(&weights);
                 let detail = format!("last step passed ({detail}); sources drain");
                 transition(to, "migration_cleanup_started", detail, Some(weights), None)

@@ -17,12 +17,69 @@ use serde::{Deserialize, Serialize};
 use crate::policy::PolicyError;
 use crate::store::StoredPin;
 
-/// Where a migration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+/// Where a migration stands, with what only that stage has: a step and
+/// its phase in SHIFT, where to resume when PAUSED, whether the source
+/// was deleted once DONE. A record cannot name a step outside SHIFT, nor
+/// pause from a stage that cannot be resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     /// Accepted and waiting for a slot; validated again when it starts,
     /// and pinned as it leaves.
+    Validate,
+    DoubleDeploy,
+    /// At `step` of the plan's steps.
+    Shift {
+        step: usize,
+        phase: StepPhase,
+    },
+    Cleanup,
+    Unpin,
+    Done {
+        /// With `--deploy kube --delete-source`: the source's objects were
+        /// deleted after the retention.
+        source_deleted: bool,
+    },
+    Paused {
+        resume: Resume,
+    },
+    /// The source weights are set; waiting for proxies to acknowledge them.
+    RollingBack,
+    RolledBack,
+    Failed,
+}
+
+/// Where a paused migration continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    Validate,
+    DoubleDeploy,
+    Shift { step: usize, phase: StepPhase },
+}
+
+impl Resume {
+    /// The stage a resumed migration is in.
+    pub fn stage(self) -> Stage {
+        match self {
+            Self::Validate => Stage::Validate,
+            Self::DoubleDeploy => Stage::DoubleDeploy,
+            Self::Shift { step, phase } => Stage::Shift { step, phase },
+        }
+    }
+}
+
+/// Where a SHIFT step stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// Weights set; waiting for proxies to acknowledge them.
+    AwaitingAck,
+    /// Acknowledged; the step bakes and its gate is evaluated.
+    Baking,
+}
+
+/// A stage's name alone: what is shown, counted and sent over the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StageName {
     Validate,
     DoubleDeploy,
     Shift,
@@ -35,7 +92,20 @@ pub enum Stage {
     Failed,
 }
 
-impl Stage {
+impl StageName {
+    pub const ALL: [StageName; 10] = [
+        Self::Validate,
+        Self::DoubleDeploy,
+        Self::Shift,
+        Self::Cleanup,
+        Self::Unpin,
+        Self::Done,
+        Self::Paused,
+        Self::RollingBack,
+        Self::RolledBack,
+        Self::Failed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Validate => "VALIDATE",
@@ -55,32 +125,69 @@ impl Stage {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Done | Self::RolledBack | Self::Failed)
     }
+}
+
+impl Stage {
+    pub fn name(self) -> StageName {
+        match self {
+            Self::Validate => StageName::Validate,
+            Self::DoubleDeploy => StageName::DoubleDeploy,
+            Self::Shift { .. } => StageName::Shift,
+            Self::Cleanup => StageName::Cleanup,
+            Self::Unpin => StageName::Unpin,
+            Self::Done { .. } => StageName::Done,
+            Self::Paused { .. } => StageName::Paused,
+            Self::RollingBack => StageName::RollingBack,
+            Self::RolledBack => StageName::RolledBack,
+            Self::Failed => StageName::Failed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.name().as_str()
+    }
+
+    /// Ended: nothing more will happen to it.
+    pub fn is_terminal(self) -> bool {
+        self.name().is_terminal()
+    }
 
     /// Holds a concurrency slot (started and not ended).
     pub fn is_active(self) -> bool {
         !self.is_terminal() && self != Self::Validate
     }
-}
 
-/// Progress within SHIFT and ROLLING_BACK.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Phase {
-    #[default]
-    None,
-    /// Weights set; waiting for proxies to acknowledge them.
-    AwaitingAck,
-    /// Acknowledged; the step bakes and its gate is evaluated.
-    Baking,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
+    /// The phase within the stage, for display: `AWAITING_ACK` while
+    /// proxies are to acknowledge weights, `BAKING`, or empty.
+    pub fn phase_str(self) -> &'static str {
         match self {
-            Self::None => "",
-            Self::AwaitingAck => "AWAITING_ACK",
-            Self::Baking => "BAKING",
+            Self::Shift {
+                phase: StepPhase::AwaitingAck,
+                ..
+            }
+            | Self::RollingBack => "AWAITING_ACK",
+            Self::Shift {
+                phase: StepPhase::Baking,
+                ..
+            } => "BAKING",
+            _ => "",
         }
+    }
+
+    /// The SHIFT step it is at, or paused at.
+    pub fn step(self) -> Option<usize> {
+        match self {
+            Self::Shift { step, .. }
+            | Self::Paused {
+                resume: Resume::Shift { step, .. },
+            } => Some(step),
+            _ => None,
+        }
+    }
+
+    /// Waiting for proxies to acknowledge weights it set.
+    pub fn awaits_ack(self) -> bool {
+        self.phase_str() == "AWAITING_ACK"
     }
 }
 
@@ -368,17 +475,15 @@ impl GateOutcome {
     }
 }
 
-/// A migration as persisted.
+/// A migration, as the engine holds it. It is stored in a flat form
+/// ([`record`]) that older records share; loading one refuses a stage
+/// combination the machine could not have written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "record::Stored", try_from = "record::Stored")]
 pub struct Migration {
     pub id: String,
     pub plan: Plan,
     pub stage: Stage,
-    pub phase: Phase,
-    /// Index of the current step in `plan.steps`.
-    pub step: usize,
-    /// Where a paused migration resumes.
-    pub paused_from: Option<(Stage, Phase)>,
     /// The sources' weights when the migration started (sum 10000): what
     /// a rollback restores.
     pub source_weights: BTreeMap<ClusterName, u32>,
@@ -395,36 +500,41 @@ pub struct Migration {
     pub phase_started_ms: i64,
     /// The policy version that carries the weights awaiting
     /// acknowledgement (kept in memory; after a restart, the loaded one).
-    #[serde(skip)]
     pub applied_version: u64,
     /// Proxies that acknowledged the step, out of those connected (none
-    /// until first looked at).
-    #[serde(skip)]
+    /// until first looked at; kept in memory).
     pub acks: Option<Acks>,
     /// Stop at the end of the current step (its campaign is paused): a
     /// step that passes pauses the migration instead of moving on.
-    #[serde(default)]
     pub hold: bool,
-    /// With `--deploy kube --delete-source`: the source's objects were
-    /// deleted after the retention.
-    #[serde(default)]
-    pub source_deleted: bool,
 }
 
 impl Migration {
     /// When a DONE migration's source objects are due for deletion, if
     /// they are.
     pub fn source_deletion_due(&self) -> Option<i64> {
-        match self.plan.deploy {
-            Deploy::Kube {
-                delete_source: true,
-                retain_ms,
-                ..
-            } if self.stage == Stage::Done && !self.source_deleted => {
-                Some(self.phase_started_ms.saturating_add(retain_ms as i64))
-            }
+        match (self.plan.deploy, self.stage) {
+            (
+                Deploy::Kube {
+                    delete_source: true,
+                    retain_ms,
+                    ..
+                },
+                Stage::Done {
+                    source_deleted: false,
+                },
+            ) => Some(self.phase_started_ms.saturating_add(retain_ms as i64)),
             _ => None,
         }
+    }
+
+    /// The SHIFT step it is at or paused at; once it has left SHIFT, the
+    /// last step judged (0 before any).
+    pub fn step_reached(&self) -> usize {
+        self.stage
+            .step()
+            .or_else(|| self.gates.last().map(|g| g.step))
+            .unwrap_or(0)
     }
 }
 
@@ -506,6 +616,7 @@ fn transition(
 mod gates;
 mod machine;
 mod plan;
+mod record;
 mod requests;
 
 pub use self::gates::judge;
@@ -513,6 +624,7 @@ pub use self::machine::{SOURCES_QUIET_MS, next};
 pub use self::plan::{
     begin_rollback, rollback_weights, source_weights, step_weights, validate, validate_targets,
 };
+pub use self::record::RecordError;
 pub use self::requests::{abort, pause, resume};
 
 #[cfg(test)]

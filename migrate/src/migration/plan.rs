@@ -151,9 +151,7 @@ pub fn begin_rollback(m: &Migration, reason: String, now: i64) -> Next {
     let weights = rollback_weights(m);
     let mut to = m.clone();
     to.stage = Stage::RollingBack;
-    to.phase = Phase::AwaitingAck;
     to.acks = None;
-    to.paused_from = None;
     to.weights = to_map(&weights);
     to.reason = reason.clone();
     to.phase_started_ms = now;
@@ -164,7 +162,6 @@ pub fn begin_rollback(m: &Migration, reason: String, now: i64) -> Next {
 pub(super) fn fail(m: &Migration, reason: String, now: i64, release_pin: bool) -> Next {
     let mut to = m.clone();
     to.stage = Stage::Failed;
-    to.phase = Phase::None;
     to.reason = reason.clone();
     to.phase_started_ms = now;
     transition(

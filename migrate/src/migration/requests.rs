@@ -6,35 +6,35 @@ use super::*;
 
 /// Holds a migration at its current weights.
 pub fn pause(m: &Migration, actor: &str, reason: &str) -> Result<Transition, PolicyError> {
-    match m.stage {
-        Stage::Validate | Stage::DoubleDeploy | Stage::Shift => {
-            let mut to = m.clone();
-            to.paused_from = Some((m.stage, m.phase));
-            to.stage = Stage::Paused;
-            to.reason = format!("paused by {actor}: {reason}");
-            Ok(Transition::plain("migration_paused", to, reason))
+    let resume = match m.stage {
+        Stage::Validate => Resume::Validate,
+        Stage::DoubleDeploy => Resume::DoubleDeploy,
+        Stage::Shift { step, phase } => Resume::Shift { step, phase },
+        s => {
+            return Err(PolicyError::Precondition(format!(
+                "migration {} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
+                m.id,
+                s.as_str()
+            )));
         }
-        s => Err(PolicyError::Precondition(format!(
-            "migration {} is {}; only a migration in VALIDATE, DOUBLE_DEPLOY or SHIFT can be paused",
-            m.id,
-            s.as_str()
-        ))),
-    }
+    };
+    let mut to = m.clone();
+    to.stage = Stage::Paused { resume };
+    to.reason = format!("paused by {actor}: {reason}");
+    Ok(Transition::plain("migration_paused", to, reason))
 }
 
 /// The transition that continues a paused migration where it paused.
 pub fn resume(m: &Migration, reason: &str, now: i64) -> Result<Transition, PolicyError> {
-    match (m.stage, m.paused_from) {
-        (Stage::Paused, Some((stage, phase))) => {
+    match m.stage {
+        Stage::Paused { resume } => {
             let mut to = m.clone();
-            to.stage = stage;
-            to.phase = phase;
-            to.paused_from = None;
+            to.stage = resume.stage();
             to.reason = String::new();
             to.phase_started_ms = now;
             Ok(Transition::plain("migration_resumed", to, reason))
         }
-        (s, _) => Err(PolicyError::Precondition(format!(
+        s => Err(PolicyError::Precondition(format!(
             "migration {} is {}, not PAUSED",
             m.id,
             s.as_str()
@@ -68,7 +68,16 @@ pub fn abort(
         }
         // With a deploy mode, a deploy may have begun: roll back, which
         // undoes it.
-        _ if touched_weights || (!m.plan.deploy.is_none() && m.stage == Stage::DoubleDeploy) => {
+        _ if touched_weights
+            || (!m.plan.deploy.is_none()
+                && matches!(
+                    m.stage,
+                    Stage::DoubleDeploy
+                        | Stage::Paused {
+                            resume: Resume::DoubleDeploy
+                        }
+                )) =>
+        {
             match begin_rollback(m, why, now) {
                 Next::Transition(t) => *t,
                 _ => return Err(PolicyError::Precondition("nothing to roll back".into())),
@@ -78,11 +87,15 @@ pub fn abort(
             // No weight was changed yet: it ends here.
             let mut to = m.clone();
             to.stage = Stage::RolledBack;
-            to.phase = Phase::None;
             to.reason = why.clone();
             to.phase_started_ms = now;
-            let pinned = !matches!(m.stage, Stage::Validate)
-                && !matches!(m.paused_from, Some((Stage::Validate, _)));
+            let pinned = !matches!(
+                m.stage,
+                Stage::Validate
+                    | Stage::Paused {
+                        resume: Resume::Validate
+                    }
+            );
             Transition {
                 to,
                 weights: None,

@@ -86,9 +86,6 @@ fn migration() -> Migration {
             deploy: Deploy::None,
         },
         stage: Stage::Validate,
-        phase: Phase::None,
-        step: 0,
-        paused_from: None,
         source_weights: BTreeMap::new(),
         weights: BTreeMap::new(),
         reason: String::new(),
@@ -101,7 +98,6 @@ fn migration() -> Migration {
         applied_version: 0,
         acks: None,
         hold: false,
-        source_deleted: false,
     }
 }
 
@@ -141,13 +137,19 @@ fn a_migration_walks_every_stage_and_splits_sources_as_they_were() {
         (1000, 6750, 2250)
     );
     m = t.to;
-    assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
+    assert_eq!(
+        m.stage,
+        Stage::Shift {
+            step: 0,
+            phase: StepPhase::AwaitingAck
+        }
+    );
     // Waits for every proxy, then bakes.
     w.acks = acks(1, 2, 0);
     assert!(matches!(next(&m, &w, 20), Next::Observe(_)));
     w.acks = acks(2, 2, 0);
     m = take(next(&m, &w, 30)).to;
-    assert_eq!(m.phase, Phase::Baking);
+    assert_eq!(m.stage.phase_str(), "BAKING");
     // Healthy data, but the bake is not over: no step yet.
     w.load.insert(
         "old1".into(),
@@ -165,12 +167,12 @@ fn a_migration_walks_every_stage_and_splits_sources_as_they_were() {
     );
     assert!(!matches!(next(&m, &w, 500), Next::Transition(_)));
     let t = take(next(&m, &w, 1100));
-    assert_eq!(t.to.step, 1);
+    assert_eq!(t.to.stage.step(), Some(1));
     assert_eq!(bp(t.weights.as_ref().unwrap(), "new"), 5000);
     m = t.to;
     m = take(next(&m, &w, 1200)).to; // acked
     m = take(next(&m, &w, 2300)).to; // step 3
-    assert_eq!(m.step, 2);
+    assert_eq!(m.stage.step(), Some(2));
     m = take(next(&m, &w, 2400)).to; // acked
     // Last step: the sources carry nothing; the reference is the
     // source's rate from the step before. It ends only once the
@@ -189,7 +191,12 @@ fn a_migration_walks_every_stage_and_splits_sources_as_they_were() {
     m = take(next(&m, &w, cleanup + 600)).to;
     assert_eq!(m.stage, Stage::Unpin);
     let t = take(next(&m, &w, cleanup + 700));
-    assert_eq!(t.to.stage, Stage::Done);
+    assert_eq!(
+        t.to.stage,
+        Stage::Done {
+            source_deleted: false
+        }
+    );
     assert_eq!(t.pin, Some(None), "the pin is released");
 }
 
@@ -200,7 +207,7 @@ fn a_worse_target_rolls_back_at_once_to_the_sources() {
     m = take(next(&m, &w, 0)).to;
     m = take(next(&m, &w, 0)).to;
     m = take(next(&m, &w, 0)).to;
-    assert_eq!(m.phase, Phase::Baking);
+    assert_eq!(m.stage.phase_str(), "BAKING");
     w.load.insert(
         "old1".into(),
         Load {
@@ -300,7 +307,7 @@ fn no_proxy_is_never_an_acknowledgement() {
     let mut m = migration();
     m = take(next(&m, &w, 0)).to;
     m = take(next(&m, &w, 0)).to;
-    assert_eq!(m.phase, Phase::AwaitingAck);
+    assert_eq!(m.stage.phase_str(), "AWAITING_ACK");
     w.acks = acks(0, 0, 0);
     assert!(!matches!(next(&m, &w, 100), Next::Transition(_)));
     assert_eq!(
@@ -343,7 +350,7 @@ fn proxies_connected_before_a_restart_are_waited_for() {
         other => panic!("{other:?}"),
     }
     w.acks = acks(2, 2, 0);
-    assert_eq!(take(next(&m, &w, 200)).to.phase, Phase::Baking);
+    assert_eq!(take(next(&m, &w, 200)).to.stage.phase_str(), "BAKING");
 }
 
 #[test]
@@ -362,7 +369,13 @@ fn the_last_step_never_ends_while_the_sources_still_serve() {
     w.load.insert("old2".into(), load(100));
     m = take(next(&m, &w, 1000)).to; // step 1 passed
     m = take(next(&m, &w, 1000)).to; // step 2 acknowledged
-    assert_eq!((m.stage, m.phase, m.step), (Stage::Shift, Phase::Baking, 1));
+    assert_eq!(
+        m.stage,
+        Stage::Shift {
+            step: 1,
+            phase: StepPhase::Baking
+        }
+    );
     // Every proxy acknowledged, the target is healthy, but a source
     // still serves: some proxy routes by older weights.
     match next(&m, &w, 1000 + SOURCES_QUIET_MS + 100) {
@@ -418,8 +431,12 @@ fn a_held_migration_finishes_its_step_then_pauses_and_resumes_there() {
     m.hold = true;
     // Held before it starts: it pauses there, having changed nothing.
     let t = take(next(&m, &w, 0));
-    assert_eq!(t.to.stage, Stage::Paused);
-    assert_eq!(t.to.paused_from, Some((Stage::Validate, Phase::None)));
+    assert_eq!(
+        t.to.stage,
+        Stage::Paused {
+            resume: Resume::Validate
+        }
+    );
     assert!(t.weights.is_none() && t.pin.is_none());
     m.hold = false;
     m = take(next(&m, &w, 0)).to; // pinned
@@ -440,9 +457,16 @@ fn a_held_migration_finishes_its_step_then_pauses_and_resumes_there() {
     // step 1's weights instead of moving to step 2.
     assert!(!matches!(next(&m, &w, 500), Next::Transition(_)));
     let t = take(next(&m, &w, 1100));
-    assert_eq!(t.to.stage, Stage::Paused);
-    assert_eq!(t.to.paused_from, Some((Stage::Shift, Phase::Baking)));
-    assert_eq!(t.to.step, 0, "still at step 1");
+    assert_eq!(
+        t.to.stage,
+        Stage::Paused {
+            resume: Resume::Shift {
+                step: 0,
+                phase: StepPhase::Baking
+            }
+        },
+        "still at step 1"
+    );
     assert!(t.weights.is_none(), "weights unchanged");
     assert_eq!(
         t.to.gates.last().map(|g| g.outcome),
@@ -486,7 +510,7 @@ fn several_targets_share_each_step_and_are_each_judged() {
         (5000, 3000, 2000)
     );
     m = take(next(&t.to, &w, 20)).to; // acked
-    assert_eq!(m.phase, Phase::Baking);
+    assert_eq!(m.stage.phase_str(), "BAKING");
     // new-b fails while new-a is fine: the step fails, naming new-b.
     for (cluster, requests, errors) in [("old1", 100, 0), ("new-a", 60, 0), ("new-b", 40, 20)] {
         w.load.insert(cluster.into(), Load { requests, errors });
@@ -509,7 +533,7 @@ fn several_targets_share_each_step_and_are_each_judged() {
         },
     );
     let t = take(next(&m, &w, 1100));
-    assert_eq!(t.to.step, 1);
+    assert_eq!(t.to.stage.step(), Some(1));
     let weights = t.weights.unwrap();
     assert_eq!((bp(&weights, "new-a"), bp(&weights, "new-b")), (6000, 4000));
 }
@@ -559,7 +583,13 @@ fn a_hook_deploy_gates_double_deploy_cleanup_and_rollback() {
     // Done: the first step.
     w.deploys.insert(DeployStep::Deploy, DeployProgress::Done);
     m = take(next(&m, &w, 30)).to;
-    assert_eq!((m.stage, m.phase), (Stage::Shift, Phase::AwaitingAck));
+    assert_eq!(
+        m.stage,
+        Stage::Shift {
+            step: 0,
+            phase: StepPhase::AwaitingAck
+        }
+    );
     // A rollback undoes the deploy once proxies hold the source weights.
     let Next::Transition(t) = begin_rollback(&m, "test".into(), 40) else {
         panic!("rollback");
@@ -578,7 +608,6 @@ fn a_hook_deploy_gates_double_deploy_cleanup_and_rollback() {
     // and the migration still ends.
     let mut cleanup = m.clone();
     cleanup.stage = Stage::Cleanup;
-    cleanup.phase = Phase::None;
     cleanup.phase_started_ms = 100;
     assert!(matches!(next(&cleanup, &w, 200), Next::Wait), "draining");
     assert!(matches!(next(&cleanup, &w, 700), Next::Wait), "retiring");
@@ -609,13 +638,26 @@ fn pause_resume_and_abort_are_decided_from_the_record_alone() {
     // Paused while shifting, then resumed where it was, its wait started
     // afresh.
     let paused = pause(&m, "bob", "freeze").expect("pause").to;
-    assert_eq!(paused.stage, Stage::Paused);
-    assert_eq!(paused.paused_from, Some((Stage::Shift, Phase::AwaitingAck)));
+    assert_eq!(
+        paused.stage,
+        Stage::Paused {
+            resume: Resume::Shift {
+                step: 0,
+                phase: StepPhase::AwaitingAck
+            }
+        }
+    );
     assert!(pause(&paused, "bob", "again").is_err(), "not twice");
     let resumed = resume(&paused, "go on", 99).expect("resume").to;
     assert_eq!(
-        (resumed.stage, resumed.phase, resumed.phase_started_ms),
-        (Stage::Shift, Phase::AwaitingAck, 99)
+        (resumed.stage, resumed.phase_started_ms),
+        (
+            Stage::Shift {
+                step: 0,
+                phase: StepPhase::AwaitingAck
+            },
+            99
+        )
     );
     assert!(resume(&resumed, "again", 100).is_err(), "not paused");
     // Aborted with weights set: all traffic back to the sources.
@@ -624,4 +666,93 @@ fn pause_resume_and_abort_are_decided_from_the_record_alone() {
     assert_eq!(bp(t.weights.as_ref().expect("weights"), "new"), 0);
     let err = abort(&t.to, "carol", "again", 130).expect_err("already rolling back");
     assert!(err.to_string().contains("already rolling back"), "{err}");
+}
+
+#[test]
+fn every_stage_survives_the_stored_form() {
+    let shift = |step, phase| Stage::Shift { step, phase };
+    for stage in [
+        Stage::Validate,
+        Stage::DoubleDeploy,
+        shift(0, StepPhase::AwaitingAck),
+        shift(2, StepPhase::Baking),
+        Stage::Cleanup,
+        Stage::Unpin,
+        Stage::Done {
+            source_deleted: false,
+        },
+        Stage::Done {
+            source_deleted: true,
+        },
+        Stage::Paused {
+            resume: Resume::Validate,
+        },
+        Stage::Paused {
+            resume: Resume::DoubleDeploy,
+        },
+        Stage::Paused {
+            resume: Resume::Shift {
+                step: 1,
+                phase: StepPhase::Baking,
+            },
+        },
+        Stage::RollingBack,
+        Stage::RolledBack,
+        Stage::Failed,
+    ] {
+        let mut m = migration();
+        m.stage = stage;
+        let json = serde_json::to_string(&m).unwrap();
+        let back: Migration = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.stage, stage, "{json}");
+    }
+}
+
+#[test]
+fn a_record_written_before_the_typed_stage_loads() {
+    let mut v = serde_json::to_value(migration()).unwrap();
+    v["stage"] = "PAUSED".into();
+    v["phase"] = "NONE".into();
+    v["step"] = 1.into();
+    v["paused_from"] = serde_json::json!(["SHIFT", "AWAITING_ACK"]);
+    let m: Migration = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        m.stage,
+        Stage::Paused {
+            resume: Resume::Shift {
+                step: 1,
+                phase: StepPhase::AwaitingAck
+            }
+        }
+    );
+}
+
+#[test]
+fn a_record_naming_an_impossible_stage_is_refused_with_what_is_wrong() {
+    let base = serde_json::to_value(migration()).unwrap();
+    for (fields, wrong) in [
+        (
+            serde_json::json!({"stage": "SHIFT", "phase": "NONE"}),
+            "phase",
+        ),
+        (
+            serde_json::json!({"stage": "SHIFT", "phase": "BAKING", "step": 3}),
+            "outside the plan's 3 steps",
+        ),
+        (
+            serde_json::json!({"stage": "PAUSED", "paused_from": null}),
+            "where it resumes",
+        ),
+        (
+            serde_json::json!({"stage": "PAUSED", "paused_from": ["DONE", "NONE"]}),
+            "cannot resume into DONE",
+        ),
+    ] {
+        let mut v = base.clone();
+        for (k, x) in fields.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        let e = serde_json::from_value::<Migration>(v).unwrap_err();
+        assert!(e.to_string().contains(wrong), "{fields}: {e}");
+    }
 }
