@@ -215,7 +215,9 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     // served, so a restart never serves default weights.
     let store = open_store(&args).await?;
     let policy = Arc::new(
-        Policy::load(store.backend(), catalog.clone()).context("loading the traffic policy")?,
+        Policy::load(store.backend(), catalog.clone())
+            .await
+            .context("loading the traffic policy")?,
     );
     let clients = Arc::new(ClientRegistry::default());
     let loads = Arc::new(LoadReports::default());
@@ -241,6 +243,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
             ..EngineConfig::default()
         },
     )
+    .await
     .context("loading the persisted migrations")?;
     let store_kind = store.kind();
     store.start(
@@ -528,7 +531,7 @@ async fn expire_pins(policy: Arc<Policy>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
-                if let Err(e) = policy.expire_pins() {
+                if let Err(e) = policy.expire_pins().await {
                     tracing::error!(error = %e, "cannot release expired pins");
                 }
             }

@@ -79,8 +79,8 @@ async fn a_deposed_leaders_late_writes_are_refused() {
     assert_eq!(*b.role().borrow(), Role::Follower, "two leaders at once");
 
     // Only the leader writes.
-    a.commit(&change(1, "a")).expect("leader writes");
-    match b.commit(&change(2, "b")) {
+    a.commit(&change(1, "a")).await.expect("leader writes");
+    match b.commit(&change(2, "b")).await {
         Err(StoreError::NotLeader { leader }) => assert_eq!(leader, "a"),
         other => panic!("a follower's write: {other:?}"),
     }
@@ -102,18 +102,18 @@ async fn a_deposed_leaders_late_writes_are_refused() {
         matches!(*a.role().borrow(), Role::Leader { .. }),
         "a still believes it leads"
     );
-    b.commit(&change(2, "b")).expect("new leader writes");
+    b.commit(&change(2, "b")).await.expect("new leader writes");
 
     // a's late write is refused by etcd, and changes nothing.
-    let before = b.load().expect("load");
-    match a.commit(&change(3, "a")) {
+    let before = b.load().await.expect("load");
+    match a.commit(&change(3, "a")).await {
         Err(StoreError::Fenced(_)) => {}
         other => panic!("a deposed leader's write: {other:?}"),
     }
-    let after = b.load().expect("load");
+    let after = b.load().await.expect("load");
     assert_eq!(after.version, 2);
     assert_eq!(before.version, after.version);
-    let audit = b.audit(None, 10).expect("audit");
+    let audit = b.audit(None, 10).await.expect("audit");
     let actors: Vec<&str> = audit.iter().map(|r| r.actor.as_str()).collect();
     assert_eq!(actors, ["a", "b"]);
     cancel.cancel();

@@ -220,7 +220,7 @@ impl Traffic for TrafficApi {
                 "weights: at least one cluster weight is required (use ClearWeights to go back to the catalog's)",
             ));
         }
-        let committed = self.policy.set_weights(&change, &actor)?;
+        let committed = self.policy.set_weights(&change, &actor).await?;
         Ok(Response::new(committed_response(&committed)))
     }
 
@@ -237,7 +237,7 @@ impl Traffic for TrafficApi {
             reason: r.reason,
             owner: r.owner,
         };
-        let committed = self.policy.set_weights(&change, &actor)?;
+        let committed = self.policy.set_weights(&change, &actor).await?;
         Ok(Response::new(committed_response(&committed)))
     }
 
@@ -262,7 +262,8 @@ impl Traffic for TrafficApi {
         let r = request.into_inner();
         let pin = self
             .policy
-            .pin(&r.service, &r.owner, &r.reason, r.ttl_seconds)?;
+            .pin(&r.service, &r.owner, &r.reason, r.ttl_seconds)
+            .await?;
         Ok(Response::new(pin_record(&pin)))
     }
 
@@ -276,7 +277,7 @@ impl Traffic for TrafficApi {
         } else {
             r.reason.as_str()
         };
-        let version = self.policy.unpin(&r.service, &r.owner, reason)?;
+        let version = self.policy.unpin(&r.service, &r.owner, reason).await?;
         Ok(Response::new(UnpinResponse {
             policy_version: version,
         }))
@@ -304,7 +305,8 @@ impl Traffic for TrafficApi {
         let service = (!r.service.is_empty()).then_some(r.service.as_str());
         let all: Vec<AuditEntry> = self
             .policy
-            .audit(service, limit)?
+            .audit(service, limit)
+            .await?
             .into_iter()
             .map(audit_entry)
             .collect();

@@ -1,5 +1,6 @@
 //! The `ferry.v1.Campaigns` gRPC service over the [`Engine`].
 
+use crate::migration_api::Action;
 use std::pin::Pin as BoxPin;
 use std::sync::Arc;
 
@@ -219,14 +220,19 @@ impl CampaignsApi {
         campaign_to_proto(c, &self.engine, crate::policy::now_ms())
     }
 
-    fn act(
+    async fn act(
         &self,
         request: Request<pb::CampaignActionRequest>,
-        action: fn(&Engine, &str, &str, &str) -> Result<Campaign, PolicyError>,
+        action: Action,
     ) -> Result<Response<pb::Campaign>, Status> {
         let actor = actor(&request, "");
         let r = request.into_inner();
-        let c = action(&self.engine, &r.id, &actor, &r.reason)?;
+        let (e, id, reason) = (&self.engine, &r.id, &r.reason);
+        let c = match action {
+            Action::Pause => e.pause_campaign(id, &actor, reason).await,
+            Action::Resume => e.resume_campaign(id, &actor, reason).await,
+            Action::Abort => e.abort_campaign(id, &actor, reason).await,
+        }?;
         Ok(Response::new(self.wire(&c)))
     }
 }
@@ -242,7 +248,7 @@ impl Campaigns for CampaignsApi {
         let actor = actor(&request, "");
         let r = request.into_inner();
         let plan = campaign_plan_from_request(&r)?;
-        let c = self.engine.create_campaign(plan, &actor, &r.reason)?;
+        let c = self.engine.create_campaign(plan, &actor, &r.reason).await?;
         Ok(Response::new(self.wire(&c)))
     }
 
@@ -273,21 +279,21 @@ impl Campaigns for CampaignsApi {
         &self,
         request: Request<pb::CampaignActionRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
-        self.act(request, Engine::pause_campaign)
+        self.act(request, Action::Pause).await
     }
 
     async fn resume_campaign(
         &self,
         request: Request<pb::CampaignActionRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
-        self.act(request, Engine::resume_campaign)
+        self.act(request, Action::Resume).await
     }
 
     async fn abort_campaign(
         &self,
         request: Request<pb::CampaignActionRequest>,
     ) -> Result<Response<pb::Campaign>, Status> {
-        self.act(request, Engine::abort_campaign)
+        self.act(request, Action::Abort).await
     }
 
     async fn retry_campaign(
@@ -298,7 +304,8 @@ impl Campaigns for CampaignsApi {
         let r = request.into_inner();
         let c = self
             .engine
-            .retry_campaign(&r.id, &r.services, &actor, &r.reason)?;
+            .retry_campaign(&r.id, &r.services, &actor, &r.reason)
+            .await?;
         Ok(Response::new(self.wire(&c)))
     }
 

@@ -15,10 +15,6 @@
 //! `audit/<version, 20 digits>`, the election `election`, and outside the
 //! policy `observations/<node>` and `proxies/<node>` (the proxies each
 //! control plane waits for after a restart).
-//!
-//! The [`Backend`] calls are synchronous (the policy applies a change under
-//! its lock); they run the etcd call on the current multi-threaded tokio
-//! runtime with `block_in_place`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -27,7 +23,6 @@ use std::time::{Duration, Instant};
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
 };
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +63,6 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     role: watch::Receiver<Role>,
-    handle: Handle,
 }
 
 /// The election of one control plane: owns the lease and its renewal.
@@ -116,7 +110,6 @@ pub async fn connect(config: EtcdConfig) -> Result<(EtcdStore, Election), StoreE
             client: client.clone(),
             prefix,
             role: role_rx,
-            handle: Handle::current(),
         },
         Election {
             client,
@@ -133,11 +126,6 @@ impl EtcdStore {
 
     fn election_name(&self) -> String {
         self.key("election")
-    }
-
-    /// Runs an etcd call from synchronous code on the tokio runtime.
-    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
-        tokio::task::block_in_place(|| self.handle.block_on(f))
     }
 
     /// The role this store writes with.
@@ -301,34 +289,39 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Db(format!("cannot encode a record: {e}")))
 }
 
+#[async_trait::async_trait]
 impl Backend for EtcdStore {
-    fn load(&self) -> Result<Loaded, StoreError> {
-        self.block(self.load_async())
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        self.load_async().await
     }
 
-    fn commit(&self, change: &Commit) -> Result<(), StoreError> {
-        self.block(self.commit_async(change))
+    async fn commit(&self, change: &Commit) -> Result<(), StoreError> {
+        self.commit_async(change).await
     }
 
-    fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
-        self.block(self.audit_async(service, limit))
+    async fn audit(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_async(service, limit).await
     }
 
-    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
+    async fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
         let json = to_json(proxies)?;
         let key = self.key(&format!("proxies/{node}"));
         let mut client = self.client.clone();
-        self.block(client.put(key, json, None))
+        client
+            .put(key, json, None)
+            .await
             .map(|_| ())
-            .map_err(|e| StoreError::Db(e.to_string()))
+            .map_err(etcd_err)
     }
 
-    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
+    async fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
         let key = self.key(&format!("proxies/{node}"));
         let mut client = self.client.clone();
-        let response = self
-            .block(client.get(key.clone(), None))
-            .map_err(|e| StoreError::Db(e.to_string()))?;
+        let response = client.get(key.clone(), None).await.map_err(etcd_err)?;
         match response.kvs().first() {
             Some(kv) => parse(
                 &key,
@@ -492,7 +485,7 @@ pub async fn follow(
         // first: a borrow must not outlive the statement, or the election
         // could not publish a new role meanwhile.)
         let leading = matches!(*role.borrow(), Role::Leader { .. });
-        sync(&policy, &engine, leading);
+        sync(&policy, &engine, leading).await;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -504,10 +497,10 @@ pub async fn follow(
                     if !leading {
                         engine.set_leading(false);
                     }
-                    sync(&policy, &engine, leading);
+                    sync(&policy, &engine, leading).await;
                 }
                 message = stream.message() => match message {
-                    Ok(Some(_)) => sync(&policy, &engine, engine.is_leading()),
+                    Ok(Some(_)) => sync(&policy, &engine, engine.is_leading()).await,
                     Ok(None) | Err(_) => break,
                 }
             }
@@ -517,15 +510,15 @@ pub async fn follow(
 
 /// Reloads policy and migrations from etcd; a new leader starts its engine
 /// only after that.
-fn sync(policy: &Policy, engine: &Engine, leading: bool) {
-    if let Err(e) = policy.reload() {
+async fn sync(policy: &Policy, engine: &Engine, leading: bool) {
+    if let Err(e) = policy.reload().await {
         tracing::error!(error = %e, "cannot follow the policy in etcd");
         return;
     }
     // A leader's engine holds what it wrote itself; anyone else takes
     // etcd's word (a new leader before its first tick).
     if !(engine.is_leading() && leading)
-        && let Err(e) = engine.reload()
+        && let Err(e) = engine.reload().await
     {
         tracing::error!(error = %e, "cannot follow the migrations in etcd");
         return;

@@ -398,16 +398,29 @@ pub fn waiting(m: &Migration) -> String {
 impl MigrationsApi {
     /// Pause, resume or abort: the engine's `action` on the request's
     /// migration, as the caller.
-    fn act(
+    async fn act(
         &self,
         request: Request<pb::MigrationActionRequest>,
-        action: fn(&Engine, &str, &str, &str) -> Result<Migration, PolicyError>,
+        action: Action,
     ) -> Result<Response<pb::Migration>, Status> {
         let actor = actor(&request, "");
         let r = request.into_inner();
-        let m = action(&self.engine, &r.id, &actor, &r.reason)?;
+        let (e, id, reason) = (&self.engine, &r.id, &r.reason);
+        let m = match action {
+            Action::Pause => e.pause(id, &actor, reason).await,
+            Action::Resume => e.resume(id, &actor, reason).await,
+            Action::Abort => e.abort(id, &actor, reason).await,
+        }?;
         Ok(Response::new(to_proto(&m)))
     }
+}
+
+/// What a person asks of a running migration or campaign.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Action {
+    Pause,
+    Resume,
+    Abort,
 }
 
 type MigrationStream = BoxPin<Box<dyn Stream<Item = Result<pb::Migration, Status>> + Send>>;
@@ -421,7 +434,7 @@ impl Migrations for MigrationsApi {
         let actor = actor(&request, "");
         let r = request.into_inner();
         let plan = plan_from_request(&r)?;
-        let m = self.engine.create(plan, &actor, &r.reason)?;
+        let m = self.engine.create(plan, &actor, &r.reason).await?;
         Ok(Response::new(to_proto(&m)))
     }
 
@@ -454,21 +467,21 @@ impl Migrations for MigrationsApi {
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        self.act(request, Engine::pause)
+        self.act(request, Action::Pause).await
     }
 
     async fn resume_migration(
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        self.act(request, Engine::resume)
+        self.act(request, Action::Resume).await
     }
 
     async fn abort_migration(
         &self,
         request: Request<pb::MigrationActionRequest>,
     ) -> Result<Response<pb::Migration>, Status> {
-        self.act(request, Engine::abort)
+        self.act(request, Action::Abort).await
     }
 
     type WatchMigrationStream = MigrationStream;

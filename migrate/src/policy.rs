@@ -6,7 +6,7 @@
 //! weights, pins, version and served config exactly as they were.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ferry_discovery::untrusted::Escaped;
@@ -181,23 +181,13 @@ struct State {
 pub struct Policy {
     store: Box<dyn Backend>,
     /// Serializes writers: a change is validated against, and applied on
-    /// top of, the state no other writer can move meanwhile.
-    writer: Mutex<()>,
+    /// top of, the state no other writer can move meanwhile. Writers queue
+    /// on it without holding a runtime worker; readers never take it.
+    writer: tokio::sync::Mutex<()>,
     state: RwLock<Arc<State>>,
     catalog: Arc<Catalog>,
     overrides: watch::Sender<Arc<PolicyOverrides>>,
     events: broadcast::Sender<AuditRecord>,
-}
-
-/// Runs work that may block (store I/O, or waiting for a writer that is
-/// doing it) without stalling the async runtime's worker threads.
-pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
 }
 
 pub fn now_ms() -> i64 {
@@ -217,8 +207,8 @@ fn format_weights(w: &Weights) -> String {
 impl Policy {
     /// Loads the persisted policy. Call before serving xDS so a restart
     /// never serves default weights.
-    pub fn load(store: Box<dyn Backend>, catalog: Arc<Catalog>) -> Result<Self, PolicyError> {
-        let loaded = blocking(|| store.load())?;
+    pub async fn load(store: Box<dyn Backend>, catalog: Arc<Catalog>) -> Result<Self, PolicyError> {
+        let loaded = store.load().await?;
         let (weights, pins) = decode(&loaded)?;
         tracing::info!(
             version = loaded.version,
@@ -234,7 +224,7 @@ impl Policy {
         let (events, _) = broadcast::channel(1024);
         Ok(Self {
             store,
-            writer: Mutex::new(()),
+            writer: tokio::sync::Mutex::new(()),
             state: RwLock::new(Arc::new(State {
                 version: loaded.version,
                 weights,
@@ -248,31 +238,25 @@ impl Policy {
 
     /// Reloads the policy from the store when it holds a newer version
     /// (another control plane wrote it); returns whether anything changed.
-    pub fn reload(&self) -> Result<bool, PolicyError> {
-        blocking(|| {
-            let _writer = self.writer();
-            let current = self.state();
-            let loaded = self.store.load()?;
-            if loaded.version == current.version {
-                return Ok(false);
-            }
-            let (weights, pins) = decode(&loaded)?;
-            tracing::info!(
-                from = current.version,
-                to = loaded.version,
-                "traffic policy followed the store"
-            );
-            self.publish(State {
-                version: loaded.version,
-                weights,
-                pins,
-            });
-            Ok(true)
-        })
-    }
-
-    fn writer(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    pub async fn reload(&self) -> Result<bool, PolicyError> {
+        let _writer = self.writer.lock().await;
+        let current = self.state();
+        let loaded = self.store.load().await?;
+        if loaded.version == current.version {
+            return Ok(false);
+        }
+        let (weights, pins) = decode(&loaded)?;
+        tracing::info!(
+            from = current.version,
+            to = loaded.version,
+            "traffic policy followed the store"
+        );
+        self.publish(State {
+            version: loaded.version,
+            weights,
+            pins,
+        });
+        Ok(true)
     }
 
     /// The policy now.
@@ -348,15 +332,7 @@ impl Policy {
 
     /// Sets (or, with no weights, clears) a service's weights; returns
     /// this change's own commit, whatever other writers do after it.
-    pub fn set_weights(
-        &self,
-        change: &WeightsChange,
-        actor: &str,
-    ) -> Result<Committed, PolicyError> {
-        blocking(|| self.set_weights_now(change, actor))
-    }
-
-    fn set_weights_now(
+    pub async fn set_weights(
         &self,
         change: &WeightsChange,
         actor: &str,
@@ -371,7 +347,7 @@ impl Policy {
             ));
         }
         let requested = parse_weights(&change.weights)?;
-        let _writer = self.writer();
+        let _writer = self.writer.lock().await;
         let inner = self.state();
         let catalog = self.catalog.current();
         let service = catalog.services.get(&name).ok_or_else(|| {
@@ -413,19 +389,21 @@ impl Policy {
         };
         let weights = weights
             .ok_or_else(|| PolicyError::NotFound(format!("service {name} has no backends")))?;
-        let version = self.commit_locked(
-            &inner,
-            Change {
-                weights: Some(requested),
-                ..Change::new(
-                    name.clone(),
-                    actor.to_owned(),
-                    action.to_owned(),
-                    change.reason.clone(),
-                    detail,
-                )
-            },
-        )?;
+        let version = self
+            .commit_locked(
+                &inner,
+                Change {
+                    weights: Some(requested),
+                    ..Change::new(
+                        name.clone(),
+                        actor.to_owned(),
+                        action.to_owned(),
+                        change.reason.clone(),
+                        detail,
+                    )
+                },
+            )
+            .await?;
         Ok(Committed {
             service: name,
             version,
@@ -435,17 +413,7 @@ impl Policy {
     }
 
     /// Pins a service for `owner`; the owner may refresh its own pin.
-    pub fn pin(
-        &self,
-        service: &str,
-        owner: &str,
-        reason: &str,
-        ttl_seconds: u64,
-    ) -> Result<Pin, PolicyError> {
-        blocking(|| self.pin_now(service, owner, reason, ttl_seconds))
-    }
-
-    fn pin_now(
+    pub async fn pin(
         &self,
         service: &str,
         owner: &str,
@@ -467,7 +435,7 @@ impl Policy {
         if ttl_seconds > 365 * 24 * 3600 {
             return Err(invalid("ttl_seconds", "at most one year"));
         }
-        let _writer = self.writer();
+        let _writer = self.writer.lock().await;
         let inner = self.state();
         if !self.catalog.current().services.contains_key(&name) {
             return Err(PolicyError::NotFound(format!(
@@ -503,23 +471,25 @@ impl Policy {
                     detail,
                 )
             },
-        )?;
+        )
+        .await?;
         Ok(to_pin(&name, &pin))
     }
 
     /// Releases a pin; only its owner may.
-    pub fn unpin(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
-        blocking(|| self.unpin_now(service, owner, reason))
-    }
-
-    fn unpin_now(&self, service: &str, owner: &str, reason: &str) -> Result<u64, PolicyError> {
+    pub async fn unpin(
+        &self,
+        service: &str,
+        owner: &str,
+        reason: &str,
+    ) -> Result<u64, PolicyError> {
         let name = parse_service(service)?;
         check_text("owner", owner, true)?;
         check_text("reason", reason, false)?;
         if owner.trim().is_empty() {
             return Err(invalid("owner", "an owner is required"));
         }
-        let _writer = self.writer();
+        let _writer = self.writer.lock().await;
         let inner = self.state();
         let Some(pin) = inner.pins.get(&name) else {
             return Err(PolicyError::NotFound(format!(
@@ -533,16 +503,12 @@ impl Policy {
                 reason: pin.reason.clone(),
             });
         }
-        self.remove_pin(&inner, &name, owner, "unpin", reason)
+        self.remove_pin(&inner, &name, owner, "unpin", reason).await
     }
 
     /// Releases every pin whose TTL has passed; returns how many.
-    pub fn expire_pins(&self) -> Result<usize, PolicyError> {
-        blocking(|| self.expire_pins_now())
-    }
-
-    fn expire_pins_now(&self) -> Result<usize, PolicyError> {
-        let _writer = self.writer();
+    pub async fn expire_pins(&self) -> Result<usize, PolicyError> {
+        let _writer = self.writer.lock().await;
         let inner = self.state();
         let now = now_ms();
         let expired: Vec<ServiceName> = inner
@@ -552,12 +518,13 @@ impl Policy {
             .map(|(n, _)| n.clone())
             .collect();
         for name in &expired {
-            self.remove_pin(&self.state(), name, "ferry", "pin_expired", "TTL passed")?;
+            self.remove_pin(&self.state(), name, "ferry", "pin_expired", "TTL passed")
+                .await?;
         }
         Ok(expired.len())
     }
 
-    fn remove_pin(
+    async fn remove_pin(
         &self,
         inner: &State,
         name: &ServiceName,
@@ -583,27 +550,24 @@ impl Policy {
                 )
             },
         )
+        .await
     }
 
     /// Applies one change made on behalf of a pin owner (the migration
     /// engine): weights, pin and the owner's own record, persisted in one
     /// transaction before any of it takes effect. Refused, changing
     /// nothing, when another owner holds the service's pin.
-    pub fn transact(&self, change: Change) -> Result<u64, PolicyError> {
-        blocking(|| self.transact_now(change))
-    }
-
-    fn transact_now(&self, change: Change) -> Result<u64, PolicyError> {
-        let _writer = self.writer();
+    pub async fn transact(&self, change: Change) -> Result<u64, PolicyError> {
+        let _writer = self.writer.lock().await;
         let inner = self.state();
         if let Some(owner) = &change.acting_owner {
             check_pin(&inner, &change.service, owner)?;
         }
-        self.commit_locked(&inner, change)
+        self.commit_locked(&inner, change).await
     }
 
     /// Persists `change`, then applies and publishes it.
-    fn commit_locked(&self, inner: &State, change: Change) -> Result<u64, PolicyError> {
+    async fn commit_locked(&self, inner: &State, change: Change) -> Result<u64, PolicyError> {
         let version = inner.version + 1;
         let commit = Commit {
             version,
@@ -628,7 +592,7 @@ impl Policy {
                 detail: change.detail,
             },
         };
-        self.store.commit(&commit)?;
+        self.store.commit(&commit).await?;
         let mut next = inner.clone();
         next.version = version;
         if let Some(weights) = change.weights {
@@ -653,8 +617,8 @@ impl Policy {
 
     /// Stored migration and campaign records (id → JSON), for the engine
     /// to resume, read at one point in time.
-    pub fn stored_records(&self) -> Result<(Records, Records), PolicyError> {
-        let loaded = blocking(|| self.store.load())?;
+    pub async fn stored_records(&self) -> Result<(Records, Records), PolicyError> {
+        let loaded = self.store.load().await?;
         Ok((loaded.migrations, loaded.campaigns))
     }
 
@@ -670,30 +634,30 @@ impl Policy {
         self.state().pins.get(name).map(|p| to_pin(name, p))
     }
 
-    pub fn audit(
+    pub async fn audit(
         &self,
         service: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, PolicyError> {
-        Ok(blocking(|| self.store.audit(service, limit))?)
+        Ok(self.store.audit(service, limit).await?)
     }
 
     /// Records the proxies connected to control plane `node` (see
     /// [`crate::returning`]).
-    pub fn save_proxies(
+    pub async fn save_proxies(
         &self,
         node: &str,
         proxies: &std::collections::BTreeSet<String>,
     ) -> Result<(), PolicyError> {
-        Ok(blocking(|| self.store.save_proxies(node, proxies))?)
+        Ok(self.store.save_proxies(node, proxies).await?)
     }
 
     /// The proxies last recorded for control plane `node`.
-    pub fn saved_proxies(
+    pub async fn saved_proxies(
         &self,
         node: &str,
     ) -> Result<std::collections::BTreeSet<String>, PolicyError> {
-        Ok(blocking(|| self.store.saved_proxies(node))?)
+        Ok(self.store.saved_proxies(node).await?)
     }
 
     fn accepted(&self, record: AuditRecord) {
@@ -831,24 +795,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn accepted_changes_survive_a_reload_and_rejected_ones_leave_no_trace() {
+    #[tokio::test]
+    async fn accepted_changes_survive_a_reload_and_rejected_ones_leave_no_trace() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("policy.redb");
         {
-            let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog()).unwrap();
+            let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog())
+                .await
+                .unwrap();
             assert_eq!(
                 policy
                     .set_weights(&change(&[("old", 2500), ("new", 7500)]), "t")
+                    .await
                     .unwrap()
                     .version,
                 1
             );
-            policy.pin("a.ns", "me", "freeze", 0).unwrap();
-            assert!(policy.set_weights(&change(&[("old", 1)]), "t").is_err());
+            policy.pin("a.ns", "me", "freeze", 0).await.unwrap();
+            assert!(
+                policy
+                    .set_weights(&change(&[("old", 1)]), "t")
+                    .await
+                    .is_err()
+            );
             assert_eq!(policy.version(), 2);
         }
-        let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog()).unwrap();
+        let policy = Policy::load(Box::new(Store::open(&path).unwrap()), catalog())
+            .await
+            .unwrap();
         assert_eq!(policy.version(), 2);
         let (_, w, source, _) = policy.weights("a.ns").unwrap();
         assert_eq!(source, WeightsSource::Policy);
@@ -857,45 +831,80 @@ mod tests {
             7500
         );
         assert_eq!(policy.pins().len(), 1);
-        let audit = policy.audit(None, 10).unwrap();
+        let audit = policy.audit(None, 10).await.unwrap();
         assert_eq!(audit.len(), 2);
         assert_eq!(policy.overrides().borrow().weights.len(), 1);
     }
 
-    #[test]
-    fn concurrent_writers_each_get_their_own_version() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_each_get_their_own_version() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("policy.redb")).unwrap();
-        let policy = Arc::new(Policy::load(Box::new(store), catalog()).unwrap());
-        let threads: Vec<_> = (0..8u32)
+        let policy = Arc::new(Policy::load(Box::new(store), catalog()).await.unwrap());
+        let writers: Vec<_> = (0..8u32)
             .map(|t| {
                 let policy = policy.clone();
-                std::thread::spawn(move || {
-                    (0..10u32)
-                        .map(|i| {
-                            let old = t * 100 + i;
-                            let c = policy
-                                .set_weights(&change(&[("old", old), ("new", 10000 - old)]), "t")
-                                .unwrap();
-                            // The answer is this writer's own weights.
-                            assert_eq!(
-                                c.weights
-                                    .get(&ClusterName::new("old").unwrap())
-                                    .basis_points(),
-                                old
-                            );
-                            c.version
-                        })
-                        .collect::<Vec<_>>()
+                tokio::spawn(async move {
+                    let mut versions = Vec::new();
+                    for i in 0..10u32 {
+                        let old = t * 100 + i;
+                        let c = policy
+                            .set_weights(&change(&[("old", old), ("new", 10000 - old)]), "t")
+                            .await
+                            .unwrap();
+                        // The answer is this writer's own weights.
+                        assert_eq!(
+                            c.weights
+                                .get(&ClusterName::new("old").unwrap())
+                                .basis_points(),
+                            old
+                        );
+                        versions.push(c.version);
+                    }
+                    versions
                 })
             })
             .collect();
-        let mut versions: Vec<u64> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
+        let mut versions = Vec::new();
+        for w in writers {
+            versions.extend(w.await.unwrap());
+        }
         versions.sort_unstable();
         versions.dedup();
         assert_eq!(versions.len(), 80, "every commit its own version");
+    }
+
+    #[tokio::test]
+    async fn the_store_refuses_a_change_made_on_a_version_it_has_moved_past() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("policy.redb")).unwrap();
+        let commit = |version: u64| Commit {
+            version,
+            service: "a.ns".into(),
+            weights: None,
+            pin: None,
+            migration: None,
+            campaign: None,
+            audit: AuditRecord {
+                version,
+                at_ms: 0,
+                actor: "t".into(),
+                action: "test".into(),
+                service: "a.ns".into(),
+                reason: "test".into(),
+                detail: String::new(),
+            },
+        };
+        store.commit(&commit(1)).await.unwrap();
+        // A second writer that read version 0 as well.
+        match store.commit(&commit(1)).await {
+            Err(StoreError::Conflict {
+                expected: 0,
+                actual: 1,
+            }) => {}
+            other => panic!("a stale write: {other:?}"),
+        }
+        assert_eq!(store.load().await.unwrap().version, 1);
+        assert_eq!(store.audit(None, 10).await.unwrap().len(), 1);
     }
 }

@@ -5,6 +5,10 @@
 //!
 //! [`Store`] is the embedded default: one `redb` file under `--data-dir`.
 //! The etcd backend (feature `etcd`) is in [`crate::etcd`].
+//!
+//! Every call is async: etcd's are network round trips, and redb's file
+//! transactions run on tokio's blocking pool, so no store I/O ever holds
+//! up a runtime worker.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -36,22 +40,35 @@ pub enum StoreError {
     /// leader's late write, refused by the store.
     #[error("write refused: this control plane's leadership ended ({0})")]
     Fenced(String),
+    /// The write was made on top of a version that is no longer the
+    /// store's: another writer got there first.
+    #[error(
+        "write refused: the policy version is {actual}, not the {expected} this change was made on"
+    )]
+    Conflict { expected: u64, actual: u64 },
 }
 
 /// A policy store.
+#[async_trait::async_trait]
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Everything stored, as of now.
-    fn load(&self) -> Result<Loaded, StoreError>;
-    /// Writes one change; returns once it is durable.
-    fn commit(&self, change: &Commit) -> Result<(), StoreError>;
+    async fn load(&self) -> Result<Loaded, StoreError>;
+    /// Writes one change made on top of version `change.version - 1`;
+    /// returns once it is durable. Refused when the store has moved past
+    /// that version.
+    async fn commit(&self, change: &Commit) -> Result<(), StoreError>;
     /// The newest `limit` audit entries (about `service`, if given), oldest first.
-    fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+    async fn audit(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
     /// Records the node ids of the proxies connected to control plane
     /// `node` (what it waits for after a restart). Not part of the policy:
     /// no version, no audit entry.
-    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError>;
+    async fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError>;
     /// What [`save_proxies`](Self::save_proxies) last recorded for `node`.
-    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError>;
+    async fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError>;
 }
 
 fn db_err<E: std::fmt::Display>(e: E) -> StoreError {
@@ -136,8 +153,56 @@ impl Store {
     }
 }
 
+#[async_trait::async_trait]
 impl Backend for Store {
-    fn load(&self) -> Result<Loaded, StoreError> {
+    async fn load(&self) -> Result<Loaded, StoreError> {
+        self.off_runtime(|s| s.load_now()).await
+    }
+
+    async fn commit(&self, change: &Commit) -> Result<(), StoreError> {
+        let change = change.clone();
+        self.off_runtime(move |s| s.commit_now(&change)).await
+    }
+
+    async fn audit(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let service = service.map(str::to_owned);
+        self.off_runtime(move |s| s.audit_now(service.as_deref(), limit))
+            .await
+    }
+
+    async fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
+        let (node, proxies) = (node.to_owned(), proxies.clone());
+        self.off_runtime(move |s| s.save_proxies_now(&node, &proxies))
+            .await
+    }
+
+    async fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
+        let node = node.to_owned();
+        self.off_runtime(move |s| s.saved_proxies_now(&node)).await
+    }
+}
+
+impl Store {
+    /// Runs one of the file's transactions on tokio's blocking pool (or
+    /// here, outside a runtime).
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return f(&store);
+        }
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Db(format!("store task ended: {e}")))?
+    }
+
+    fn load_now(&self) -> Result<Loaded, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let mut loaded = Loaded {
             version: txn
@@ -186,9 +251,20 @@ impl Backend for Store {
         Ok(loaded)
     }
 
-    fn commit(&self, change: &Commit) -> Result<(), StoreError> {
+    fn commit_now(&self, change: &Commit) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
+            let actual = txn
+                .open_table(META)
+                .map_err(db_err)?
+                .get(VERSION_KEY)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let expected = change.version.saturating_sub(1);
+            if actual != expected {
+                return Err(StoreError::Conflict { expected, actual });
+            }
             if let Some(weights) = &change.weights {
                 put_or_remove(&txn, WEIGHTS, &change.service, weights.as_ref())?;
             }
@@ -219,7 +295,11 @@ impl Backend for Store {
         txn.commit().map_err(db_err)
     }
 
-    fn audit(&self, service: Option<&str>, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    fn audit_now(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(AUDIT).map_err(db_err)?;
         let newest_first = table.iter().map_err(db_err)?.rev().map(|row| {
@@ -229,13 +309,13 @@ impl Backend for Store {
         newest_of(newest_first, service, limit)
     }
 
-    fn save_proxies(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
+    fn save_proxies_now(&self, node: &str, proxies: &BTreeSet<String>) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         put_or_remove(&txn, PROXIES, node, Some(proxies))?;
         txn.commit().map_err(db_err)
     }
 
-    fn saved_proxies(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
+    fn saved_proxies_now(&self, node: &str) -> Result<BTreeSet<String>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(PROXIES).map_err(db_err)?;
         match table.get(node).map_err(db_err)? {

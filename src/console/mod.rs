@@ -117,14 +117,14 @@ pub async fn publish(state: AdminState, shutdown: CancellationToken) {
         if state.console.latest.receiver_count() == 0 {
             continue;
         }
-        let json = render(&state);
+        let json = render(&state).await;
         state.console.latest.send_replace(json);
     }
 }
 
-fn render(state: &AdminState) -> Arc<str> {
+async fn render(state: &AdminState) -> Arc<str> {
     let started = std::time::Instant::now();
-    let json = match serde_json::to_string(&state::build(state)) {
+    let json = match serde_json::to_string(&state::build(state).await) {
         Ok(json) => json,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode the console state");
@@ -196,7 +196,7 @@ async fn one_state(
     }
     (
         [(header::CONTENT_TYPE, "application/json")],
-        render(&state).to_string(),
+        render(&state).await.to_string(),
     )
         .into_response()
 }
@@ -218,7 +218,7 @@ async fn events(
     };
     metrics::gauge!("ferry_console_streams").increment(1.0);
     // The first event is this moment's state; then each published one.
-    let first = render(&state);
+    let first = render(&state).await;
     let updates = WatchStream::from_changes(state.console.latest.subscribe());
     let stream = futures::stream::once(async move { first })
         .chain(updates)

@@ -138,9 +138,9 @@ fn unix_ms(t: SystemTime) -> i64 {
 }
 
 /// The console's state now.
-pub fn build(state: &AdminState) -> ConsoleState {
+pub async fn build(state: &AdminState) -> ConsoleState {
     let now = unix_ms(SystemTime::now());
-    let (audit, audit_error) = match state.policy.audit(None, AUDIT_TAIL) {
+    let (audit, audit_error) = match state.policy.audit(None, AUDIT_TAIL).await {
         Ok(records) => (records, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };

@@ -92,7 +92,7 @@ impl Engine {
 
     /// The campaigns, locked (after the migrations, when both are).
     pub(super) fn lock_campaigns(&self) -> std::sync::MutexGuard<'_, Campaigns> {
-        blocking(|| self.campaigns.lock().unwrap_or_else(|p| p.into_inner()))
+        self.campaigns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(super) fn announce_campaign(&self, c: Campaign) {
@@ -139,7 +139,7 @@ impl Engine {
     /// source cluster (that its globs and namespaces select); the engine
     /// launches their migrations. Refused (changing nothing) when no
     /// service matches.
-    pub fn create_campaign(
+    pub async fn create_campaign(
         &self,
         plan: CampaignPlan,
         actor: &str,
@@ -161,8 +161,9 @@ impl Engine {
                 }
             )));
         }
-        let mut held = self.lock_campaigns();
-        let number = held
+        let _writer = self.writer.lock().await;
+        let number = self
+            .lock_campaigns()
             .keys()
             .filter_map(|id| id.strip_prefix("camp-").and_then(|n| n.parse::<u64>().ok()))
             .max()
@@ -189,15 +190,16 @@ impl Engine {
             c.plan.max_failures,
             c.plan.order.as_str()
         );
-        let c = self.record_campaign(&mut held, c, actor, "campaign_created", reason, detail)?;
-        drop(held);
+        let c = self
+            .record_campaign(c, actor, "campaign_created", reason, detail)
+            .await?;
         self.wake.notify_one();
         Ok(c)
     }
 
     /// Stops launching; in-flight migrations stop at the end of their
     /// current step.
-    pub fn pause_campaign(
+    pub async fn pause_campaign(
         &self,
         id: &str,
         actor: &str,
@@ -223,10 +225,11 @@ impl Engine {
                 })
             },
         )
+        .await
     }
 
     /// Launches again, and lets the migrations it held go on.
-    pub fn resume_campaign(
+    pub async fn resume_campaign(
         &self,
         id: &str,
         actor: &str,
@@ -256,11 +259,12 @@ impl Engine {
                 })
             },
         )
+        .await
     }
 
     /// Launches nothing more and rolls back the migrations in flight (on
     /// the following ticks).
-    pub fn abort_campaign(
+    pub async fn abort_campaign(
         &self,
         id: &str,
         actor: &str,
@@ -275,11 +279,12 @@ impl Engine {
             |c| campaign::abort(c, why, now_ms()),
             |_| None,
         )
+        .await
     }
 
     /// Queues skipped and rolled-back services again (those named, or
     /// all).
-    pub fn retry_campaign(
+    pub async fn retry_campaign(
         &self,
         id: &str,
         services: &[String],
@@ -299,12 +304,13 @@ impl Engine {
             |c| campaign::retry(c, services, now_ms()),
             |_| None,
         )
+        .await
     }
 
     /// A request about campaign `id`: `decide` makes its new record, which
     /// is persisted with `audit` (action, detail), then each of its
     /// in-flight migrations gets the transition `each` names, if any.
-    fn steer(
+    async fn steer(
         &self,
         id: &str,
         actor: &str,
@@ -314,26 +320,27 @@ impl Engine {
         mut each: impl FnMut(&Migration) -> Option<Transition>,
     ) -> Result<Campaign, PolicyError> {
         require_reason(reason)?;
-        let mut map = self.lock();
-        let mut held = self.lock_campaigns();
-        let c = held.get(id).ok_or_else(|| campaign_not_found(id))?;
-        let to = decide(c)?;
+        let _writer = self.writer.lock().await;
+        let c = self.get_campaign(id)?;
+        let to = decide(&c)?;
         let (action, detail) = audit;
-        let to = self.record_campaign(&mut held, to, actor, action, reason, detail)?;
-        for m in in_flight(&to, &map) {
+        let to = self
+            .record_campaign(to, actor, action, reason, detail)
+            .await?;
+        let in_flight = in_flight(&to, &self.lock());
+        for m in in_flight {
             if let Some(t) = each(&m) {
-                self.apply(&mut map, t, actor)?;
+                self.apply(t, actor).await?;
             }
         }
-        drop((held, map));
         self.wake.notify_one();
         Ok(to)
     }
 
     /// Persists a campaign record with its audit entry, then holds it.
-    fn record_campaign(
+    /// Called holding `writer`.
+    async fn record_campaign(
         &self,
-        held: &mut Campaigns,
         mut to: Campaign,
         actor: &str,
         action: &'static str,
@@ -351,12 +358,13 @@ impl Engine {
                 format!("{}: {detail}", to.id),
             )
         };
-        self.policy.transact(change)?;
+        self.policy.transact(change).await?;
         tracing::info!(id = %to.id, state = to.state.as_str(), action, %detail, "campaign");
         metrics::counter!("ferry_migrate_campaign_transitions_total", "action" => action)
             .increment(1);
+        let mut held = self.lock_campaigns();
         held.insert(to.id.clone(), to.clone());
-        self.export_campaign_gauges(held);
+        self.export_campaign_gauges(&held);
         self.announce_campaign(to.clone());
         Ok(to)
     }
@@ -390,29 +398,33 @@ impl Engine {
         }
     }
 
-    /// Advances every campaign that has not ended (called by `tick`, with
-    /// the migrations locked).
-    pub(super) fn tick_campaigns(&self, map: &mut Migrations, catalog: &CatalogSnapshot, now: i64) {
-        let mut held = self.lock_campaigns();
-        let active: Vec<String> = held
+    /// Advances every campaign that has not ended (called by `tick`,
+    /// holding `writer`).
+    pub(super) async fn tick_campaigns(&self, catalog: &CatalogSnapshot, now: i64) {
+        let active: Vec<String> = self
+            .lock_campaigns()
             .values()
             .filter(|c| !c.state.is_terminal())
             .map(|c| c.id.clone())
             .collect();
         for id in active {
             for _ in 0..STEPS_PER_TICK {
-                let Some(c) = held.get(&id).cloned() else {
+                let Some(c) = self.lock_campaigns().get(&id).cloned() else {
                     break;
                 };
-                let view = View {
-                    migrations: map,
-                    policy: &self.policy,
-                    catalog,
+                let step = {
+                    let map = self.lock();
+                    let view = View {
+                        migrations: &map,
+                        policy: &self.policy,
+                        catalog,
+                    };
+                    campaign::next(&c, &view, now)
                 };
-                let Some(step) = campaign::next(&c, &view, now) else {
+                let Some(step) = step else {
                     break;
                 };
-                if let Err(e) = self.take_step(&mut held, map, &c, step, now) {
+                if let Err(e) = self.take_step(&c, step, now).await {
                     tracing::error!(id = %c.id, error = %e, "campaign step not persisted; retrying");
                     metrics::counter!("ferry_migrate_store_errors_total").increment(1);
                     break;
@@ -421,14 +433,7 @@ impl Engine {
         }
     }
 
-    fn take_step(
-        &self,
-        held: &mut Campaigns,
-        map: &mut Migrations,
-        c: &Campaign,
-        step: Step,
-        now: i64,
-    ) -> Result<(), PolicyError> {
+    async fn take_step(&self, c: &Campaign, step: Step, now: i64) -> Result<(), PolicyError> {
         let actor = c.owner();
         match step {
             Step::Record { to, action, detail } => {
@@ -437,20 +442,23 @@ impl Engine {
                 } else {
                     to.reason.clone()
                 };
-                self.record_campaign(held, *to, &actor, action, &reason, detail)?;
+                self.record_campaign(*to, &actor, action, &reason, detail)
+                    .await?;
             }
             Step::Abort { migration } => {
-                let Some(m) = map.get(&migration).cloned() else {
+                let Ok(m) = self.get(&migration) else {
                     return Ok(());
                 };
                 let t = migration::abort(&m, &actor, &c.reason, now)?;
-                self.apply(map, t, &actor)?;
+                self.apply(t, &actor).await?;
             }
             Step::Launch { index, plan } => {
                 let service = plan.service.clone();
-                let launched = self
-                    .prepare(map, *plan, &actor, &c.purpose)
-                    .and_then(|(m, detail)| self.launch(held, map, c, index, m, &detail, now));
+                let prepared = self.prepare(&self.lock(), *plan, &actor, &c.purpose);
+                let launched = match prepared {
+                    Ok((m, detail)) => self.launch(c, index, m, &detail, now).await,
+                    Err(e) => Err(e),
+                };
                 match launched {
                     Ok(()) => {}
                     Err(e @ PolicyError::Store(_)) => return Err(e),
@@ -459,7 +467,8 @@ impl Engine {
                         if let Step::Record { to, action, detail } =
                             campaign::skip(c, index, e.to_string(), now)
                         {
-                            self.record_campaign(held, *to, &actor, action, &c.purpose, detail)?;
+                            self.record_campaign(*to, &actor, action, &c.purpose, detail)
+                                .await?;
                         }
                     }
                 }
@@ -470,11 +479,8 @@ impl Engine {
 
     /// Writes a campaign's new migration and the campaign's record of it
     /// in one transaction: a service is never launched twice.
-    #[allow(clippy::too_many_arguments)]
-    fn launch(
+    async fn launch(
         &self,
-        held: &mut Campaigns,
-        map: &mut Migrations,
         c: &Campaign,
         index: usize,
         m: Migration,
@@ -495,15 +501,18 @@ impl Engine {
                 format!("{} (campaign {}): {detail}", m.id, c.id),
             )
         };
-        self.policy.transact(change)?;
+        self.policy.transact(change).await?;
         tracing::info!(campaign = %c.id, id = %m.id, service = %m.plan.service, "campaign launched a migration");
         metrics::counter!("ferry_migrate_transitions_total", "action" => "migration_created")
             .increment(1);
+        let mut map = self.lock();
         map.insert(m.id.clone(), m.clone());
-        self.export_gauges(map);
+        self.export_gauges(&map);
         self.announce(m);
+        drop(map);
+        let mut held = self.lock_campaigns();
         held.insert(to.id.clone(), to.clone());
-        self.export_campaign_gauges(held);
+        self.export_campaign_gauges(&held);
         self.announce_campaign(to);
         Ok(())
     }

@@ -6,7 +6,8 @@ use super::*;
 impl Engine {
     /// Starts the deploy work asked for in this tick, and forgets the work
     /// of migrations that have ended.
-    pub(super) fn start_deploys(&self, asked: Vec<(Migration, DeployStep)>, map: &Migrations) {
+    pub(super) fn start_deploys(&self, asked: Vec<(Migration, DeployStep)>) {
+        let map = self.lock();
         let mut deploys = self.deploys.lock().unwrap_or_else(|p| p.into_inner());
         deploys.retain(|(id, step), _| {
             map.get(id).is_some_and(|m| {
@@ -14,6 +15,7 @@ impl Engine {
                     || (*step == DeployStep::DeleteSource && m.source_deletion_due().is_some())
             })
         });
+        drop(map);
         for (m, step) in asked {
             let key = (m.id.clone(), step);
             if deploys.contains_key(&key) {
@@ -63,8 +65,8 @@ impl Engine {
     /// Deletes the source objects of DONE migrations whose retention has
     /// passed (`--deploy kube --delete-source`), and records it. A failed
     /// deletion is tried again after [`DELETE_RETRY`].
-    pub(super) fn tick_deletions(&self, map: &mut Migrations, now: i64) {
-        let due = map.deletions_due(now);
+    pub(super) async fn tick_deletions(&self, now: i64) {
+        let due = self.lock().deletions_due(now);
         if due.is_empty() {
             return;
         }
@@ -99,7 +101,7 @@ impl Engine {
                         to,
                         "the retention passed; the source's objects were deleted",
                     );
-                    if let Err(e) = self.apply(map, t, &m.owner()) {
+                    if let Err(e) = self.apply(t, &m.owner()).await {
                         tracing::error!(id = %m.id, error = %e, "cannot record the source's deletion");
                     }
                 }
@@ -116,7 +118,7 @@ impl Engine {
                 }
             }
         }
-        self.start_deploys(asked, map);
+        self.start_deploys(asked);
     }
 }
 

@@ -26,7 +26,7 @@ use crate::migration::{
     Transition, World,
 };
 use crate::migration::{DeployProgress, DeployStep};
-use crate::policy::{Change, Policy, PolicyError, blocking, now_ms};
+use crate::policy::{Change, Policy, PolicyError, now_ms};
 use crate::prometheus::{Prometheus, render};
 use crate::returning::Returning;
 
@@ -103,6 +103,13 @@ pub struct Engine {
     loads: Arc<LoadReports>,
     fleet: Arc<Fleet>,
     config: EngineConfig,
+    /// Serializes what changes migrations and campaigns (the tick, and
+    /// people's requests): each is decided on records no other writer
+    /// moves meanwhile. Writers queue on it without holding a runtime
+    /// worker; readers never take it.
+    writer: tokio::sync::Mutex<()>,
+    /// The records, for readers and writers alike; never held across
+    /// store I/O.
     migrations: Mutex<Migrations>,
     /// Campaigns; locked after `migrations` when both are.
     campaigns: Mutex<BTreeMap<String, Campaign>>,
@@ -131,7 +138,7 @@ type Deploys = BTreeMap<(String, DeployStep), DeployProgress>;
 
 impl Engine {
     /// Loads the persisted migrations; those in flight resume on [`run`](Self::run).
-    pub fn load(
+    pub async fn load(
         policy: Arc<Policy>,
         catalog: Arc<Catalog>,
         cache: Arc<SnapshotCache>,
@@ -140,8 +147,8 @@ impl Engine {
         fleet: Arc<Fleet>,
         config: EngineConfig,
     ) -> Result<Arc<Self>, PolicyError> {
-        let (migrations, campaigns) = stored(&policy)?;
-        let saved = policy.saved_proxies(&config.node).unwrap_or_else(|e| {
+        let (migrations, campaigns) = stored(&policy).await?;
+        let saved = policy.saved_proxies(&config.node).await.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the proxies connected before this start; waiting for none");
             BTreeSet::new()
         });
@@ -170,6 +177,7 @@ impl Engine {
             loads,
             fleet,
             config,
+            writer: tokio::sync::Mutex::new(()),
             migrations: Mutex::new(migrations),
             campaigns: Mutex::new(campaigns),
             campaign_updates: broadcast::channel(256).0,
@@ -211,8 +219,9 @@ impl Engine {
 
     /// Replaces the migrations with the stored ones (a follower following
     /// the leader, or a new leader taking over).
-    pub fn reload(&self) -> Result<(), PolicyError> {
-        let (migrations, campaigns) = stored(&self.policy)?;
+    pub async fn reload(&self) -> Result<(), PolicyError> {
+        let _writer = self.writer.lock().await;
+        let (migrations, campaigns) = stored(&self.policy).await?;
         let mut map = self.lock();
         for (id, m) in migrations.iter() {
             if map.get(id) != Some(m) {
@@ -221,6 +230,7 @@ impl Engine {
         }
         *map = migrations;
         self.export_gauges(&map);
+        drop(map);
         let mut held = self.lock_campaigns();
         for (id, c) in &campaigns {
             if held.get(id) != Some(c) {
@@ -231,11 +241,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The migrations, locked. A holder may be writing to the store (a
-    /// network round trip with etcd), so the wait never stalls a runtime
-    /// worker.
+    /// The migrations, locked for a moment: no holder waits on anything.
     fn lock(&self) -> std::sync::MutexGuard<'_, Migrations> {
-        blocking(|| self.migrations.lock().unwrap_or_else(|p| p.into_inner()))
+        self.migrations.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every change to any migration from now on, each with its sequence
@@ -287,13 +295,8 @@ impl Engine {
     /// Persists a transition, then makes it the migration's state. One
     /// that sets weights or the pin acts as the migration's pin owner (and
     /// is refused if someone else holds the service); one that only records
-    /// the migration's state does not need to.
-    fn apply(
-        &self,
-        map: &mut Migrations,
-        t: Transition,
-        actor: &str,
-    ) -> Result<Migration, PolicyError> {
+    /// the migration's state does not need to. Called holding `writer`.
+    async fn apply(&self, t: Transition, actor: &str) -> Result<Migration, PolicyError> {
         let mut to = t.to;
         to.updated_at_ms = now_ms();
         let reason = if to.reason.is_empty() {
@@ -316,7 +319,7 @@ impl Engine {
             )
         };
         let sets_weights = change.weights.is_some();
-        let version = self.policy.transact(change)?;
+        let version = self.policy.transact(change).await?;
         if sets_weights {
             to.applied_version = version;
         }
@@ -330,8 +333,9 @@ impl Engine {
             metrics::counter!("ferry_migrate_gate_evaluations_total", "outcome" => g.outcome.as_str())
                 .increment(u64::from(g.outcome != GateOutcome::NotEnoughData));
         }
+        let mut map = self.lock();
         map.insert(to.id.clone(), to.clone());
-        self.export_gauges(map);
+        self.export_gauges(&map);
         self.announce(to.clone());
         Ok(to)
     }
@@ -344,8 +348,8 @@ impl Engine {
     }
 
     /// Advances every migration once (only while leading).
-    pub fn tick(&self) {
-        let returning = self.observe_proxies();
+    pub async fn tick(&self) {
+        let returning = self.observe_proxies().await;
         if !self.is_leading() {
             return;
         }
@@ -355,64 +359,79 @@ impl Engine {
         if !catalog.is_loaded() {
             return;
         }
-        let snapshot = self.cache.current();
-        let latencies = self
-            .latencies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let deploys = self
-            .deploys
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let world = LiveWorld {
-            deploys: &deploys,
-            asked: Default::default(),
-            latencies: &latencies,
-            catalog: &catalog,
-            snapshot: &snapshot,
-            clients: &self.clients,
-            loads: &self.loads,
-            policy: &self.policy,
-            fleet: &self.fleet,
-            returning,
-        };
+        let _writer = self.writer.lock().await;
         let now = now_ms();
-        let mut map = self.lock();
-        self.advance(&mut map, &world, now);
-        let asked = world.asked.take();
-        self.start_deploys(asked, &map);
-        self.tick_deletions(&mut map, now);
-        self.tick_campaigns(&mut map, &catalog, now);
+        // Decided against one view of the world, which is gone before
+        // anything is written.
+        let (decisions, asked) = {
+            let snapshot = self.cache.current();
+            let latencies = self
+                .latencies
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let deploys = self
+                .deploys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let world = LiveWorld {
+                deploys: &deploys,
+                asked: Default::default(),
+                latencies: &latencies,
+                catalog: &catalog,
+                snapshot: &snapshot,
+                clients: &self.clients,
+                loads: &self.loads,
+                policy: &self.policy,
+                fleet: &self.fleet,
+                returning,
+            };
+            let decisions = self.decide(&world, now);
+            (decisions, world.asked.take())
+        };
+        self.act(decisions, now).await;
+        self.start_deploys(asked);
+        self.tick_deletions(now).await;
+        self.tick_campaigns(&catalog, now).await;
     }
 
-    /// One pass of the stage machine over the active migrations, against
+    /// What the stage machine decides for each active migration, against
     /// `world` at `now` (within the concurrency limit, oldest first).
-    fn advance(&self, map: &mut Migrations, world: &dyn World, now: i64) {
+    fn decide(&self, world: &dyn World, now: i64) -> Vec<(Migration, Next)> {
+        let map = self.lock();
         let active = map.active().filter(|m| m.stage.is_active()).count();
         let mut slots = self.config.concurrency.saturating_sub(active);
-        let mut order: Vec<(i64, String)> = map
+        let mut order: Vec<&Migration> = map
             .active()
             .filter(|m| !matches!(m.stage, Stage::Paused { .. }))
-            .map(|m| (m.created_at_ms, m.id.clone()))
             .collect();
-        order.sort();
-        for (_, id) in order {
-            let Some(m) = map.get(&id).cloned() else {
-                continue;
-            };
+        order.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        let mut decisions = Vec::new();
+        for m in order {
             if m.stage == Stage::Validate {
                 if slots == 0 {
                     continue;
                 }
                 slots -= 1;
             }
-            match migration::next(&m, world, now) {
+            match migration::next(m, world, now) {
+                Next::Wait => {}
+                next => decisions.push((m.clone(), next)),
+            }
+        }
+        decisions
+    }
+
+    /// Persists and makes effective what [`decide`](Self::decide) decided.
+    async fn act(&self, decisions: Vec<(Migration, Next)>, now: i64) {
+        for (m, next) in decisions {
+            match next {
                 Next::Wait => {}
                 Next::Observe(seen) => {
+                    let mut map = self.lock();
                     self.announce((*seen).clone());
-                    map.insert(id, *seen);
+                    map.insert(m.id.clone(), *seen);
                 }
                 Next::Transition(t) => {
                     if t.action == "migration_acked" {
@@ -421,7 +440,7 @@ impl Engine {
                         metrics::histogram!("ferry_migrate_ack_wait_seconds").record(waited);
                     }
                     let actor = m.owner();
-                    match self.apply(map, *t, &actor) {
+                    match self.apply(*t, &actor).await {
                         Ok(_) => {}
                         Err(e @ PolicyError::Pinned { .. }) => {
                             // Someone else holds the service: stop, changing nothing.
@@ -435,8 +454,7 @@ impl Engine {
                                 action: "migration_failed",
                                 detail: e.to_string(),
                             };
-                            let change_owner = self.apply(map, t, &actor);
-                            if let Err(e) = change_owner {
+                            if let Err(e) = self.apply(t, &actor).await {
                                 tracing::error!(id = %m.id, error = %e, "cannot record a failed migration");
                             }
                         }
@@ -454,11 +472,12 @@ impl Engine {
     /// as `tick` does with the live world and clock: for tests with a
     /// world and a clock of their own.
     #[cfg(test)]
-    pub(crate) fn tick_at(&self, world: &dyn World, now: i64) {
+    pub(crate) async fn tick_at(&self, world: &dyn World, now: i64) {
         let catalog = self.catalog.current();
-        let mut map = self.lock();
-        self.advance(&mut map, world, now);
-        self.tick_campaigns(&mut map, &catalog, now);
+        let _writer = self.writer.lock().await;
+        let decisions = self.decide(world, now);
+        self.act(decisions, now).await;
+        self.tick_campaigns(&catalog, now).await;
     }
 
     /// Runs the engine until `cancel`.
@@ -470,7 +489,7 @@ impl Engine {
         loop {
             self.refresh_latencies().await;
             let started = Instant::now();
-            self.tick();
+            self.tick().await;
             // What one pass over the active migrations and campaigns costs.
             metrics::histogram!("ferry_migrate_tick_seconds")
                 .record(started.elapsed().as_secs_f64());
@@ -499,10 +518,10 @@ fn not_found(id: &str) -> PolicyError {
 }
 
 /// The stored migrations and campaigns, ready to resume.
-fn stored(policy: &Policy) -> Result<(Migrations, Campaigns), PolicyError> {
+async fn stored(policy: &Policy) -> Result<(Migrations, Campaigns), PolicyError> {
     let mut migrations = BTreeMap::new();
     let loaded_version = policy.version();
-    let (migration_records, campaign_records) = policy.stored_records()?;
+    let (migration_records, campaign_records) = policy.stored_records().await?;
     for (id, json) in migration_records {
         let mut m: Migration =
             serde_json::from_str(&json).map_err(|e| crate::StoreError::Corrupt {

@@ -5,10 +5,15 @@ use super::*;
 impl Engine {
     /// Validates a plan and records the migration; the engine starts it
     /// when a slot is free. A refused plan changes nothing.
-    pub fn create(&self, plan: Plan, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+    pub async fn create(
+        &self,
+        plan: Plan,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Migration, PolicyError> {
         require_reason(reason)?;
-        let mut map = self.lock();
-        let (m, detail) = self.prepare(&map, plan, actor, reason)?;
+        let _writer = self.writer.lock().await;
+        let (m, detail) = self.prepare(&self.lock(), plan, actor, reason)?;
         let change = Change {
             acting_owner: Some(actor.to_owned()),
             migration: Some((m.id.clone(), encode(&m)?)),
@@ -20,8 +25,9 @@ impl Engine {
                 format!("{}: {detail}", m.id),
             )
         };
-        self.policy.transact(change)?;
+        self.policy.transact(change).await?;
         tracing::info!(id = %m.id, service = %m.plan.service, actor, %detail, "migration created");
+        let mut map = self.lock();
         map.insert(m.id.clone(), m.clone());
         self.export_gauges(&map);
         self.announce(m.clone());
@@ -100,26 +106,44 @@ impl Engine {
     }
 
     /// Holds a migration at its current weights.
-    pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+    pub async fn pause(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Migration, PolicyError> {
         self.operate(id, actor, reason, |m| migration::pause(m, actor, reason))
+            .await
     }
 
     /// Continues a paused migration; a step that was baking bakes again in
     /// full, a step awaiting acknowledgement waits afresh.
-    pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+    pub async fn resume(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Migration, PolicyError> {
         self.operate(id, actor, reason, |m| {
             migration::resume(m, reason, now_ms())
         })
+        .await
     }
 
     /// Sends all traffic back to the sources at once and stops.
-    pub fn abort(&self, id: &str, actor: &str, reason: &str) -> Result<Migration, PolicyError> {
+    pub async fn abort(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Migration, PolicyError> {
         self.operate(id, actor, reason, |m| {
             migration::abort(m, actor, reason, now_ms())
         })
+        .await
     }
 
-    fn operate(
+    async fn operate(
         &self,
         id: &str,
         actor: &str,
@@ -127,11 +151,10 @@ impl Engine {
         f: impl FnOnce(&Migration) -> Result<Transition, PolicyError>,
     ) -> Result<Migration, PolicyError> {
         require_reason(reason)?;
-        let mut map = self.lock();
-        let m = map.get(id).ok_or_else(|| not_found(id))?;
-        let t = f(m)?;
-        let done = self.apply(&mut map, t, actor)?;
-        drop(map);
+        let _writer = self.writer.lock().await;
+        let m = self.get(id)?;
+        let t = f(&m)?;
+        let done = self.apply(t, actor).await?;
         self.wake.notify_one();
         Ok(done)
     }

@@ -15,12 +15,24 @@ impl Engine {
     /// Looks at the connected proxies (at most every [`PROXIES_EVERY`]),
     /// records them when they changed, and returns how many proxies are
     /// still awaited after a restart.
-    pub(super) fn observe_proxies(&self) -> usize {
+    pub(super) async fn observe_proxies(&self) -> usize {
+        let (awaited, save) = self.look_at_proxies();
+        if let Some(save) = save
+            && let Err(e) = self.policy.save_proxies(&self.config.node, &save).await
+        {
+            tracing::warn!(error = %e, "cannot record the connected proxies");
+        }
+        awaited
+    }
+
+    /// How many proxies are still awaited, and the connected set to record
+    /// if it changed.
+    fn look_at_proxies(&self) -> (usize, Option<BTreeSet<String>>) {
         let mut guard = self.returning.lock().unwrap_or_else(|p| p.into_inner());
         let (returning, last) = &mut *guard;
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < PROXIES_EVERY) {
-            return returning.awaited();
+            return (returning.awaited(), None);
         }
         *last = Some(now);
         let connected = self.clients.nodes_subscribed(ResourceType::Route.short());
@@ -37,11 +49,6 @@ impl Engine {
             );
         }
         metrics::gauge!("ferry_migrate_returning_proxies").set(returning.awaited() as f64);
-        if let Some(save) = observed.save
-            && let Err(e) = self.policy.save_proxies(&self.config.node, &save)
-        {
-            tracing::warn!(error = %e, "cannot record the connected proxies");
-        }
-        returning.awaited()
+        (returning.awaited(), observed.save)
     }
 }

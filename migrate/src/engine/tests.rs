@@ -94,9 +94,13 @@ impl Harness {
     }
 
     /// An engine on the store, as a fresh start (or a restart) loads it.
-    fn engine(&self, concurrency: usize) -> (Arc<Engine>, Arc<Policy>) {
+    async fn engine(&self, concurrency: usize) -> (Arc<Engine>, Arc<Policy>) {
         let store = Store::open(&self.path).expect("store");
-        let policy = Arc::new(Policy::load(Box::new(store), self.catalog.clone()).expect("policy"));
+        let policy = Arc::new(
+            Policy::load(Box::new(store), self.catalog.clone())
+                .await
+                .expect("policy"),
+        );
         let engine = Engine::load(
             policy.clone(),
             self.catalog.clone(),
@@ -109,6 +113,7 @@ impl Harness {
                 ..EngineConfig::default()
             },
         )
+        .await
         .expect("engine");
         (engine, policy)
     }
@@ -165,27 +170,28 @@ fn world<'a>(policy: &'a Policy, harness: &Harness, broken: &[&str]) -> FakeWorl
 
 /// Ticks every 500 ms of the fake clock, `passes` times, from `start`;
 /// returns the clock after.
-fn run(engine: &Engine, world: &FakeWorld<'_>, start: i64, passes: usize) -> i64 {
+async fn run(engine: &Engine, world: &FakeWorld<'_>, start: i64, passes: usize) -> i64 {
     let mut now = start;
     for _ in 0..passes {
-        engine.tick_at(world, now);
+        engine.tick_at(world, now).await;
         now += 500;
     }
     now
 }
 
-#[test]
-fn a_campaign_runs_to_done_within_its_concurrency_on_a_fake_clock() {
+#[tokio::test]
+async fn a_campaign_runs_to_done_within_its_concurrency_on_a_fake_clock() {
     let h = Harness::new(5);
-    let (engine, policy) = h.engine(10);
+    let (engine, policy) = h.engine(10).await;
     let c = engine
         .create_campaign(campaign_plan(2, 3), "alice", "retire old")
+        .await
         .expect("create");
     let w = world(&policy, &h, &[]);
     let mut now = now_ms();
     let mut most_in_flight = 0;
     for _ in 0..200 {
-        now = run(&engine, &w, now, 1);
+        now = run(&engine, &w, now, 1).await;
         let c = engine.get_campaign(&c.id).expect("get");
         most_in_flight = most_in_flight.max(c.counts().in_flight);
         if c.state.is_terminal() {
@@ -214,15 +220,16 @@ fn a_campaign_runs_to_done_within_its_concurrency_on_a_fake_clock() {
         }));
 }
 
-#[test]
-fn a_failing_target_rolls_back_and_max_failures_halts_the_campaign() {
+#[tokio::test]
+async fn a_failing_target_rolls_back_and_max_failures_halts_the_campaign() {
     let h = Harness::new(4);
-    let (engine, policy) = h.engine(10);
+    let (engine, policy) = h.engine(10).await;
     let c = engine
         .create_campaign(campaign_plan(2, 1), "alice", "retire old")
+        .await
         .expect("create");
     let w = world(&policy, &h, &["new"]);
-    run(&engine, &w, now_ms(), 60);
+    run(&engine, &w, now_ms(), 60).await;
     let c = engine.get_campaign(&c.id).expect("get");
     assert_eq!(c.state, CampaignState::Halted, "{c:#?}");
     let counts = c.counts();
@@ -239,23 +246,24 @@ fn a_failing_target_rolls_back_and_max_failures_halts_the_campaign() {
     }
 }
 
-#[test]
-fn a_restart_mid_campaign_resumes_from_the_store_without_launching_twice() {
+#[tokio::test]
+async fn a_restart_mid_campaign_resumes_from_the_store_without_launching_twice() {
     let h = Harness::new(4);
     let id = {
-        let (engine, policy) = h.engine(10);
+        let (engine, policy) = h.engine(10).await;
         let c = engine
             .create_campaign(campaign_plan(2, 3), "alice", "retire old")
+            .await
             .expect("create");
         let w = world(&policy, &h, &[]);
         // Two launched, mid-step.
-        run(&engine, &w, now_ms(), 3);
+        run(&engine, &w, now_ms(), 3).await;
         let c = engine.get_campaign(&c.id).expect("get");
         assert_eq!(c.counts().in_flight, 2, "{c:#?}");
         c.id
         // The engine and its store handle drop here: a crash.
     };
-    let (engine, policy) = h.engine(10);
+    let (engine, policy) = h.engine(10).await;
     let c = engine.get_campaign(&id).expect("loaded");
     assert_eq!(c.counts().in_flight, 2);
     assert_eq!(
@@ -264,7 +272,7 @@ fn a_restart_mid_campaign_resumes_from_the_store_without_launching_twice() {
         "only the launched migrations"
     );
     let w = world(&policy, &h, &[]);
-    run(&engine, &w, now_ms(), 120);
+    run(&engine, &w, now_ms(), 120).await;
     let c = engine.get_campaign(&id).expect("get");
     assert_eq!(c.state, CampaignState::Done, "{c:#?}");
     let all = engine.list(None, false);
@@ -274,19 +282,21 @@ fn a_restart_mid_campaign_resumes_from_the_store_without_launching_twice() {
     assert_eq!(services.len(), 4);
 }
 
-#[test]
-fn pausing_holds_migrations_at_a_step_boundary_and_resuming_finishes_them() {
+#[tokio::test]
+async fn pausing_holds_migrations_at_a_step_boundary_and_resuming_finishes_them() {
     let h = Harness::new(2);
-    let (engine, policy) = h.engine(10);
+    let (engine, policy) = h.engine(10).await;
     let c = engine
         .create_campaign(campaign_plan(2, 3), "alice", "retire old")
+        .await
         .expect("create");
     let w = world(&policy, &h, &[]);
-    let now = run(&engine, &w, now_ms(), 3);
+    let now = run(&engine, &w, now_ms(), 3).await;
     engine
         .pause_campaign(&c.id, "bob", "freeze")
+        .await
         .expect("pause");
-    let now = run(&engine, &w, now, 20);
+    let now = run(&engine, &w, now, 20).await;
     let held = engine.list(None, true);
     assert_eq!(held.len(), 2);
     assert!(
@@ -307,8 +317,11 @@ fn pausing_holds_migrations_at_a_step_boundary_and_resuming_finishes_them() {
             .basis_points(),
         5000
     );
-    engine.resume_campaign(&c.id, "bob", "go").expect("resume");
-    run(&engine, &w, now, 60);
+    engine
+        .resume_campaign(&c.id, "bob", "go")
+        .await
+        .expect("resume");
+    run(&engine, &w, now, 60).await;
     assert_eq!(
         engine.get_campaign(&c.id).expect("get").state,
         CampaignState::Done
