@@ -63,46 +63,20 @@ impl Engine {
         }
         self.deployer.check(&plan)?;
         let catalog = self.catalog.current();
-        migration::validate(&plan, catalog.services.get(&plan.service).map(|s| &**s))?;
-        let (_, current, _, _) = self.policy.weights(&plan.service.to_string())?;
-        let source_weights = migration::source_weights(&plan, &current)?;
+        let service = catalog.services.get(&plan.service).map(|s| &**s);
+        let current = service
+            .is_some()
+            .then(|| self.policy.weights(&plan.service.to_string()))
+            .transpose()?
+            .map(|(_, w, _, _)| w);
         let next_number = map
             .keys()
             .filter_map(|id| id.strip_prefix("mig-").and_then(|n| n.parse::<u64>().ok()))
             .max()
             .unwrap_or(0)
             + 1;
-        let now = now_ms();
-        let m = Migration {
-            id: format!("mig-{next_number}"),
-            plan,
-            stage: Stage::Validate,
-            source_weights,
-            weights: BTreeMap::new(),
-            reason: String::new(),
-            purpose: reason.to_owned(),
-            gates: Vec::new(),
-            created_by: actor.to_owned(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            phase_started_ms: now,
-            applied_version: 0,
-            acks: None,
-            hold: false,
-        };
-        let detail = format!(
-            "{} → {}, steps {:?} bp, bake {:?}",
-            m.plan
-                .from
-                .iter()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join("+"),
-            m.plan.targets_text(),
-            m.plan.steps,
-            Duration::from_millis(m.plan.bake_ms)
-        );
-        Ok((m, detail))
+        let id = format!("mig-{next_number}");
+        migration::create(id, plan, service, current.as_ref(), actor, reason, now_ms())
     }
 
     /// Holds a migration at its current weights.

@@ -625,7 +625,7 @@ pub use self::plan::{
     begin_rollback, rollback_weights, source_weights, step_weights, validate, validate_targets,
 };
 pub use self::record::RecordError;
-pub use self::requests::{abort, pause, resume};
+pub use self::requests::{abort, create, pause, resume};
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,54 @@
 
 use super::*;
 
+/// A new migration of `plan`, checked against its service as the catalog
+/// has it and the weights it follows now (`None` when it has none): the
+/// record to write, and the audit detail. Nothing is written.
+pub fn create(
+    id: String,
+    plan: Plan,
+    service: Option<&Service>,
+    current: Option<&Weights>,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(Migration, String), PolicyError> {
+    validate(&plan, service)?;
+    let current = current.ok_or_else(|| {
+        PolicyError::NotFound(format!("service {} has no backends", plan.service))
+    })?;
+    let source_weights = source_weights(&plan, current)?;
+    let detail = format!(
+        "{} → {}, steps {:?} bp, bake {:?}",
+        plan.from
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join("+"),
+        plan.targets_text(),
+        plan.steps,
+        Duration::from_millis(plan.bake_ms)
+    );
+    let m = Migration {
+        id,
+        plan,
+        stage: Stage::Validate,
+        source_weights,
+        weights: BTreeMap::new(),
+        reason: String::new(),
+        purpose: reason.to_owned(),
+        gates: Vec::new(),
+        created_by: actor.to_owned(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        phase_started_ms: now,
+        applied_version: 0,
+        acks: None,
+        hold: false,
+    };
+    Ok((m, detail))
+}
+
 /// Holds a migration at its current weights.
 pub fn pause(m: &Migration, actor: &str, reason: &str) -> Result<Transition, PolicyError> {
     let resume = match m.stage {

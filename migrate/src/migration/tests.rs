@@ -756,3 +756,41 @@ fn a_record_naming_an_impossible_stage_is_refused_with_what_is_wrong() {
         assert!(e.to_string().contains(wrong), "{fields}: {e}");
     }
 }
+
+#[test]
+fn create_checks_the_plan_against_the_service_and_keeps_its_source_split() {
+    let w = world();
+    let current = w.service.effective_weights();
+    let plan = migration().plan;
+    let (m, detail) = create(
+        "mig-7".into(),
+        plan.clone(),
+        Some(&w.service),
+        current.as_ref(),
+        "alice",
+        "move",
+        42,
+    )
+    .unwrap();
+    assert_eq!((m.id.as_str(), m.stage), ("mig-7", Stage::Validate));
+    assert_eq!((m.created_at_ms, m.phase_started_ms), (42, 42));
+    assert_eq!(m.source_weights.get(&c("old1")), Some(&7500));
+    assert!(detail.contains("old1+old2 → new"), "{detail}");
+    // A target the service has no backend in is refused, naming it.
+    let mut elsewhere = plan.clone();
+    elsewhere.to = c("mars");
+    let e = create(
+        "mig-8".into(),
+        elsewhere,
+        Some(&w.service),
+        current.as_ref(),
+        "alice",
+        "move",
+        42,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("mars"), "{e}");
+    // So is a service the catalog does not have.
+    let e = create("mig-9".into(), plan, None, None, "alice", "move", 42).unwrap_err();
+    assert!(e.to_string().contains("a.ns"), "{e}");
+}
