@@ -13,29 +13,29 @@
 //! its stream with `RESOURCE_EXHAUSTED` or `INVALID_ARGUMENT`, a warning
 //! and `ferry_xds_refused_total{reason}`.
 
-use std::pin::Pin;
+use std::convert::Infallible;
+use std::future::Ready;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
-use ferry_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use ferry_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use futures::Stream;
+use ferry_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codec::Streaming;
+use tonic::server::NamedService;
+use tonic::transport::server::TcpConnectInfo;
 
 use ferry_discovery::untrusted::Escaped;
 
 use crate::session::{Limits, Refusal, Session, Variant};
 use crate::snapshot::SnapshotCache;
 use crate::status::ClientRegistry;
+use crate::wire::{DeltaReply, Outgoing, Reply, ReplyBody, SotwReply};
 
-/// What one xDS client may ask of the control plane.
 #[derive(Debug, Clone, Copy)]
 pub struct XdsLimits {
     /// The largest request message decoded.
@@ -57,7 +57,7 @@ impl Default for XdsLimits {
 }
 
 /// Counts and logs a refused client.
-fn refused(reason: &'static str, peer: Option<std::net::SocketAddr>, node: &str, status: &Status) {
+fn refused(reason: &'static str, peer: Option<SocketAddr>, node: &str, status: &Status) {
     metrics::counter!("ferry_xds_refused_total", "reason" => reason).increment(1);
     tracing::warn!(
         peer = ?peer, node = %Escaped(node), reason, code = ?status.code(),
@@ -86,9 +86,6 @@ fn unreadable(status: &Status) -> Option<(&'static str, Status)> {
     }
 }
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// The ADS gRPC service.
 #[derive(Debug, Clone)]
 pub struct AdsServer {
     inner: Arc<Shared>,
@@ -103,9 +100,12 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
 impl AdsServer {
-    /// `shutdown` ends every open stream, so a graceful server shutdown
-    /// does not wait on long-lived ADS streams.
     pub fn new(
         cache: Arc<SnapshotCache>,
         clients: Arc<ClientRegistry>,
@@ -122,91 +122,134 @@ impl AdsServer {
         }
     }
 
-    /// Bounds what each client may ask.
     pub fn with_limits(mut self, limits: XdsLimits) -> Self {
         self.limits = limits;
         self
     }
 
-    /// The tonic service to mount on a server.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        let max = self.limits.max_message_bytes;
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(256 * 1024 * 1024)
+    /// The gRPC service, for a tonic server's `add_service`. Requests are
+    /// decoded by tonic; responses are written by [`crate::wire`], from
+    /// resources encoded once for all streams.
+    pub fn into_service(self) -> Self {
+        self
     }
 
-    fn open<Req, Resp>(
-        &self,
-        request: Request<Streaming<Req>>,
-        variant: Variant,
-    ) -> Result<ResponseStream<Resp>, Status>
+    fn open<Req, R>(&self, request: http::Request<Body>, variant: Variant) -> http::Response<Body>
     where
-        Req: Wire<Resp> + Send + 'static,
-        Resp: Send + 'static,
+        Req: Wire<R> + Send + 'static,
+        R: Reply,
     {
-        let peer = request.remote_addr();
-        let inbound = request.into_inner();
+        let peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr);
         let (tx, rx) = mpsc::channel(16);
+        let response = grpc_response(ReplyBody::new(rx));
         let shared = self.inner.clone();
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits;
-        let status = shared
+        let status = match shared
             .clients
             .register(id, variant, peer, limits.max_streams_per_peer)
-            .map_err(|e| {
+        {
+            Ok(status) => status,
+            Err(e) => {
                 let status = Status::resource_exhausted(e.to_string());
                 refused("too_many_streams_per_peer", peer, "", &status);
-                status
-            })?;
+                let _ = tx.try_send(Err(status));
+                return response;
+            }
+        };
+        let inbound = Streaming::<Req>::new_request(
+            tonic_prost::ProstDecoder::<Req>::default(),
+            request.into_body(),
+            None,
+            Some(limits.max_message_bytes),
+        );
         let session = Session::new(id, variant, status).with_limits(Limits {
             max_names: limits.max_names,
         });
         tokio::spawn(async move {
             let _guard = StreamGuard::new(&shared, id, variant);
             tracing::debug!(stream = id, peer = ?peer, variant = variant.as_str(), "xds stream opened");
-            run_stream::<Req, Resp>(&shared, session, inbound, tx, peer).await;
+            run_stream::<Req, R>(&shared, session, inbound, tx, peer).await;
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        response
     }
 }
 
-/// Ties a request type to its session handling and response type.
-trait Wire<Resp>: prost::Message + Default {
-    fn apply(&self, session: &mut Session) -> Result<(), Refusal>;
-    fn responses(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<Resp>;
+/// A gRPC response whose messages and status come from `body`.
+fn grpc_response(body: ReplyBody) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
 }
 
-impl Wire<DiscoveryResponse> for DiscoveryRequest {
+impl NamedService for AdsServer {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+impl tonic::codegen::Service<http::Request<Body>> for AdsServer {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let response = match request.uri().path() {
+            SOTW_PATH => self.open::<DiscoveryRequest, SotwReply>(request, Variant::Sotw),
+            DELTA_PATH => self.open::<DeltaDiscoveryRequest, DeltaReply>(request, Variant::Delta),
+            path => {
+                let (tx, rx) = mpsc::channel(1);
+                let _ = tx.try_send(Err(Status::unimplemented(format!(
+                    "{} has no method {path}",
+                    Self::NAME
+                ))));
+                grpc_response(ReplyBody::new(rx))
+            }
+        };
+        std::future::ready(Ok(response))
+    }
+}
+
+trait Wire<R>: prost::Message + Default {
+    fn apply(&self, session: &mut Session) -> Result<(), Refusal>;
+    fn replies(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<R>;
+}
+
+impl Wire<SotwReply> for DiscoveryRequest {
     fn apply(&self, session: &mut Session) -> Result<(), Refusal> {
         session.on_sotw_request(self)
     }
-    fn responses(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<DiscoveryResponse> {
-        session.sotw_responses(snapshot)
+    fn replies(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<SotwReply> {
+        session.sotw_replies(snapshot)
     }
 }
 
-impl Wire<DeltaDiscoveryResponse> for DeltaDiscoveryRequest {
+impl Wire<DeltaReply> for DeltaDiscoveryRequest {
     fn apply(&self, session: &mut Session) -> Result<(), Refusal> {
         session.on_delta_request(self)
     }
-    fn responses(
-        session: &mut Session,
-        snapshot: &Arc<crate::Snapshot>,
-    ) -> Vec<DeltaDiscoveryResponse> {
-        session.delta_responses(snapshot)
+    fn replies(session: &mut Session, snapshot: &Arc<crate::Snapshot>) -> Vec<DeltaReply> {
+        session.delta_replies(snapshot)
     }
 }
 
-async fn run_stream<Req, Resp>(
+async fn run_stream<Req, R>(
     shared: &Shared,
     mut session: Session,
     mut inbound: Streaming<Req>,
-    tx: mpsc::Sender<Result<Resp, Status>>,
-    peer: Option<std::net::SocketAddr>,
+    tx: mpsc::Sender<Outgoing>,
+    peer: Option<SocketAddr>,
 ) where
-    Req: Wire<Resp> + Send + 'static,
-    Resp: Send + 'static,
+    Req: Wire<R> + Send + 'static,
+    R: Reply,
 {
     let mut snapshots = shared.cache.subscribe();
     loop {
@@ -238,8 +281,8 @@ async fn run_stream<Req, Resp>(
             changed = snapshots.changed() => if changed.is_err() { return },
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        for response in Req::responses(&mut session, &snapshot) {
-            if tx.send(Ok(response)).await.is_err() {
+        for reply in Req::replies(&mut session, &snapshot) {
+            if tx.send(Ok(reply.encode())).await.is_err() {
                 return;
             }
         }
@@ -272,25 +315,5 @@ impl Drop for StreamGuard<'_> {
             .decrement(1.0);
         self.shared.clients.unregister(self.id);
         tracing::debug!(stream = self.id, "xds stream closed");
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.open(request, Variant::Sotw)?))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(self.open(request, Variant::Delta)?))
     }
 }

@@ -16,6 +16,7 @@ pub mod session;
 pub mod snapshot;
 pub mod status;
 pub mod translate;
+pub mod wire;
 
 pub use ads::AdsServer;
 pub use resources::{Resource, ResourceType};

@@ -1,7 +1,10 @@
 //! xDS resources as Ferry serves them: encoded once, versioned by content.
 
 use std::fmt;
+use std::sync::OnceLock;
 
+use bytes::Bytes;
+use ferry_proto::envoy::service::discovery::v3::Resource as DeltaResource;
 use ferry_proto::{Any, pack, type_url};
 use prost::{Message, Name};
 use xxhash_rust::xxh3::xxh3_64;
@@ -62,12 +65,28 @@ impl fmt::Display for ResourceType {
 
 /// One encoded resource. Its version is a hash of its encoding, so equal
 /// content always has equal versions, across pushes and restarts.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// The resource's place in a response is encoded once, the first time a
+/// stream sends it, and shared by every stream after: a push to ten
+/// thousand clients encodes each resource once, not ten thousand times.
+#[derive(Debug, Clone)]
 pub struct Resource {
     pub name: String,
     pub version: String,
     pub body: Any,
+    sotw_entry: OnceLock<Bytes>,
+    delta_entry: OnceLock<Bytes>,
 }
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.version, &self.body) == (&other.name, &other.version, &other.body)
+    }
+}
+
+/// The field both `DiscoveryResponse` and `DeltaDiscoveryResponse` carry
+/// their resources in.
+const RESOURCES_FIELD: u32 = 2;
 
 impl Resource {
     pub fn new<M: Message + Name>(name: String, message: &M) -> Self {
@@ -77,6 +96,34 @@ impl Resource {
             name,
             version,
             body,
+            sotw_entry: OnceLock::new(),
+            delta_entry: OnceLock::new(),
         }
+    }
+
+    /// This resource as one entry of a `DiscoveryResponse`'s `resources`
+    /// (field tag, length and the `Any`), ready to append to a response.
+    pub fn sotw_entry(&self) -> &Bytes {
+        self.sotw_entry.get_or_init(|| {
+            let mut buf = Vec::with_capacity(self.body.encoded_len() + 8);
+            prost::encoding::message::encode(RESOURCES_FIELD, &self.body, &mut buf);
+            Bytes::from(buf)
+        })
+    }
+
+    /// This resource as one entry of a `DeltaDiscoveryResponse`'s
+    /// `resources` (a `Resource` with name, version and body).
+    pub fn delta_entry(&self) -> &Bytes {
+        self.delta_entry.get_or_init(|| {
+            let entry = DeltaResource {
+                name: self.name.clone(),
+                version: self.version.clone(),
+                resource: Some(self.body.clone()),
+                ..Default::default()
+            };
+            let mut buf = Vec::with_capacity(entry.encoded_len() + 8);
+            prost::encoding::message::encode(RESOURCES_FIELD, &entry, &mut buf);
+            Bytes::from(buf)
+        })
     }
 }

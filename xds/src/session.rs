@@ -32,15 +32,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use ferry_discovery::untrusted::{Escaped, clip};
-use ferry_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    Resource as DeltaResource,
-};
+use ferry_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::resources::{Resource, ResourceType};
 use crate::snapshot::Snapshot;
 use crate::status::{ClientStatus, NackRecord, TypeStatus};
+use crate::wire::{DeltaReply, SotwReply};
 
 /// The longest node id accepted.
 pub const MAX_NODE_ID_BYTES: usize = 256;
@@ -532,7 +530,7 @@ impl Session {
     }
 
     /// The SotW responses due for `snapshot`, in push order.
-    pub fn sotw_responses(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DiscoveryResponse> {
+    pub fn sotw_replies(&mut self, snapshot: &Arc<Snapshot>) -> Vec<SotwReply> {
         if !snapshot.is_ready() {
             return Vec::new();
         }
@@ -559,14 +557,13 @@ impl Session {
                 hasher.update(r.version.as_bytes());
             }
             let version = format!("{:016x}", hasher.digest());
-            let resources = view.values().map(|r| r.body.clone()).collect();
+            let resources = view.into_values().cloned().collect();
             let nonce = self.mark_sent(kind, &version, snapshot.version);
-            out.push(DiscoveryResponse {
+            out.push(SotwReply {
                 version_info: version,
                 resources,
-                type_url: kind.type_url().to_owned(),
+                type_url: kind.type_url(),
                 nonce,
-                ..Default::default()
             });
         }
         self.note_push(snapshot, !out.is_empty());
@@ -574,7 +571,7 @@ impl Session {
     }
 
     /// The delta responses due for `snapshot`, in push order.
-    pub fn delta_responses(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DeltaDiscoveryResponse> {
+    pub fn delta_replies(&mut self, snapshot: &Arc<Snapshot>) -> Vec<DeltaReply> {
         if !snapshot.is_ready() {
             return Vec::new();
         }
@@ -585,22 +582,12 @@ impl Session {
             };
             let version = snapshot.version.to_string();
             let nonce = self.mark_sent(kind, &version, snapshot.version);
-            out.push(DeltaDiscoveryResponse {
+            out.push(DeltaReply {
                 system_version_info: version,
-                resources: update
-                    .upserts
-                    .iter()
-                    .map(|r| DeltaResource {
-                        name: r.name.clone(),
-                        version: r.version.clone(),
-                        resource: Some(r.body.clone()),
-                        ..Default::default()
-                    })
-                    .collect(),
+                resources: update.upserts,
                 removed_resources: update.removals,
-                type_url: kind.type_url().to_owned(),
+                type_url: kind.type_url(),
                 nonce,
-                ..Default::default()
             });
         }
         self.note_push(snapshot, !out.is_empty());
@@ -653,12 +640,34 @@ impl Session {
 }
 
 #[cfg(test)]
+impl Session {
+    /// The SotW responses due, as a client decodes them.
+    pub fn sotw_responses(
+        &mut self,
+        snapshot: &Arc<Snapshot>,
+    ) -> Vec<ferry_proto::envoy::service::discovery::v3::DiscoveryResponse> {
+        let replies = self.sotw_replies(snapshot);
+        replies.iter().map(SotwReply::to_message).collect()
+    }
+
+    /// The delta responses due, as a client decodes them.
+    pub fn delta_responses(
+        &mut self,
+        snapshot: &Arc<Snapshot>,
+    ) -> Vec<ferry_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse> {
+        let replies = self.delta_replies(snapshot);
+        replies.iter().map(DeltaReply::to_message).collect()
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::snapshot::SnapshotCache;
     use crate::translate::{TranslateOptions, Translator};
     use ferry_discovery::Catalog;
     use ferry_discovery::file::parse_catalog;
+    use ferry_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
     use ferry_proto::google::rpc::Status as RpcStatus;
     use std::path::Path;
 
