@@ -77,6 +77,9 @@ pub struct Shared {
     pub events: mpsc::UnboundedSender<Event>,
     /// Bounds how many clients are fetching their initial config at once.
     pub sync_permits: Arc<Semaphore>,
+    /// Clusters (and as many load assignments) a whole initial config has:
+    /// the server may send it in several responses per type.
+    pub expected_clusters: usize,
     pub cancel: CancellationToken,
 }
 
@@ -113,21 +116,25 @@ async fn session(id: usize, channel: Channel, shared: &Shared) -> anyhow::Result
     )
     .await?;
 
-    let (mut clusters, mut load_assignments) = (None, None);
+    let (mut clusters, mut load_assignments) = (0, 0);
     let (mut synced, mut bytes) = (false, 0);
     while let Some((at, response)) = stream.next().await? {
         if !synced {
             bytes += response.encoded_len();
         }
         if response.type_url == type_url::CLUSTER {
-            clusters.get_or_insert(response.resources.len());
+            if !synced {
+                clusters += response.resources.len();
+            }
         } else if response.type_url == type_url::ENDPOINT {
             if synced {
                 report_target(id, &response, at, shared);
+            } else {
+                load_assignments += response.resources.len();
             }
-            load_assignments.get_or_insert(response.resources.len());
         }
-        if !synced && let (Some(clusters), Some(load_assignments)) = (clusters, load_assignments) {
+        let whole = shared.expected_clusters;
+        if !synced && clusters >= whole && load_assignments >= whole {
             synced = true;
             permit.take();
             let _ = shared.events.send(Event::Synced {

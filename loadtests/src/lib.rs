@@ -372,6 +372,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         target_address: spec.target_address(),
         events: events_tx,
         sync_permits: Arc::new(Semaphore::new(permits)),
+        expected_clusters: spec.clusters(),
         cancel: CancellationToken::new(),
     });
     let mut co = Coordinator {

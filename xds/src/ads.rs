@@ -168,6 +168,7 @@ impl AdsServer {
         );
         let session = Session::new(id, variant, status).with_limits(Limits {
             max_names: limits.max_names,
+            ..Limits::default()
         });
         tokio::spawn(async move {
             let _guard = StreamGuard::new(&shared, id, variant);

@@ -51,11 +51,21 @@ pub const MAX_NACK_MESSAGE_BYTES: usize = 1024;
 pub struct Limits {
     /// Resource names one stream may hold over all types.
     pub max_names: usize,
+    /// The most resource bytes one delta response carries: a larger update
+    /// (a client's initial config at fleet scale) goes as several responses
+    /// of one type, so no client or server buffer grows to the whole config.
+    pub max_response_bytes: usize,
 }
+
+/// [`Limits::max_response_bytes`] by default.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_names: 100_000 }
+        Self {
+            max_names: 100_000,
+            max_response_bytes: MAX_RESPONSE_BYTES,
+        }
     }
 }
 
@@ -105,107 +115,6 @@ impl Variant {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct Subscription {
-    wildcard: bool,
-    names: BTreeSet<String>,
-}
-
-impl Subscription {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
-    }
-}
-
-/// What the client holds of one resource, where it differs from the base.
-#[derive(Debug, Clone)]
-enum Known {
-    /// The client holds this version (from `initial_resource_versions`).
-    Version(String),
-    /// Held back on purpose: a removed cluster kept until routes settle.
-    Held(Arc<Resource>),
-    /// The client does not hold it (newly subscribed).
-    Missing,
-    /// The client was told it does not exist.
-    Absent,
-}
-
-#[derive(Debug, Default)]
-struct TypeState {
-    started: bool,
-    sub: Subscription,
-    /// The client holds every subscribed resource as in `base`, except
-    /// for `exceptions`.
-    base: Option<Arc<Snapshot>>,
-    exceptions: BTreeMap<String, Known>,
-    nonce: Option<String>,
-    awaiting_ack: bool,
-    force_response: bool,
-    sent_version: Option<String>,
-    acked_version: Option<String>,
-    /// The snapshot version of the last response sent, and of the last
-    /// one the client acknowledged.
-    sent_snapshot: u64,
-    acked_snapshot: u64,
-    last_nack: Option<NackRecord>,
-    nacks: u64,
-}
-
-impl TypeState {
-    fn names_held(&self) -> usize {
-        self.sub.names.len().max(self.exceptions.len())
-    }
-
-    /// The version of `name` the client holds, if any.
-    fn known(&self, kind: ResourceType, name: &str) -> Option<&str> {
-        match self.exceptions.get(name) {
-            Some(Known::Version(v)) => Some(v),
-            Some(Known::Held(r)) => Some(&r.version),
-            Some(Known::Missing | Known::Absent) => None,
-            None if self.sub.wants(name) => self
-                .base
-                .as_ref()
-                .and_then(|b| b.of(kind).get(name))
-                .map(|r| r.version.as_str()),
-            None => None,
-        }
-    }
-
-    /// Names that may differ between what the client holds and `snapshot`.
-    fn candidates(&self, kind: ResourceType, snapshot: &Snapshot) -> BTreeSet<String> {
-        let mut names: BTreeSet<String> = self.exceptions.keys().cloned().collect();
-        let current = snapshot.of(kind);
-        match &self.base {
-            Some(base) if base.version == snapshot.version => {}
-            Some(base) if base.version + 1 == snapshot.version => {
-                names.extend(snapshot.changed[kind.index()].iter().cloned());
-            }
-            Some(base) => {
-                let old = base.of(kind);
-                for (name, r) in current {
-                    if old.get(name).is_none_or(|o| o.version != r.version) {
-                        names.insert(name.clone());
-                    }
-                }
-                names.extend(old.keys().filter(|n| !current.contains_key(*n)).cloned());
-            }
-            None => {
-                names.extend(current.keys().cloned());
-                names.extend(self.sub.names.iter().cloned());
-            }
-        }
-        names.retain(|n| self.sub.wants(n) || self.exceptions.contains_key(n));
-        names
-    }
-}
-
-/// One pending update of one type, before it is put on the wire.
-#[derive(Debug, Default)]
-struct Update {
-    upserts: Vec<Arc<Resource>>,
-    removals: Vec<String>,
-}
-
 /// Protocol state of one ADS stream.
 #[derive(Debug)]
 pub struct Session {
@@ -218,6 +127,48 @@ pub struct Session {
     last_pushed_snapshot: u64,
     limits: Limits,
     status: Arc<Mutex<ClientStatus>>,
+}
+
+/// Records a NACK of `kind`'s latest update.
+fn record_nack(
+    st: &mut TypeState,
+    node: &str,
+    kind: ResourceType,
+    version_info: &str,
+    err: &ferry_proto::google::rpc::Status,
+) {
+    st.nacks += 1;
+    let record = NackRecord {
+        rejected_version: st.sent_version.clone().unwrap_or_default(),
+        kept_version: clip(version_info, MAX_NACK_MESSAGE_BYTES).into_owned(),
+        message: clip(&err.message, MAX_NACK_MESSAGE_BYTES).into_owned(),
+        at: SystemTime::now(),
+    };
+    tracing::warn!(
+        node = %Escaped(node), r#type = kind.short(), rejected = %record.rejected_version,
+        message = %Escaped(&record.message), "xds client rejected (NACK) an update; it keeps its last good config"
+    );
+    metrics::counter!("ferry_xds_nacks_total", "type" => kind.short()).increment(1);
+    st.last_nack = Some(record);
+}
+
+/// `resources` in runs whose encoded entries add up to at most `limit`
+/// bytes (a larger one alone); always at least one run, maybe empty.
+fn split_by_size(resources: Vec<Arc<Resource>>, limit: usize) -> Vec<Vec<Arc<Resource>>> {
+    let mut parts = vec![Vec::new()];
+    let mut size = 0;
+    for r in resources {
+        let len = r.delta_entry().len();
+        if size + len > limit && parts.last().is_some_and(|p| !p.is_empty()) {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        if let Some(part) = parts.last_mut() {
+            part.push(r);
+        }
+    }
+    parts
 }
 
 fn type_of(url: &str) -> Option<ResourceType> {
@@ -305,6 +256,14 @@ impl Session {
             return true;
         }
         if st.nonce.as_deref() != Some(nonce) {
+            if st.in_batch(nonce) {
+                // An earlier part of an update sent in several responses:
+                // its ACK is the last part's, but a NACK counts.
+                if let Some(err) = error {
+                    record_nack(st, &node, kind, version_info, err);
+                }
+                return false;
+            }
             if st.nonce.is_some() {
                 metrics::counter!("ferry_xds_stale_requests_total", "type" => kind.short())
                     .increment(1);
@@ -315,21 +274,7 @@ impl Session {
         }
         st.awaiting_ack = false;
         match error {
-            Some(err) => {
-                st.nacks += 1;
-                let record = NackRecord {
-                    rejected_version: st.sent_version.clone().unwrap_or_default(),
-                    kept_version: clip(version_info, MAX_NACK_MESSAGE_BYTES).into_owned(),
-                    message: clip(&err.message, MAX_NACK_MESSAGE_BYTES).into_owned(),
-                    at: SystemTime::now(),
-                };
-                tracing::warn!(
-                    node = %Escaped(&node), r#type = kind.short(), rejected = %record.rejected_version,
-                    message = %Escaped(&record.message), "xds client rejected (NACK) an update; it keeps its last good config"
-                );
-                metrics::counter!("ferry_xds_nacks_total", "type" => kind.short()).increment(1);
-                st.last_nack = Some(record);
-            }
+            Some(err) => record_nack(st, &node, kind, version_info, err),
             None => {
                 st.acked_version = st.sent_version.clone();
                 st.acked_snapshot = st.sent_snapshot;
@@ -581,14 +526,27 @@ impl Session {
                 continue;
             };
             let version = snapshot.version.to_string();
-            let nonce = self.mark_sent(kind, &version, snapshot.version);
-            out.push(DeltaReply {
-                system_version_info: version,
-                resources: update.upserts,
-                removed_resources: update.removals,
-                type_url: kind.type_url(),
-                nonce,
-            });
+            let parts = split_by_size(update.upserts, self.limits.max_response_bytes);
+            let last = parts.len() - 1;
+            let mut removals = Some(update.removals);
+            for (i, upserts) in parts.into_iter().enumerate() {
+                let nonce = self.mark_sent(kind, &version, snapshot.version);
+                if i == 0 {
+                    self.types[kind.index()].batch_start = self.next_nonce;
+                }
+                out.push(DeltaReply {
+                    system_version_info: version.clone(),
+                    resources: upserts,
+                    // Removals go last: what replaces a resource is sent first.
+                    removed_resources: if i == last {
+                        removals.take().unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
+                    type_url: kind.type_url(),
+                    nonce,
+                });
+            }
         }
         self.note_push(snapshot, !out.is_empty());
         out
@@ -660,272 +618,8 @@ impl Session {
     }
 }
 
+mod state;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::snapshot::SnapshotCache;
-    use crate::translate::{TranslateOptions, Translator};
-    use ferry_discovery::Catalog;
-    use ferry_discovery::file::parse_catalog;
-    use ferry_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
-    use ferry_proto::google::rpc::Status as RpcStatus;
-    use std::path::Path;
+mod tests;
 
-    const TWO: &str = r#"
-services:
-  - name: a
-    namespace: ns
-    ports: [{name: http, port: 80}]
-    backends: {old: {endpoints: ["127.0.0.1:1"]}, new: {endpoints: ["127.0.0.1:2"]}}
-  - name: b
-    namespace: ns
-    ports: [{name: http, port: 80}]
-    backends: {old: {endpoints: ["127.0.0.1:3"]}}
-"#;
-
-    struct World {
-        catalog: Catalog,
-        cache: SnapshotCache,
-        translator: Translator,
-    }
-
-    impl World {
-        fn new(text: &str) -> Self {
-            let mut w = Self {
-                catalog: Catalog::new(),
-                cache: SnapshotCache::new(),
-                translator: Translator::new(TranslateOptions::default()),
-            };
-            w.set(text);
-            w
-        }
-
-        fn set(&mut self, text: &str) -> Arc<Snapshot> {
-            self.catalog
-                .replace(parse_catalog(Path::new("t.yaml"), text).unwrap());
-            let current = self.catalog.current();
-            self.cache
-                .publish(self.translator.translate(&current), &current);
-            self.cache.current()
-        }
-    }
-
-    fn session(variant: Variant) -> Session {
-        let status = crate::status::ClientRegistry::default()
-            .register(1, variant, None, 1)
-            .unwrap();
-        Session::new(1, variant, status)
-    }
-
-    fn delta(kind: ResourceType, subscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
-        DeltaDiscoveryRequest {
-            type_url: kind.type_url().to_owned(),
-            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
-            response_nonce: nonce.to_owned(),
-            ..Default::default()
-        }
-    }
-
-    fn ack_all(s: &mut Session, responses: &[DeltaDiscoveryResponse]) {
-        for r in responses {
-            let kind = ResourceType::from_type_url(&r.type_url).unwrap();
-            s.on_delta_request(&delta(kind, &[], &r.nonce)).unwrap();
-        }
-    }
-
-    fn names(r: &DeltaDiscoveryResponse) -> Vec<&str> {
-        r.resources.iter().map(|r| r.name.as_str()).collect()
-    }
-
-    /// A delta client subscribed like Envoy: wildcard CDS and LDS, named
-    /// EDS and RDS, everything ACKed.
-    fn envoy_like(world: &World) -> (Session, Arc<Snapshot>) {
-        let snap = world.cache.current();
-        let mut s = session(Variant::Delta);
-        s.on_delta_request(&delta(ResourceType::Cluster, &[], ""))
-            .unwrap();
-        s.on_delta_request(&delta(ResourceType::Listener, &[], ""))
-            .unwrap();
-        let first = s.delta_responses(&snap);
-        assert_eq!(first.len(), 2);
-        ack_all(&mut s, &first);
-        let clusters: Vec<&str> = snap
-            .of(ResourceType::Cluster)
-            .keys()
-            .map(String::as_str)
-            .collect();
-        s.on_delta_request(&delta(ResourceType::Endpoint, &clusters, ""))
-            .unwrap();
-        s.on_delta_request(&delta(ResourceType::Route, &["ferry_http"], ""))
-            .unwrap();
-        let second = s.delta_responses(&snap);
-        assert_eq!(second.len(), 2);
-        ack_all(&mut s, &second);
-        assert!(s.delta_responses(&snap).is_empty());
-        (s, snap)
-    }
-
-    #[test]
-    fn removed_clusters_are_withdrawn_only_after_routes_are_acked() {
-        let mut world = World::new(TWO);
-        let (mut s, _) = envoy_like(&world);
-        let without_b = world.set(&TWO[..TWO.find("  - name: b").unwrap()]);
-
-        let first = s.delta_responses(&without_b);
-        let kinds: Vec<_> = first.iter().map(|r| r.type_url.as_str()).collect();
-        assert_eq!(
-            kinds,
-            [ResourceType::Route.type_url()],
-            "only routes move first"
-        );
-
-        ack_all(&mut s, &first);
-        let second = s.delta_responses(&without_b);
-        assert_eq!(second.len(), 2);
-        assert_eq!(second[0].type_url, ResourceType::Cluster.type_url());
-        assert_eq!(second[0].removed_resources, ["b.ns:80@old"]);
-        assert_eq!(second[1].type_url, ResourceType::Endpoint.type_url());
-        assert_eq!(second[1].removed_resources, ["b.ns:80@old"]);
-    }
-
-    #[test]
-    fn a_nack_is_recorded_and_the_rejected_content_not_resent() {
-        let mut world = World::new(TWO);
-        let (mut s, _) = envoy_like(&world);
-        let changed = world.set(&TWO.replace("127.0.0.1:3", "127.0.0.1:4"));
-        let update = s.delta_responses(&changed);
-        assert_eq!(update.len(), 1);
-        assert_eq!(names(&update[0]), ["b.ns:80@old"]);
-        let mut nack = delta(ResourceType::Endpoint, &[], &update[0].nonce);
-        nack.error_detail = Some(RpcStatus {
-            code: 3,
-            message: "bad endpoint".into(),
-            details: vec![],
-        });
-        s.on_delta_request(&nack).unwrap();
-        assert!(s.delta_responses(&changed).is_empty(), "no resend loop");
-        let st = &s.types[ResourceType::Endpoint.index()];
-        assert_eq!(st.nacks, 1);
-        assert_eq!(st.last_nack.as_ref().unwrap().message, "bad endpoint");
-
-        // The next change goes out again.
-        let again = world.set(&TWO.replace("127.0.0.1:3", "127.0.0.1:5"));
-        assert_eq!(s.delta_responses(&again).len(), 1);
-    }
-
-    #[test]
-    fn initial_resource_versions_skip_what_the_client_has() {
-        let world = World::new(TWO);
-        let snap = world.cache.current();
-        let mut s = session(Variant::Delta);
-        let mut req = delta(ResourceType::Cluster, &[], "");
-        for (name, r) in snap.of(ResourceType::Cluster) {
-            req.initial_resource_versions
-                .insert(name.clone(), r.version.clone());
-        }
-        req.initial_resource_versions
-            .insert("gone.ns:80@old".into(), "1".into());
-        req.initial_resource_versions
-            .insert("a.ns:80@old".into(), "stale".into());
-        s.on_delta_request(&req).unwrap();
-        let out = s.delta_responses(&snap);
-        assert_eq!(out.len(), 1);
-        assert_eq!(names(&out[0]), ["a.ns:80@old"]);
-        assert_eq!(out[0].removed_resources, ["gone.ns:80@old"]);
-    }
-
-    #[test]
-    fn delta_names_that_do_not_exist_are_answered_as_removed_once() {
-        let world = World::new(TWO);
-        let snap = world.cache.current();
-        let mut s = session(Variant::Delta);
-        s.on_delta_request(&delta(
-            ResourceType::Endpoint,
-            &["a.ns:80@old", "nope.ns:80@x"],
-            "",
-        ))
-        .unwrap();
-        let out = s.delta_responses(&snap);
-        assert_eq!(names(&out[0]), ["a.ns:80@old"]);
-        assert_eq!(out[0].removed_resources, ["nope.ns:80@x"]);
-        ack_all(&mut s, &out);
-        assert!(s.delta_responses(&snap).is_empty());
-    }
-
-    #[test]
-    fn sotw_stale_nonce_is_not_an_ack_and_full_state_is_sent() {
-        let mut world = World::new(TWO);
-        let snap = world.cache.current();
-        let mut s = session(Variant::Sotw);
-        let req = |nonce: &str, version: &str| DiscoveryRequest {
-            type_url: ResourceType::Cluster.type_url().to_owned(),
-            response_nonce: nonce.to_owned(),
-            version_info: version.to_owned(),
-            ..Default::default()
-        };
-        s.on_sotw_request(&req("", "")).unwrap();
-        let out = s.sotw_responses(&snap);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].resources.len(), 3);
-        s.on_sotw_request(&req("999", &out[0].version_info))
-            .unwrap();
-        assert!(
-            s.types[0].acked_version.is_none(),
-            "stale nonce counted as ACK"
-        );
-        s.on_sotw_request(&req(&out[0].nonce, &out[0].version_info))
-            .unwrap();
-        assert_eq!(
-            s.types[0].acked_version.as_deref(),
-            Some(out[0].version_info.as_str())
-        );
-
-        // A new endpoint only: no CDS push. A new cluster: all clusters again.
-        let snap = world.set(&TWO.replace("127.0.0.1:3", "127.0.0.1:9"));
-        assert!(s.sotw_responses(&snap).is_empty());
-        let snap = world.set(&TWO.replace(
-            "{old: {endpoints: [\"127.0.0.1:3\"]}}",
-            "{old: {endpoints: [\"127.0.0.1:3\"]}, new: {endpoints: [\"127.0.0.1:4\"]}}",
-        ));
-        let out = s.sotw_responses(&snap);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].resources.len(), 4);
-    }
-
-    #[test]
-    fn a_stream_holds_a_bounded_number_of_names() {
-        let mut s = session(Variant::Delta).with_limits(Limits { max_names: 3 });
-        s.on_delta_request(&delta(ResourceType::Endpoint, &["a", "b"], ""))
-            .unwrap();
-        let refused = s.on_delta_request(&delta(ResourceType::Cluster, &["c", "d"], ""));
-        assert_eq!(refused, Err(Refusal::TooManyNames { names: 4, limit: 3 }));
-        let mut s = session(Variant::Sotw).with_limits(Limits { max_names: 3 });
-        let names = ["a", "b", "c"].map(str::to_owned).to_vec();
-        let mut req = DiscoveryRequest {
-            type_url: ResourceType::Endpoint.type_url().to_owned(),
-            resource_names: names,
-            ..Default::default()
-        };
-        // Replacing a subscription counts only the new one.
-        s.on_sotw_request(&req).unwrap();
-        s.on_sotw_request(&req).unwrap();
-        req.resource_names.push("d".to_owned());
-        assert!(s.on_sotw_request(&req).is_err());
-    }
-
-    #[test]
-    fn node_ids_are_bounded() {
-        let mut s = session(Variant::Delta);
-        let mut req = delta(ResourceType::Cluster, &[], "");
-        req.node = Some(ferry_proto::envoy::config::core::v3::Node {
-            id: "x".repeat(MAX_NODE_ID_BYTES + 1),
-            ..Default::default()
-        });
-        assert_eq!(
-            s.on_delta_request(&req),
-            Err(Refusal::NodeIdTooLong {
-                len: MAX_NODE_ID_BYTES + 1
-            })
-        );
-    }
-}
+use self::state::{Known, Subscription, TypeState, Update};
