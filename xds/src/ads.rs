@@ -137,7 +137,7 @@ impl AdsServer {
     fn open<Req, R>(&self, request: http::Request<Body>, variant: Variant) -> http::Response<Body>
     where
         Req: Wire<R> + Send + 'static,
-        R: Reply,
+        R: Reply + Unpin,
     {
         let peer = request
             .extensions()
@@ -180,7 +180,7 @@ impl AdsServer {
 }
 
 /// A gRPC response whose messages and status come from `body`.
-fn grpc_response(body: ReplyBody) -> http::Response<Body> {
+fn grpc_response<R: Reply + Unpin>(body: ReplyBody<R>) -> http::Response<Body> {
     let mut response = http::Response::new(Body::new(body));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -207,7 +207,7 @@ impl tonic::codegen::Service<http::Request<Body>> for AdsServer {
             SOTW_PATH => self.open::<DiscoveryRequest, SotwReply>(request, Variant::Sotw),
             DELTA_PATH => self.open::<DeltaDiscoveryRequest, DeltaReply>(request, Variant::Delta),
             path => {
-                let (tx, rx) = mpsc::channel(1);
+                let (tx, rx) = mpsc::channel::<Outgoing<SotwReply>>(1);
                 let _ = tx.try_send(Err(Status::unimplemented(format!(
                     "{} has no method {path}",
                     Self::NAME
@@ -246,7 +246,7 @@ async fn run_stream<Req, R>(
     shared: &Shared,
     mut session: Session,
     mut inbound: Streaming<Req>,
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<Outgoing<R>>,
     peer: Option<SocketAddr>,
 ) where
     Req: Wire<R> + Send + 'static,
@@ -283,7 +283,7 @@ async fn run_stream<Req, R>(
         }
         let snapshot = snapshots.borrow_and_update().clone();
         for reply in Req::replies(&mut session, &snapshot) {
-            if tx.send(Ok(reply.encode())).await.is_err() {
+            if tx.send(Ok(reply)).await.is_err() {
                 return;
             }
         }

@@ -8,11 +8,11 @@
 //! decodes as the whole response.
 //!
 //! No stream keeps a buffer the size of its largest response: entries are
-//! gathered into pieces of at most [`PIECE_BYTES`] that are freed once
-//! written, where a per-stream encode buffer would keep the size of the
-//! initial config (megabytes at fleet scale) for the stream's life.
+//! gathered into pieces of at most [`PIECE_BYTES`], each made when the
+//! connection takes the one before and freed once written, where a
+//! per-stream encode buffer would keep the size of the initial config
+//! (megabytes at fleet scale) for the stream's life.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -55,36 +55,80 @@ pub struct DeltaReply {
 pub trait Reply: Send + 'static {
     /// The response's own fields, without its resources.
     fn head(&self) -> Vec<u8>;
-    /// Its resources' entries, in order.
-    fn entries(&self) -> impl Iterator<Item = &Bytes>;
+    /// Its resources, in order.
+    fn resources(&self) -> &[Arc<Resource>];
+    /// One resource's entry in this kind of response.
+    fn entry(resource: &Resource) -> &Bytes;
 
     /// The response as one gRPC message (length-prefixed), in pieces of
-    /// at most [`PIECE_BYTES`].
-    fn encode(&self) -> Vec<Bytes> {
-        let head = self.head();
-        let len = head.len() + self.entries().map(Bytes::len).sum::<usize>();
-        let mut pieces = Vec::new();
-        let mut piece = BytesMut::with_capacity(PIECE_BYTES.min(len + 5));
+    /// at most [`PIECE_BYTES`] made as they are asked for.
+    fn pieces(self) -> Pieces<Self>
+    where
+        Self: Sized,
+    {
+        Pieces::new(self)
+    }
+}
+
+/// A response's pieces, each made only when the previous one is taken:
+/// a stream holds one piece at a time, not a whole response.
+#[derive(Debug)]
+pub struct Pieces<R> {
+    reply: R,
+    /// The gRPC frame prefix and the head, until they are out.
+    head: Option<Vec<u8>>,
+    next: usize,
+}
+
+impl<R: Reply> Pieces<R> {
+    fn new(reply: R) -> Self {
+        let head = reply.head();
+        let len = head.len()
+            + reply
+                .resources()
+                .iter()
+                .map(|r| R::entry(r).len())
+                .sum::<usize>();
+        let mut first = Vec::with_capacity(5 + head.len());
         // gRPC framing: not compressed, then the length (big endian).
-        piece.put_u8(0);
-        piece.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        piece.put_slice(&head);
-        for entry in self.entries() {
-            if piece.len() + entry.len() > PIECE_BYTES && !piece.is_empty() {
-                pieces.push(piece.split().freeze());
-                piece.reserve(PIECE_BYTES.min(len));
-            }
+        first.put_u8(0);
+        first.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        first.extend_from_slice(&head);
+        Self {
+            reply,
+            head: Some(first),
+            next: 0,
+        }
+    }
+}
+
+impl<R: Reply> Iterator for Pieces<R> {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        let resources = self.reply.resources();
+        let mut piece = BytesMut::new();
+        if let Some(head) = self.head.take() {
+            piece.reserve(PIECE_BYTES.min(head.len() + 16 * 1024));
+            piece.put_slice(&head);
+        }
+        while let Some(r) = resources.get(self.next) {
+            let entry = R::entry(r);
             if entry.len() >= PIECE_BYTES {
-                // A large entry goes as it is, shared.
-                pieces.push(entry.clone());
-            } else {
-                piece.put_slice(entry);
+                if piece.is_empty() {
+                    // A large entry goes as it is, shared.
+                    self.next += 1;
+                    return Some(entry.clone());
+                }
+                break;
             }
+            if piece.len() + entry.len() > PIECE_BYTES {
+                break;
+            }
+            piece.put_slice(entry);
+            self.next += 1;
         }
-        if !piece.is_empty() {
-            pieces.push(piece.freeze());
-        }
-        pieces
+        (!piece.is_empty()).then(|| piece.freeze())
     }
 }
 
@@ -99,8 +143,12 @@ impl Reply for SotwReply {
         .encode_to_vec()
     }
 
-    fn entries(&self) -> impl Iterator<Item = &Bytes> {
-        self.resources.iter().map(|r| r.sotw_entry())
+    fn resources(&self) -> &[Arc<Resource>] {
+        &self.resources
+    }
+
+    fn entry(resource: &Resource) -> &Bytes {
+        resource.sotw_entry()
     }
 }
 
@@ -116,8 +164,12 @@ impl Reply for DeltaReply {
         .encode_to_vec()
     }
 
-    fn entries(&self) -> impl Iterator<Item = &Bytes> {
-        self.resources.iter().map(|r| r.delta_entry())
+    fn resources(&self) -> &[Arc<Resource>] {
+        &self.resources
+    }
+
+    fn entry(resource: &Resource) -> &Bytes {
+        resource.delta_entry()
     }
 }
 
@@ -157,24 +209,24 @@ impl DeltaReply {
     }
 }
 
-/// What a stream's writer hands its body: an encoded response, or the
-/// status that ends the stream.
-pub type Outgoing = Result<Vec<Bytes>, tonic::Status>;
+/// What a stream's writer hands its body: a response, or the status that
+/// ends the stream.
+pub type Outgoing<R> = Result<R, tonic::Status>;
 
-/// The HTTP/2 body of an ADS response stream: the pieces of each
-/// response as they come, then the gRPC status in trailers.
+/// The HTTP/2 body of an ADS response stream: each response's pieces as
+/// the connection takes them, then the gRPC status in trailers.
 #[derive(Debug)]
-pub struct ReplyBody {
-    rx: mpsc::Receiver<Outgoing>,
-    pending: VecDeque<Bytes>,
+pub struct ReplyBody<R> {
+    rx: mpsc::Receiver<Outgoing<R>>,
+    current: Option<Pieces<R>>,
     ended: bool,
 }
 
-impl ReplyBody {
-    pub fn new(rx: mpsc::Receiver<Outgoing>) -> Self {
+impl<R> ReplyBody<R> {
+    pub fn new(rx: mpsc::Receiver<Outgoing<R>>) -> Self {
         Self {
             rx,
-            pending: VecDeque::new(),
+            current: None,
             ended: false,
         }
     }
@@ -189,7 +241,7 @@ fn trailers(status: &tonic::Status) -> HeaderMap {
     headers
 }
 
-impl http_body::Body for ReplyBody {
+impl<R: Reply + Unpin> http_body::Body for ReplyBody<R> {
     type Data = Bytes;
     type Error = tonic::Status;
 
@@ -198,14 +250,15 @@ impl http_body::Body for ReplyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
         loop {
-            if let Some(piece) = self.pending.pop_front() {
+            if let Some(piece) = self.current.as_mut().and_then(Iterator::next) {
                 return Poll::Ready(Some(Ok(Frame::data(piece))));
             }
+            self.current = None;
             if self.ended {
                 return Poll::Ready(None);
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(pieces))) => self.pending.extend(pieces),
+                Poll::Ready(Some(Ok(reply))) => self.current = Some(reply.pieces()),
                 Poll::Ready(Some(Err(status))) => {
                     self.ended = true;
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
@@ -221,7 +274,7 @@ impl http_body::Body for ReplyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.pending.is_empty()
+        self.ended && self.current.is_none()
     }
 }
 
@@ -260,7 +313,7 @@ mod tests {
             type_url: ferry_proto::type_url::CLUSTER,
             nonce: "3".into(),
         };
-        let pieces = reply.encode();
+        let pieces: Vec<Bytes> = reply.clone().pieces().collect();
         assert!(pieces.len() > 2, "{} pieces", pieces.len());
         let big = reply.resources[40].delta_entry().len();
         assert!(
@@ -281,14 +334,16 @@ mod tests {
             type_url: ferry_proto::type_url::CLUSTER,
             nonce: "1".into(),
         };
-        let decoded = DiscoveryResponse::decode(&message(&reply.encode())[..]).unwrap();
+        let pieces: Vec<Bytes> = reply.clone().pieces().collect();
+        let decoded = DiscoveryResponse::decode(&message(&pieces)[..]).unwrap();
         assert_eq!(decoded, reply.to_message());
         // An empty response is still one framed message.
         let empty = SotwReply {
             resources: Vec::new(),
             ..reply
         };
-        let decoded = DiscoveryResponse::decode(&message(&empty.encode())[..]).unwrap();
+        let pieces: Vec<Bytes> = empty.clone().pieces().collect();
+        let decoded = DiscoveryResponse::decode(&message(&pieces)[..]).unwrap();
         assert_eq!(decoded, empty.to_message());
     }
 
