@@ -1,4 +1,4 @@
-//! The `proxy_vs_envoy` load test: Ferry's proxy against Envoy on the same
+//! The `proxy_compare` load test: Ferry's proxy against Envoy on the same
 //! core, the same control plane and the same backend.
 //!
 //! [`run`] starts a minimal HTTP backend ([`backend`]) and a real
@@ -21,8 +21,8 @@
 //! Non-2xx answers and errors are counted in every run; a run where they
 //! pass 1 % is flagged in the report. Everything stays on loopback, every
 //! run is bounded in time, and every process is killed when the test ends,
-//! however it ends. The binary `proxy_vs_envoy` is the command line;
-//! `tests/proxy_vs_envoy_smoke.rs` runs the [`Config::smoke`] preset.
+//! however it ends. The binary `proxy_compare` is the command line;
+//! `tests/proxy_compare_smoke.rs` runs the [`Config::smoke`] preset.
 
 pub mod backend;
 pub mod fixed_rate;
@@ -47,7 +47,7 @@ use peers::ProxyProcess;
 use saturation::{Load, Measured, Protocol};
 
 /// Name of the test, in result file names.
-pub const TEST_NAME: &str = "proxy_vs_envoy";
+pub const TEST_NAME: &str = "proxy_compare";
 /// The `Host` every request carries: the catalog's one service.
 pub const HOST: &str = "echo.bench";
 /// A run whose failed requests pass this share is flagged.
@@ -56,7 +56,7 @@ pub const MAX_ERROR_SHARE: f64 = 0.01;
 /// a flag: more means the machine was not quiet and the figures are low.
 pub const MAX_BUSY_CORES: f64 = 0.25;
 /// What the backend answers.
-const BODY: &[u8] = b"hello from the proxy_vs_envoy backend\n";
+const BODY: &[u8] = b"hello from the proxy_compare backend\n";
 
 /// The targets Ferry's proxy is held to.
 pub mod targets {
@@ -75,7 +75,7 @@ pub struct Config {
     pub ferry: PathBuf,
     /// The Envoy binary.
     pub envoy: PathBuf,
-    /// In result file names: `proxy_vs_envoy-<label>.{json,md}`.
+    /// In result file names: `proxy_compare-<label>.{json,md}`.
     pub label: String,
     /// The core both proxies are pinned to.
     pub proxy_core: usize,
@@ -491,7 +491,7 @@ struct Saturated {
     max_rss: Option<u64>,
 }
 
-/// Runs the `proxy_vs_envoy` load test and writes its results.
+/// Runs the `proxy_compare` load test and writes its results.
 pub async fn run(config: Config) -> anyhow::Result<Report> {
     let started = Instant::now();
     let machine = Machine::describe();
@@ -509,7 +509,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         );
     }
     let dir = tempfile::Builder::new()
-        .prefix("ferry-proxy-vs-envoy-")
+        .prefix("ferry-proxy-compare-")
         .tempdir()
         .context("creating a temporary directory")?;
     let mut bench = Bench::start(&config, &load_cores, dir.path(), started).await?;

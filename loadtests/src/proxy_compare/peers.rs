@@ -47,7 +47,7 @@ impl ProxyProcess {
         command
             .arg("proxy")
             .args(["--xds", &format!("http://{xds}")])
-            .args(["--node-id", "proxy-vs-envoy-ferry"])
+            .args(["--node-id", "proxy-compare-ferry"])
             .args(["--listen", &listen.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .args(["--workers", "1"])
@@ -69,8 +69,8 @@ impl ProxyProcess {
         std::fs::write(
             &bootstrap,
             crate::envoy_bootstrap(
-                "proxy-vs-envoy-envoy",
-                "proxy-vs-envoy",
+                "proxy-compare-envoy",
+                "proxy-compare",
                 "DELTA_GRPC",
                 xds,
                 admin,

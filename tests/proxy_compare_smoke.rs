@@ -1,11 +1,11 @@
-//! A short instance of the `proxy_vs_envoy` load test (ferry-loadtests),
+//! A short instance of the `proxy_compare` load test (ferry-loadtests),
 //! so the load-test logic keeps working: this build's `ferry control` and
 //! `ferry proxy`, the real Envoy (FERRY_ENVOY), `wrk` and `h2load`, one
 //! second per measurement. It fails, never skips, when a tool is missing.
 //! The bounds are sanity checks, not performance targets (a debug build
 //! of the proxy is measured).
 
-use ferry_loadtests::proxy_vs_envoy::{self, Config, MAX_ERROR_SHARE};
+use ferry_loadtests::proxy_compare::{self, Config, MAX_ERROR_SHARE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_peer_serves_load_without_errors() {
@@ -18,7 +18,7 @@ async fn every_peer_serves_load_without_errors() {
         results_dir: Some(results.path().to_owned()),
         ..Config::smoke()
     };
-    let report = proxy_vs_envoy::run(config).await.unwrap();
+    let report = proxy_compare::run(config).await.unwrap();
     println!("{}", report.markdown());
 
     let names: Vec<&str> = report.peers.iter().map(|p| p.peer).collect();
@@ -48,12 +48,12 @@ async fn every_peer_serves_load_without_errors() {
     assert!((report.comparison.fixed_rate_rps - envoy_h1 / 2.0).abs() < 1.0);
     assert!(report.setup.envoy_version.starts_with("1.40"));
 
-    let json = results.path().join("proxy_vs_envoy-smoke.json");
-    let md = results.path().join("proxy_vs_envoy-smoke.md");
+    let json = results.path().join("proxy_compare-smoke.json");
+    let md = results.path().join("proxy_compare-smoke.md");
     assert_eq!(report.files, [json.clone(), md.clone()]);
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(parsed["test"], "proxy_vs_envoy");
+    assert_eq!(parsed["test"], "proxy_compare");
     assert_eq!(parsed["peers"][1]["peer"], "ferry");
     assert!(parsed["peers"][2]["h2"]["rps"].as_f64() > Some(0.0));
     let text = std::fs::read_to_string(&md).unwrap();

@@ -1,4 +1,4 @@
-//! `proxy_vs_envoy`: Ferry's proxy against Envoy 1.40 on the same pinned
+//! `proxy_compare`: Ferry's proxy against Envoy 1.40 on the same pinned
 //! core, behind the same control plane, in front of the same backend:
 //! requests per second (HTTP/1.1 with `wrk`, h2c with `h2load`), latency
 //! at a fixed rate, resident memory and CPU.
@@ -6,22 +6,22 @@
 //! ```sh
 //! apt-get install wrk nghttp2-client
 //! cargo build --release -p ferry -p ferry-loadtests
-//! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_vs_envoy
+//! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_compare
 //! ```
 //!
 //! Prints a Markdown table and writes
-//! `loadtests/results/proxy_vs_envoy-<label>.{json,md}`.
+//! `loadtests/results/proxy_compare-<label>.{json,md}`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_loadtests::proxy_vs_envoy::{self, Config};
+use ferry_loadtests::proxy_compare::{self, Config};
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "proxy_vs_envoy",
+    name = "proxy_compare",
     about = "Runs a backend, a real `ferry control`, `ferry proxy` and Envoy (each proxy pinned to one core) and measures requests/s (HTTP/1.1, h2c), latency at a fixed rate, RSS and CPU of each, and of the backend reached directly."
 )]
 struct Args {
@@ -125,7 +125,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match proxy_vs_envoy::run(Args::parse().config()).await {
+    match proxy_compare::run(Args::parse().config()).await {
         Ok(report) => {
             println!("{}", report.markdown());
             for file in &report.files {
@@ -134,7 +134,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("proxy_vs_envoy: {e:#}");
+            eprintln!("proxy_compare: {e:#}");
             ExitCode::FAILURE
         }
     }
