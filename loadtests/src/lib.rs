@@ -30,10 +30,11 @@
 //! engine's cost per pass (binary `campaign_scale`, smoke test
 //! `tests/campaign_scale_smoke.rs`).
 //!
-//! [`proxy_compare`] measures Ferry's proxy against Envoy on one pinned
-//! core: requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
-//! memory and CPU (binary `proxy_compare`, smoke test
-//! `tests/proxy_compare_smoke.rs`).
+//! [`proxy_compare`] measures Ferry's proxy against Envoy (configured by
+//! Ferry, and static), nginx and HAProxy, each alone on one pinned core:
+//! requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
+//! memory, CPU and upstream connections (binary `proxy_compare`, smoke
+//! test `tests/proxy_compare_smoke.rs`).
 
 pub mod campaign_scale;
 pub mod catalog;

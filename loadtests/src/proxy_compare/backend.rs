@@ -1,152 +1,154 @@
-//! The service behind the proxies: a minimal HTTP/1.1 and HTTP/2 (h2c)
-//! server answering every request with 200 and a fixed small body, on its
-//! own thread pinned to the load cores so it never competes with the proxy
-//! under test.
+//! The service behind the peers, chosen with `--backend`: an nginx of its
+//! own (the default: a backend as fast as the peers' own kind, so the
+//! direct rate is a real ceiling) or a minimal hyper server in this
+//! process. Either answers every request with 200 and a fixed small body,
+//! on the load cores, and counts the connections it accepted.
 
-use std::convert::Infallible;
+pub mod hyper;
+pub mod nginx;
+
+use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::str::FromStr;
 
-use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::sync::oneshot;
+use serde::Serialize;
 
-use super::machine::pin_current_thread;
+use self::hyper::HyperBackend;
+use self::nginx::NginxBackend;
 
-/// A running backend; dropping it stops the server thread.
+/// Which backend to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Nginx,
+    Hyper,
+}
+
+/// A `--backend` value that names no backend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backend {0:?}: expected nginx or hyper")]
+pub struct UnknownBackend(String);
+
+impl FromStr for BackendKind {
+    type Err = UnknownBackend;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "nginx" => Ok(Self::Nginx),
+            "hyper" => Ok(Self::Hyper),
+            other => Err(UnknownBackend(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nginx => "nginx",
+            Self::Hyper => "hyper",
+        })
+    }
+}
+
+/// A running backend; dropping it stops it.
 #[derive(Debug)]
-pub struct Backend {
-    pub addr: SocketAddr,
-    pub body: Bytes,
-    served: Arc<AtomicU64>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+pub enum Backend {
+    Nginx(NginxBackend),
+    Hyper(HyperBackend),
 }
 
 impl Backend {
-    /// Binds a free loopback port and serves on one thread pinned to
-    /// `cores` (a `taskset` list).
-    pub fn start(cores: &str, body: Bytes) -> anyhow::Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the backend")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let served = Arc::new(AtomicU64::new(0));
-        let (stop, stopped) = oneshot::channel();
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let (cores, answer, count) = (cores.to_owned(), body.clone(), served.clone());
-        let thread = std::thread::Builder::new()
-            .name("backend".to_owned())
-            .spawn(move || {
-                let runtime = pin_current_thread(&cores).and_then(|()| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .context("building the backend runtime")
-                });
-                let runtime = match runtime {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = started_tx.send(Err(e));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = started_tx.send(Err(e.into()));
-                            return;
-                        }
-                    };
-                    let _ = started_tx.send(Ok(()));
-                    serve(listener, answer, count, stopped).await;
-                });
-            })
-            .context("starting the backend thread")?;
-        started
-            .recv()
-            .context("the backend thread ended before it started")??;
-        Ok(Self {
-            addr,
-            body,
-            served,
-            stop: Some(stop),
-            thread: Some(thread),
+    /// Starts `kind` on `cores`; nginx keeps its files in `dir`.
+    pub fn start(
+        kind: BackendKind,
+        nginx_binary: &Path,
+        cores: &str,
+        dir: &Path,
+        body: &Bytes,
+    ) -> anyhow::Result<Self> {
+        Ok(match kind {
+            BackendKind::Nginx => Self::Nginx(NginxBackend::start(nginx_binary, cores, dir, body)?),
+            BackendKind::Hyper => Self::Hyper(HyperBackend::start(cores, body.clone())?),
         })
     }
 
-    /// Requests answered so far.
-    pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    /// Where it takes HTTP/1.1.
+    pub fn h1(&self) -> SocketAddr {
+        match self {
+            Self::Nginx(b) => b.h1,
+            Self::Hyper(b) => b.addr,
         }
     }
-}
 
-async fn serve(
-    listener: tokio::net::TcpListener,
-    body: Bytes,
-    served: Arc<AtomicU64>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    // Open keep-alive connections end with the runtime.
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => continue,
-            },
-            _ = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let (body, served) = (body.clone(), served.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |_request| {
-                served.fetch_add(1, Ordering::Relaxed);
-                let response = hyper::Response::new(Full::new(body.clone()));
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+    /// Where it takes h2c (prior knowledge).
+    pub fn h2(&self) -> SocketAddr {
+        match self {
+            Self::Nginx(b) => b.h2,
+            Self::Hyper(b) => b.addr,
+        }
+    }
+
+    /// Connections accepted so far (its own status reads left out).
+    pub async fn accepted(&mut self) -> anyhow::Result<u64> {
+        match self {
+            Self::Nginx(b) => b.accepted().await,
+            Self::Hyper(b) => Ok(b.accepted()),
+        }
+    }
+
+    /// Fails, with its log, if the nginx backend exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Nginx(b) => b.process().check_running(),
+            Self::Hyper(_) => Ok(()),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::proxy_compare::fixed_rate::get_once;
+    use crate::proxy_compare::provenance::locate;
 
     #[test]
-    fn answers_with_its_body() {
-        let backend = Backend::start("0", Bytes::from_static(b"ok\n")).unwrap();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (status, body) = runtime
-            .block_on(super::super::fixed_rate::get_once(
-                backend.addr,
-                "anything",
-                std::time::Duration::from_secs(5),
-            ))
-            .unwrap();
-        assert_eq!((status, body.as_ref()), (200, &b"ok\n"[..]));
-        assert_eq!(backend.served(), 1);
+    fn backends_are_named() {
+        assert_eq!("nginx".parse(), Ok(BackendKind::Nginx));
+        assert_eq!("hyper".parse(), Ok(BackendKind::Hyper));
+        assert!("apache".parse::<BackendKind>().is_err());
+        assert_eq!(BackendKind::default().to_string(), "nginx");
+    }
+
+    /// Needs Debian's nginx (scripts/test.sh installs it); fails without.
+    #[tokio::test]
+    async fn the_nginx_backend_answers_and_counts_connections() {
+        let nginx =
+            locate(Path::new("nginx")).expect("nginx is not installed (apt-get install nginx)");
+        let dir = tempfile::tempdir().unwrap();
+        let body = Bytes::from_static(b"the body\n");
+        let mut backend =
+            Backend::start(BackendKind::Nginx, &nginx, "0", dir.path(), &body).unwrap();
+        let before = wait_accepting(&mut backend).await;
+        for addr in [backend.h1(), backend.h1()] {
+            let (status, answer) = get_once(addr, "x", Duration::from_secs(5)).await.unwrap();
+            assert_eq!((status, answer), (200, body.clone()));
+        }
+        assert_eq!(backend.accepted().await.unwrap(), before + 2);
+    }
+
+    /// The accepted count once nginx answers (it starts in the background).
+    async fn wait_accepting(backend: &mut Backend) -> u64 {
+        for _ in 0..50 {
+            if let Ok(n) = backend.accepted().await {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the nginx backend did not start within 5 s");
     }
 }

@@ -1,121 +1,166 @@
-//! The proxies under test, `ferry proxy` and Envoy, both configured by the
-//! same `ferry control` over delta ADS, both started under `taskset` on the
-//! proxy core, and killed when dropped.
+//! The peers compared, each started alone under `taskset` on the proxy
+//! core and stopped before the next one starts:
+//!
+//! - `direct`: the backend itself, no proxy (the ceiling);
+//! - `ferry`: `ferry proxy --workers 1`, configured by `ferry control`
+//!   over delta ADS ([`ferry`]);
+//! - `envoy`: Envoy `--concurrency 1` configured by the same
+//!   `ferry control` ([`envoy`]);
+//! - `envoy-static`: the same Envoy with a static config of one listener,
+//!   one route and one cluster: the control for `envoy`, so an Envoy made
+//!   slow by Ferry's config shows as such;
+//! - `nginx`: `proxy_pass` to an upstream with keep-alive, one worker,
+//!   `master_process off` ([`nginx`]);
+//! - `haproxy`: `nbthread 1`, `http-reuse always` ([`haproxy`]).
 
+pub mod envoy;
+pub mod ferry;
+pub mod haproxy;
+pub mod nginx;
+
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use bytes::Bytes;
+use serde::Serialize;
 
 use super::fixed_rate::get_once;
-use super::machine::pinned;
-use crate::ferry::{self, ProcSample};
+use super::process::Process;
 
-/// A proxy process; dropping it kills the process.
+/// One peer of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerKind {
+    Direct,
+    Ferry,
+    Envoy,
+    EnvoyStatic,
+    Nginx,
+    Haproxy,
+}
+
+impl PeerKind {
+    /// Every peer, in the order they run and are reported.
+    pub const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::Ferry,
+        Self::Envoy,
+        Self::EnvoyStatic,
+        Self::Nginx,
+        Self::Haproxy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Ferry => "ferry",
+            Self::Envoy => "envoy",
+            Self::EnvoyStatic => "envoy-static",
+            Self::Nginx => "nginx",
+            Self::Haproxy => "haproxy",
+        }
+    }
+
+    /// A proxy (every peer but `direct`).
+    pub fn is_proxy(self) -> bool {
+        self != Self::Direct
+    }
+}
+
+/// A `--peers` entry that names no peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown peer {0:?}: expected direct, ferry, envoy, envoy-static, nginx or haproxy")]
+pub struct UnknownPeer(String);
+
+impl FromStr for PeerKind {
+    type Err = UnknownPeer;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| UnknownPeer(s.to_owned()))
+    }
+}
+
+impl fmt::Display for PeerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The binaries the peers run.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub ferry: PathBuf,
+    pub envoy: PathBuf,
+    pub nginx: PathBuf,
+    pub haproxy: PathBuf,
+}
+
+/// What every peer is started with.
+#[derive(Debug, Clone)]
+pub struct Setting<'a> {
+    pub binaries: &'a Binaries,
+    /// The backend's HTTP/1.1 address: every proxy's upstream.
+    pub backend_h1: SocketAddr,
+    /// The backend's h2c address (the `direct` peer's h2c target).
+    pub backend_h2: SocketAddr,
+    /// `ferry control`'s xDS address.
+    pub xds: SocketAddr,
+    /// Where `ferry control` tells Envoy to listen.
+    pub envoy_listen: SocketAddr,
+    pub core: usize,
+    /// A directory for the peer's config and log.
+    pub dir: &'a Path,
+}
+
+/// A running peer; dropping it stops it.
 #[derive(Debug)]
-pub struct ProxyProcess {
-    pub name: &'static str,
-    pub pid: u32,
-    /// Where it takes user traffic.
-    pub listen: SocketAddr,
-    child: Child,
-    spawned: Instant,
-    log_file: PathBuf,
+pub struct Peer {
+    pub kind: PeerKind,
+    /// Where it takes HTTP/1.1 and h2c (prior knowledge).
+    pub h1: SocketAddr,
+    pub h2: SocketAddr,
+    /// Its admin or stats address, where it has one.
+    pub admin: Option<SocketAddr>,
+    /// `None` for `direct`.
+    pub process: Option<Process>,
 }
 
-/// Free loopback ports, all held until every one is picked.
-pub fn free_addrs<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
-    let listeners = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); N];
-    for (addr, listener) in addrs.iter_mut().zip(&listeners) {
-        *addr = listener.local_addr()?;
-    }
-    Ok(addrs)
-}
-
-impl ProxyProcess {
-    /// `ferry proxy` with one worker thread, on `core`.
-    pub fn ferry(binary: &Path, xds: SocketAddr, core: usize, dir: &Path) -> anyhow::Result<Self> {
-        let [listen, admin] = free_addrs()?;
-        let log_file = dir.join("ferry-proxy.log");
-        let mut command = pinned(&core.to_string(), binary);
-        command
-            .arg("proxy")
-            .args(["--xds", &format!("http://{xds}")])
-            .args(["--node-id", "proxy-compare-ferry"])
-            .args(["--listen", &listen.to_string()])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--workers", "1"])
-            .env("RUST_LOG", "info");
-        Self::spawn("ferry", command, listen, log_file)
+impl Peer {
+    pub fn start(kind: PeerKind, setting: &Setting<'_>) -> anyhow::Result<Self> {
+        let dir = setting.dir.join(kind.name());
+        std::fs::create_dir_all(&dir)?;
+        let core = setting.core.to_string();
+        match kind {
+            PeerKind::Direct => Ok(Self {
+                kind,
+                h1: setting.backend_h1,
+                h2: setting.backend_h2,
+                admin: None,
+                process: None,
+            }),
+            PeerKind::Ferry => ferry::start(setting, &core, &dir),
+            PeerKind::Envoy => envoy::start_configured(setting, &core, &dir),
+            PeerKind::EnvoyStatic => envoy::start_static(setting, &core, &dir),
+            PeerKind::Nginx => nginx::start(setting, &core, &dir),
+            PeerKind::Haproxy => haproxy::start(setting, &core, &dir),
+        }
     }
 
-    /// Envoy with `--concurrency 1`, on `core`, taking everything over ADS
-    /// from `xds`; it listens where the control plane's Listener says.
-    pub fn envoy(
-        binary: &Path,
-        xds: SocketAddr,
-        listen: SocketAddr,
-        core: usize,
-        dir: &Path,
-    ) -> anyhow::Result<Self> {
-        let [admin] = free_addrs()?;
-        let bootstrap = dir.join("envoy-bootstrap.yaml");
-        std::fs::write(
-            &bootstrap,
-            crate::envoy_bootstrap(
-                "proxy-compare-envoy",
-                "proxy-compare",
-                "DELTA_GRPC",
-                xds,
-                admin,
-            ),
-        )
-        .with_context(|| format!("writing {}", bootstrap.display()))?;
-        let log_file = dir.join("envoy.log");
-        let mut command = pinned(&core.to_string(), binary);
-        command
-            .arg("-c")
-            .arg(&bootstrap)
-            .args(["--concurrency", "1", "-l", "info"])
-            .args(["--base-id", &admin.port().to_string()]);
-        Self::spawn("envoy", command, listen, log_file)
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid)
     }
 
-    fn spawn(
-        name: &'static str,
-        mut command: std::process::Command,
-        listen: SocketAddr,
-        log_file: PathBuf,
-    ) -> anyhow::Result<Self> {
-        let log = std::fs::File::create(&log_file)
-            .with_context(|| format!("creating {}", log_file.display()))?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| {
-                format!("starting {name} under taskset (Debian package util-linux)")
-            })?;
-        Ok(Self {
-            name,
-            pid: child.id(),
-            listen,
-            child,
-            spawned: Instant::now(),
-            log_file,
-        })
-    }
-
-    /// Waits until a request through the proxy for `host` gets 200 and
-    /// `body` (the whole config has arrived and routes); the time from the
-    /// process's start.
+    /// Waits until a request through the peer for `host` gets 200 and
+    /// `body` on HTTP/1.1 (for Ferry and Envoy: the whole config has
+    /// arrived); the time from the process's start. Fails, with the
+    /// peer's log, if it has not by `timeout`: a peer that does not route
+    /// fails the test.
     pub async fn wait_routing(
         &mut self,
         host: &str,
@@ -125,15 +170,13 @@ impl ProxyProcess {
         let started = Instant::now();
         let mut last = String::from("no answer yet");
         while started.elapsed() < timeout {
-            if let Some(status) = self.child.try_wait()? {
-                anyhow::bail!(
-                    "{} exited ({status}); its log ends with:\n{}",
-                    self.name,
-                    self.log_tail(20)
-                );
+            if let Some(process) = &mut self.process {
+                process.check_running()?;
             }
-            match get_once(self.listen, host, Duration::from_secs(2)).await {
-                Ok((200, answer)) if answer == *body => return Ok(self.spawned.elapsed()),
+            match get_once(self.h1, host, Duration::from_secs(2)).await {
+                Ok((200, answer)) if answer == *body => {
+                    return Ok(self.process.as_ref().map_or(Duration::ZERO, Process::age));
+                }
                 Ok((status, answer)) => {
                     last = format!("{status} {:?}", String::from_utf8_lossy(&answer));
                 }
@@ -141,57 +184,49 @@ impl ProxyProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let log = self
+            .process
+            .as_ref()
+            .map_or(String::new(), |p| p.log_tail(20));
         anyhow::bail!(
-            "{} did not route {host} to the backend within {timeout:?} (last answer: {last}); its log ends with:\n{}",
-            self.name,
-            self.log_tail(20)
+            "{} did not route {host} to the backend within {timeout:?} (last answer: {last}); its log ends with:\n{log}",
+            self.kind
         )
     }
 
-    pub fn sample(&self) -> anyhow::Result<ProcSample> {
-        ferry::sample_process(self.pid)
+    /// The upstream connections the peer says it opened over its life,
+    /// where it reports them (see [`super::upstream`]).
+    pub async fn reported_upstream_connections(&self) -> anyhow::Result<Option<u64>> {
+        let Some(admin) = self.admin else {
+            return Ok(None);
+        };
+        let count = match self.kind {
+            PeerKind::Envoy | PeerKind::EnvoyStatic => envoy::upstream_connections(admin).await?,
+            PeerKind::Haproxy => haproxy::upstream_connections(admin).await?,
+            PeerKind::Direct | PeerKind::Ferry | PeerKind::Nginx => return Ok(None),
+        };
+        Ok(Some(count))
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// The last `lines` lines of its log.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    pub fn log_file(&self) -> &Path {
-        &self.log_file
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Fails, with its log, if it exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        self.process.as_mut().map_or(Ok(()), Process::check_running)
     }
 }
 
-/// `envoy --version`'s version field (`1.40.0/Clean/RELEASE/BoringSSL`).
-pub fn envoy_version(binary: &Path) -> anyhow::Result<String> {
-    let output = std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .with_context(|| {
-            format!(
-                "running {} --version (set FERRY_ENVOY or pass --envoy)",
-                binary.display()
-            )
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let version = text
-        .split("version:")
-        .nth(1)
-        .map(str::trim)
-        .and_then(|v| v.split_once('/').map(|(_, rest)| rest.to_owned()))
-        .with_context(|| format!("unexpected `envoy --version` output: {text}"))?;
-    Ok(version)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_named() {
+        for kind in PeerKind::ALL {
+            assert_eq!(kind.name().parse(), Ok(kind));
+        }
+        assert!("apache".parse::<PeerKind>().is_err());
+        assert_eq!(
+            serde_json::to_string(&PeerKind::EnvoyStatic).unwrap(),
+            "\"envoy-static\""
+        );
+    }
 }
