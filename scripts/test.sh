@@ -8,7 +8,9 @@
 #      prometheus         Prometheus, for the latency gate tests
 #      protobuf-compiler  protoc, which the etcd client's build needs,
 #      libprotobuf-dev      and the well-known .proto files protoc imports
-#      wrk, nghttp2-client  wrk and h2load, for the proxy-vs-Envoy load test
+#      wrk, nghttp2-client  wrk and h2load, for the proxy comparison load test
+#      nginx, haproxy     peers of the proxy comparison (nginx also its
+#                         backend); the test starts its own instances
 #      kubernetes-client  kubectl, whose `kubectl kustomize` renders deploy/
 #                         (any kubectl that renders kustomizations will do)
 #      chromium, chromium-driver  headless Chromium and chromedriver, for the
@@ -22,9 +24,10 @@
 # is missing or present but unusable is installed or reinstalled; if it
 # still does not work, the script stops and says what is wrong.
 #
-# Tests find Envoy, etcd and Prometheus through FERRY_ENVOY, FERRY_ETCD and
-# FERRY_PROMETHEUS (set here); each test starts the servers it uses. A test
-# that needs one fails, never skips, when it is missing.
+# Tests find Envoy, etcd, Prometheus, nginx and HAProxy through
+# FERRY_ENVOY, FERRY_ETCD, FERRY_PROMETHEUS, FERRY_NGINX and FERRY_HAPROXY
+# (set here); each test starts the servers it uses. A test that needs one
+# fails, never skips, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +75,10 @@ check_protobuf_includes() {
 check_wrk() { local v; v="$(wrk --version 2>&1 || true)"; [[ "$v" == wrk\ * ]]; }
 check_h2load() { h2load --version >/dev/null 2>&1; }
 check_kubectl() { kubectl kustomize --help >/dev/null 2>&1; }
+# Debian puts nginx and HAProxy in /usr/sbin, which a user's PATH may lack.
+sbin_path() { command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; }; }
+check_nginx() { local p; p="$(sbin_path nginx)" && "$p" -v >/dev/null 2>&1; }
+check_haproxy() { local p; p="$(sbin_path haproxy)" && "$p" -v >/dev/null 2>&1; }
 check_chromium() { chromium --version >/dev/null 2>&1; }
 check_chromedriver() { chromedriver --version >/dev/null 2>&1; }
 
@@ -83,6 +90,8 @@ TOOLS=(
   "protobuf-includes check_protobuf_includes libprotobuf-dev"
   "wrk check_wrk wrk"
   "h2load check_h2load nghttp2-client"
+  "nginx check_nginx nginx"
+  "haproxy check_haproxy haproxy"
   "kubectl check_kubectl kubernetes-client"
   "chromium check_chromium chromium"
   "chromedriver check_chromedriver chromium-driver"
@@ -130,7 +139,9 @@ done
 
 FERRY_ETCD="$(command -v etcd)"
 FERRY_PROMETHEUS="$(command -v prometheus)"
-export FERRY_ETCD FERRY_PROMETHEUS
+FERRY_NGINX="$(sbin_path nginx)"
+FERRY_HAPROXY="$(sbin_path haproxy)"
+export FERRY_ETCD FERRY_PROMETHEUS FERRY_NGINX FERRY_HAPROXY
 
 echo "==> tools"
 echo "    envoy       $("$FERRY_ENVOY" --version | grep -o 'version: [^ ]*' | head -1) ($FERRY_ENVOY)"
@@ -139,6 +150,8 @@ echo "    prometheus  $(prometheus --version 2>&1 | head -1)"
 echo "    protoc      $(protoc --version) (descriptor.proto importable)"
 echo "    wrk         $( (wrk --version 2>&1 || true) | head -1)"
 echo "    h2load      $(h2load --version | head -1)"
+echo "    nginx       $("$FERRY_NGINX" -v 2>&1 | head -1) ($FERRY_NGINX)"
+echo "    haproxy     $("$FERRY_HAPROXY" -v | head -1) ($FERRY_HAPROXY)"
 echo "    kubectl     $(kubectl version --client 2>/dev/null | head -1)"
 echo "    promtool    $(promtool --version 2>&1 | head -1)"
 echo "    chromium    $(chromium --version 2>/dev/null | head -1)"

@@ -30,17 +30,18 @@
 //! engine's cost per pass (binary `campaign_scale`, smoke test
 //! `tests/campaign_scale_smoke.rs`).
 //!
-//! [`proxy_vs_envoy`] measures Ferry's proxy against Envoy on one pinned
-//! core: requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
-//! memory and CPU (binary `proxy_vs_envoy`, smoke test
-//! `tests/proxy_vs_envoy_smoke.rs`).
+//! [`proxy_compare`] measures Ferry's proxy against Envoy (configured by
+//! Ferry, and static), nginx and HAProxy, each alone on one pinned core:
+//! requests per second (HTTP/1.1 and h2c), latency at a fixed rate,
+//! memory, CPU and upstream connections (binary `proxy_compare`, smoke
+//! test `tests/proxy_compare_smoke.rs`).
 
 pub mod campaign_scale;
 pub mod catalog;
 pub mod client;
 pub mod ferry;
 pub mod kube_scale;
-pub mod proxy_vs_envoy;
+pub mod proxy_compare;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -863,7 +864,7 @@ impl Report {
 /// An Envoy bootstrap that takes everything from Ferry's xDS server at
 /// `xds` over one ADS stream (`api_type`: `GRPC` or `DELTA_GRPC`) and
 /// reports load to it; admin on `admin`. The integration tests and the
-/// `proxy_vs_envoy` load test both start Envoy with it.
+/// `proxy_compare` load test both start Envoy with it.
 pub fn envoy_bootstrap(
     node_id: &str,
     node_cluster: &str,

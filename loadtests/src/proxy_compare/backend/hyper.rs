@@ -1,7 +1,7 @@
-//! The service behind the proxies: a minimal HTTP/1.1 and HTTP/2 (h2c)
-//! server answering every request with 200 and a fixed small body, on its
-//! own thread pinned to the load cores so it never competes with the proxy
-//! under test.
+//! The hyper backend (`--backend hyper`): a minimal HTTP/1.1 and HTTP/2
+//! (h2c) server in this process answering every request with 200 and a
+//! fixed small body, on its own thread pinned to the load cores so it
+//! never competes with the proxy under test.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,19 +17,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::sync::oneshot;
 
-use super::machine::pin_current_thread;
+use crate::proxy_compare::machine::pin_current_thread;
 
 /// A running backend; dropping it stops the server thread.
 #[derive(Debug)]
-pub struct Backend {
+pub struct HyperBackend {
     pub addr: SocketAddr,
     pub body: Bytes,
     served: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Backend {
+impl HyperBackend {
     /// Binds a free loopback port and serves on one thread pinned to
     /// `cores` (a `taskset` list).
     pub fn start(cores: &str, body: Bytes) -> anyhow::Result<Self> {
@@ -37,9 +38,14 @@ impl Backend {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let served = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = oneshot::channel();
         let (started_tx, started) = std::sync::mpsc::channel();
-        let (cores, answer, count) = (cores.to_owned(), body.clone(), served.clone());
+        let counts = Counts {
+            served: served.clone(),
+            accepted: accepted.clone(),
+        };
+        let (cores, answer) = (cores.to_owned(), body.clone());
         let thread = std::thread::Builder::new()
             .name("backend".to_owned())
             .spawn(move || {
@@ -65,7 +71,7 @@ impl Backend {
                         }
                     };
                     let _ = started_tx.send(Ok(()));
-                    serve(listener, answer, count, stopped).await;
+                    serve(listener, answer, counts, stopped).await;
                 });
             })
             .context("starting the backend thread")?;
@@ -76,6 +82,7 @@ impl Backend {
             addr,
             body,
             served,
+            accepted,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -85,9 +92,14 @@ impl Backend {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
 }
 
-impl Drop for Backend {
+impl Drop for HyperBackend {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -98,10 +110,16 @@ impl Drop for Backend {
     }
 }
 
+/// What the server counts as it goes.
+struct Counts {
+    served: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+}
+
 async fn serve(
     listener: tokio::net::TcpListener,
     body: Bytes,
-    served: Arc<AtomicU64>,
+    counts: Counts,
     mut stop: oneshot::Receiver<()>,
 ) {
     // Open keep-alive connections end with the runtime.
@@ -113,8 +131,9 @@ async fn serve(
             },
             _ = &mut stop => break,
         };
+        counts.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let (body, served) = (body.clone(), served.clone());
+        let (body, served) = (body.clone(), counts.served.clone());
         tokio::spawn(async move {
             let service = service_fn(move |_request| {
                 served.fetch_add(1, Ordering::Relaxed);
@@ -134,19 +153,19 @@ mod tests {
 
     #[test]
     fn answers_with_its_body() {
-        let backend = Backend::start("0", Bytes::from_static(b"ok\n")).unwrap();
+        let backend = HyperBackend::start("0", Bytes::from_static(b"ok\n")).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let (status, body) = runtime
-            .block_on(super::super::fixed_rate::get_once(
+            .block_on(crate::proxy_compare::fixed_rate::get_once(
                 backend.addr,
                 "anything",
                 std::time::Duration::from_secs(5),
             ))
             .unwrap();
         assert_eq!((status, body.as_ref()), (200, &b"ok\n"[..]));
-        assert_eq!(backend.served(), 1);
+        assert_eq!((backend.served(), backend.accepted()), (1, 1));
     }
 }

@@ -229,32 +229,54 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Empty<Bytes>>> 
 /// A GET in origin form (`GET / HTTP/1.1` and a `Host` header), as
 /// browsers and `wrk` send it.
 fn get(host: &str) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
-    Ok(hyper::Request::get("/")
+    get_path(host, "/")
+}
+
+fn get_path(host: &str, path: &str) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
+    Ok(hyper::Request::get(path)
         .header(hyper::header::HOST, host)
         .body(Empty::new())?)
 }
 
-/// One GET on a fresh connection: the status and the body.
+/// One GET of `/` on a fresh connection: the status and the body.
 pub async fn get_once(
     addr: SocketAddr,
     host: &str,
     timeout: Duration,
 ) -> anyhow::Result<(u16, Bytes)> {
+    get_path_once(addr, host, "/", timeout).await
+}
+
+/// One HTTP/1.1 GET of `path` on a fresh connection (admin and stats
+/// pages: Envoy's admin refuses HTTP/1.0): the status and the body.
+pub async fn get_path_once(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, Bytes)> {
     let exchange = async {
         let mut sender = connect(addr).await?;
-        let response = sender.send_request(get(host)?).await?;
+        let response = sender.send_request(get_path(host, path)?).await?;
         let status = response.status().as_u16();
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .with_context(|| format!("GET http://{addr}/ (Host: {host}) timed out"))?
+        .with_context(|| format!("GET http://{addr}{path} (Host: {host}) timed out"))?
+}
+
+/// [`get_path_once`] on `addr` itself, the body as text.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let (status, body) =
+        get_path_once(addr, &addr.to_string(), path, Duration::from_secs(10)).await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::backend::Backend;
+    use super::super::backend::hyper::HyperBackend as Backend;
     use super::*;
 
     #[tokio::test]

@@ -1,28 +1,31 @@
-//! `proxy_vs_envoy`: Ferry's proxy against Envoy 1.40 on the same pinned
-//! core, behind the same control plane, in front of the same backend:
-//! requests per second (HTTP/1.1 with `wrk`, h2c with `h2load`), latency
-//! at a fixed rate, resident memory and CPU.
+//! `proxy_compare`: Ferry's proxy against Envoy 1.40 (configured by
+//! Ferry, and static), nginx and HAProxy, each alone on the same pinned
+//! core, in front of the same backend: requests per second (HTTP/1.1 with
+//! `wrk`, h2c with `h2load`), latency at a fixed rate, resident memory,
+//! CPU and upstream connections.
 //!
 //! ```sh
-//! apt-get install wrk nghttp2-client
+//! apt-get install wrk nghttp2-client nginx haproxy
 //! cargo build --release -p ferry -p ferry-loadtests
-//! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_vs_envoy
+//! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_compare
 //! ```
 //!
 //! Prints a Markdown table and writes
-//! `loadtests/results/proxy_vs_envoy-<label>.{json,md}`.
+//! `loadtests/results/proxy_compare-<label>.{json,md}`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_loadtests::proxy_vs_envoy::{self, Config};
+use ferry_loadtests::proxy_compare::backend::BackendKind;
+use ferry_loadtests::proxy_compare::peers::PeerKind;
+use ferry_loadtests::proxy_compare::{self, Config};
 
 #[derive(Debug, Parser)]
 #[command(
-    name = "proxy_vs_envoy",
-    about = "Runs a backend, a real `ferry control`, `ferry proxy` and Envoy (each proxy pinned to one core) and measures requests/s (HTTP/1.1, h2c), latency at a fixed rate, RSS and CPU of each, and of the backend reached directly."
+    name = "proxy_compare",
+    about = "Runs a backend, a real `ferry control`, then `ferry proxy`, Envoy (configured by Ferry, and static), nginx and HAProxy one at a time, each alone on one pinned core, and measures requests/s (HTTP/1.1, h2c), latency at a fixed rate, RSS, CPU and upstream connections of each, and of the backend reached directly."
 )]
 struct Args {
     /// The ferry binary to start.
@@ -33,6 +36,35 @@ struct Args {
     #[arg(long, value_name = "PATH", env = "FERRY_ENVOY")]
     envoy: PathBuf,
 
+    /// nginx, for the nginx peer and the nginx backend (a path, or a name
+    /// looked up on PATH and in /usr/sbin).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "FERRY_NGINX",
+        default_value = "nginx"
+    )]
+    nginx: PathBuf,
+
+    /// HAProxy (a path, or a name looked up on PATH and in /usr/sbin).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "FERRY_HAPROXY",
+        default_value = "haproxy"
+    )]
+    haproxy: PathBuf,
+
+    /// The backend behind every peer: nginx (its own instance, one
+    /// process) or hyper (in this process, one thread).
+    #[arg(long, default_value_t = BackendKind::Nginx)]
+    backend: BackendKind,
+
+    /// The peers to run, in order (direct, ferry, envoy, envoy-static,
+    /// nginx, haproxy) [default: all].
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<PeerKind>,
+
     /// The short preset (1 s per measurement) CI runs; flags below still
     /// override it.
     #[arg(long)]
@@ -42,7 +74,7 @@ struct Args {
     #[arg(long)]
     label: Option<String>,
 
-    /// The core both proxies are pinned to.
+    /// The core every peer is pinned to, one at a time.
     #[arg(long, default_value_t = 0)]
     proxy_core: usize,
 
@@ -55,7 +87,7 @@ struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
 
-    /// Unrecorded HTTP/1.1 run before each peer [default: 2s; smoke 1s].
+    /// Unrecorded HTTP/1.1 run before each peer [default: 2s; smoke none].
     #[arg(long, value_parser = humantime::parse_duration)]
     warmup: Option<Duration>,
 
@@ -71,7 +103,7 @@ struct Args {
     #[arg(long)]
     h2_streams: Option<usize>,
 
-    /// The fixed rate as a share of Envoy's HTTP/1.1 maximum.
+    /// The fixed rate as a share of the slowest proxy's HTTP/1.1 maximum.
     #[arg(long)]
     fixed_rate_share: Option<f64>,
 
@@ -83,7 +115,8 @@ struct Args {
     #[arg(long)]
     fixed_rate_connections: Option<usize>,
 
-    /// Copy the proxies' and the control plane's logs into this directory.
+    /// Copy the peers', the backend's and the control plane's logs into
+    /// this directory.
     #[arg(long, value_name = "DIR")]
     keep_logs: Option<PathBuf>,
 
@@ -102,6 +135,14 @@ impl Args {
         Config {
             ferry: self.ferry,
             envoy: self.envoy,
+            nginx: self.nginx,
+            haproxy: self.haproxy,
+            backend: self.backend,
+            peers: if self.peers.is_empty() {
+                base.peers
+            } else {
+                self.peers
+            },
             label: self.label.unwrap_or(base.label),
             proxy_core: self.proxy_core,
             load_cores: self.load_cores,
@@ -125,7 +166,7 @@ impl Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match proxy_vs_envoy::run(Args::parse().config()).await {
+    match proxy_compare::run(Args::parse().config()).await {
         Ok(report) => {
             println!("{}", report.markdown());
             for file in &report.files {
@@ -134,7 +175,7 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("proxy_vs_envoy: {e:#}");
+            eprintln!("proxy_compare: {e:#}");
             ExitCode::FAILURE
         }
     }
