@@ -41,10 +41,11 @@ pub mod catalog;
 pub mod client;
 pub mod ferry;
 pub mod kube_scale;
+pub mod provenance;
 pub mod proxy_compare;
 pub mod stats;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -219,6 +220,9 @@ pub struct FerryUsage {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub test: &'static str,
+    /// The source tree measured, and the hash of the ferry binary run.
+    pub commit: Option<provenance::Commit>,
+    pub ferry_sha256: Option<String>,
     pub setup: Setup,
     /// Why the test stopped early (memory over the limit), if it did.
     pub aborted: Option<String>,
@@ -593,6 +597,8 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let received = all_latencies.len();
     let report = Report {
         test: TEST_NAME,
+        commit: provenance::commit(Path::new(env!("CARGO_MANIFEST_DIR"))),
+        ferry_sha256: provenance::sha256_file(&config.ferry).ok(),
         setup: Setup {
             clients: config.clients,
             connections,
@@ -821,6 +827,19 @@ impl Report {
         if let Some(reason) = &self.aborted {
             rows.push(("**aborted**".to_owned(), reason.clone()));
         }
+        rows.push((
+            "commit / ferry sha256".to_owned(),
+            format!(
+                "{}{} / {}",
+                self.commit.as_ref().map_or("unknown", |c| c.id.as_str()),
+                if self.commit.as_ref().is_some_and(|c| c.dirty) {
+                    " (with uncommitted changes)"
+                } else {
+                    ""
+                },
+                self.ferry_sha256.as_deref().unwrap_or("unknown")
+            ),
+        ));
         if let Some(at) = f.at_abort {
             rows.push((
                 "ferry at abort: RSS / CPU since start".to_owned(),

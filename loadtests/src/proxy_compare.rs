@@ -36,7 +36,7 @@ pub mod machine;
 pub mod nginx;
 pub mod peers;
 pub mod process;
-pub mod provenance;
+
 pub mod report;
 pub mod runs;
 pub mod sampling;
@@ -51,11 +51,11 @@ use anyhow::Context;
 use bytes::Bytes;
 
 use crate::ferry::{self, FerryOptions, FerryProcess};
+use crate::provenance::{self, Binary};
 use crate::stats::fmt_ms;
 use backend::{Backend, BackendKind};
 use machine::Machine;
 use peers::{Binaries, Peer, PeerKind, Setting};
-use provenance::Binary;
 use report::{PeerResult, Report, Setup, UpstreamConnections, cpu_note};
 use runs::{Runner, Saturated, Target};
 use sampling::max_of;

@@ -113,8 +113,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::provenance::locate;
     use crate::proxy_compare::fixed_rate::get_once;
-    use crate::proxy_compare::provenance::locate;
 
     #[test]
     fn backends_are_named() {

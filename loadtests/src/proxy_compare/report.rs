@@ -11,12 +11,12 @@ use super::backend::BackendKind;
 use super::fixed_rate::FixedRate;
 use super::machine::Machine;
 use super::peers::PeerKind;
-use super::provenance::{Binary, Commit};
 use super::sampling::{Cpu, ProxyCore};
 use super::saturation::{Measured, Protocol};
 use super::upstream::Opened;
 use super::verdict::{Comparison, Verdict, ratio, targets};
 use super::{MAX_BUSY_CORES, MAX_ERROR_SHARE, TEST_NAME};
+use crate::provenance::{Binary, Commit};
 use crate::stats::{fmt_mib, fmt_ms};
 
 /// What was run.
