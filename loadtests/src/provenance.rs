@@ -35,7 +35,15 @@ pub fn commit(dir: &Path) -> Option<Commit> {
             .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
     };
     let id = git(&["rev-parse", "HEAD"])?;
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+    // Result files are written by the runs themselves: not a change to
+    // what was measured.
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ":(top,exclude)loadtests/results",
+    ])
         .is_some_and(|changes| !changes.is_empty());
     Some(Commit { id, dirty })
 }
