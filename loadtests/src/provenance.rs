@@ -44,7 +44,7 @@ pub fn commit(dir: &Path) -> Option<Commit> {
         "--",
         ":(top,exclude)loadtests/results",
     ])
-        .is_some_and(|changes| !changes.is_empty());
+    .is_some_and(|changes| !changes.is_empty());
     Some(Commit { id, dirty })
 }
 

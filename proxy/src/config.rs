@@ -28,8 +28,8 @@ use ferry_proto::envoy::config::route::v3::{RouteConfiguration, route, route_act
 use ferry_proto::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
 };
-use ferry_xds::ResourceType;
-use ferry_xds::client::Resources;
+use ferry_xds_core::ResourceType;
+use ferry_xds_core::client::Resources;
 use prost::Message;
 
 /// One upstream endpoint; its counters, latency estimate and health
@@ -139,8 +139,8 @@ pub struct LoadCounters {
     /// 5xx answers and failed requests.
     pub errors: std::sync::atomic::AtomicU64,
     /// Requests per latency bucket (bounds in
-    /// [`ferry_xds::history::LATENCY_BOUNDS_MS`]).
-    pub latency: [std::sync::atomic::AtomicU64; ferry_xds::history::LATENCY_SLOTS],
+    /// [`ferry_xds_core::latency::LATENCY_BOUNDS_MS`]).
+    pub latency: [std::sync::atomic::AtomicU64; ferry_xds_core::latency::LATENCY_SLOTS],
 }
 
 /// A cluster and the endpoints that may take new requests.
@@ -469,7 +469,8 @@ pub fn build_with(
                 }
             }
         }
-        let (service, kube_cluster) = ferry_xds::lrs::split_cluster_name(name)
+        let (service, kube_cluster) = ferry_xds_core::BackendKey::parse(name)
+            .map(|k| (k.service, k.cluster))
             .map(|(s, c)| (s.to_owned(), c.to_owned()))
             .unwrap_or_else(|| (name.clone(), String::new()));
         let protocol = upstream_protocol(&cluster)

@@ -39,8 +39,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ferry_xds::ResourceType;
-use ferry_xds::client::{ClientConfig, ConfigSink, Resources};
+use ferry_xds_core::ResourceType;
+use ferry_xds_core::client::{ClientConfig, ConfigSink, Resources};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -137,7 +137,7 @@ pub async fn run(
     }
     let admin_listener = TcpListener::bind(config.admin).await?;
     tracing::info!(listen = %config.listen, admin = %config.admin, xds = %config.xds.server, node = %config.xds.node_id, "ferry proxy starting");
-    let xds = tokio::spawn(ferry_xds::client::run(
+    let xds = tokio::spawn(ferry_xds_core::client::run(
         config.xds.clone(),
         Sink {
             proxy: proxy.clone(),

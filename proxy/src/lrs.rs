@@ -5,7 +5,7 @@
 //!
 //! Each cluster's report also carries its latency histogram as named
 //! metrics, one `load_metric_stats` entry per non-empty bucket (the
-//! encoding is described in [`ferry_xds::history`]); the control plane's
+//! encoding is described in [`ferry_xds_core::latency`]); the control plane's
 //! console draws p50 and p99 from them.
 
 use std::sync::Arc;
@@ -139,7 +139,7 @@ fn latency_stats(load: &LoadCounters) -> Vec<EndpointLoadMetricStats> {
         .filter_map(|(slot, bucket)| {
             let n = bucket.swap(0, Ordering::Relaxed);
             (n > 0).then(|| EndpointLoadMetricStats {
-                metric_name: ferry_xds::history::latency_metric_name(slot),
+                metric_name: ferry_xds_core::latency::latency_metric_name(slot),
                 num_requests_finished_with_metric: n,
                 total_metric_value: n as f64,
             })
@@ -155,7 +155,7 @@ mod tests {
     fn latency_buckets_become_named_metrics_and_reset() {
         let load = LoadCounters::default();
         load.latency[0].store(3, Ordering::Relaxed);
-        load.latency[ferry_xds::history::LATENCY_SLOTS - 1].store(1, Ordering::Relaxed);
+        load.latency[ferry_xds_core::latency::LATENCY_SLOTS - 1].store(1, Ordering::Relaxed);
         let stats = latency_stats(&load);
         let named: Vec<(&str, u64)> = stats
             .iter()

@@ -74,7 +74,7 @@ pub fn record(upstream: &Upstream, status: StatusCode, started: Instant) {
     };
     counter.fetch_add(1, Ordering::Relaxed);
     let elapsed = started.elapsed();
-    let slot = ferry_xds::history::slot_of_ms(elapsed.as_secs_f64() * 1000.0);
+    let slot = ferry_xds_core::latency::slot_of_ms(elapsed.as_secs_f64() * 1000.0);
     if let Some(bucket) = upstream.load.latency.get(slot) {
         bucket.fetch_add(1, Ordering::Relaxed);
     }

@@ -7,11 +7,10 @@
 //! (subscriptions, nonces, ACK/NACK) lives in one place, [`session`].
 
 pub mod ads;
+pub use ferry_xds_core::{client, resources};
 pub mod bootstrap;
-pub mod client;
 pub mod history;
 pub mod lrs;
-pub mod resources;
 pub mod session;
 pub mod snapshot;
 pub mod status;

@@ -25,6 +25,7 @@
 //! Every recorded report also feeds the console's 15-minute [`History`],
 //! with the latency histogram Ferry's proxy adds to its reports.
 
+use ferry_xds_core::BackendKey;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -122,9 +123,7 @@ fn now_ms() -> i64 {
 /// Splits an xDS cluster name `name.namespace:port@cluster` into the
 /// service (`name.namespace`) and the Kubernetes cluster.
 pub fn split_cluster_name(name: &str) -> Option<(&str, &str)> {
-    let (service_port, cluster) = name.rsplit_once('@')?;
-    let (service, _port) = service_port.rsplit_once(':')?;
-    (!service.is_empty() && !cluster.is_empty()).then_some((service, cluster))
+    BackendKey::parse(name).map(|k| (k.service, k.cluster))
 }
 
 impl LoadReports {
