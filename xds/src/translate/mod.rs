@@ -8,7 +8,9 @@
 //!
 //! Translation is incremental: each service's output is cached with the
 //! `Arc<Service>` it came from, and only services whose `Arc` (or content)
-//! changed are translated again.
+//! changed are translated again. Their resources replace the old ones in
+//! the translator's last output, and the route configuration is assembled
+//! from each service's encoded virtual hosts, only when one of them changed.
 
 mod clusters;
 mod endpoints;
@@ -26,18 +28,18 @@ use ferry_discovery::{CatalogSnapshot, Service, ServiceName, Weights};
 use ferry_proto::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, config_source,
 };
-use ferry_proto::envoy::config::route::v3::{RouteConfiguration, VirtualHost, weighted_cluster};
+use ferry_proto::envoy::config::route::v3::weighted_cluster;
 use ferry_proto::google::protobuf::{Duration as PbDuration, UInt32Value};
 
 use crate::resources::{Resource, ResourceType};
 
 pub use clusters::{HTTP_PROTOCOL_OPTIONS, UPSTREAM_TLS, cluster_resource_name, cluster_stat_name};
-pub use routes::IDEMPOTENT_METHODS;
+pub use routes::{EncodedVirtualHosts, IDEMPOTENT_METHODS};
 
 use clusters::eds_cluster;
 use endpoints::load_assignment;
 use listener::listener;
-use routes::{domains, virtual_host};
+use routes::{domains, route_configuration, virtual_host};
 
 /// What translation needs besides the catalog.
 #[derive(Debug, Clone)]
@@ -64,15 +66,36 @@ impl Default for TranslateOptions {
 pub struct ServiceResources {
     pub clusters: Vec<Arc<Resource>>,
     pub endpoints: Vec<Arc<Resource>>,
-    pub virtual_hosts: Vec<VirtualHost>,
+    /// One virtual host per port, already encoded for the route
+    /// configuration.
+    pub virtual_hosts: EncodedVirtualHosts,
 }
 
+impl ServiceResources {
+    /// Every cluster and load assignment, with its type.
+    fn each(&self) -> impl Iterator<Item = (ResourceType, &Arc<Resource>)> {
+        let clusters = self.clusters.iter().map(|c| (ResourceType::Cluster, c));
+        let endpoints = self.endpoints.iter().map(|e| (ResourceType::Endpoint, e));
+        clusters.chain(endpoints)
+    }
+}
+
+/// One service's last translation and everything it was made from: while
+/// these inputs are the same, so is the output.
 #[derive(Debug)]
 struct Cached {
     input: Arc<Service>,
     short_name_unique: bool,
     weights: Option<Weights>,
-    output: Arc<ServiceResources>,
+    output: ServiceResources,
+}
+
+impl Cached {
+    fn holds(&self, service: &Arc<Service>, unique: bool, weights: Option<&Weights>) -> bool {
+        self.short_name_unique == unique
+            && self.weights.as_ref() == weights
+            && (Arc::ptr_eq(&self.input, service) || *self.input == **service)
+    }
 }
 
 /// Weights set through the traffic API, by service. They take precedence
@@ -92,11 +115,17 @@ pub struct PolicyOverrides {
 pub type ResourceMaps = [BTreeMap<String, Arc<Resource>>; 4];
 
 /// Translates catalog snapshots, re-translating only services that changed.
+///
+/// It keeps the resources of its last translation and edits them: a changed
+/// service replaces its own clusters and load assignments, and the route
+/// configuration is assembled again only when a virtual host changed (an
+/// endpoint change that moves no weight leaves it as it was).
 #[derive(Debug)]
 pub struct Translator {
     options: TranslateOptions,
     cache: HashMap<ServiceName, Cached>,
-    listener: Arc<Resource>,
+    /// The last translation's resources.
+    maps: ResourceMaps,
     /// Services translated by the last call, for metrics and tests.
     last_translated: usize,
 }
@@ -104,10 +133,14 @@ pub struct Translator {
 impl Translator {
     pub fn new(options: TranslateOptions) -> Self {
         let listener = Arc::new(listener(&options));
+        let mut maps: ResourceMaps = Default::default();
+        maps[ResourceType::Listener.index()].insert(listener.name.clone(), listener);
+        let routes = Arc::new(route_configuration(&options.listener_name, []));
+        maps[ResourceType::Route.index()].insert(routes.name.clone(), routes);
         Self {
             options,
             cache: HashMap::new(),
-            listener,
+            maps,
             last_translated: 0,
         }
     }
@@ -128,67 +161,108 @@ impl Translator {
         catalog: &CatalogSnapshot,
         overrides: &WeightOverrides,
     ) -> ResourceMaps {
-        let ambiguous = ambiguous_short_names(catalog);
-        self.cache
-            .retain(|name, _| catalog.services.contains_key(name));
         self.last_translated = 0;
-        let mut maps: ResourceMaps = Default::default();
-        let mut virtual_hosts = Vec::new();
+        let ambiguous = ambiguous_short_names(catalog);
+        let mut hosts_changed = false;
         for (name, service) in &catalog.services {
             let unique = !ambiguous.contains(name.name());
-            let output = self.service(service, unique, overrides.get(name));
-            for c in &output.clusters {
-                maps[ResourceType::Cluster.index()].insert(c.name.clone(), c.clone());
-            }
-            for e in &output.endpoints {
-                maps[ResourceType::Endpoint.index()].insert(e.name.clone(), e.clone());
-            }
-            virtual_hosts.extend(output.virtual_hosts.iter().cloned());
+            hosts_changed |= self.service(service, unique, overrides.get(name));
         }
-        let routes = RouteConfiguration {
-            name: self.options.listener_name.clone(),
-            virtual_hosts,
-            ..Default::default()
-        };
-        maps[ResourceType::Route.index()].insert(
-            routes.name.clone(),
-            Arc::new(Resource::new(routes.name.clone(), &routes)),
-        );
-        maps[ResourceType::Listener.index()]
-            .insert(self.listener.name.clone(), self.listener.clone());
-        maps
+        hosts_changed |= self.forget_removed(catalog);
+        if hosts_changed {
+            self.assemble_routes(catalog);
+        }
+        self.maps.clone()
     }
 
+    /// Drops the services the catalog no longer has; returns whether any
+    /// was dropped (their virtual hosts go with them). Called once every
+    /// catalog service is cached, so equal counts mean nothing to drop.
+    fn forget_removed(&mut self, catalog: &CatalogSnapshot) -> bool {
+        if self.cache.len() == catalog.services.len() {
+            return false;
+        }
+        let removed: Vec<ServiceName> = self
+            .cache
+            .keys()
+            .filter(|name| !catalog.services.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            if let Some(gone) = self.cache.remove(name) {
+                self.unpublish(&gone.output);
+            }
+        }
+        !removed.is_empty()
+    }
+
+    /// Translates `service` unless its cached output still holds; returns
+    /// whether its virtual hosts changed.
     fn service(
         &mut self,
         service: &Arc<Service>,
         short_name_unique: bool,
         weights: Option<&Weights>,
-    ) -> Arc<ServiceResources> {
-        if let Some(cached) = self.cache.get(&service.name)
-            && cached.short_name_unique == short_name_unique
-            && cached.weights.as_ref() == weights
-            && (Arc::ptr_eq(&cached.input, service) || *cached.input == **service)
-        {
-            return cached.output.clone();
+    ) -> bool {
+        let cached = self.cache.get(&service.name);
+        if cached.is_some_and(|c| c.holds(service, short_name_unique, weights)) {
+            return false;
         }
         self.last_translated += 1;
-        let output = Arc::new(translate_service(
-            service,
-            weights,
-            short_name_unique,
-            &self.options,
-        ));
-        self.cache.insert(
+        let output = translate_service(service, weights, short_name_unique, &self.options);
+        let hosts_changed = cached.is_none_or(|c| c.output.virtual_hosts != output.virtual_hosts);
+        for (kind, resource) in output.each() {
+            self.maps[kind.index()].insert(resource.name.clone(), resource.clone());
+        }
+        let previous = self.cache.insert(
             service.name.clone(),
             Cached {
                 input: service.clone(),
                 short_name_unique,
                 weights: weights.cloned(),
-                output: output.clone(),
+                output,
             },
         );
-        output
+        if let Some(previous) = previous {
+            self.unpublish_stale(&service.name, &previous.output);
+        }
+        hosts_changed
+    }
+
+    /// Removes a dropped service's clusters and load assignments.
+    fn unpublish(&mut self, output: &ServiceResources) {
+        for (kind, resource) in output.each() {
+            self.maps[kind.index()].remove(&resource.name);
+        }
+    }
+
+    /// Removes what `previous` had and the service's current output has
+    /// not (a port or a cluster it lost).
+    fn unpublish_stale(&mut self, service: &ServiceName, previous: &ServiceResources) {
+        let Some(current) = self.cache.get(service) else {
+            return;
+        };
+        for (kind, resource) in previous.each() {
+            let kept = current
+                .output
+                .each()
+                .any(|(k, r)| k == kind && r.name == resource.name);
+            if !kept {
+                self.maps[kind.index()].remove(&resource.name);
+            }
+        }
+    }
+
+    /// Joins every service's encoded virtual hosts, in catalog order, into
+    /// the route configuration.
+    fn assemble_routes(&mut self, catalog: &CatalogSnapshot) {
+        let parts = catalog
+            .services
+            .keys()
+            .filter_map(|name| self.cache.get(name))
+            .map(|c| &c.output.virtual_hosts);
+        let routes = route_configuration(&self.options.listener_name, parts);
+        self.maps[ResourceType::Route.index()].insert(routes.name.clone(), Arc::new(routes));
     }
 }
 
@@ -214,6 +288,7 @@ pub fn translate_service(
     options: &TranslateOptions,
 ) -> ServiceResources {
     let mut out = ServiceResources::default();
+    let mut virtual_hosts = Vec::with_capacity(service.ports.len());
     let applicable = policy.filter(|w| {
         w.iter()
             .any(|(c, bp)| bp.basis_points() > 0 && service.backends.contains_key(c))
@@ -248,7 +323,7 @@ pub fn translate_service(
             }
         }
         let domains = domains(service, port.port, index == 0, short_name_unique);
-        out.virtual_hosts.push(virtual_host(
+        virtual_hosts.push(virtual_host(
             format!("{}:{}", service.name, port.port),
             domains,
             weighted,
@@ -256,6 +331,7 @@ pub fn translate_service(
             &service.requests,
         ));
     }
+    out.virtual_hosts = EncodedVirtualHosts::new(virtual_hosts);
     out
 }
 

@@ -1,15 +1,66 @@
 //! Virtual hosts: one per service port, whose route splits traffic across
-//! the service's clusters by weight.
+//! the service's clusters by weight; and the one route configuration that
+//! holds them all.
+//!
+//! Each service's virtual hosts are encoded once, when the service is
+//! translated, in the form they take inside a `RouteConfiguration`. The
+//! configuration is then assembled by joining those encodings: a change to
+//! one service costs one service's encoding and a copy of the others' bytes,
+//! not an encoding of every virtual host.
 
 use ferry_discovery::{RequestPolicy, RetryOn, Service, StickyKey};
 use ferry_proto::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteMatch, VirtualHost, WeightedCluster,
-    header_matcher, route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
 use ferry_proto::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use ferry_proto::google::protobuf::{BoolValue, UInt32Value};
+use ferry_proto::type_url;
+use prost::Message;
+
+use crate::resources::Resource;
 
 use super::pb_duration;
+
+/// Virtual hosts encoded as they appear inside a `RouteConfiguration`: each
+/// one framed as an entry of its `virtual_hosts` field.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedVirtualHosts(Vec<u8>);
+
+impl EncodedVirtualHosts {
+    pub fn new(virtual_hosts: Vec<VirtualHost>) -> Self {
+        // A configuration with no name and nothing else encodes to exactly
+        // its framed `virtual_hosts` entries.
+        let only_hosts = RouteConfiguration {
+            virtual_hosts,
+            ..Default::default()
+        };
+        Self(only_hosts.encode_to_vec())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The route configuration `name` holding `parts`' virtual hosts in order:
+/// the same bytes as encoding the whole `RouteConfiguration`, since protobuf
+/// writes fields in number order (`name` is 1, `virtual_hosts` is 2) and a
+/// repeated field's entries may be written back to back.
+pub(super) fn route_configuration<'a>(
+    name: &str,
+    parts: impl IntoIterator<Item = &'a EncodedVirtualHosts>,
+) -> Resource {
+    let mut value = RouteConfiguration {
+        name: name.to_owned(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for part in parts {
+        value.extend_from_slice(part.as_bytes());
+    }
+    Resource::from_encoded(name.to_owned(), type_url::ROUTE, value)
+}
 
 pub(super) fn domains(
     service: &Service,

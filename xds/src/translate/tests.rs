@@ -233,3 +233,152 @@ fn same_short_name_in_two_namespaces_gets_no_bare_domain() {
     assert_eq!(all.len(), n, "duplicate domains");
     assert!(!all.iter().any(|d| d.as_str() == "cart"));
 }
+
+fn replace(c: &Catalog, text: &str) {
+    c.replace(parse_catalog(Path::new("t.yaml"), text).unwrap());
+}
+
+fn route(maps: &ResourceMaps) -> Arc<Resource> {
+    maps[ResourceType::Route.index()]["ferry_http"].clone()
+}
+
+#[test]
+fn an_endpoint_change_that_moves_no_weight_keeps_the_route() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    let before = t.translate(&c.current());
+    // checkout declares its weights: a new address changes EDS only.
+    replace(&c, &CATALOG.replace("9001", "9005"));
+    let after = t.translate(&c.current());
+    assert_eq!(t.last_translated(), 1);
+    assert!(Arc::ptr_eq(&route(&before), &route(&after)));
+    let eds = ResourceType::Endpoint.index();
+    assert_ne!(
+        before[eds]["checkout.shop:8080@old"].version,
+        after[eds]["checkout.shop:8080@old"].version
+    );
+}
+
+#[test]
+fn a_readiness_flip_moves_weights_taken_from_ready_endpoints() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    let before = t.translate(&c.current());
+    // cart has no declared weights: one fewer ready endpoint in old makes
+    // the split 1 to 1.
+    replace(
+        &c,
+        &CATALOG.replace(
+            r#""127.0.0.1:9202""#,
+            r#"{address: "127.0.0.1:9202", ready: false}"#,
+        ),
+    );
+    let after = t.translate(&c.current());
+    assert_ne!(route(&before).version, route(&after).version);
+    assert_eq!(
+        route_weights(&after, "cart.shop:80"),
+        [
+            ("cart.shop:80@new".into(), 5000),
+            ("cart.shop:80@old".into(), 5000)
+        ]
+    );
+    // The other service's virtual host is carried over as it was.
+    assert_eq!(
+        vhost(&before, "checkout.shop:8080"),
+        vhost(&after, "checkout.shop:8080")
+    );
+}
+
+#[test]
+fn a_removed_service_takes_its_resources_and_virtual_host_along() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.translate(&c.current());
+    let checkout_only = &CATALOG[..CATALOG.find("  - name: cart").unwrap()];
+    replace(&c, checkout_only);
+    let after = t.translate(&c.current());
+    for kind in [ResourceType::Cluster, ResourceType::Endpoint] {
+        let names: Vec<_> = after[kind.index()].keys().cloned().collect();
+        assert_eq!(names, ["checkout.shop:8080@new", "checkout.shop:8080@old"]);
+    }
+    let rc: RouteConfiguration = decode(&route(&after));
+    let hosts: Vec<_> = rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(hosts, ["checkout.shop:8080"]);
+}
+
+#[test]
+fn a_cluster_a_service_loses_leaves_cds_and_eds() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.translate(&c.current());
+    replace(
+        &c,
+        &CATALOG.replace("      new: {endpoints: [\"127.0.0.1:9301\"]}\n", ""),
+    );
+    let after = t.translate(&c.current());
+    for kind in [ResourceType::Cluster, ResourceType::Endpoint] {
+        assert!(!after[kind.index()].contains_key("cart.shop:80@new"));
+        assert!(after[kind.index()].contains_key("cart.shop:80@old"));
+        assert!(after[kind.index()].contains_key("checkout.shop:8080@new"));
+    }
+    assert_eq!(
+        route_weights(&after, "cart.shop:80"),
+        [("cart.shop:80@old".into(), 10000)]
+    );
+}
+
+#[test]
+fn a_namesake_in_another_namespace_changes_a_cached_virtual_host() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    let before = t.translate(&c.current());
+    assert!(
+        vhost(&before, "cart.shop:80")
+            .domains
+            .iter()
+            .any(|d| d == "cart")
+    );
+    let namesake = "  - name: cart\n    namespace: prod\n    ports: [{name: http, port: 80}]\n    backends: {old: {endpoints: [\"127.0.0.1:1\"]}}\n";
+    replace(&c, &format!("{CATALOG}{namesake}"));
+    let after = t.translate(&c.current());
+    assert!(
+        !vhost(&after, "cart.shop:80")
+            .domains
+            .iter()
+            .any(|d| d == "cart")
+    );
+}
+
+#[test]
+fn policy_weights_reach_a_cached_route() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.translate(&c.current());
+    let cart = ServiceName::new("cart", "shop").unwrap();
+    let old = ferry_discovery::ClusterName::new("old").unwrap();
+    let overrides = WeightOverrides::from([(cart, Weights::all_to(old))]);
+    let after = t.translate_with(&c.current(), &overrides);
+    assert_eq!(t.last_translated(), 1);
+    assert_eq!(
+        route_weights(&after, "cart.shop:80"),
+        [("cart.shop:80@old".into(), 10000)]
+    );
+    // Dropping the override goes back to the catalog's split.
+    let back = t.translate(&c.current());
+    assert_eq!(route_weights(&back, "cart.shop:80").len(), 2);
+}
+
+#[test]
+fn the_assembled_route_configuration_is_the_whole_message_encoded() {
+    let text = format!(
+        "{CATALOG}{}",
+        "  - name: web\n    namespace: shop\n    ports: [{name: http, port: 80}, {name: admin, port: 9000}]\n    backends: {old: {endpoints: [{address: \"127.0.0.1\", ports: {http: 80, admin: 9000}}]}}\n"
+    );
+    let maps = Translator::new(TranslateOptions::default()).translate(&catalog(&text).current());
+    let assembled = route(&maps);
+    let decoded: RouteConfiguration = decode(&assembled);
+    assert_eq!(decoded.virtual_hosts.len(), 4);
+    let whole = Resource::new("ferry_http".to_owned(), &decoded);
+    assert_eq!(assembled.body, whole.body);
+    assert_eq!(assembled.version, whole.version);
+}
