@@ -9,7 +9,10 @@
 //!   [`Translator`] and publish the result into a fresh [`SnapshotCache`];
 //! - `one_endpoint_change`: what one readiness flip costs on a warm control
 //!   plane: [`Catalog::replace`] with the whole (re-read) service list, the
-//!   incremental translation and the snapshot publish.
+//!   incremental translation and the snapshot publish;
+//! - `one_endpoint_change_translation`: the same flip, with the catalog
+//!   update left out of the timing: the incremental translation and the
+//!   snapshot publish alone.
 //!
 //! Run with `cargo bench --bench translate`.
 
@@ -132,12 +135,48 @@ fn one_endpoint_change(c: &mut Criterion) {
     });
 }
 
+fn one_endpoint_change_translation(c: &mut Criterion) {
+    let mut services = catalog_services();
+    let catalog = Catalog::new();
+    let cache = SnapshotCache::new();
+    let mut translator = Translator::new(TranslateOptions::default());
+    catalog.replace(services.clone());
+    let snapshot = catalog.current();
+    cache.publish(translator.translate(&snapshot), &snapshot);
+
+    let target = SERVICES / 2;
+    let old = ClusterName::new("old").expect("valid cluster name");
+    c.bench_function("one_endpoint_change_translation", |b| {
+        b.iter_batched(
+            || {
+                let backend = services[target]
+                    .backends
+                    .get_mut(&old)
+                    .expect("the service has an old backend");
+                let endpoint = &mut backend.endpoints[0];
+                endpoint.state = match endpoint.state {
+                    EndpointState::Ready => EndpointState::NotReady,
+                    _ => EndpointState::Ready,
+                };
+                assert!(catalog.replace(services.clone()));
+                catalog.current()
+            },
+            |snapshot| {
+                let maps = translator.translate(&snapshot);
+                assert!(cache.publish(maps, &snapshot));
+                black_box(translator.last_translated())
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    targets = build_and_translate, one_endpoint_change
+    targets = build_and_translate, one_endpoint_change, one_endpoint_change_translation
 }
 criterion_main!(benches);

@@ -91,6 +91,20 @@ const RESOURCES_FIELD: u32 = 2;
 impl Resource {
     pub fn new<M: Message + Name>(name: String, message: &M) -> Self {
         let body = pack(message);
+        Self::from_body(name, body)
+    }
+
+    /// A resource from a message already encoded: `value` is the protobuf
+    /// encoding of a message of type `type_url`.
+    pub fn from_encoded(name: String, type_url: &str, value: Vec<u8>) -> Self {
+        let body = Any {
+            type_url: type_url.to_owned(),
+            value,
+        };
+        Self::from_body(name, body)
+    }
+
+    fn from_body(name: String, body: Any) -> Self {
         let version = format!("{:016x}", xxh3_64(&body.value));
         Self {
             name,

@@ -6,7 +6,8 @@
 //! whole world. Bursts of catalog changes are coalesced: a quiet period
 //! (`debounce`) bounded by `max_delay` from the first change.
 
-use std::collections::BTreeSet;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use ferry_discovery::CatalogSnapshot;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::resources::ResourceType;
+use crate::resources::{Resource, ResourceType};
 use crate::translate::{PolicyOverrides, ResourceMaps, Translator};
 
 /// Every resource Ferry serves, at one version.
@@ -92,17 +93,8 @@ impl SnapshotCache {
         policy_version: u64,
     ) -> bool {
         let current = self.current();
-        let mut changed: [BTreeSet<String>; 4] = Default::default();
-        for kind in ResourceType::ALL {
-            let (old, new) = (current.of(kind), &resources[kind.index()]);
-            let set = &mut changed[kind.index()];
-            for (name, r) in new {
-                if old.get(name).is_none_or(|o| o.version != r.version) {
-                    set.insert(name.clone());
-                }
-            }
-            set.extend(old.keys().filter(|n| !new.contains_key(*n)).cloned());
-        }
+        let changed: [BTreeSet<String>; 4] =
+            ResourceType::ALL.map(|kind| changed_names(current.of(kind), &resources[kind.index()]));
         if current.is_ready()
             && changed.iter().all(BTreeSet::is_empty)
             && current.policy_version == policy_version
@@ -139,6 +131,40 @@ impl SnapshotCache {
         );
         self.tx.send_replace(Arc::new(snapshot));
         true
+    }
+}
+
+/// Names added, updated (another version) or removed from `old` to `new`.
+///
+/// Both maps are walked once, side by side in name order; a resource
+/// shared by both (the same `Arc`, as the translator hands out for what it
+/// did not translate again) is passed over without comparing versions.
+fn changed_names(
+    old: &BTreeMap<String, Arc<Resource>>,
+    new: &BTreeMap<String, Arc<Resource>>,
+) -> BTreeSet<String> {
+    let mut changed = BTreeSet::new();
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    loop {
+        let step = match (old.peek(), new.peek()) {
+            (None, None) => return changed,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((o, _)), Some((n, _))) => o.cmp(n),
+        };
+        match step {
+            Ordering::Less => changed.extend(old.next().map(|(name, _)| name.clone())),
+            Ordering::Greater => changed.extend(new.next().map(|(name, _)| name.clone())),
+            Ordering::Equal => {
+                if let (Some((name, before)), Some((_, after))) = (old.next(), new.next())
+                    && !Arc::ptr_eq(before, after)
+                    && before.version != after.version
+                {
+                    changed.insert(name.clone());
+                }
+            }
+        }
     }
 }
 
@@ -247,6 +273,37 @@ mod tests {
         assert_eq!(s.changed[ResourceType::Endpoint.index()].len(), 1);
         assert!(s.changed[ResourceType::Cluster.index()].is_empty());
         assert!(s.changed[ResourceType::Route.index()].is_empty());
+    }
+
+    #[test]
+    fn changed_names_cover_added_updated_and_removed() {
+        let resource = |name: &str, port: u16| {
+            let body = ferry_proto::envoy::config::core::v3::SocketAddress {
+                port_specifier: Some(
+                    ferry_proto::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                        u32::from(port),
+                    ),
+                ),
+                ..Default::default()
+            };
+            (
+                name.to_owned(),
+                Arc::new(Resource::new(name.to_owned(), &body)),
+            )
+        };
+        let shared = resource("b", 1);
+        let old = BTreeMap::from([
+            resource("a", 1),
+            shared.clone(),
+            resource("c", 1),
+            resource("d", 1),
+        ]);
+        // "a" is re-made with the same content, "c" with another, "d" is
+        // gone and "e" is new; "b" is the very same resource.
+        let new = BTreeMap::from([resource("a", 1), shared, resource("c", 2), resource("e", 1)]);
+        let changed: Vec<_> = changed_names(&old, &new).into_iter().collect();
+        assert_eq!(changed, ["c", "d", "e"]);
+        assert!(changed_names(&new, &new).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
