@@ -18,7 +18,8 @@ use super::{TranslateOptions, ads_config_source, pb_duration};
 
 /// The Envoy resource name of one service port in one cluster.
 pub fn cluster_resource_name(service: &ServiceName, port: u16, cluster: &str) -> String {
-    format!("{service}:{port}@{cluster}")
+    let service = service.to_string();
+    ferry_xds_core::BackendKey::new(&service, port, cluster).to_string()
 }
 
 /// The name a cluster's statistics go by (Envoy's `alt_stat_name`):
