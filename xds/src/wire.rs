@@ -134,13 +134,7 @@ impl<R: Reply> Iterator for Pieces<R> {
 
 impl Reply for SotwReply {
     fn head(&self) -> Vec<u8> {
-        DiscoveryResponse {
-            version_info: self.version_info.clone(),
-            type_url: self.type_url.to_owned(),
-            nonce: self.nonce.clone(),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        self.message_head().encode_to_vec()
     }
 
     fn resources(&self) -> &[Arc<Resource>] {
@@ -154,14 +148,7 @@ impl Reply for SotwReply {
 
 impl Reply for DeltaReply {
     fn head(&self) -> Vec<u8> {
-        DeltaDiscoveryResponse {
-            system_version_info: self.system_version_info.clone(),
-            removed_resources: self.removed_resources.clone(),
-            type_url: self.type_url.to_owned(),
-            nonce: self.nonce.clone(),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        self.message_head().encode_to_vec()
     }
 
     fn resources(&self) -> &[Arc<Resource>] {
@@ -174,23 +161,40 @@ impl Reply for DeltaReply {
 }
 
 impl SotwReply {
-    /// The response as a message (what a client decodes).
-    pub fn to_message(&self) -> DiscoveryResponse {
+    /// The response's own fields, without its resources.
+    fn message_head(&self) -> DiscoveryResponse {
         DiscoveryResponse {
             version_info: self.version_info.clone(),
-            resources: self.resources.iter().map(|r| r.body.clone()).collect(),
             type_url: self.type_url.to_owned(),
             nonce: self.nonce.clone(),
             ..Default::default()
         }
     }
+
+    /// The response as a message (what a client decodes).
+    pub fn to_message(&self) -> DiscoveryResponse {
+        DiscoveryResponse {
+            resources: self.resources.iter().map(|r| r.body.clone()).collect(),
+            ..self.message_head()
+        }
+    }
 }
 
 impl DeltaReply {
+    /// The response's own fields, without its resources.
+    fn message_head(&self) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            system_version_info: self.system_version_info.clone(),
+            removed_resources: self.removed_resources.clone(),
+            type_url: self.type_url.to_owned(),
+            nonce: self.nonce.clone(),
+            ..Default::default()
+        }
+    }
+
     /// The response as a message (what a client decodes).
     pub fn to_message(&self) -> DeltaDiscoveryResponse {
         DeltaDiscoveryResponse {
-            system_version_info: self.system_version_info.clone(),
             resources: self
                 .resources
                 .iter()
@@ -201,10 +205,7 @@ impl DeltaReply {
                     ..Default::default()
                 })
                 .collect(),
-            removed_resources: self.removed_resources.clone(),
-            type_url: self.type_url.to_owned(),
-            nonce: self.nonce.clone(),
-            ..Default::default()
+            ..self.message_head()
         }
     }
 }
