@@ -143,8 +143,6 @@ impl AdsServer {
             .extensions()
             .get::<TcpConnectInfo>()
             .and_then(TcpConnectInfo::remote_addr);
-        let (tx, rx) = mpsc::channel(16);
-        let response = grpc_response(ReplyBody::new(rx));
         let shared = self.inner.clone();
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits;
@@ -156,10 +154,11 @@ impl AdsServer {
             Err(e) => {
                 let status = Status::resource_exhausted(e.to_string());
                 refused("too_many_streams_per_peer", peer, "", &status);
-                let _ = tx.try_send(Err(status));
-                return response;
+                // Trailers-only: the call fails as it opens.
+                return status.into_http();
             }
         };
+        let (tx, rx) = mpsc::channel(16);
         let inbound = Streaming::<Req>::new_request(
             tonic_prost::ProstDecoder::<Req>::default(),
             request.into_body(),
@@ -175,7 +174,7 @@ impl AdsServer {
             tracing::debug!(stream = id, peer = ?peer, variant = variant.as_str(), "xds stream opened");
             run_stream::<Req, R>(&shared, session, inbound, tx, peer).await;
         });
-        response
+        grpc_response(ReplyBody::new(rx))
     }
 }
 
@@ -207,12 +206,8 @@ impl tonic::codegen::Service<http::Request<Body>> for AdsServer {
             SOTW_PATH => self.open::<DiscoveryRequest, SotwReply>(request, Variant::Sotw),
             DELTA_PATH => self.open::<DeltaDiscoveryRequest, DeltaReply>(request, Variant::Delta),
             path => {
-                let (tx, rx) = mpsc::channel::<Outgoing<SotwReply>>(1);
-                let _ = tx.try_send(Err(Status::unimplemented(format!(
-                    "{} has no method {path}",
-                    Self::NAME
-                ))));
-                grpc_response(ReplyBody::new(rx))
+                // Trailers-only: the call fails as it opens.
+                Status::unimplemented(format!("{} has no method {path}", Self::NAME)).into_http()
             }
         };
         std::future::ready(Ok(response))
