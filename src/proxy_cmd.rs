@@ -70,6 +70,10 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     upstream_idle_timeout: Duration,
 
+    /// Idle HTTP/1.1 connections kept per upstream endpoint.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    upstream_max_idle: usize,
+
     /// Address for TLS user traffic (HTTP/1.1 and HTTP/2 by ALPN); needs
     /// --tls-cert.
     #[arg(long, value_name = "ADDR", requires = "tls_cert")]
@@ -128,6 +132,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         pool: PoolConfig {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.upstream_idle_timeout,
+            max_idle_per_endpoint: args.upstream_max_idle,
         },
         admin: args.admin_addr,
         default_timeout: args.timeout,

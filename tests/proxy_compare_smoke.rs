@@ -58,8 +58,13 @@ async fn every_peer_routes_and_serves_load_without_errors() {
             assert!(peer.h1.cpu.is_some_and(|c| c.seconds > 0.0), "{peer:?}");
         }
     }
-    // Envoy and HAProxy report their own upstream connections.
-    for kind in [PeerKind::Envoy, PeerKind::EnvoyStatic, PeerKind::Haproxy] {
+    // Ferry, Envoy and HAProxy report their own upstream connections.
+    for kind in [
+        PeerKind::Ferry,
+        PeerKind::Envoy,
+        PeerKind::EnvoyStatic,
+        PeerKind::Haproxy,
+    ] {
         let opened = report.peer(kind).unwrap().upstream_connections.saturation;
         assert!(
             opened.peer_reported.is_some_and(|n| n > 0),

@@ -95,6 +95,9 @@ pub struct UpstreamMetrics {
     pub retries: metrics::Counter,
     pub retries_refused: metrics::Counter,
     pub ejections: metrics::Counter,
+    /// HTTP/1.1 connections made to the cluster's endpoints (as Envoy's
+    /// `upstream_cx_total`), by result.
+    pub http1_connects: crate::h1pool::Connects,
 }
 
 impl UpstreamMetrics {
@@ -107,6 +110,11 @@ impl UpstreamMetrics {
             let mut l = labels.to_vec();
             l.push(("class", c.to_owned()));
             metrics::counter!("ferry_proxy_requests_total", &l)
+        };
+        let connects = |result: &'static str| {
+            let mut l = labels.to_vec();
+            l.push(("result", result.to_owned()));
+            metrics::counter!("ferry_proxy_upstream_http1_connects_total", &l)
         };
         Self {
             requests: [
@@ -122,6 +130,10 @@ impl UpstreamMetrics {
             retries: metrics::counter!("ferry_proxy_retries_total", &labels),
             retries_refused: metrics::counter!("ferry_proxy_retries_over_budget_total", &labels),
             ejections: metrics::counter!("ferry_proxy_ejections_total", &labels),
+            http1_connects: crate::h1pool::Connects {
+                ok: connects("ok"),
+                error: connects("error"),
+            },
         }
     }
 }
@@ -288,24 +300,27 @@ impl Routing {
     /// The virtual host for a request's authority (as Envoy matches
     /// domains: exact, then the longest `*.suffix`, then the longest
     /// `prefix*`, then `*`).
-    pub fn virtual_host(&self, authority: &str) -> Option<Arc<VirtualHost>> {
+    pub fn virtual_host(&self, authority: &str) -> Option<&Arc<VirtualHost>> {
         let host: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
             authority.to_ascii_lowercase().into()
         } else {
             authority.into()
         };
         if let Some(v) = self.exact.get(host.as_ref()) {
-            return Some(v.clone());
+            return Some(v);
         }
-        let best = |list: &[(String, Arc<VirtualHost>)], hit: &dyn Fn(&str) -> bool| {
+        fn best<'a>(
+            list: &'a [(String, Arc<VirtualHost>)],
+            hit: &dyn Fn(&str) -> bool,
+        ) -> Option<&'a Arc<VirtualHost>> {
             list.iter()
                 .filter(|(p, _)| hit(p))
                 .max_by_key(|(p, _)| p.len())
-                .map(|(_, v)| v.clone())
-        };
+                .map(|(_, v)| v)
+        }
         best(&self.suffixes, &|s| host.ends_with(s))
             .or_else(|| best(&self.prefixes, &|p| host.starts_with(p)))
-            .or_else(|| self.any.clone())
+            .or(self.any.as_ref())
     }
 
     /// All endpoints, for keeping their counters across swaps.

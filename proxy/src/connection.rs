@@ -303,11 +303,13 @@ where
         line_done: false,
     });
     let busy = activity.clone();
+    let client = Arc::new(peer.clone());
     let service = hyper::service::service_fn(move |request| {
         let proxy = proxy.clone();
+        let client = client.clone();
         let busy = Busy::new(&busy);
         async move {
-            let response = handle(proxy, request, peer).await;
+            let response = handle(proxy, request, &client).await;
             Ok::<_, Infallible>(response.map(move |body| Tracked { body, busy }.boxed()))
         }
     });

@@ -1,7 +1,8 @@
 //! The innermost service: sends one attempt to the endpoint the balancer
-//! chose, over pooled connections: HTTP/1.1 with keep-alive, or HTTP/2
-//! (multiplexed connections per endpoint, see `h2pool`) when the
-//! cluster says so. Either way the request keeps the client's host.
+//! chose, over pooled connections: HTTP/1.1 with keep-alive (see
+//! `h1pool`), or HTTP/2 (multiplexed connections per endpoint, see
+//! `h2pool`) when the cluster says so. Either way the request keeps the
+//! client's host.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,14 +12,12 @@ use std::time::Duration;
 
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use crate::call::{Body, Call, Failure, Outcome};
-use crate::config::{Endpoint, Protocol};
+use crate::config::{Endpoint, Protocol, Upstream};
+use crate::h1pool::H1Pool;
 use crate::h2pool::H2Pool;
 
 /// How upstream connections are made and kept.
@@ -27,6 +26,9 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     /// Idle pooled connections are closed after this long.
     pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint; more are closed as
+    /// their responses end.
+    pub max_idle_per_endpoint: usize,
 }
 
 impl Default for PoolConfig {
@@ -34,6 +36,7 @@ impl Default for PoolConfig {
         Self {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
+            max_idle_per_endpoint: 256,
         }
     }
 }
@@ -42,8 +45,9 @@ impl Default for PoolConfig {
 pub type TlsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// A pool of TLS connections to one cluster's endpoints.
+#[derive(Clone)]
 pub enum TlsClient {
-    Http1(Box<Client<TlsConnector, Body>>),
+    Http1(Arc<H1Pool<TlsConnector>>),
     Http2(Arc<H2Pool<TlsConnector>>),
 }
 
@@ -90,13 +94,11 @@ pub fn tls_client(
     let mut tcp = connector(config);
     tcp.enforce_http(false);
     Ok(match protocol {
-        Protocol::Http1 => TlsClient::Http1(Box::new(
-            Client::builder(TokioExecutor::new())
-                .http1_max_buf_size(MAX_RESPONSE_HEAD)
-                .pool_idle_timeout(config.idle_timeout)
-                .pool_timer(TokioTimer::new())
-                .build(builder.enable_http1().wrap_connector(tcp)),
-        )),
+        Protocol::Http1 => TlsClient::Http1(Arc::new(H1Pool::new(
+            builder.enable_http1().wrap_connector(tcp),
+            Scheme::HTTPS,
+            *config,
+        ))),
         Protocol::Http2 => TlsClient::Http2(Arc::new(H2Pool::new(
             builder.enable_http2().wrap_connector(tcp),
             Scheme::HTTPS,
@@ -118,21 +120,14 @@ pub struct Forward {
 
 #[derive(Debug)]
 struct Pools {
-    http1: Client<HttpConnector, Body>,
+    http1: Arc<H1Pool<HttpConnector>>,
     http2: Arc<H2Pool<HttpConnector>>,
 }
 
 impl Forward {
     pub fn new(config: PoolConfig) -> Self {
         let connector = connector(&config);
-        // Responses are streamed through: the read buffer per upstream
-        // connection stays at hyper's initial 8 KiB unless a large response
-        // head needs more (up to MAX_RESPONSE_HEAD, not hyper's 400 KiB).
-        let http1 = Client::builder(TokioExecutor::new())
-            .http1_max_buf_size(MAX_RESPONSE_HEAD)
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector.clone());
+        let http1 = Arc::new(H1Pool::new(connector.clone(), Scheme::HTTP, config));
         let http2 = Arc::new(H2Pool::new(connector, Scheme::HTTP, config));
         Self {
             pools: Arc::new(Pools { http1, http2 }),
@@ -162,34 +157,36 @@ impl Service<Call> for Forward {
     }
 
     fn call(&mut self, call: Call) -> Self::Future {
-        let Some(endpoint) = call.endpoint else {
+        let Call {
+            request,
+            upstream,
+            endpoint,
+            client_fault,
+            ..
+        } = call;
+        let Some(endpoint) = endpoint else {
             return Box::pin(std::future::ready(Err(Failure::NoEndpoint)));
         };
-        let fault = call.client_fault.clone();
-        let tls = call.upstream.tls.as_ref().map(|t| t.state());
-        let sent = match (tls.as_ref().map(|t| &t.client), call.upstream.protocol) {
-            (Some(TlsClient::Http1(client)), _) => {
-                http1(client, Scheme::HTTPS, &endpoint, call.request)
-            }
-            (Some(TlsClient::Http2(pool)), _) => {
-                http2(pool.clone(), Scheme::HTTPS, &endpoint, call.request)
-            }
-            (None, Protocol::Http1) => {
-                http1(&self.pools.http1, Scheme::HTTP, &endpoint, call.request)
-            }
-            (None, Protocol::Http2) => http2(
-                self.pools.http2.clone(),
-                Scheme::HTTP,
-                &endpoint,
-                call.request,
-            ),
-        };
-        // A failure while the client's own body could not be read is the
-        // client's, whatever the upstream exchange made of it.
+        let tls = upstream.tls.as_ref().map(|t| t.state().client.clone());
+        let pools = self.pools.clone();
         Box::pin(async move {
-            match sent.await {
-                Err(_) if fault.get().is_some() => Err(Failure::ClientBody(
-                    fault.get().unwrap_or_default().to_owned(),
+            let sent = match (tls, upstream.protocol) {
+                (Some(TlsClient::Http1(pool)), _) => {
+                    http1(&pool, &upstream, &endpoint, request).await
+                }
+                (Some(TlsClient::Http2(pool)), _) => {
+                    http2(&pool, Scheme::HTTPS, &endpoint, request).await
+                }
+                (None, Protocol::Http1) => http1(&pools.http1, &upstream, &endpoint, request).await,
+                (None, Protocol::Http2) => {
+                    http2(&pools.http2, Scheme::HTTP, &endpoint, request).await
+                }
+            };
+            // A failure while the client's own body could not be read is
+            // the client's, whatever the upstream exchange made of it.
+            match sent {
+                Err(_) if client_fault.get().is_some() => Err(Failure::ClientBody(
+                    client_fault.get().unwrap_or_default().to_owned(),
                 )),
                 other => other,
             }
@@ -216,39 +213,41 @@ fn aim(
         .map_err(|e| Failure::Reset(format!("cannot address the request at {authority}: {e}")))
 }
 
-/// Sends over HTTP/1.1: the pool is keyed by the URI's authority, the
-/// endpoint; the client's host stays in the Host header.
-fn http1<C>(
-    client: &Client<C, Body>,
-    scheme: Scheme,
+/// Sends over HTTP/1.1 to the endpoint, the request in origin form (the
+/// client's host stays in the Host header).
+async fn http1<C>(
+    pool: &H1Pool<C>,
+    upstream: &Upstream,
     endpoint: &Endpoint,
     mut request: http::Request<Body>,
-) -> Pin<Box<dyn Future<Output = Outcome> + Send>>
+) -> Outcome
 where
-    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+    C: Service<Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<crate::call::BoxError>,
 {
-    match aim(&request, scheme, endpoint.authority.clone()) {
-        Ok(uri) => *request.uri_mut() = uri,
-        Err(failure) => return Box::pin(std::future::ready(Err(failure))),
+    if request.uri().scheme().is_some() || request.uri().path_and_query().is_none() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
     }
     *request.version_mut() = http::Version::HTTP_11;
-    let future = client.request(request);
-    Box::pin(async move {
-        match future.await {
-            Ok(response) => Ok(response.map(|b| b.map_err(Into::into).boxed())),
-            Err(e) if e.is_connect() => Err(Failure::Connect(chain(&e))),
-            Err(e) => Err(Failure::Reset(chain(&e))),
-        }
-    })
+    let connects = &upstream.metrics.http1_connects;
+    pool.send(endpoint.addr, connects, request).await
 }
+
 /// Sends over HTTP/2: the client's host becomes the `:authority`, and the
 /// connection goes to the endpoint.
-fn http2<C>(
-    pool: Arc<H2Pool<C>>,
+async fn http2<C>(
+    pool: &H2Pool<C>,
     scheme: Scheme,
     endpoint: &Endpoint,
     mut request: http::Request<Body>,
-) -> Pin<Box<dyn Future<Output = Outcome> + Send>>
+) -> Outcome
 where
     C: Service<Uri> + Clone + Send + Sync + 'static,
     C::Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -256,14 +255,10 @@ where
     C::Error: Into<crate::call::BoxError>,
 {
     let host = client_authority(&request).unwrap_or_else(|| endpoint.authority.clone());
-    match aim(&request, scheme, host) {
-        Ok(uri) => *request.uri_mut() = uri,
-        Err(failure) => return Box::pin(std::future::ready(Err(failure))),
-    }
+    *request.uri_mut() = aim(&request, scheme, host)?;
     *request.version_mut() = http::Version::HTTP_2;
     request.headers_mut().remove(http::header::HOST);
-    let addr = endpoint.addr;
-    Box::pin(async move { pool.send(addr, request).await })
+    pool.send(endpoint.addr, request).await
 }
 
 /// The authority the client addressed: the URI's (HTTP/2, or an absolute

@@ -6,8 +6,6 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Uri, Version};
 
-use crate::server::Peer;
-
 /// Why a request head is refused with 400 before routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BadHead {
@@ -40,7 +38,11 @@ impl BadHead {
 /// or an HTTP/1.1 absolute form, which overrides `Host`), else the single
 /// `Host` header. Refuses what RFC 9112 §3.2 and RFC 9113 §8.3.1 call
 /// malformed rather than guess which host was meant.
-pub fn authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<String, BadHead> {
+pub fn authority<'a>(
+    version: Version,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<&'a str, BadHead> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -65,10 +67,10 @@ pub fn authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Str
         if version == Version::HTTP_11 && host.is_none() {
             return Err(BadHead::NoHost);
         }
-        return Ok(a.as_str().to_owned());
+        return Ok(a.as_str());
     }
     match host {
-        Some(h) => Ok(h.to_owned()),
+        Some(h) => Ok(h),
         None if version == Version::HTTP_11 => Err(BadHead::NoHost),
         None => Err(BadHead::NoAuthority),
     }
@@ -142,42 +144,82 @@ pub fn drop_conflicting_length(headers: &mut HeaderMap) -> bool {
     false
 }
 
-/// All values of a header (as sent, whatever their bytes), joined as one
-/// list with `last` appended.
-fn appended(headers: &HeaderMap, name: &str, last: &str) -> Option<HeaderValue> {
-    let mut list = Vec::new();
-    for value in headers.get_all(name) {
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the forwarding headers say of one client connection, made once
+/// when it is accepted: its address as `x-forwarded-for` and `forwarded`
+/// (RFC 7239, with the scheme) list it.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    pub scheme: &'static str,
+    /// The peer's IP.
+    for_ip: HeaderValue,
+    /// `for=<ip>;proto=<scheme>`, an IPv6 address quoted.
+    element: HeaderValue,
+}
+
+impl Forwarding {
+    pub fn new(addr: std::net::SocketAddr, scheme: &'static str) -> Self {
+        let ip = addr.ip();
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        // Addresses and the scheme are visible ASCII: always valid values.
+        let value = |text: String| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+        };
+        Self {
+            scheme,
+            for_ip: value(ip.to_string()),
+            element: value(format!("for={node};proto={scheme}")),
+        }
+    }
+}
+
+/// Appends `last` to the list header `name`: all its values (as sent,
+/// whatever their bytes) joined, or `last` alone (no copy) when it had
+/// none.
+fn append(headers: &mut HeaderMap, name: HeaderName, last: &HeaderValue) {
+    let mut values = headers.get_all(&name).iter().peekable();
+    if values.peek().is_none() {
+        headers.insert(name, last.clone());
+        return;
+    }
+    let mut list = Vec::with_capacity(128);
+    for value in values {
         list.extend_from_slice(value.as_bytes());
         list.extend_from_slice(b", ");
     }
     list.extend_from_slice(last.as_bytes());
-    HeaderValue::from_bytes(&list).ok()
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(list)) {
+        headers.insert(name, v);
+    }
+}
+
+/// A fresh request id: 128 random bits, as 32 lowercase hex digits.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits: u128 = rand::random();
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Tells the service who asked: the peer's address appended to
 /// `x-forwarded-for` and to `forwarded` (RFC 7239, with the scheme),
 /// `x-forwarded-proto` set, and an `x-request-id` added when absent.
-pub fn forwarding_headers(headers: &mut HeaderMap, peer: Peer) {
-    let ip = peer.addr.ip();
-    if let Some(v) = appended(headers, "x-forwarded-for", &ip.to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
-    let node = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let element = format!("for={node};proto={}", peer.scheme);
-    if let Some(v) = appended(headers, "forwarded", &element) {
-        headers.insert(header::FORWARDED, v);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(peer.scheme),
-    );
-    if !headers.contains_key("x-request-id")
-        && let Ok(v) = HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-    {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
+pub fn forwarding_headers(headers: &mut HeaderMap, peer: &Forwarding) {
+    append(headers, X_FORWARDED_FOR, &peer.for_ip);
+    append(headers, header::FORWARDED, &peer.element);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme));
+    if !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id());
     }
 }
 
@@ -280,8 +322,10 @@ mod tests {
     fn host_rules_follow_rfc_9112_and_9113() {
         let uri = |u: &str| u.parse::<Uri>().unwrap();
         let h11 = Version::HTTP_11;
-        let ok = authority(h11, &uri("/x"), &headers(&[("host", "shop.web")]));
-        assert_eq!(ok, Ok("shop.web".into()));
+        assert_eq!(
+            authority(h11, &uri("/x"), &headers(&[("host", "shop.web")])),
+            Ok("shop.web")
+        );
         assert_eq!(
             authority(
                 h11,
@@ -370,17 +414,14 @@ mod tests {
 
     #[test]
     fn the_peer_is_appended_to_the_forwarding_headers() {
-        let peer = Peer {
-            addr: "10.1.2.3:5555".parse().unwrap(),
-            scheme: "https",
-        };
+        let peer = Forwarding::new("10.1.2.3:5555".parse().unwrap(), "https");
         let mut h = headers(&[
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-for", "198.51.100.1"),
             ("forwarded", "for=203.0.113.9;proto=http"),
             ("x-forwarded-proto", "http"),
         ]);
-        forwarding_headers(&mut h, peer);
+        forwarding_headers(&mut h, &peer);
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.51.100.1, 10.1.2.3");
         assert_eq!(
             h["forwarded"],
@@ -393,7 +434,7 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_bytes(b"caf\xe9").unwrap(),
         );
-        forwarding_headers(&mut odd, peer);
+        forwarding_headers(&mut odd, &peer);
         assert_eq!(odd["x-forwarded-for"].as_bytes(), b"caf\xe9, 10.1.2.3");
         let id = h["x-request-id"].to_str().unwrap().to_owned();
         assert!(
@@ -401,12 +442,9 @@ mod tests {
             "{id}"
         );
         // A request id the client sent is kept; IPv6 peers are quoted.
-        let v6 = Peer {
-            addr: "[2001:db8::1]:80".parse().unwrap(),
-            scheme: "http",
-        };
+        let v6 = Forwarding::new("[2001:db8::1]:80".parse().unwrap(), "http");
         let mut h = headers(&[("x-request-id", "abc")]);
-        forwarding_headers(&mut h, v6);
+        forwarding_headers(&mut h, &v6);
         assert_eq!(h["x-request-id"], "abc");
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
         assert_eq!(h["x-forwarded-for"], "2001:db8::1");

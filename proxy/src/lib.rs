@@ -19,6 +19,7 @@ pub mod client_body;
 pub mod config;
 pub mod connection;
 pub mod forward;
+pub mod h1pool;
 pub mod h2pool;
 pub mod headers;
 pub mod health;

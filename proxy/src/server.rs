@@ -106,63 +106,83 @@ impl Proxy {
 }
 
 /// Where a request came from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// `https` on a TLS listener.
-    pub scheme: &'static str,
+    /// What the forwarding headers say of it (and the scheme: `https` on
+    /// a TLS listener), made once per connection.
+    pub forwarding: headers::Forwarding,
 }
 
-/// Routes and forwards one request.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    mut request: Request<Incoming>,
-    peer: Peer,
-) -> Response<Body> {
+impl Peer {
+    pub fn new(addr: SocketAddr, scheme: &'static str) -> Self {
+        Self {
+            addr,
+            forwarding: headers::Forwarding::new(addr, scheme),
+        }
+    }
+}
+
+/// Where a routed request goes, and how.
+struct Routed {
+    upstream: Arc<crate::config::Upstream>,
+    timeout: Option<Duration>,
+    retry: Option<Arc<crate::retry::RetryConfig>>,
+    /// Whether the request's upgrade is tunnelled.
+    upgrade: bool,
+    /// The `host` to set: the authority the request was routed by, when
+    /// it came in the URI (HTTP/2, or an HTTP/1.1 absolute form).
+    host: Option<HeaderValue>,
+}
+
+/// Routes a request by its authority and path, or says why not.
+fn route(proxy: &Proxy, request: &Request<Incoming>) -> Result<Routed, Response<Body>> {
     let authority = match headers::authority(request.version(), request.uri(), request.headers()) {
         Ok(a) => a,
         Err(bad @ headers::BadHead::NoAuthority) => {
             metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route")
                 .increment(1);
-            return local_reply(StatusCode::NOT_FOUND, &bad.to_string());
+            return Err(local_reply(StatusCode::NOT_FOUND, &bad.to_string()));
         }
         Err(bad) => {
             metrics::counter!("ferry_proxy_local_replies_total", "reason" => bad.reason())
                 .increment(1);
-            return local_reply(StatusCode::BAD_REQUEST, &bad.to_string());
+            return Err(local_reply(StatusCode::BAD_REQUEST, &bad.to_string()));
         }
     };
-    let from_uri = request.uri().authority().is_some();
     let routing = proxy.routing.load();
-    let Some(host) = routing.virtual_host(&authority) else {
+    let Some(host) = routing.virtual_host(authority) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return local_reply(
+        return Err(local_reply(
             StatusCode::NOT_FOUND,
             &format!("no route for host {authority:?}"),
-        );
+        ));
     };
     let path = request.uri().path();
     let Some(route) = host.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return local_reply(
+        return Err(local_reply(
             StatusCode::NOT_FOUND,
             &format!("no route for path {path:?}"),
-        );
+        ));
     };
     let key = route
         .hash_key
         .as_ref()
         .and_then(|k| k.value(request.headers()));
     let Some(target) = pick::cluster(&route.targets, key) else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no cluster has weight");
+        return Err(local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no cluster has weight",
+        ));
     };
     let Some(upstream) = routing.upstreams.get(&target.cluster).cloned() else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "unknown_cluster")
             .increment(1);
-        return local_reply(
+        return Err(local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cluster {} is not known (yet)", target.cluster),
-        );
+        ));
     };
     // An upgrade the route allows is tunnelled; any other (h2c always) is
     // dropped and the request goes on as a plain one.
@@ -174,24 +194,45 @@ pub async fn handle(
         }
         None => false,
     };
-    let (timeout, retry) = (route.timeout, route.retry.clone());
-    drop(routing);
+    // An HTTP/1.1 request in origin form has its host in `host` already.
+    let host = request
+        .uri()
+        .authority()
+        .and_then(|_| HeaderValue::from_str(authority).ok());
+    Ok(Routed {
+        upstream,
+        timeout: route.timeout,
+        retry: route.retry.clone(),
+        upgrade,
+        host,
+    })
+}
 
+/// Routes and forwards one request.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    mut request: Request<Incoming>,
+    peer: &Peer,
+) -> Response<Body> {
+    let routed = match route(&proxy, &request) {
+        Ok(routed) => routed,
+        Err(reply) => return reply,
+    };
+    let upgrade = routed.upgrade;
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let headers = request.headers_mut();
     headers::strip_hop_by_hop(headers, upgrade);
-    // The host the request was routed by goes on as `host`; an HTTP/1.1
-    // request in origin form has it there already.
-    if from_uri && let Ok(a) = HeaderValue::from_str(&authority) {
-        headers.insert(header::HOST, a);
+    // The host the request was routed by goes on as `host`.
+    if let Some(host) = routed.host {
+        headers.insert(header::HOST, host);
     }
-    headers::forwarding_headers(headers, peer);
+    headers::forwarding_headers(headers, &peer.forwarding);
     let client_fault = ClientFault::default();
     let call = Call {
         request: request.map(|b| client_body::watched(b, client_fault.clone())),
-        upstream,
-        timeout,
-        retry,
+        upstream: routed.upstream,
+        timeout: routed.timeout,
+        retry: routed.retry,
         endpoint: None,
         attempt: 0,
         client_fault,
@@ -299,7 +340,7 @@ async fn accept(
         };
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let peer = Peer { addr, scheme };
+        let peer = Peer::new(addr, scheme);
         let drain = shutdown.clone();
         let tls = listener.tls.clone();
         connections.spawn(async move {

@@ -203,7 +203,8 @@ impl Peer {
         let count = match self.kind {
             PeerKind::Envoy | PeerKind::EnvoyStatic => envoy::upstream_connections(admin).await?,
             PeerKind::Haproxy => haproxy::upstream_connections(admin).await?,
-            PeerKind::Direct | PeerKind::Ferry | PeerKind::Nginx => return Ok(None),
+            PeerKind::Ferry => ferry::upstream_connections(admin).await?,
+            PeerKind::Direct | PeerKind::Nginx => return Ok(None),
         };
         Ok(Some(count))
     }

@@ -394,7 +394,8 @@ impl Report {
              from each request's due time when its connection was busy. Body {} bytes. RSS: \
              VmRSS, idle after routing, load = largest sample (every 100 ms) during the runs. \
              Upstream connections: accepted by the backend while the peer ran (in brackets: \
-             the peer's own count, Envoy `upstream_cx_total`, HAProxy `connect`).\n",
+             the peer's own count, Envoy `upstream_cx_total`, HAProxy `connect`, Ferry \
+             `ferry_proxy_upstream_http1_connects_total`).\n",
             s.machine.cpu_model,
             s.machine.cores,
             fmt_mib(s.machine.memory_bytes),

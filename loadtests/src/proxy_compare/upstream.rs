@@ -5,10 +5,9 @@
 //! accepted while that peer, alone, was running: the same measure for
 //! every peer) and the peer's own report where it has one (Envoy's
 //! `cluster.<name>.upstream_cx_total`, HAProxy's `connect` column of
-//! `show stat`). nginx reports no upstream connection count, and
-//! `ferry proxy` counts only its HTTP/2 upstream connections
-//! (`ferry_proxy_upstream_http2_connects_total`), not the HTTP/1.1 ones
-//! this test makes: for both, the backend's count is the one.
+//! `show stat`, `ferry proxy`'s `ferry_proxy_upstream_http1_connects_total`
+//! and `…_http2_connects_total`). nginx reports no upstream connection
+//! count: for it, the backend's count is the one.
 
 use serde::Serialize;
 
@@ -101,6 +100,39 @@ pub fn haproxy_connects(csv: &str, backend: &str) -> Result<u64, CountError> {
     })
 }
 
+/// The connections `ferry proxy` made to its upstreams, from its
+/// Prometheus `/metrics` text: every series of
+/// `ferry_proxy_upstream_http1_connects_total` and
+/// `ferry_proxy_upstream_http2_connects_total` (every cluster and result)
+/// summed.
+pub fn ferry_upstream_connects(metrics: &str) -> Result<u64, CountError> {
+    const WHAT: &str = "ferry proxy /metrics";
+    const NAMES: [&str; 2] = [
+        "ferry_proxy_upstream_http1_connects_total",
+        "ferry_proxy_upstream_http2_connects_total",
+    ];
+    let mut total = None;
+    for line in metrics.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        if !NAMES.contains(&name) {
+            continue;
+        }
+        // Prometheus counters are floats in the text format.
+        let value: f64 = value.trim().parse().map_err(|_| CountError::NotACount {
+            what: WHAT,
+            value: value.to_owned(),
+        })?;
+        *total.get_or_insert(0) += value as u64;
+    }
+    total.ok_or_else(|| CountError::Missing {
+        what: WHAT,
+        key: NAMES[0].to_owned(),
+    })
+}
+
 /// The `accepts` figure of nginx's `stub_status` page:
 ///
 /// ```text
@@ -154,6 +186,25 @@ mod tests {
         assert!(haproxy_connects(csv, "other").is_err());
         assert!(haproxy_connects("be,s1,0,1\n", "be").is_err());
         assert!(haproxy_connects("# pxname,svname,qcur\nbe,s1,0\n", "be").is_err());
+    }
+
+    #[test]
+    fn ferry_counts_every_upstream_connect() {
+        let page = "# TYPE ferry_proxy_upstream_http1_connects_total counter\n\
+                    ferry_proxy_upstream_http1_connects_total{service=\"echo.bench\",cluster=\"echo.bench:8080@local\",result=\"ok\"} 64\n\
+                    ferry_proxy_upstream_http1_connects_total{service=\"echo.bench\",cluster=\"echo.bench:8080@local\",result=\"error\"} 1\n\
+                    ferry_proxy_upstream_http2_connects_total{result=\"ok\"} 2\n\
+                    ferry_proxy_upstream_http2_connections 2\n\
+                    ferry_proxy_requests_total{class=\"2xx\"} 9000\n";
+        assert_eq!(ferry_upstream_connects(page), Ok(67));
+        assert!(matches!(
+            ferry_upstream_connects("ferry_proxy_requests_total 1\n"),
+            Err(CountError::Missing { .. })
+        ));
+        assert!(matches!(
+            ferry_upstream_connects("ferry_proxy_upstream_http1_connects_total{} many\n"),
+            Err(CountError::NotACount { .. })
+        ));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `ferry proxy --workers 1`, configured by `ferry control` over delta
-//! ADS. It exports no count of HTTP/1.1 upstream connections (only
-//! `ferry_proxy_upstream_http2_connects_total`, for HTTP/2 upstreams), so
-//! the backend's count is the one for it.
+//! ADS. It counts the connections it makes to upstreams in its metrics
+//! (`ferry_proxy_upstream_http1_connects_total`, per cluster).
 
+use std::net::SocketAddr;
 use std::path::Path;
 
+use super::super::fixed_rate::admin_get;
 use super::super::machine::pinned;
 use super::super::process::{Process, free_addrs};
+use super::super::upstream;
 use super::{Peer, PeerKind, Setting};
 
 pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Peer> {
@@ -28,4 +30,11 @@ pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Pe
         admin: Some(admin),
         process: Some(process),
     })
+}
+
+/// The upstream connections the proxy made, from its admin `/metrics`.
+pub async fn upstream_connections(admin: SocketAddr) -> anyhow::Result<u64> {
+    let (status, page) = admin_get(admin, "/metrics").await?;
+    anyhow::ensure!(status == 200, "ferry proxy /metrics: {status} {page}");
+    Ok(upstream::ferry_upstream_connects(&page)?)
 }
