@@ -350,7 +350,7 @@ mod tests {
                 &uri("http://shop.web/x"),
                 &headers(&[("host", "other")])
             ),
-            Ok("shop.web".into())
+            Ok("shop.web")
         );
         assert_eq!(
             authority(h11, &uri("http://shop.web/x"), &HeaderMap::new()),
@@ -365,7 +365,7 @@ mod tests {
         let h2 = Version::HTTP_2;
         assert_eq!(
             authority(h2, &uri("http://shop.web/x"), &HeaderMap::new()),
-            Ok("shop.web".into())
+            Ok("shop.web")
         );
         assert_eq!(
             authority(

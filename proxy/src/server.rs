@@ -136,53 +136,60 @@ struct Routed {
 }
 
 /// Routes a request by its authority and path, or says why not.
-fn route(proxy: &Proxy, request: &Request<Incoming>) -> Result<Routed, Response<Body>> {
+/// A refusal is a local reply, boxed: the routed path stays small.
+fn route(proxy: &Proxy, request: &Request<Incoming>) -> Result<Routed, Box<Response<Body>>> {
     let authority = match headers::authority(request.version(), request.uri(), request.headers()) {
         Ok(a) => a,
         Err(bad @ headers::BadHead::NoAuthority) => {
             metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route")
                 .increment(1);
-            return Err(local_reply(StatusCode::NOT_FOUND, &bad.to_string()));
+            return Err(Box::new(local_reply(
+                StatusCode::NOT_FOUND,
+                &bad.to_string(),
+            )));
         }
         Err(bad) => {
             metrics::counter!("ferry_proxy_local_replies_total", "reason" => bad.reason())
                 .increment(1);
-            return Err(local_reply(StatusCode::BAD_REQUEST, &bad.to_string()));
+            return Err(Box::new(local_reply(
+                StatusCode::BAD_REQUEST,
+                &bad.to_string(),
+            )));
         }
     };
     let routing = proxy.routing.load();
     let Some(host) = routing.virtual_host(authority) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return Err(local_reply(
+        return Err(Box::new(local_reply(
             StatusCode::NOT_FOUND,
             &format!("no route for host {authority:?}"),
-        ));
+        )));
     };
     let path = request.uri().path();
     let Some(route) = host.routes.iter().find(|r| path.starts_with(&r.prefix)) else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "no_route").increment(1);
-        return Err(local_reply(
+        return Err(Box::new(local_reply(
             StatusCode::NOT_FOUND,
             &format!("no route for path {path:?}"),
-        ));
+        )));
     };
     let key = route
         .hash_key
         .as_ref()
         .and_then(|k| k.value(request.headers()));
     let Some(target) = pick::cluster(&route.targets, key) else {
-        return Err(local_reply(
+        return Err(Box::new(local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "no cluster has weight",
-        ));
+        )));
     };
     let Some(upstream) = routing.upstreams.get(&target.cluster).cloned() else {
         metrics::counter!("ferry_proxy_local_replies_total", "reason" => "unknown_cluster")
             .increment(1);
-        return Err(local_reply(
+        return Err(Box::new(local_reply(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cluster {} is not known (yet)", target.cluster),
-        ));
+        )));
     };
     // An upgrade the route allows is tunnelled; any other (h2c always) is
     // dropped and the request goes on as a plain one.
@@ -216,7 +223,7 @@ pub async fn handle(
 ) -> Response<Body> {
     let routed = match route(&proxy, &request) {
         Ok(routed) => routed,
-        Err(reply) => return reply,
+        Err(reply) => return *reply,
     };
     let upgrade = routed.upgrade;
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
