@@ -120,12 +120,6 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Splits an xDS cluster name `name.namespace:port@cluster` into the
-/// service (`name.namespace`) and the Kubernetes cluster.
-pub fn split_cluster_name(name: &str) -> Option<(&str, &str)> {
-    BackendKey::parse(name).map(|k| (k.service, k.cluster))
-}
-
 impl LoadReports {
     pub fn new(retention: Duration) -> Self {
         Self {
@@ -185,7 +179,10 @@ impl LoadReports {
         latency: Option<&LatencyCounts>,
         at_ms: i64,
     ) {
-        let Some((service, cluster)) = split_cluster_name(cluster_name) else {
+        let Some(BackendKey {
+            service, cluster, ..
+        }) = BackendKey::parse(cluster_name)
+        else {
             return;
         };
         if load == Load::default() {
@@ -468,12 +465,10 @@ mod tests {
 
     #[test]
     fn cluster_names_split_into_service_and_cluster() {
-        assert_eq!(
-            split_cluster_name("web.shop:80@old"),
-            Some(("web.shop", "old"))
-        );
-        assert_eq!(split_cluster_name("xds"), None);
-        assert_eq!(split_cluster_name("web.shop@old"), None);
+        let split = |name| BackendKey::parse(name).map(|k| (k.service, k.cluster));
+        assert_eq!(split("web.shop:80@old"), Some(("web.shop", "old")));
+        assert_eq!(split("xds"), None);
+        assert_eq!(split("web.shop@old"), None);
     }
 
     #[test]
