@@ -59,6 +59,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::catalog::write_atomically;
 use crate::client::DeltaStream;
 use crate::ferry::{self, FerryOptions, FerryProcess, ProcSample};
+use crate::provenance;
 use crate::stats::{Summary, fmt_mib, fmt_ms};
 
 /// Name of the test.
@@ -664,43 +665,6 @@ async fn report_load(
     }
 }
 
-/// Output of a command run in this crate's directory, trimmed; `None` if
-/// it failed.
-fn command_output(program: &str, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The commit the load generator was built from, `-dirty` when tracked
-/// files differ from it.
-fn commit() -> String {
-    let Some(head) = command_output("git", &["rev-parse", "HEAD"]) else {
-        return "unknown".to_owned();
-    };
-    let clean = std::process::Command::new("git")
-        .args(["diff", "--quiet", "HEAD", "--"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .is_ok_and(|s| s.success());
-    if clean { head } else { format!("{head}-dirty") }
-}
-
-fn sha256(path: &Path) -> String {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let path = path.to_string_lossy();
-    command_output("sha256sum", &[path.as_ref()])
-        .and_then(|line| line.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unavailable".to_owned())
-}
-
 fn remember(errors: &mut Vec<String>, error: String) {
     if errors.len() < 8 && !errors.contains(&error) {
         errors.push(error);
@@ -1112,8 +1076,18 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let report = Report {
         test: TEST_NAME,
         mode: if config.smoke { "smoke" } else { "full" },
-        commit: commit(),
-        ferry_sha256: sha256(&config.ferry),
+        commit: provenance::commit(Path::new(env!("CARGO_MANIFEST_DIR"))).map_or_else(
+            || "unknown".to_owned(),
+            |c| {
+                if c.dirty {
+                    format!("{}-dirty", c.id)
+                } else {
+                    c.id
+                }
+            },
+        ),
+        ferry_sha256: provenance::sha256_file(&config.ferry)
+            .unwrap_or_else(|_| "unavailable".to_owned()),
         setup: Setup {
             services: config.services,
             concurrency: config.concurrency,
