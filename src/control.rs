@@ -145,9 +145,13 @@ pub struct ControlArgs {
     #[arg(long, default_value_t = 100, value_name = "N")]
     xds_max_streams_per_connection: u32,
 
+    #[command(flatten)]
+    xds_port: crate::xds_port::XdsPortArgs,
+
     /// Count load reports from any node. By default a report counts only
     /// when its node id holds a live ADS stream from the same IP address
-    /// (the xDS port does not authenticate its clients yet).
+    /// (with --xds-auth, it must also be a node the stream's identity may
+    /// claim, whatever this flag says).
     #[arg(long)]
     lrs_any_node: bool,
 
@@ -296,6 +300,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(args.api_addr)
         .await
         .with_context(|| format!("binding the traffic API address {}", args.api_addr))?;
+    let xds_port = crate::xds_port::XdsPort::load(&args.xds_port, args.xds_addr, &shutdown)?;
     let xds_listener = TcpListener::bind(args.xds_addr)
         .await
         .with_context(|| format!("binding the xDS address {}", args.xds_addr))?;
@@ -340,13 +345,16 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         args.lrs_interval,
         shutdown.clone(),
     )
-    .accept_any_node(args.lrs_any_node);
-    let ads = AdsServer::new(cache, clients, shutdown.clone()).with_limits(XdsLimits {
-        max_names: args.xds_max_names,
-        max_streams_per_peer: args.xds_max_streams_per_peer,
-        ..XdsLimits::default()
-    });
-    let incoming = tokio_stream_incoming(xds_listener);
+    .accept_any_node(args.lrs_any_node)
+    .with_auth(xds_port.auth.clone());
+    let ads = AdsServer::new(cache, clients, shutdown.clone())
+        .with_limits(XdsLimits {
+            max_names: args.xds_max_names,
+            max_streams_per_peer: args.xds_max_streams_per_peer,
+            ..XdsLimits::default()
+        })
+        .with_auth(xds_port.auth);
+    let incoming = ferry_xds::transport::incoming(xds_listener, xds_port.tls, shutdown.clone());
     let served = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(args.xds_max_streams_per_connection))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

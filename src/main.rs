@@ -10,6 +10,7 @@ mod demo;
 mod migrate_cli;
 mod proxy_cmd;
 mod telemetry;
+mod xds_port;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

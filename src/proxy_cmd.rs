@@ -2,12 +2,14 @@
 //! plane over delta xDS.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use ferry_proxy::ProxyConfig;
 use ferry_proxy::forward::PoolConfig;
+use ferry_xds::channel::XdsSecurity;
 use ferry_xds::client::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -15,9 +17,33 @@ use crate::telemetry;
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyArgs {
-    /// The control plane's xDS address (http://host:port).
+    /// The control plane's xDS address (http://host:port, or
+    /// https://host:port with --xds-ca).
     #[arg(long, default_value = "http://127.0.0.1:18000", value_name = "URL")]
     xds: String,
+
+    /// The CA (PEM) the control plane's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    xds_ca: Option<PathBuf>,
+
+    /// This proxy's client certificate chain (PEM) for the control
+    /// plane's mutual TLS; needs --xds-key. Read again on each reconnect.
+    #[arg(long, value_name = "FILE", requires = "xds_key")]
+    xds_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --xds-cert.
+    #[arg(long, value_name = "FILE", requires = "xds_cert")]
+    xds_key: Option<PathBuf>,
+
+    /// A file holding a bearer token for the control plane (for a
+    /// proxy without a client certificate). Read again on each reconnect.
+    #[arg(long, value_name = "FILE")]
+    xds_token_file: Option<PathBuf>,
+
+    /// The name the control plane's certificate must carry, when not
+    /// the host of --xds.
+    #[arg(long, value_name = "NAME")]
+    xds_server_name: Option<String>,
 
     /// This proxy's node id, as the control plane lists its clients.
     #[arg(long, value_name = "ID")]
@@ -118,8 +144,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         !args.upstream_idle_timeout.is_zero() && !args.connect_timeout.is_zero(),
         "--upstream-idle-timeout and --connect-timeout must be longer than 0"
     );
+    let security = XdsSecurity {
+        ca: args.xds_ca.clone(),
+        identity: args.xds_cert.clone().zip(args.xds_key.clone()),
+        token_file: args.xds_token_file.clone(),
+        server_name: args.xds_server_name.clone(),
+    };
+    security.check(&args.xds).context("--xds")?;
     let config = ProxyConfig {
         xds: ClientConfig {
+            security: security.clone(),
             server: args.xds,
             node_id: args.node_id,
             node_cluster: args.node_cluster,

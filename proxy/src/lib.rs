@@ -31,7 +31,7 @@ pub mod retry;
 pub mod server;
 pub mod stack;
 pub mod timeout;
-pub mod tls;
+pub use ferry_tls as tls;
 pub mod tunnel;
 pub mod upstream_tls;
 
@@ -154,6 +154,7 @@ pub async fn run(
     ));
     let lrs = tokio::spawn(lrs::run(
         config.xds.server.clone(),
+        config.xds.security.clone(),
         ferry_proto::envoy::config::core::v3::Node {
             id: config.xds.node_id.clone(),
             cluster: config.xds.node_cluster.clone(),

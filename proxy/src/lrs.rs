@@ -18,6 +18,7 @@ use ferry_proto::envoy::config::endpoint::v3::{
 };
 use ferry_proto::envoy::service::load_stats::v3::LoadStatsRequest;
 use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
+use ferry_xds_core::channel::{XdsSecurity, with_token};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -27,10 +28,16 @@ use crate::server::Proxy;
 
 /// Reports load until `cancel`, reconnecting with backoff; a control
 /// plane without LRS just gets no reports.
-pub async fn run(server: String, node: Node, proxy: Arc<Proxy>, cancel: CancellationToken) {
+pub async fn run(
+    server: String,
+    security: XdsSecurity,
+    node: Node,
+    proxy: Arc<Proxy>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(500);
     while !cancel.is_cancelled() {
-        match report(&server, &node, &proxy, &cancel).await {
+        match report(&server, &security, &node, &proxy, &cancel).await {
             Ok(()) => backoff = Duration::from_millis(500),
             Err(e) => tracing::debug!(error = %e, "load reporting stream ended"),
         }
@@ -44,13 +51,16 @@ pub async fn run(server: String, node: Node, proxy: Arc<Proxy>, cancel: Cancella
 
 async fn report(
     server: &str,
+    security: &XdsSecurity,
     node: &Node,
     proxy: &Proxy,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
-    let mut client = LoadReportingServiceClient::connect(server.to_owned())
+    let (channel, token) = security
+        .connect(server, Duration::from_secs(5))
         .await
         .map_err(|e| e.to_string())?;
+    let mut client = LoadReportingServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     tx.send(LoadStatsRequest {
         node: Some(node.clone()),
@@ -59,7 +69,7 @@ async fn report(
     .await
     .map_err(|e| e.to_string())?;
     let mut inbound = client
-        .stream_load_stats(ReceiverStream::new(rx))
+        .stream_load_stats(with_token(ReceiverStream::new(rx), &token))
         .await
         .map_err(|e| e.to_string())?
         .into_inner();

@@ -73,6 +73,20 @@ impl Envoy {
             SocketAddr::from(([127, 0, 0, 1], ferry.xds_port)),
             SocketAddr::from(([127, 0, 0, 1], admin_port)),
         );
+        let envoy = Self::spawn(ferry, dir, &bootstrap, node_id, admin_port);
+        envoy.wait_routing().await;
+        envoy
+    }
+
+    /// Starts an Envoy on `bootstrap` (its admin on `admin_port`) and
+    /// returns at once: it may never get a config.
+    pub fn spawn(
+        ferry: &Ferry,
+        dir: tempfile::TempDir,
+        bootstrap: &str,
+        node_id: String,
+        admin_port: u16,
+    ) -> Self {
         let path = dir.path().join("bootstrap.yaml");
         std::fs::write(&path, bootstrap).expect("write bootstrap");
         let log = std::fs::File::create(dir.path().join("envoy.log")).expect("log");
@@ -85,26 +99,35 @@ impl Envoy {
                 .stdout(Stdio::null())
                 .stderr(log),
         );
-        let envoy = Self {
+        Self {
             admin_port,
             listener_port: ferry.listener_port,
             node_id,
             dir,
             proc,
-        };
-        let (admin, listener) = (envoy.admin_port, envoy.listener_port);
-        eventually(
-            Duration::from_secs(30),
-            "envoy LIVE with its listener",
-            || async move {
-                matches!(http_get(admin, "localhost", "/ready").await, Ok((200, _)))
-                    && tokio::net::TcpStream::connect(("127.0.0.1", listener))
-                        .await
-                        .is_ok()
-            },
-        )
-        .await;
-        envoy
+        }
+    }
+
+    /// Waits until Envoy is LIVE with its listener bound; on timeout, the
+    /// panic shows Envoy's log.
+    pub async fn wait_routing(&self) {
+        let (admin, listener) = (self.admin_port, self.listener_port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if matches!(http_get(admin, "localhost", "/ready").await, Ok((200, _)))
+                && tokio::net::TcpStream::connect(("127.0.0.1", listener))
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30s waiting for envoy LIVE with its listener:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn admin(&self, path: &str) -> String {

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::channel::{XdsSecurity, with_token};
 use crate::resources::ResourceType;
 
 /// Every resource the client holds: per type, name → (version, body).
@@ -40,8 +41,10 @@ pub trait ConfigSink: Send + 'static {
 /// Where the control plane is and who this client is.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `http://host:port`
+    /// `http://host:port` or `https://host:port`
     pub server: String,
+    /// TLS and credentials for `server`.
+    pub security: XdsSecurity,
     pub node_id: String,
     pub node_cluster: String,
 }
@@ -81,14 +84,13 @@ async fn session<S: ConfigSink>(
     held: &mut Resources,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
-    let mut client = tokio::time::timeout(
-        Duration::from_secs(5),
-        AggregatedDiscoveryServiceClient::connect(config.server.clone()),
-    )
-    .await
-    .map_err(|_| "connect timed out".to_owned())?
-    .map_err(|e| e.to_string())?
-    .max_decoding_message_size(256 * 1024 * 1024);
+    let (channel, token) = config
+        .security
+        .connect(&config.server, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let (tx, rx) = mpsc::channel(16);
     let node = Node {
         id: config.node_id.clone(),
@@ -111,7 +113,7 @@ async fn session<S: ConfigSink>(
         tx.send(request).await.map_err(|e| e.to_string())?;
     }
     let mut inbound = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .delta_aggregated_resources(with_token(ReceiverStream::new(rx), &token))
         .await
         .map_err(|e| e.to_string())?
         .into_inner();

@@ -6,8 +6,11 @@
 //! - [`names::BackendKey`]: the name of one service port's backend in one
 //!   Kubernetes cluster, built and parsed in one place;
 //! - [`client`]: the delta ADS client a proxy keeps its config with;
+//! - [`channel`]: how a proxy reaches the control plane (TLS, mutual TLS,
+//!   a bearer token);
 //! - [`latency`]: the latency buckets a proxy reports load in.
 
+pub mod channel;
 pub mod client;
 pub mod latency;
 pub mod names;

@@ -27,13 +27,14 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
 
 use ferry_discovery::untrusted::Escaped;
 
+use crate::auth::{Caller, XdsAuth};
 use crate::session::{Limits, Refusal, Session, Variant};
 use crate::snapshot::SnapshotCache;
 use crate::status::ClientRegistry;
+use crate::transport::PeerInfo;
 use crate::wire::{DeltaReply, Outgoing, Reply, ReplyBody, SotwReply};
 
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +91,8 @@ fn unreadable(status: &Status) -> Option<(&'static str, Status)> {
 pub struct AdsServer {
     inner: Arc<Shared>,
     limits: XdsLimits,
+    /// With `--xds-auth`: who may connect, as which nodes.
+    auth: Option<Arc<XdsAuth>>,
 }
 
 #[derive(Debug)]
@@ -118,8 +121,16 @@ impl AdsServer {
                 next_stream: AtomicU64::new(1),
                 shutdown,
             }),
+            auth: None,
             limits: XdsLimits::default(),
         }
+    }
+
+    /// Requires every stream to authenticate, and to claim only the nodes
+    /// its identity may.
+    pub fn with_auth(mut self, auth: Option<Arc<XdsAuth>>) -> Self {
+        self.auth = auth;
+        self
     }
 
     pub fn with_limits(mut self, limits: XdsLimits) -> Self {
@@ -139,10 +150,12 @@ impl AdsServer {
         Req: Wire<R> + Send + 'static,
         R: Reply + Unpin,
     {
-        let peer = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr);
+        let info = PeerInfo::of(&request);
+        let peer = info.remote;
+        let caller = match caller(self.auth.as_deref(), &info, &request) {
+            Ok(caller) => caller,
+            Err(status) => return status.into_http(),
+        };
         let shared = self.inner.clone();
         let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
         let limits = self.limits;
@@ -158,6 +171,12 @@ impl AdsServer {
                 return status.into_http();
             }
         };
+        if let Some(caller) = &caller {
+            status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .identity = Some(caller.identity.clone());
+        }
         let (tx, rx) = mpsc::channel(16);
         let inbound = Streaming::<Req>::new_request(
             tonic_prost::ProstDecoder::<Req>::default(),
@@ -172,10 +191,32 @@ impl AdsServer {
         tokio::spawn(async move {
             let _guard = StreamGuard::new(&shared, id, variant);
             tracing::debug!(stream = id, peer = ?peer, variant = variant.as_str(), "xds stream opened");
-            run_stream::<Req, R>(&shared, session, inbound, tx, peer).await;
+            run_stream::<Req, R>(&shared, session, inbound, tx, peer, caller).await;
         });
         grpc_response(ReplyBody::new(rx))
     }
+}
+
+/// Who a stream's caller is: with an auth file, its token's or client
+/// certificate's identity, or the refusal (counted and logged) that ends
+/// the call as it opens; without one, the verified certificate's names.
+fn caller(
+    auth: Option<&XdsAuth>,
+    info: &PeerInfo,
+    request: &http::Request<Body>,
+) -> Result<Option<Caller>, Status> {
+    let Some(auth) = auth else {
+        return Ok(info.certificate.as_deref().map(Caller::unrestricted));
+    };
+    let authorization = request.headers().get(http::header::AUTHORIZATION);
+    auth.authenticate(info.certificate.as_deref(), authorization)
+        .map(Some)
+        .map_err(|denied| {
+            denied.count();
+            let status = denied.status();
+            refused(denied.reason(), info.remote, "", &status);
+            status
+        })
 }
 
 /// A gRPC response whose messages and status come from `body`.
@@ -243,11 +284,15 @@ async fn run_stream<Req, R>(
     mut inbound: Streaming<Req>,
     tx: mpsc::Sender<Outgoing<R>>,
     peer: Option<SocketAddr>,
+    caller: Option<Caller>,
 ) where
     Req: Wire<R> + Send + 'static,
     R: Reply,
 {
     let mut snapshots = shared.cache.subscribe();
+    // The node the first request claims is checked before anything is
+    // sent (a caller without an auth file's grant may claim any).
+    let mut unchecked = caller.is_some();
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => {
@@ -259,6 +304,16 @@ async fn run_stream<Req, R>(
                     if let Err(refusal) = request.apply(&mut session) {
                         let status = refusal.status();
                         refused(refusal.reason(), peer, session.node_id(), &status);
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    if std::mem::take(&mut unchecked)
+                        && let Some(caller) = &caller
+                        && let Err(denied) = caller.authorize(session.node_id(), session.node_cluster())
+                    {
+                        denied.count();
+                        let status = denied.status();
+                        refused(denied.reason(), peer, session.node_id(), &status);
                         let _ = tx.send(Err(status)).await;
                         return;
                     }

@@ -7,7 +7,8 @@
 //! (subscriptions, nonces, ACK/NACK) lives in one place, [`session`].
 
 pub mod ads;
-pub use ferry_xds_core::{client, resources};
+pub mod auth;
+pub use ferry_xds_core::{channel, client, resources};
 pub mod bootstrap;
 pub mod history;
 pub mod lrs;
@@ -15,6 +16,7 @@ pub mod session;
 pub mod snapshot;
 pub mod status;
 pub mod translate;
+pub mod transport;
 pub mod wire;
 
 pub use ads::AdsServer;

@@ -16,9 +16,13 @@
 //! - only clusters in the served snapshot count, so made-up names cannot
 //!   grow the tables, and totals not reported for the retention period
 //!   are dropped;
-//! - until the xDS port authenticates its clients, reports count only
-//!   from a node id that holds a live ADS stream from the same peer IP
-//!   address (unless the server is told to accept any node).
+//! - with `--xds-auth`, a stream must authenticate (client certificate or
+//!   bearer token) and its node must be one its identity may claim, or the
+//!   stream ends (UNAUTHENTICATED, PERMISSION_DENIED) and none of its
+//!   reports count;
+//! - reports count only from a node id that holds a live ADS stream from
+//!   the same peer IP address (unless the server is told to accept any
+//!   node).
 //!
 //! Each refusal is counted in `ferry_lrs_refused_total{reason}`.
 //!
@@ -47,11 +51,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Caller, XdsAuth};
 use crate::history::{History, LATENCY_SLOTS, LatencyCounts, latency_slot};
 use crate::resources::ResourceType;
 use crate::session::MAX_NODE_ID_BYTES;
 use crate::snapshot::SnapshotCache;
 use crate::status::ClientRegistry;
+use crate::transport::PeerInfo;
 
 /// The most requests one report may claim for one cluster.
 pub const MAX_REQUESTS_PER_REPORT: u64 = 1_000_000_000;
@@ -327,6 +333,7 @@ pub struct LrsServer {
     any_node: bool,
     interval: Duration,
     shutdown: CancellationToken,
+    auth: Option<Arc<XdsAuth>>,
 }
 
 impl LrsServer {
@@ -346,6 +353,7 @@ impl LrsServer {
             any_node: false,
             interval,
             shutdown,
+            auth: None,
         }
     }
 
@@ -354,6 +362,32 @@ impl LrsServer {
     pub fn accept_any_node(mut self, any: bool) -> Self {
         self.any_node = any;
         self
+    }
+
+    /// Requires every stream to authenticate and to report only as a node
+    /// its identity may claim (see [`crate::auth`]).
+    pub fn with_auth(mut self, auth: Option<Arc<XdsAuth>>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The caller of a stream, or the refusal that ends it as it opens.
+    fn caller(
+        &self,
+        info: &PeerInfo,
+        authorization: Option<&http::HeaderValue>,
+    ) -> Result<Option<Caller>, Status> {
+        let Some(auth) = &self.auth else {
+            return Ok(info.certificate.as_deref().map(Caller::unrestricted));
+        };
+        auth.authenticate(info.certificate.as_deref(), authorization)
+            .map(Some)
+            .map_err(|denied| {
+                denied.count();
+                refused(denied.reason(), 1);
+                tracing::warn!(peer = ?info.remote, reason = denied.reason(), "load reporting stream refused");
+                denied.status()
+            })
     }
 
     pub fn into_service(self) -> LoadReportingServiceServer<Self> {
@@ -397,12 +431,26 @@ impl LoadReportingService for LrsServer {
         &self,
         request: Request<Streaming<LoadStatsRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let ip = request.remote_addr().map(|a| a.ip());
+        let info = match request.extensions().get::<PeerInfo>() {
+            Some(info) => info.clone(),
+            None => PeerInfo {
+                remote: request.remote_addr(),
+                certificate: None,
+            },
+        };
+        let ip = info.remote.map(|a| a.ip());
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| http::HeaderValue::from_bytes(v.as_bytes()).ok());
+        let caller = self.caller(&info, authorization.as_ref())?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
             let mut node = String::new();
+            // The node the first report claims is checked before any counts.
+            let mut unchecked = caller.is_some();
             let mut answered = false;
             let mut warned = false;
             metrics::gauge!("ferry_lrs_connected_clients").increment(1.0);
@@ -428,6 +476,21 @@ impl LoadReportingService for LrsServer {
                             }
                             node.clone_from(&n.id);
                             tracing::debug!(node = %Escaped(&node), "load reporting stream opened");
+                        }
+                        if std::mem::take(&mut unchecked)
+                            && let Some(caller) = &caller
+                        {
+                            let cluster = req.node.as_ref().map_or("", |n| n.cluster.as_str());
+                            if let Err(denied) = caller.authorize(&node, cluster) {
+                                denied.count();
+                                refused(denied.reason(), 1);
+                                tracing::warn!(
+                                    node = %Escaped(&node), identity = %Escaped(&caller.identity), peer = ?ip,
+                                    "load reports refused: the identity may not report as this node"
+                                );
+                                let _ = tx.send(Err(denied.status())).await;
+                                break;
+                            }
                         }
                         if !this.record(&node, ip, &req.cluster_stats) && !warned {
                             warned = true;

@@ -40,6 +40,9 @@ pub struct ClientStatus {
     pub stream: u64,
     pub variant: Variant,
     pub peer: Option<String>,
+    /// Who the stream authenticated as (a client certificate's name or a
+    /// token's identity); `None` on a port without TLS or auth.
+    pub identity: Option<String>,
     pub node_id: String,
     pub node_cluster: String,
     pub connected_at: SystemTime,
@@ -99,6 +102,7 @@ impl ClientRegistry {
             stream,
             variant,
             peer: peer.map(|p| p.to_string()),
+            identity: None,
             node_id: String::new(),
             node_cluster: String::new(),
             connected_at: SystemTime::now(),

@@ -222,6 +222,10 @@ impl Session {
         &self.node_id
     }
 
+    pub fn node_cluster(&self) -> &str {
+        &self.node_cluster
+    }
+
     fn note_node(
         &mut self,
         node: Option<&ferry_proto::envoy::config::core::v3::Node>,

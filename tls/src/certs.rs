@@ -11,7 +11,7 @@
 //! ```no_run
 //! # async fn listen(listener: tokio::net::TcpListener) -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use ferry_proxy::tls::{self, Certificates};
+//! use ferry_tls::{self as tls, Certificates};
 //! use tokio_util::sync::CancellationToken;
 //!
 //! let certs = Certificates::load(vec!["tls.crt,tls.key".parse()?])?;
@@ -31,13 +31,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::CertificateDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use x509_parser::extensions::GeneralName;
+
+use crate::files::{Stamp, read_chain, read_key};
 
 /// A certificate chain and its private key, both PEM files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +115,33 @@ pub struct Certificates {
     /// The files' stamps when last read, so `watch` reloads only on change
     /// (and retries a broken set only once it changes again).
     seen: Mutex<Vec<Option<Stamp>>>,
+    /// The metrics' name prefix: which port these certificates serve.
+    metrics: Scope,
+}
+
+/// Which port a set of certificates serves, as its metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The proxy's TLS listener: `ferry_proxy_tls_*`.
+    Proxy,
+    /// The control plane's xDS and LRS port: `ferry_xds_tls_*`.
+    Xds,
+}
+
+impl Scope {
+    fn reloads(self) -> &'static str {
+        match self {
+            Self::Proxy => "ferry_proxy_tls_reloads_total",
+            Self::Xds => "ferry_xds_tls_reloads_total",
+        }
+    }
+
+    fn expiry(self) -> &'static str {
+        match self {
+            Self::Proxy => "ferry_proxy_tls_certificate_expiry_seconds",
+            Self::Xds => "ferry_xds_tls_certificate_expiry_seconds",
+        }
+    }
 }
 
 /// One snapshot of loaded pairs, in the order given; never empty.
@@ -136,17 +163,15 @@ struct Leaf {
     not_after: i64,
 }
 
-/// A file's modification time and size, to notice it changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-}
-
 impl Certificates {
     /// Loads every pair; the first is the default for handshakes without
     /// SNI or whose name no pair covers.
     pub fn load(pairs: Vec<CertPair>) -> Result<Arc<Self>, TlsError> {
+        Self::load_for(Scope::Proxy, pairs)
+    }
+
+    /// As [`Certificates::load`], for the port `scope` names in metrics.
+    pub fn load_for(scope: Scope, pairs: Vec<CertPair>) -> Result<Arc<Self>, TlsError> {
         if pairs.is_empty() {
             return Err(TlsError::NoPairs);
         }
@@ -155,13 +180,14 @@ impl Certificates {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let seen = stamps(&pairs);
         let loaded = Loaded::read(&pairs, &provider)?;
-        loaded.record_expiry();
+        loaded.record_expiry(scope);
         tracing::info!(certificates = loaded.leaves.len(), default = %loaded.leaves[0].name, "TLS certificates loaded");
         Ok(Arc::new(Self {
             pairs,
             provider,
             current: ArcSwap::from_pointee(loaded),
             seen: Mutex::new(seen),
+            metrics: scope,
         }))
     }
 
@@ -172,19 +198,18 @@ impl Certificates {
         *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = stamps(&self.pairs);
         match Loaded::read(&self.pairs, &self.provider) {
             Ok(loaded) => {
-                loaded.record_expiry();
+                loaded.record_expiry(self.metrics);
                 tracing::info!(
                     certificates = loaded.leaves.len(),
                     "TLS certificates reloaded"
                 );
                 self.current.store(Arc::new(loaded));
-                metrics::counter!("ferry_proxy_tls_reloads_total", "result" => "ok").increment(1);
+                metrics::counter!(self.metrics.reloads(), "result" => "ok").increment(1);
                 Ok(())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "TLS certificates not reloaded: still serving the previous ones");
-                metrics::counter!("ferry_proxy_tls_reloads_total", "result" => "error")
-                    .increment(1);
+                metrics::counter!(self.metrics.reloads(), "result" => "error").increment(1);
                 Err(e)
             }
         }
@@ -194,18 +219,7 @@ impl Certificates {
     /// reloading when any file's modification time or size changed. Also
     /// keeps the expiry gauge counting down between reloads.
     pub async fn watch(self: Arc<Self>, every: Duration, shutdown: CancellationToken) {
-        let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticks.tick().await;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = ticks.tick() => {}
-            }
-            let this = self.clone();
-            // Reading files blocks: keep it off the runtime's workers.
-            let _ = tokio::task::spawn_blocking(move || this.poll()).await;
-        }
+        crate::files::watch(self, every, shutdown, Self::poll).await;
     }
 
     fn poll(&self) {
@@ -215,7 +229,7 @@ impl Certificates {
             // `reload` logs and counts a failure itself.
             let _ = self.reload();
         }
-        self.current.load().record_expiry();
+        self.current.load().record_expiry(self.metrics);
     }
 }
 
@@ -234,6 +248,25 @@ pub fn server_config(certs: Arc<Certificates>) -> Arc<rustls::ServerConfig> {
         .with_no_client_auth()
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A gRPC server's rustls configuration: certificates from `certs`, ALPN
+/// `h2` only, and client certificates checked against `client_ca` when
+/// given (mutual TLS).
+pub fn grpc_server_config(
+    certs: Arc<Certificates>,
+    client_ca: Option<Arc<crate::ClientCa>>,
+) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(certs.provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports TLS 1.2 and 1.3");
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(ca),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
 
@@ -287,13 +320,14 @@ impl Loaded {
         self.wildcard.get(parent).copied()
     }
 
-    /// Sets `ferry_proxy_tls_certificate_expiry_seconds{name}` for each leaf.
-    fn record_expiry(&self) {
+    /// Sets `ferry_{proxy,xds}_tls_certificate_expiry_seconds{name}` for
+    /// each leaf.
+    fn record_expiry(&self, scope: Scope) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         for leaf in &self.leaves {
-            metrics::gauge!("ferry_proxy_tls_certificate_expiry_seconds", "name" => leaf.name.clone())
+            metrics::gauge!(scope.expiry(), "name" => leaf.name.clone())
                 .set((leaf.not_after - now) as f64);
         }
     }
@@ -343,44 +377,6 @@ fn read_pair(pair: &CertPair, provider: &CryptoProvider) -> Result<(Leaf, Vec<St
     Ok((leaf, names))
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| TlsError::Read {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
-}
-
-/// The PEM certificates of a file, leaf first; never empty.
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_file(path)?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
-    }
-    Ok(chain)
-}
-
-/// The first PEM private key of a file, of any of the three encodings.
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read_file(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
-        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
-            path: path.to_owned(),
-        },
-        e => TlsError::Pem {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        },
-    })
-}
-
 /// A leaf's DNS subjectAltNames (lowercase, in order) and its notAfter.
 fn leaf_facts(path: &Path, der: &CertificateDer<'_>) -> Result<(Vec<String>, i64), TlsError> {
     let invalid = |reason: String| TlsError::Certificate {
@@ -406,20 +402,12 @@ fn leaf_facts(path: &Path, der: &CertificateDer<'_>) -> Result<(Vec<String>, i64
     Ok((names, cert.validity().not_after.timestamp()))
 }
 
-/// Each pair's certificate and key stamps, in order; `None` for a file
-/// that cannot be read.
+/// Each pair's certificate and key stamps, in order.
 fn stamps(pairs: &[CertPair]) -> Vec<Option<Stamp>> {
     pairs
         .iter()
         .flat_map(|pair| [&pair.cert, &pair.key])
-        .map(|path| {
-            // Follows symlinks, so a Kubernetes secret volume's swap counts.
-            let meta = std::fs::metadata(path).ok()?;
-            Some(Stamp {
-                modified: meta.modified().ok(),
-                len: meta.len(),
-            })
-        })
+        .map(|path| Stamp::of(path))
         .collect()
 }
 
