@@ -24,6 +24,8 @@ pub struct AdminState {
     pub catalog: Arc<Catalog>,
     pub cache: Arc<SnapshotCache>,
     pub clients: Arc<ClientRegistry>,
+    /// The upstream TLS secrets served over SDS (none in file mode).
+    pub secrets: Option<Arc<ferry_xds::secrets::SecretStore>>,
     pub file_status: Arc<Mutex<FileStatus>>,
     pub clusters: ClusterStatuses,
     /// The cluster Secrets watch (`kubernetes.cluster_secrets`).
@@ -157,6 +159,9 @@ struct XdsStatus {
     snapshot_version: u64,
     catalog_version: u64,
     resources: BTreeMap<&'static str, usize>,
+    /// Upstream TLS secrets: their files, the version served, and why the
+    /// files are not served as they are now, if they are not.
+    secrets: Vec<ferry_xds::secrets::SecretStatus>,
     clients: Vec<ClientStatus>,
 }
 
@@ -256,6 +261,11 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
             snapshot_version: snapshot.version,
             catalog_version: snapshot.catalog_version,
             resources,
+            secrets: state
+                .secrets
+                .as_ref()
+                .map(|s| s.status())
+                .unwrap_or_default(),
             clients: state.clients.snapshot(),
         },
     })

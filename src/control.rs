@@ -18,9 +18,10 @@ use ferry_migrate::migration_api::MigrationsApi;
 use ferry_migrate::{Engine, EngineConfig, Policy, Store};
 use ferry_xds::ads::XdsLimits;
 use ferry_xds::lrs::{LoadReports, LrsServer};
+use ferry_xds::secrets::SecretStore;
 use ferry_xds::snapshot::{Debounce, run_translation};
 use ferry_xds::status::ClientRegistry;
-use ferry_xds::{AdsServer, SnapshotCache, TranslateOptions, Translator};
+use ferry_xds::{AdsServer, SnapshotCache, TranslateOptions, Translator, UpstreamTlsMode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -155,6 +156,19 @@ pub struct ControlArgs {
     #[arg(long)]
     lrs_any_node: bool,
 
+    /// How clusters carry a service's upstream TLS files: `sds` serves
+    /// their content as SDS secrets over ADS (the files live only where
+    /// the control plane runs, and renewed certificates reach every proxy
+    /// without a cluster change); `files` sends the paths for each proxy
+    /// to read on its own host.
+    #[arg(long, value_enum, default_value_t = UpstreamTlsArg::Sds, value_name = "MODE")]
+    upstream_tls: UpstreamTlsArg,
+
+    /// How often the upstream TLS files served as secrets are checked for
+    /// changes.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    upstream_tls_reload_interval: Duration,
+
     /// Upstream connect timeout set on every served cluster.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
@@ -278,8 +292,20 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     let translator = Translator::new(TranslateOptions {
         listener_addr: args.listener_addr,
         connect_timeout: args.connect_timeout,
+        upstream_tls: match args.upstream_tls {
+            UpstreamTlsArg::Sds => UpstreamTlsMode::Sds,
+            UpstreamTlsArg::Files => UpstreamTlsMode::Files,
+        },
         ..TranslateOptions::default()
     });
+    let secrets = (args.upstream_tls == UpstreamTlsArg::Sds).then(SecretStore::new);
+    if let Some(store) = &secrets {
+        tokio::spawn(
+            store
+                .clone()
+                .watch(args.upstream_tls_reload_interval, shutdown.clone()),
+        );
+    }
     let debounce = Debounce {
         quiet: args.debounce,
         max_delay: args.debounce_max_delay,
@@ -290,6 +316,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         cache.clone(),
         translator,
         debounce,
+        secrets.clone(),
         shutdown.clone(),
     ));
 
@@ -313,6 +340,7 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
         catalog: catalog.clone(),
         cache: cache.clone(),
         clients: clients.clone(),
+        secrets,
         file_status,
         clusters: clusters.clone(),
         cluster_secrets,
@@ -381,6 +409,13 @@ pub async fn run(args: ControlArgs) -> anyhow::Result<()> {
     }
     tracing::info!("ferry control stopped");
     Ok(())
+}
+
+/// `--upstream-tls`: see [`UpstreamTlsMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UpstreamTlsArg {
+    Sds,
+    Files,
 }
 
 /// A percentage, 0 to 100.

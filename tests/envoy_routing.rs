@@ -318,14 +318,27 @@ async fn request_policies_are_accepted_and_applied_by_envoy() {
         "health_checks",
         "http2_protocol_options",
         "/healthz",
-        "tls_certificates",
-        "client.pem",
+        // The TLS material comes as SDS secrets, not as paths.
+        "tls_certificate_sds_secret_configs",
+        "validation_context_sds_secret_config",
         "\"codec_client_type\": \"HTTP2\"",
     ] {
         assert!(
             clusters.contains(field),
             "Envoy holds no {field}: {clusters}"
         );
+    }
+    assert!(!clusters.contains("client.pem"), "{clusters}");
+    let secrets = envoy
+        .admin("/config_dump?resource=dynamic_active_secrets")
+        .await;
+    for field in [
+        "ferry-ca-",
+        "ferry-cert-",
+        "trusted_ca",
+        "certificate_chain",
+    ] {
+        assert!(secrets.contains(field), "Envoy holds no {field}: {secrets}");
     }
     let routes = envoy
         .admin("/config_dump?resource=dynamic_route_configs")

@@ -424,10 +424,12 @@ async fn tls_to_the_service_checks_its_certificate() {
             file.display()
         )
     };
-    let ferry = Ferry::start(&catalog(
-        &addr.to_string(),
-        &policy("checkout.internal", &ca_file),
-    ))
+    // The proxy reads the files itself (`--upstream-tls files`); the SDS
+    // form is tested in tests/sds.rs.
+    let ferry = Ferry::start_with(
+        &catalog(&addr.to_string(), &policy("checkout.internal", &ca_file)),
+        &["--upstream-tls", "files"],
+    )
     .await;
     let proxy = FerryProxy::start(ferry.xds_port).await;
     routed(&proxy).await;
@@ -487,7 +489,11 @@ async fn mutual_tls_and_http2_to_the_service_keep_the_clients_host() {
             ca_file.display()
         )
     };
-    let ferry = Ferry::start(&catalog(&addr.to_string(), &policy(true))).await;
+    let ferry = Ferry::start_with(
+        &catalog(&addr.to_string(), &policy(true)),
+        &["--upstream-tls", "files"],
+    )
+    .await;
     let proxy = FerryProxy::start_with(ferry.xds_port, &["--tls-reload-interval", "200ms"]).await;
     routed(&proxy).await;
     // HTTP/2 over TLS with the proxy's certificate; the backend sees the

@@ -41,6 +41,7 @@ pub mod type_url {
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
     pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 }
 
 /// Packs a message into an `Any` with its canonical type URL.
@@ -65,5 +66,9 @@ mod tests {
         assert_eq!(RouteConfiguration::type_url(), type_url::ROUTE);
         assert_eq!(Cluster::type_url(), type_url::CLUSTER);
         assert_eq!(ClusterLoadAssignment::type_url(), type_url::ENDPOINT);
+        assert_eq!(
+            crate::envoy::extensions::transport_sockets::tls::v3::Secret::type_url(),
+            type_url::SECRET
+        );
     }
 }

@@ -528,6 +528,7 @@ pub fn build_with(
             protocol,
             kept.and_then(|u| u.tls.as_ref()),
             pool,
+            &resources[ResourceType::Secret.index()],
         )
         .map_err(|e| format!("cluster {name}: transport_socket: {e}"))?;
         routing.upstreams.insert(

@@ -3,21 +3,25 @@
 //! chain to, the name they must carry (also the SNI), and optionally the
 //! proxy's own certificate for endpoints that require mutual TLS.
 //!
-//! Files are read when the settings arrive and checked again every reload
-//! interval, so a renewed client certificate or CA bundle (as
+//! The material comes as SDS secrets the control plane serves over ADS
+//! (the context names them; a renewed secret is a config update), or as
+//! files on the proxy's host. Files are read when the settings arrive and
+//! checked again every reload interval, so a renewed client certificate or CA bundle (as
 //! cert-manager writes them) takes effect without a config change or a
 //! restart. A file that no longer reads or parses keeps the last good
 //! client in use, and says so in the log and in
 //! `ferry_proxy_upstream_tls_reloads_total{cluster,result}`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ferry_proto::Any;
 use ferry_proto::envoy::config::cluster::v3::Cluster;
 use ferry_proto::envoy::config::core::v3::{DataSource, data_source, transport_socket};
 use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
-    UpstreamTlsContext, common_tls_context,
+    Secret, UpstreamTlsContext, common_tls_context, secret,
 };
 use prost::Message;
 use rustls::pki_types::pem::PemObject;
@@ -68,6 +72,7 @@ pub fn from_cluster(
     protocol: Protocol,
     previous: Option<&Arc<UpstreamTls>>,
     pool: &PoolConfig,
+    secrets: &BTreeMap<String, (String, Any)>,
 ) -> Result<Option<Arc<UpstreamTls>>, String> {
     let Some(socket) = &cluster.transport_socket else {
         return Ok(None);
@@ -82,6 +87,7 @@ pub fn from_cluster(
     }
     let context = UpstreamTlsContext::decode(any.value.as_slice())
         .map_err(|e| format!("cannot decode UpstreamTlsContext: {e}"))?;
+    let context = with_secrets(context, secrets)?;
     if context.sni.is_empty() {
         return Err("sni: a server name is needed to check the endpoints' certificates".to_owned());
     }
@@ -134,6 +140,62 @@ impl UpstreamTls {
             .ok()?;
         Some(cert.validity().not_after.timestamp() - i64::try_from(now.as_secs()).ok()?)
     }
+}
+
+/// `context` with the SDS secrets it names put in their place, inline:
+/// the client certificate and the validation context's CA bundle. The
+/// names stay checked by the control plane's content, so a renewed secret
+/// makes a different context, and a new client.
+fn with_secrets(
+    mut context: UpstreamTlsContext,
+    secrets: &BTreeMap<String, (String, Any)>,
+) -> Result<UpstreamTlsContext, String> {
+    let Some(common) = context.common_tls_context.as_mut() else {
+        return Ok(context);
+    };
+    let secret = |name: &str, field: &str| -> Result<secret::Type, String> {
+        let (_, any) = secrets
+            .get(name)
+            .ok_or_else(|| format!("{field}: secret {name:?} has not been received"))?;
+        Secret::decode(any.value.as_slice())
+            .map_err(|e| format!("{field}: secret {name:?}: cannot decode: {e}"))?
+            .r#type
+            .ok_or_else(|| format!("{field}: secret {name:?} is empty"))
+    };
+    for sds in std::mem::take(&mut common.tls_certificate_sds_secret_configs) {
+        match secret(&sds.name, "tls_certificate_sds_secret_configs")? {
+            secret::Type::TlsCertificate(cert) => common.tls_certificates.push(cert),
+            _ => {
+                return Err(format!(
+                    "tls_certificate_sds_secret_configs: secret {:?} is not a TLS certificate",
+                    sds.name
+                ));
+            }
+        }
+    }
+    if let Some(common_tls_context::ValidationContextType::CombinedValidationContext(combined)) =
+        &common.validation_context_type
+    {
+        let name = combined
+            .validation_context_sds_secret_config
+            .as_ref()
+            .map(|s| s.name.clone())
+            .ok_or("combined_validation_context: no validation_context_sds_secret_config")?;
+        let field = "validation_context_sds_secret_config";
+        let secret::Type::ValidationContext(from_secret) = secret(&name, field)? else {
+            return Err(format!(
+                "{field}: secret {name:?} is not a validation context"
+            ));
+        };
+        let mut merged = combined
+            .default_validation_context
+            .clone()
+            .unwrap_or_default();
+        merged.trusted_ca = from_secret.trusted_ca;
+        common.validation_context_type =
+            Some(common_tls_context::ValidationContextType::ValidationContext(merged));
+    }
+    Ok(context)
 }
 
 /// Reads the PEM the context names.

@@ -26,7 +26,7 @@ use crate::channel::{XdsSecurity, with_token};
 use crate::resources::ResourceType;
 
 /// Every resource the client holds: per type, name → (version, body).
-pub type Resources = [BTreeMap<String, (String, Any)>; 4];
+pub type Resources = [BTreeMap<String, (String, Any)>; ResourceType::COUNT];
 
 /// Takes validated config.
 pub trait ConfigSink: Send + 'static {

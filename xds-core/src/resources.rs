@@ -10,9 +10,11 @@ use prost::{Message, Name};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// The resource types Ferry serves, in make-before-break push order:
-/// clusters before their endpoints, listeners before their routes.
+/// secrets before the clusters that use them, clusters before their
+/// endpoints, listeners before their routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum ResourceType {
+    Secret,
     Cluster,
     Endpoint,
     Listener,
@@ -20,8 +22,17 @@ pub enum ResourceType {
 }
 
 impl ResourceType {
+    /// How many types there are.
+    pub const COUNT: usize = 5;
+
     /// Every type, in push order.
-    pub const ALL: [ResourceType; 4] = [Self::Cluster, Self::Endpoint, Self::Listener, Self::Route];
+    pub const ALL: [ResourceType; Self::COUNT] = [
+        Self::Secret,
+        Self::Cluster,
+        Self::Endpoint,
+        Self::Listener,
+        Self::Route,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {
@@ -29,6 +40,7 @@ impl ResourceType {
             Self::Endpoint => type_url::ENDPOINT,
             Self::Listener => type_url::LISTENER,
             Self::Route => type_url::ROUTE,
+            Self::Secret => type_url::SECRET,
         }
     }
 
@@ -46,9 +58,10 @@ impl ResourceType {
         self as usize
     }
 
-    /// The short name SREs know: cds, eds, lds, rds.
+    /// The short name SREs know: sds, cds, eds, lds, rds.
     pub fn short(self) -> &'static str {
         match self {
+            Self::Secret => "sds",
             Self::Cluster => "cds",
             Self::Endpoint => "eds",
             Self::Listener => "lds",

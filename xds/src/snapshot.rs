@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::resources::{Resource, ResourceType};
+use crate::secrets::SecretStore;
 use crate::translate::{PolicyOverrides, ResourceMaps, Translator};
 
 /// Every resource Ferry serves, at one version.
@@ -26,7 +27,7 @@ pub struct Snapshot {
     pub catalog_version: u64,
     pub resources: ResourceMaps,
     /// Names added, updated or removed since `version - 1`, per type.
-    pub changed: [BTreeSet<String>; 4],
+    pub changed: [BTreeSet<String>; ResourceType::COUNT],
     /// When the catalog change that led here was published.
     pub catalog_published_at: Option<Instant>,
     /// The traffic policy version translated into this snapshot.
@@ -34,7 +35,7 @@ pub struct Snapshot {
     /// Per type, the snapshot version at which any resource of that type
     /// last changed: a client that has acknowledged that version (or a
     /// later one) of the type holds what this snapshot serves.
-    pub last_changed: [u64; 4],
+    pub last_changed: [u64; ResourceType::COUNT],
 }
 
 impl Snapshot {
@@ -93,7 +94,7 @@ impl SnapshotCache {
         policy_version: u64,
     ) -> bool {
         let current = self.current();
-        let changed: [BTreeSet<String>; 4] =
+        let changed: [BTreeSet<String>; ResourceType::COUNT] =
             ResourceType::ALL.map(|kind| changed_names(current.of(kind), &resources[kind.index()]));
         if current.is_ready()
             && changed.iter().all(BTreeSet::is_empty)
@@ -125,8 +126,8 @@ impl SnapshotCache {
         tracing::info!(
             version = snapshot.version,
             catalog_version = catalog.version,
-            changed_clusters = snapshot.changed[0].len(),
-            changed_endpoints = snapshot.changed[1].len(),
+            changed_clusters = snapshot.changed[ResourceType::Cluster.index()].len(),
+            changed_endpoints = snapshot.changed[ResourceType::Endpoint.index()].len(),
             "xds snapshot published"
         );
         self.tx.send_replace(Arc::new(snapshot));
@@ -194,15 +195,23 @@ pub async fn run_translation(
     cache: Arc<SnapshotCache>,
     mut translator: Translator,
     debounce: Debounce,
+    secrets: Option<Arc<SecretStore>>,
     cancel: CancellationToken,
 ) {
     let mut first = true;
+    let mut secret_changes = secrets.as_ref().map(|s| s.subscribe());
     loop {
         let current = catalog.borrow_and_update().clone();
         let overrides = policy.borrow_and_update().clone();
+        if let Some(changes) = &mut secret_changes {
+            changes.borrow_and_update();
+        }
         if current.is_loaded() {
             let started = Instant::now();
-            let maps = translator.translate_with(&current, &overrides.weights);
+            let mut maps = translator.translate_with(&current, &overrides.weights);
+            if let Some(store) = &secrets {
+                maps[ResourceType::Secret.index()] = store.sync(&crate::secrets::wanted(&current));
+            }
             metrics::histogram!("ferry_xds_translate_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("ferry_xds_services_translated_total")
@@ -214,10 +223,21 @@ pub async fn run_translation(
             _ = cancel.cancelled() => return,
             changed = catalog.changed() => if changed.is_err() { return },
             changed = policy.changed() => if changed.is_err() { return },
+            changed = secret_change(&mut secret_changes) => if changed.is_err() { return },
         }
         if !first {
             coalesce(&mut catalog, debounce, &cancel).await;
         }
+    }
+}
+
+/// A served secret changed; never, without a store.
+async fn secret_change(
+    changes: &mut Option<watch::Receiver<u64>>,
+) -> Result<(), watch::error::RecvError> {
+    match changes {
+        Some(changes) => changes.changed().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -319,6 +339,7 @@ mod tests {
             cache.clone(),
             Translator::new(TranslateOptions::default()),
             Debounce::default(),
+            None,
             cancel.clone(),
         ));
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -120,7 +120,7 @@ impl Variant {
 pub struct Session {
     id: u64,
     variant: Variant,
-    types: [TypeState; 4],
+    types: [TypeState; ResourceType::COUNT],
     next_nonce: u64,
     node_id: String,
     node_cluster: String,

@@ -206,13 +206,17 @@ fn sotw_stale_nonce_is_not_an_ack_and_full_state_is_sent() {
     s.on_sotw_request(&req("999", &out[0].version_info))
         .unwrap();
     assert!(
-        s.types[0].acked_version.is_none(),
+        s.types[ResourceType::Cluster.index()]
+            .acked_version
+            .is_none(),
         "stale nonce counted as ACK"
     );
     s.on_sotw_request(&req(&out[0].nonce, &out[0].version_info))
         .unwrap();
     assert_eq!(
-        s.types[0].acked_version.as_deref(),
+        s.types[ResourceType::Cluster.index()]
+            .acked_version
+            .as_deref(),
         Some(out[0].version_info.as_str())
     );
 

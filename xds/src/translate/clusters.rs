@@ -14,6 +14,8 @@ use ferry_proto::envoy::r#type::v3::{CodecClientType, Percent};
 use ferry_proto::google::protobuf::UInt32Value;
 use ferry_proto::pack;
 
+use super::UpstreamTlsMode;
+
 use super::{TranslateOptions, ads_config_source, pb_duration};
 
 /// The Envoy resource name of one service port in one cluster.
@@ -115,49 +117,76 @@ pub(super) fn eds_cluster(
             DataSource, TransportSocket, data_source, transport_socket,
         };
         use ferry_proto::envoy::extensions::transport_sockets::tls::v3::{
-            CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
-            UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+            CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
+            TlsCertificate, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
         };
         let file = |path: &std::path::Path| DataSource {
             specifier: Some(data_source::Specifier::Filename(path.display().to_string())),
             ..Default::default()
         };
+        let sds = |name: String| SdsSecretConfig {
+            name,
+            sds_config: Some(ads_config_source()),
+        };
         let alpn = match requests.protocol {
             Protocol::Http1 => "http/1.1",
             Protocol::Http2 => "h2",
         };
+        // Envoy checks names only when told to.
+        let names = CertificateValidationContext {
+            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                san_type: subject_alt_name_matcher::SanType::Dns as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                        tls.server_name.clone(),
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (tls_certificates, tls_certificate_sds_secret_configs, validation) =
+            match options.upstream_tls {
+                UpstreamTlsMode::Files => (
+                    tls.client_cert
+                        .iter()
+                        .map(|c| TlsCertificate {
+                            certificate_chain: Some(file(&c.cert_file)),
+                            private_key: Some(file(&c.key_file)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    Vec::new(),
+                    common_tls_context::ValidationContextType::ValidationContext(
+                        CertificateValidationContext {
+                            trusted_ca: Some(file(&tls.ca_file)),
+                            ..names
+                        },
+                    ),
+                ),
+                UpstreamTlsMode::Sds => {
+                    let (ca, cert) = crate::secrets::secrets_of(tls);
+                    (
+                        Vec::new(),
+                        cert.map(|c| sds(c.name())).into_iter().collect(),
+                        common_tls_context::ValidationContextType::CombinedValidationContext(
+                            common_tls_context::CombinedCertificateValidationContext {
+                                default_validation_context: Some(names),
+                                validation_context_sds_secret_config: Some(sds(ca.name())),
+                                ..Default::default()
+                            },
+                        ),
+                    )
+                }
+            };
         let context = UpstreamTlsContext {
             sni: tls.server_name.clone(),
             common_tls_context: Some(CommonTlsContext {
                 alpn_protocols: vec![alpn.to_owned()],
-                tls_certificates: tls
-                    .client_cert
-                    .iter()
-                    .map(|c| TlsCertificate {
-                        certificate_chain: Some(file(&c.cert_file)),
-                        private_key: Some(file(&c.key_file)),
-                        ..Default::default()
-                    })
-                    .collect(),
-                validation_context_type: Some(
-                    common_tls_context::ValidationContextType::ValidationContext(
-                        CertificateValidationContext {
-                            trusted_ca: Some(file(&tls.ca_file)),
-                            // Envoy checks names only when told to.
-                            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
-                                san_type: subject_alt_name_matcher::SanType::Dns as i32,
-                                matcher: Some(StringMatcher {
-                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
-                                        tls.server_name.clone(),
-                                    )),
-                                    ..Default::default()
-                                }),
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        },
-                    ),
-                ),
+                tls_certificates,
+                tls_certificate_sds_secret_configs,
+                validation_context_type: Some(validation),
                 ..Default::default()
             }),
             ..Default::default()

@@ -49,6 +49,20 @@ pub struct TranslateOptions {
     /// Where proxies listen for user traffic.
     pub listener_addr: SocketAddr,
     pub connect_timeout: Duration,
+    /// How clusters carry their upstream TLS material.
+    pub upstream_tls: UpstreamTlsMode,
+}
+
+/// How a cluster's `UpstreamTlsContext` carries the CA bundle and client
+/// certificate of a service's `tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamTlsMode {
+    /// As SDS secrets over ADS, by name: the control plane reads the files
+    /// and every proxy gets renewed content without a cluster change.
+    #[default]
+    Sds,
+    /// As file paths each proxy reads on its own host.
+    Files,
 }
 
 impl Default for TranslateOptions {
@@ -57,6 +71,7 @@ impl Default for TranslateOptions {
             listener_name: "ferry_http".to_owned(),
             listener_addr: SocketAddr::from(([0, 0, 0, 0], 10_000)),
             connect_timeout: Duration::from_secs(1),
+            upstream_tls: UpstreamTlsMode::default(),
         }
     }
 }
@@ -112,7 +127,7 @@ pub struct PolicyOverrides {
 }
 
 /// All resources of a catalog, by type then name.
-pub type ResourceMaps = [BTreeMap<String, Arc<Resource>>; 4];
+pub type ResourceMaps = [BTreeMap<String, Arc<Resource>>; ResourceType::COUNT];
 
 /// Translates catalog snapshots, re-translating only services that changed.
 ///
