@@ -10,7 +10,8 @@
 //!
 //! The files are checked for changes every reload interval. A secret whose
 //! files cannot be read or parsed keeps serving its last good content, and
-//! `/status` says why (`ferry_xds_secret_reloads_total{secret,result}`).
+//! `/status` says why (`ferry_xds_secret_reloads_total{secret,result}`,
+//! `ferry_xds_secret_stale{secret}` is 1 meanwhile).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -214,6 +215,7 @@ impl Entry {
                     self.loaded_at = Some(SystemTime::now());
                 }
                 self.error = None;
+                metrics::gauge!("ferry_xds_secret_stale", "secret" => name.to_owned()).set(0.0);
                 changed
             }
             Err(e) => {
@@ -223,6 +225,7 @@ impl Entry {
                         .increment(1);
                 }
                 self.error = Some(e);
+                metrics::gauge!("ferry_xds_secret_stale", "secret" => name.to_owned()).set(1.0);
                 false
             }
         }
@@ -260,7 +263,13 @@ impl SecretStore {
     pub fn sync(&self, wanted: &BTreeSet<SecretFiles>) -> BTreeMap<String, Arc<Resource>> {
         let mut entries = self.lock();
         let names: BTreeMap<String, &SecretFiles> = wanted.iter().map(|f| (f.name(), f)).collect();
-        entries.retain(|name, _| names.contains_key(name));
+        entries.retain(|name, _| {
+            let keep = names.contains_key(name);
+            if !keep {
+                metrics::gauge!("ferry_xds_secret_stale", "secret" => name.clone()).set(0.0);
+            }
+            keep
+        });
         for (name, files) in names {
             entries.entry(name.clone()).or_insert_with(|| {
                 let mut entry = Entry::new(files.clone());
@@ -319,5 +328,96 @@ impl SecretStore {
                 error: e.error.clone(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBeTCCAR+gAwIBAgIUZmVycnktdGVzdC1jYS0wMDAwMDEwCgYIKoZIzj0EAwIw\n-----END CERTIFICATE-----\n";
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    fn trusted_ca(resource: &Resource) -> Vec<u8> {
+        let secret = Secret::decode(resource.body.value.as_slice()).unwrap();
+        let Some(secret::Type::ValidationContext(v)) = secret.r#type else {
+            panic!("not a validation context: {secret:?}");
+        };
+        match v.trusted_ca.and_then(|d| d.specifier) {
+            Some(data_source::Specifier::InlineBytes(b)) => b,
+            other => panic!("not inline: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn secrets_follow_their_files_and_keep_the_last_good_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        let first = ca_pem();
+        std::fs::write(&path, &first).unwrap();
+        let files = SecretFiles::Ca {
+            ca_file: path.clone(),
+        };
+        let name = files.name();
+        assert!(name.starts_with("ferry-ca-"), "{name}");
+        let store = SecretStore::new();
+        let mut changes = store.subscribe();
+        let wanted = BTreeSet::from([files.clone()]);
+        let served = store.sync(&wanted);
+        assert_eq!(trusted_ca(&served[&name]), first.as_bytes());
+
+        // A renewed bundle: served, and translation is told.
+        let second = ca_pem();
+        std::fs::write(&path, format!("{second}\n")).unwrap();
+        store.poll();
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        let served = store.sync(&wanted);
+        assert_eq!(trusted_ca(&served[&name]), format!("{second}\n").as_bytes());
+
+        // Broken: the last good content stays, and the status says why.
+        std::fs::write(&path, CA.replace("MII", "!!!")).unwrap();
+        store.poll();
+        assert!(!changes.has_changed().unwrap());
+        let served = store.sync(&wanted);
+        assert_eq!(trusted_ca(&served[&name]), format!("{second}\n").as_bytes());
+        let status = store.status();
+        assert!(
+            status[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("ca.pem")),
+            "{status:?}"
+        );
+
+        // No longer used: dropped.
+        assert!(store.sync(&BTreeSet::new()).is_empty());
+        assert!(store.status().is_empty());
+    }
+
+    #[test]
+    fn a_secret_that_never_loaded_is_not_served_and_says_why() {
+        let files = SecretFiles::Certificate {
+            cert_file: "/nonexistent/client.pem".into(),
+            key_file: "/nonexistent/client.key".into(),
+        };
+        let store = SecretStore::new();
+        assert!(store.sync(&BTreeSet::from([files])).is_empty());
+        let status = store.status();
+        assert!(status[0].version.is_none());
+        assert!(
+            status[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("/nonexistent/client.pem")),
+            "{status:?}"
+        );
     }
 }
