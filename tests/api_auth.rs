@@ -10,7 +10,7 @@ use ferry_proto::ferry::v1::{
 };
 use support::{Backends, Ca, Ferry, ca, leaf, write};
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 fn catalog(backends: &Backends) -> String {
     format!(
@@ -21,17 +21,7 @@ fn catalog(backends: &Backends) -> String {
 }
 
 async fn connect(port: u16, ca: &Ca, client: Option<(String, String)>) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem));
-    if let Some((cert, key)) = client {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(format!("https://127.0.0.1:{port}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
+    support::tls_channel(port, ca, client).await
 }
 
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {

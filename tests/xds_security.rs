@@ -17,12 +17,12 @@ use ferry_proto::envoy::service::load_stats::v3::LoadStatsRequest;
 use ferry_proto::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
 use support::{
     Backends, Ca, Envoy, Ferry, FerryProxy, ca, eventually, free_port, leaf, leaf_with_uris, split,
-    write,
+    tls_channel, write,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 const HOST: &str = "checkout.shop";
 const WAIT: Duration = Duration::from_secs(20);
@@ -295,26 +295,6 @@ async fn ferry_proxies_with_a_certificate_or_a_token_route_and_a_plaintext_one_g
         let dump = proxy.admin("/config_dump").await;
         assert!(!dump.contains("checkout.shop"), "{dump}");
     }
-}
-
-/// A TLS channel to the xDS port, trusting `server_ca`, with a client
-/// certificate when given.
-async fn tls_channel(
-    port: u16,
-    server_ca: &Ca,
-    client: Option<(String, String)>,
-) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&server_ca.pem));
-    if let Some((cert, key)) = client {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(format!("https://127.0.0.1:{port}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
 }
 
 fn node(id: &str, cluster: &str) -> Option<Node> {

@@ -83,11 +83,6 @@ pub struct AuthFileError {
     reason: String,
 }
 
-fn sha256_hex(text: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl AuthConfig {
     pub fn load(path: &Path) -> Result<Self, AuthFileError> {
         let error = |reason: String| AuthFileError {
@@ -106,22 +101,8 @@ impl AuthConfig {
             if t.identity.trim().is_empty() {
                 return Err(format!("tokens[{i}].identity: must not be empty"));
             }
-            let hash = match (t.token, t.token_sha256) {
-                (Some(plain), None) if !plain.is_empty() => sha256_hex(&plain),
-                (None, Some(hash))
-                    if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
-                {
-                    hash.to_ascii_lowercase()
-                }
-                (None, Some(_)) => {
-                    return Err(format!("tokens[{i}].token_sha256: not 64 hex digits"));
-                }
-                _ => {
-                    return Err(format!(
-                        "tokens[{i}]: give exactly one of `token` or `token_sha256`"
-                    ));
-                }
-            };
+            let hash = ferry_tls::entry_hash(t.token.as_deref(), t.token_sha256.as_deref())
+                .map_err(|e| format!("tokens[{i}]: {e}"))?;
             if config.tokens.insert(hash, (t.identity, t.role)).is_some() {
                 return Err(format!("tokens[{i}]: the same token is listed twice"));
             }
@@ -141,7 +122,7 @@ impl AuthConfig {
     /// there is none, its client certificate.
     /// The identity and role of a bearer token, if it is one of ours.
     pub fn token_identity(&self, token: &str) -> Option<(String, Role)> {
-        self.tokens.get(&sha256_hex(token)).cloned()
+        self.tokens.get(&ferry_tls::token_hash(token)).cloned()
     }
 
     fn identify<B>(&self, request: &http::Request<B>) -> Result<(String, Role), Status> {
@@ -155,7 +136,7 @@ impl AuthConfig {
                 })?;
             return self
                 .tokens
-                .get(&sha256_hex(token.trim()))
+                .get(&ferry_tls::token_hash(token.trim()))
                 .cloned()
                 .ok_or_else(|| Status::unauthenticated("unknown bearer token"));
         }
@@ -309,7 +290,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            ok.tokens.get(&sha256_hex("abc")),
+            ok.tokens.get(&ferry_tls::token_hash("abc")),
             Some(&("bot".into(), Role::Read))
         );
         for (text, needle) in [
@@ -320,7 +301,7 @@ mod tests {
             ),
             (
                 "tokens:\n  - {identity: bot, role: read, token_sha256: xyz}\n",
-                "tokens[0].token_sha256",
+                "tokens[0]: token_sha256",
             ),
             (
                 "clients:\n  - {identity: a, role: read}\n  - {identity: a, role: write}\n",

@@ -53,6 +53,27 @@ pub fn leaf_with_uris(ca: &Ca, cn: &str, uris: &[&str]) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// A gRPC channel over TLS to a loopback `port`, trusting `server_ca`,
+/// with a client certificate (PEM cert, key) when given.
+pub async fn tls_channel(
+    port: u16,
+    server_ca: &Ca,
+    client: Option<(String, String)>,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&server_ca.pem));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write");

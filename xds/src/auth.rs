@@ -156,11 +156,6 @@ impl Denied {
     }
 }
 
-fn sha256_hex(text: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn grant(list: &str, i: usize, entry: &GrantEntry) -> Result<Grant, String> {
     if entry.identity.trim().is_empty() {
         return Err(format!("{list}[{i}].identity: must not be empty"));
@@ -217,22 +212,8 @@ impl XdsAuth {
         }
         for (i, entry) in file.tokens.iter().enumerate() {
             let grant = grant("tokens", i, entry)?;
-            let hash = match (&entry.token, &entry.token_sha256) {
-                (Some(plain), None) if !plain.is_empty() => sha256_hex(plain),
-                (None, Some(hash))
-                    if hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()) =>
-                {
-                    hash.to_ascii_lowercase()
-                }
-                (None, Some(_)) => {
-                    return Err(format!("tokens[{i}].token_sha256: not 64 hex digits"));
-                }
-                _ => {
-                    return Err(format!(
-                        "tokens[{i}]: give exactly one of `token` or `token_sha256`"
-                    ));
-                }
-            };
+            let hash = ferry_tls::entry_hash(entry.token.as_deref(), entry.token_sha256.as_deref())
+                .map_err(|e| format!("tokens[{i}]: {e}"))?;
             if auth
                 .tokens
                 .insert(hash, (entry.identity.clone(), Arc::new(grant)))
@@ -259,7 +240,7 @@ impl XdsAuth {
                 .ok_or(Denied::MalformedToken)?;
             let (identity, grant) = self
                 .tokens
-                .get(&sha256_hex(token.trim()))
+                .get(&ferry_tls::token_hash(token.trim()))
                 .ok_or(Denied::UnknownToken)?;
             return Ok(Caller {
                 identity: identity.clone(),
@@ -436,7 +417,7 @@ tokens:
             ),
             (
                 "tokens: [{identity: a, nodes: [a], token_sha256: abc}]",
-                "tokens[0].token_sha256",
+                "tokens[0]: token_sha256",
             ),
             (
                 "tokens: [{identity: a, nodes: [a], token: x}, {identity: b, nodes: [b], token: x}]",
