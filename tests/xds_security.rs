@@ -261,6 +261,26 @@ async fn ferry_proxies_with_a_certificate_or_a_token_route_and_a_plaintext_one_g
         status_identity(&ferry, "token-proxy").await.as_deref(),
         Some("token-proxy")
     );
+    // The web console shows who each client is.
+    let browser = support::Browser::start().await;
+    browser
+        .client
+        .goto(&format!("http://127.0.0.1:{}/", ferry.admin_port))
+        .await
+        .expect("open the console");
+    eventually(WAIT, "identities in the console's client table", || async {
+        let cells = browser
+            .eval(
+                r#"return ["proxy-1", "token-proxy"].map(n => {
+                    const row = document.querySelector(`#clients tr[data-node="${n}"]`);
+                    return row ? row.cells[1].textContent : null;
+                });"#,
+            )
+            .await;
+        cells == serde_json::json!(["proxy-1", "token-proxy"])
+    })
+    .await;
+    browser.close().await;
 
     // Plaintext to a TLS port: refused at the handshake, again and again.
     let before = denied(&ferry.metrics().await, "tls_handshake");

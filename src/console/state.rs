@@ -99,6 +99,8 @@ pub struct ClientView {
     pub node_id: String,
     pub variant: &'static str,
     pub peer: Option<String>,
+    /// Who the stream authenticated as, on a port with TLS or auth.
+    pub identity: Option<String>,
     pub connected_at_ms: i64,
     /// Per resource type: the ACKed version, whether an update awaits its
     /// ACK, NACK count and the last NACK.
@@ -289,6 +291,7 @@ fn clients(state: &AdminState) -> Vec<ClientView> {
             node_id: c.node_id,
             variant: c.variant.as_str(),
             peer: c.peer,
+            identity: c.identity,
             connected_at_ms: unix_ms(c.connected_at),
             types: c
                 .types

@@ -327,11 +327,12 @@
         var n = c.types[t].last_nack;
         if (n && (!nack || n.at_ms > nack.at_ms)) nack = { type: t, at_ms: n.at_ms, text: n.rejected_version + ": " + n.message };
       });
-      return el("tr", { "data-node": c.node_id }, el("td", {}, c.node_id), el("td", {}, c.variant),
+      return el("tr", { "data-node": c.node_id }, el("td", {}, c.node_id),
+        el("td", { class: c.identity ? "" : "muted" }, c.identity || "unauthenticated"), el("td", {}, c.variant),
         el("td", {}, el("code", {}, acked)),
         el("td", { class: nack ? "reason" : "muted" }, nack ? nack.type + " " + when(nack.at_ms) + " " + nack.text : "none"));
     });
-    replace("clients", rows.length ? table(["node", "ADS", "ACKed versions", "last NACK"], rows)
+    replace("clients", rows.length ? table(["node", "identity", "ADS", "ACKed versions", "last NACK"], rows)
       : el("p", { class: "muted" }, "No client connected."));
   }
 
