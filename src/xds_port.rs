@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ferry_tls::{CertPair, Certificates, ClientCa, Scope};
-use ferry_xds::auth::XdsAuth;
+use ferry_xds::auth::AuthSource;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -35,11 +35,13 @@ pub struct XdsPortArgs {
     /// names and bearer tokens, each with the node ids, node-id prefixes
     /// and node clusters it may claim). With it, every ADS and LRS stream
     /// must authenticate, and load reports count only for the node the
-    /// stream authenticated as.
+    /// stream authenticated as. Reloaded when it changes (a change that
+    /// does not parse keeps the previous identities).
     #[arg(long, value_name = "FILE")]
     xds_auth: Option<PathBuf>,
 
-    /// How often the xDS port's TLS files are checked for changes.
+    /// How often the xDS port's TLS files and --xds-auth are checked for
+    /// changes.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     xds_tls_reload_interval: Duration,
 }
@@ -47,7 +49,7 @@ pub struct XdsPortArgs {
 /// The loaded TLS material and auth of the xDS port.
 pub struct XdsPort {
     pub tls: Option<TlsAcceptor>,
-    pub auth: Option<Arc<XdsAuth>>,
+    pub auth: Option<Arc<AuthSource>>,
 }
 
 impl XdsPort {
@@ -59,7 +61,14 @@ impl XdsPort {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Self> {
         let auth = match &args.xds_auth {
-            Some(path) => Some(Arc::new(XdsAuth::load(path).context("--xds-auth")?)),
+            Some(path) => {
+                let auth = AuthSource::load(path).context("--xds-auth")?;
+                tokio::spawn(
+                    auth.clone()
+                        .watch(args.xds_tls_reload_interval, shutdown.clone()),
+                );
+                Some(auth)
+            }
             None => None,
         };
         let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {

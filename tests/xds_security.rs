@@ -433,6 +433,43 @@ async fn a_client_may_claim_only_the_nodes_its_identity_covers() {
         clients.iter().all(|c| c["node_id"] == "edge-1"),
         "{clients:?}"
     );
+
+    // A new identity is added to the file: it gets in without a restart.
+    let edge_3 = || Some(leaf(&pki.fleet_ca, "edge-3"));
+    let auth_file = pki.dir.path().join("xds-auth.yaml");
+    support::replace(
+        &auth_file,
+        &AUTH.replace(
+            "tokens:",
+            "  - identity: edge-3\n    nodes: [edge-3]\ntokens:",
+        ),
+    );
+    eventually(
+        WAIT,
+        "edge-3 served after the auth file changed",
+        || async {
+            let channel = tls_channel(port, &pki.server_ca, edge_3())
+                .await
+                .expect("connect");
+            first_delta(channel, "edge-3", "edge").await.0.is_ok()
+        },
+    )
+    .await;
+    // An edit that does not parse keeps the identities in force.
+    support::replace(&auth_file, "clients: [{identity: edge-3}]\n");
+    eventually(WAIT, "the broken auth file refused", || async {
+        support::metric_sum(
+            &ferry.metrics().await,
+            "ferry_xds_auth_reloads_total",
+            "result=\"error\"",
+        ) >= 1.0
+    })
+    .await;
+    let channel = tls_channel(port, &pki.server_ca, edge_3())
+        .await
+        .expect("connect");
+    let (first, _tx, _stream) = first_delta(channel, "edge-3", "edge").await;
+    first.expect("edge-3 still served");
 }
 
 fn report(node_id: &str, cluster: &str, errors: u64) -> LoadStatsRequest {

@@ -30,7 +30,7 @@ use tonic::server::NamedService;
 
 use ferry_discovery::untrusted::Escaped;
 
-use crate::auth::{Caller, XdsAuth};
+use crate::auth::{AuthSource, Caller};
 use crate::session::{Limits, Refusal, Session, Variant};
 use crate::snapshot::SnapshotCache;
 use crate::status::ClientRegistry;
@@ -92,7 +92,7 @@ pub struct AdsServer {
     inner: Arc<Shared>,
     limits: XdsLimits,
     /// With `--xds-auth`: who may connect, as which nodes.
-    auth: Option<Arc<XdsAuth>>,
+    auth: Option<Arc<AuthSource>>,
 }
 
 #[derive(Debug)]
@@ -128,7 +128,7 @@ impl AdsServer {
 
     /// Requires every stream to authenticate, and to claim only the nodes
     /// its identity may.
-    pub fn with_auth(mut self, auth: Option<Arc<XdsAuth>>) -> Self {
+    pub fn with_auth(mut self, auth: Option<Arc<AuthSource>>) -> Self {
         self.auth = auth;
         self
     }
@@ -201,7 +201,7 @@ impl AdsServer {
 /// certificate's identity, or the refusal (counted and logged) that ends
 /// the call as it opens; without one, the verified certificate's names.
 fn caller(
-    auth: Option<&XdsAuth>,
+    auth: Option<&AuthSource>,
     info: &PeerInfo,
     request: &http::Request<Body>,
 ) -> Result<Option<Caller>, Status> {
@@ -209,7 +209,8 @@ fn caller(
         return Ok(info.certificate.as_deref().map(Caller::unrestricted));
     };
     let authorization = request.headers().get(http::header::AUTHORIZATION);
-    auth.authenticate(info.certificate.as_deref(), authorization)
+    auth.current()
+        .authenticate(info.certificate.as_deref(), authorization)
         .map(Some)
         .map_err(|denied| {
             denied.count();

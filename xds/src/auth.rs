@@ -26,8 +26,9 @@
 //! SANs, then the subject CN); the first one the file lists is the caller.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
 
 use ferry_tls::PeerNames;
 use serde::Deserialize;
@@ -259,6 +260,84 @@ impl XdsAuth {
                 })
             })
             .ok_or_else(|| Denied::UnknownCertificate(names.to_string()))
+    }
+}
+
+/// The auth file, read again when it changes: identities are added,
+/// removed and their tokens rotated without a restart (which would drop
+/// every proxy's stream). A change that does not parse keeps the last good
+/// file, and says so in the log and `ferry_xds_auth_reloads_total{result}`.
+#[derive(Debug)]
+pub struct AuthSource {
+    path: PathBuf,
+    current: RwLock<Arc<XdsAuth>>,
+    /// The file's (modified, length) when last read.
+    seen: Mutex<Option<(Option<SystemTime>, u64)>>,
+}
+
+fn stamp(path: &Path) -> Option<(Option<SystemTime>, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok(), meta.len()))
+}
+
+impl AuthSource {
+    pub fn load(path: &Path) -> Result<Arc<Self>, AuthFileError> {
+        let seen = stamp(path);
+        let auth = XdsAuth::load(path)?;
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            current: RwLock::new(Arc::new(auth)),
+            seen: Mutex::new(seen),
+        }))
+    }
+
+    /// The identities in force now.
+    pub fn current(&self) -> Arc<XdsAuth> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the file again if it changed since last read.
+    pub fn poll(&self) {
+        let now = stamp(&self.path);
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if *seen == now {
+                return;
+            }
+            *seen = now;
+        }
+        match XdsAuth::load(&self.path) {
+            Ok(auth) => {
+                tracing::info!(path = %self.path.display(), clients = auth.clients.len(), tokens = auth.tokens.len(), "xDS auth file reloaded");
+                metrics::counter!("ferry_xds_auth_reloads_total", "result" => "ok").increment(1);
+                *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "xDS auth file not reloaded: the previous identities stay in force");
+                metrics::counter!("ferry_xds_auth_reloads_total", "result" => "error").increment(1);
+            }
+        }
+    }
+
+    /// Polls the file every `every` until `cancel`.
+    pub async fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = ticks.tick() => {}
+            }
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || this.poll()).await;
+        }
     }
 }
 

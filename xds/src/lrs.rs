@@ -51,7 +51,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Caller, XdsAuth};
+use crate::auth::{AuthSource, Caller};
 use crate::history::{History, LATENCY_SLOTS, LatencyCounts, latency_slot};
 use crate::resources::ResourceType;
 use crate::session::MAX_NODE_ID_BYTES;
@@ -333,7 +333,7 @@ pub struct LrsServer {
     any_node: bool,
     interval: Duration,
     shutdown: CancellationToken,
-    auth: Option<Arc<XdsAuth>>,
+    auth: Option<Arc<AuthSource>>,
 }
 
 impl LrsServer {
@@ -366,7 +366,7 @@ impl LrsServer {
 
     /// Requires every stream to authenticate and to report only as a node
     /// its identity may claim (see [`crate::auth`]).
-    pub fn with_auth(mut self, auth: Option<Arc<XdsAuth>>) -> Self {
+    pub fn with_auth(mut self, auth: Option<Arc<AuthSource>>) -> Self {
         self.auth = auth;
         self
     }
@@ -380,7 +380,8 @@ impl LrsServer {
         let Some(auth) = &self.auth else {
             return Ok(info.certificate.as_deref().map(Caller::unrestricted));
         };
-        auth.authenticate(info.certificate.as_deref(), authorization)
+        auth.current()
+            .authenticate(info.certificate.as_deref(), authorization)
             .map(Some)
             .map_err(|denied| {
                 denied.count();
