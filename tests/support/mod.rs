@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 mod control;
 mod envoy;
+mod grpc;
 mod http;
 mod kube;
 mod proxy;
@@ -28,6 +29,7 @@ mod servers;
 
 pub use self::control::*;
 pub use self::envoy::*;
+pub use self::grpc::*;
 pub use self::http::*;
 pub use self::kube::*;
 pub use self::proxy::*;

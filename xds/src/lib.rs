@@ -9,6 +9,7 @@
 pub mod ads;
 pub use ferry_xds_core::{client, resources};
 pub mod bootstrap;
+pub mod client_kind;
 pub mod history;
 pub mod lrs;
 pub mod session;
@@ -18,6 +19,7 @@ pub mod translate;
 pub mod wire;
 
 pub use ads::AdsServer;
+pub use client_kind::ClientKind;
 pub use resources::{Resource, ResourceType};
 pub use snapshot::{Snapshot, SnapshotCache};
 pub use translate::{TranslateOptions, Translator};
