@@ -157,6 +157,8 @@ struct XdsStatus {
     snapshot_version: u64,
     catalog_version: u64,
     resources: BTreeMap<&'static str, usize>,
+    /// What proxyless gRPC clients are served, by type.
+    grpc_resources: BTreeMap<&'static str, usize>,
     clients: Vec<ClientStatus>,
 }
 
@@ -212,6 +214,15 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .into_iter()
         .map(|k| (k.short(), snapshot.of(k).len()))
         .collect();
+    let grpc_resources = ferry_xds::ResourceType::ALL
+        .into_iter()
+        .map(|k| {
+            (
+                k.short(),
+                snapshot.served(ferry_xds::ClientKind::Grpc, k).len(),
+            )
+        })
+        .collect();
     // Those in flight and the last ones that ended: /status costs what is
     // active, not every migration ever run (`ferry migrate list` has all).
     let mut recent = state.engine.recent(ENDED_SHOWN);
@@ -256,6 +267,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
             snapshot_version: snapshot.version,
             catalog_version: snapshot.catalog_version,
             resources,
+            grpc_resources,
             clients: state.clients.snapshot(),
         },
     })

@@ -28,7 +28,9 @@ pub struct TypeStatus {
     pub names: Vec<String>,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
-    /// The snapshot version of the last update the client acknowledged.
+    /// The latest snapshot whose resources of this type (those the client
+    /// subscribes to) it is known to hold: that of the last update it
+    /// acknowledged, or a later one that changed none of them.
     pub acked_snapshot: u64,
     pub awaiting_ack: bool,
     pub nacks: u64,

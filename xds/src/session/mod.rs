@@ -7,9 +7,18 @@
 //! exceptions, so ten thousand clients do not each keep a map of every
 //! resource.
 //!
+//! What a stream is served depends on its client's kind
+//! ([`ClientKind`]): proxies get the one HTTP listener and its routes,
+//! proxyless gRPC clients a listener per target (the snapshot's gRPC view),
+//! under the same protocol rules. The kind is settled by the node's user
+//! agent or, failing that, by the first request.
+//!
 //! Protocol rules kept here:
 //! - a request whose `response_nonce` is not the latest sent for its type
 //!   is stale and is not an ACK or NACK;
+//! - a client that holds every resource it subscribes to, as a snapshot
+//!   serves them, has that snapshot's version of the type acknowledged, even
+//!   when the snapshot changed only resources it does not subscribe to;
 //! - a NACK (`error_detail` set) is recorded and counted, and the rejected
 //!   content is not sent again: the client stays on its last good config
 //!   until resources change again;
