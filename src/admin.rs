@@ -162,6 +162,8 @@ struct XdsStatus {
     /// Upstream TLS secrets: their files, the version served, and why the
     /// files are not served as they are now, if they are not.
     secrets: Vec<ferry_xds::secrets::SecretStatus>,
+    /// What proxyless gRPC clients are served, by type.
+    grpc_resources: BTreeMap<&'static str, usize>,
     clients: Vec<ClientStatus>,
 }
 
@@ -217,6 +219,15 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
         .into_iter()
         .map(|k| (k.short(), snapshot.of(k).len()))
         .collect();
+    let grpc_resources = ferry_xds::ResourceType::ALL
+        .into_iter()
+        .map(|k| {
+            (
+                k.short(),
+                snapshot.served(ferry_xds::ClientKind::Grpc, k).len(),
+            )
+        })
+        .collect();
     // Those in flight and the last ones that ended: /status costs what is
     // active, not every migration ever run (`ferry migrate list` has all).
     let mut recent = state.engine.recent(ENDED_SHOWN);
@@ -266,6 +277,7 @@ async fn status(State(state): State<AdminState>) -> Json<StatusPage> {
                 .as_ref()
                 .map(|s| s.status())
                 .unwrap_or_default(),
+            grpc_resources,
             clients: state.clients.snapshot(),
         },
     })

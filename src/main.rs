@@ -7,6 +7,7 @@ mod cluster_cmd;
 mod console;
 mod control;
 mod demo;
+mod grpc_bootstrap;
 mod migrate_cli;
 mod proxy_cmd;
 mod telemetry;
@@ -114,6 +115,9 @@ enum Command {
         #[command(subcommand)]
         command: cluster_cmd::ClusterCommand,
     },
+    /// Print the xDS bootstrap (JSON, for GRPC_XDS_BOOTSTRAP) that points
+    /// proxyless gRPC clients at Ferry: they then resolve `xds:///name.namespace:port`.
+    GrpcBootstrap(grpc_bootstrap::GrpcBootstrapArgs),
     /// Services × clusters: weights, ready endpoints, pins.
     Status {
         /// Only what still takes traffic in this cluster (weight above 0):
@@ -168,6 +172,13 @@ fn main() -> ExitCode {
             )
         }
         Command::Check { catalog } => check(&catalog),
+        Command::GrpcBootstrap(args) => match grpc_bootstrap::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ferry grpc-bootstrap: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Weights { command, conn } => run_client(cli::weights(&conn, command)),
         Command::Migrate { command, conn } => run_client(migrate_cli::run(&conn, command)),
         Command::Pin {

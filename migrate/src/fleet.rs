@@ -40,7 +40,9 @@ pub fn local_acks(
     policy_version: u64,
 ) -> (usize, usize) {
     let route = ResourceType::Route;
-    let (current, total) = clients.ack_share(route.short(), snapshot.last_changed[route.index()]);
+    let (current, total) = clients.ack_share(route.short(), |client| {
+        snapshot.last_changed_for(client, route)
+    });
     if snapshot.policy_version >= policy_version {
         (current, total)
     } else {

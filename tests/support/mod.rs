@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 mod control;
 mod envoy;
+mod grpc;
 mod http;
 mod kube;
 mod pki;
@@ -29,6 +30,7 @@ mod servers;
 
 pub use self::control::*;
 pub use self::envoy::*;
+pub use self::grpc::*;
 pub use self::http::*;
 pub use self::kube::*;
 pub use self::pki::*;

@@ -10,6 +10,7 @@ pub mod ads;
 pub mod auth;
 pub use ferry_xds_core::{channel, client, resources};
 pub mod bootstrap;
+pub mod client_kind;
 pub mod history;
 pub mod lrs;
 pub mod secrets;
@@ -21,6 +22,7 @@ pub mod transport;
 pub mod wire;
 
 pub use ads::AdsServer;
+pub use client_kind::ClientKind;
 pub use resources::{Resource, ResourceType};
 pub use snapshot::{Snapshot, SnapshotCache};
 pub use translate::{TranslateOptions, Translator, UpstreamTlsMode};

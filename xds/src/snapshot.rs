@@ -15,6 +15,7 @@ use ferry_discovery::CatalogSnapshot;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::client_kind::ClientKind;
 use crate::resources::{Resource, ResourceType};
 use crate::secrets::SecretStore;
 use crate::translate::{PolicyOverrides, ResourceMaps, Translator};
@@ -36,6 +37,18 @@ pub struct Snapshot {
     /// last changed: a client that has acknowledged that version (or a
     /// later one) of the type holds what this snapshot serves.
     pub last_changed: [u64; ResourceType::COUNT],
+    /// What proxyless gRPC clients are served instead of the above.
+    pub grpc: View,
+}
+
+/// The resources one kind of client is served, with what changed.
+#[derive(Debug, Default)]
+pub struct View {
+    pub resources: ResourceMaps,
+    /// Names added, updated or removed since the snapshot before, per type.
+    pub changed: [BTreeSet<String>; ResourceType::COUNT],
+    /// Per type, the snapshot version at which it last changed.
+    pub last_changed: [u64; ResourceType::COUNT],
 }
 
 impl Snapshot {
@@ -43,11 +56,42 @@ impl Snapshot {
         self.version > 0
     }
 
+    /// What proxies (Envoy, Ferry's proxy) are served of `kind`.
     pub fn of(
         &self,
         kind: ResourceType,
     ) -> &std::collections::BTreeMap<String, Arc<crate::Resource>> {
         &self.resources[kind.index()]
+    }
+
+    /// What `client` is served of `kind`.
+    pub fn served(
+        &self,
+        client: ClientKind,
+        kind: ResourceType,
+    ) -> &BTreeMap<String, Arc<Resource>> {
+        match client {
+            ClientKind::Proxy => self.of(kind),
+            ClientKind::Grpc => &self.grpc.resources[kind.index()],
+        }
+    }
+
+    /// The names of `kind` that changed for `client` since the snapshot
+    /// before.
+    pub fn changed_for(&self, client: ClientKind, kind: ResourceType) -> &BTreeSet<String> {
+        match client {
+            ClientKind::Proxy => &self.changed[kind.index()],
+            ClientKind::Grpc => &self.grpc.changed[kind.index()],
+        }
+    }
+
+    /// The snapshot version at which what `client` is served of `kind`
+    /// last changed.
+    pub fn last_changed_for(&self, client: ClientKind, kind: ResourceType) -> u64 {
+        match client {
+            ClientKind::Proxy => self.last_changed[kind.index()],
+            ClientKind::Grpc => self.grpc.last_changed[kind.index()],
+        }
     }
 }
 
@@ -93,35 +137,61 @@ impl SnapshotCache {
         catalog: &CatalogSnapshot,
         policy_version: u64,
     ) -> bool {
+        self.publish_all(resources, ResourceMaps::default(), catalog, policy_version)
+    }
+
+    /// Like [`publish_at`](Self::publish_at), with what gRPC clients are
+    /// served (`grpc`) beside what proxies are (`resources`).
+    pub fn publish_all(
+        &self,
+        resources: ResourceMaps,
+        grpc: ResourceMaps,
+        catalog: &CatalogSnapshot,
+        policy_version: u64,
+    ) -> bool {
         let current = self.current();
         let changed: [BTreeSet<String>; ResourceType::COUNT] =
             ResourceType::ALL.map(|kind| changed_names(current.of(kind), &resources[kind.index()]));
+        let grpc_changed: [BTreeSet<String>; ResourceType::COUNT] = ResourceType::ALL
+            .map(|kind| changed_names(&current.grpc.resources[kind.index()], &grpc[kind.index()]));
         if current.is_ready()
-            && changed.iter().all(BTreeSet::is_empty)
+            && changed.iter().chain(&grpc_changed).all(BTreeSet::is_empty)
             && current.policy_version == policy_version
         {
             return false;
         }
         let version = current.version + 1;
-        let mut last_changed = current.last_changed;
-        for kind in ResourceType::ALL {
-            if !changed[kind.index()].is_empty() || !current.is_ready() {
-                last_changed[kind.index()] = version;
-            }
-        }
+        let last_changed =
+            |before: [u64; ResourceType::COUNT],
+             changed: &[BTreeSet<String>; ResourceType::COUNT]| {
+                let mut last = before;
+                for kind in ResourceType::ALL {
+                    if !changed[kind.index()].is_empty() || !current.is_ready() {
+                        last[kind.index()] = version;
+                    }
+                }
+                last
+            };
         let snapshot = Snapshot {
             version,
             policy_version,
-            last_changed,
+            last_changed: last_changed(current.last_changed, &changed),
             catalog_version: catalog.version,
             resources,
             changed,
             catalog_published_at: Some(catalog.published_at),
+            grpc: View {
+                last_changed: last_changed(current.grpc.last_changed, &grpc_changed),
+                resources: grpc,
+                changed: grpc_changed,
+            },
         };
         metrics::gauge!("ferry_xds_snapshot_version").set(snapshot.version as f64);
         for kind in ResourceType::ALL {
             metrics::gauge!("ferry_xds_resources", "type" => kind.short())
                 .set(snapshot.of(kind).len() as f64);
+            metrics::gauge!("ferry_xds_grpc_resources", "type" => kind.short())
+                .set(snapshot.served(ClientKind::Grpc, kind).len() as f64);
         }
         tracing::info!(
             version = snapshot.version,
@@ -212,11 +282,12 @@ pub async fn run_translation(
             if let Some(store) = &secrets {
                 maps[ResourceType::Secret.index()] = store.sync(&crate::secrets::wanted(&current));
             }
+            let grpc = translator.grpc_resources();
             metrics::histogram!("ferry_xds_translate_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("ferry_xds_services_translated_total")
                 .increment(translator.last_translated() as u64);
-            cache.publish_at(maps, &current, overrides.version);
+            cache.publish_all(maps, grpc, &current, overrides.version);
             first = false;
         }
         tokio::select! {

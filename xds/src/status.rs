@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::client_kind::ClientKind;
 use crate::session::Variant;
 
 /// A rejected update, as the client reported it.
@@ -27,7 +28,9 @@ pub struct TypeStatus {
     pub names: Vec<String>,
     pub sent_version: Option<String>,
     pub acked_version: Option<String>,
-    /// The snapshot version of the last update the client acknowledged.
+    /// The latest snapshot whose resources of this type (those the client
+    /// subscribes to) it is known to hold: that of the last update it
+    /// acknowledged, or a later one that changed none of them.
     pub acked_snapshot: u64,
     pub awaiting_ack: bool,
     pub nacks: u64,
@@ -45,6 +48,8 @@ pub struct ClientStatus {
     pub identity: Option<String>,
     pub node_id: String,
     pub node_cluster: String,
+    /// A proxy, or a proxyless gRPC client.
+    pub client: ClientKind,
     pub connected_at: SystemTime,
     pub last_update: Option<SystemTime>,
     pub types: BTreeMap<&'static str, TypeStatus>,
@@ -105,6 +110,7 @@ impl ClientRegistry {
             identity: None,
             node_id: String::new(),
             node_cluster: String::new(),
+            client: ClientKind::default(),
             connected_at: SystemTime::now(),
             last_update: None,
             types: BTreeMap::new(),
@@ -153,15 +159,17 @@ impl ClientRegistry {
     }
 
     /// How many connected clients subscribed to `kind` have acknowledged
-    /// snapshot `version` (or a later one) of it, out of how many.
-    pub fn ack_share(&self, kind: &str, version: u64) -> (usize, usize) {
+    /// snapshot `version(client kind)` (or a later one) of it, out of how
+    /// many: proxies and gRPC clients are served resources that change
+    /// at different versions.
+    pub fn ack_share(&self, kind: &str, version: impl Fn(ClientKind) -> u64) -> (usize, usize) {
         let handles = self.handles_where(|_| true);
         let (mut acked, mut total) = (0, 0);
         for h in handles {
             let status = h.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(t) = status.types.get(kind) {
                 total += 1;
-                if t.acked_snapshot >= version {
+                if t.acked_snapshot >= version(status.client) {
                     acked += 1;
                 }
             }

@@ -7,9 +7,18 @@
 //! exceptions, so ten thousand clients do not each keep a map of every
 //! resource.
 //!
+//! What a stream is served depends on its client's kind
+//! ([`ClientKind`]): proxies get the one HTTP listener and its routes,
+//! proxyless gRPC clients a listener per target (the snapshot's gRPC view),
+//! under the same protocol rules. The kind is settled by the node's user
+//! agent or, failing that, by the first request.
+//!
 //! Protocol rules kept here:
 //! - a request whose `response_nonce` is not the latest sent for its type
 //!   is stale and is not an ACK or NACK;
+//! - a client that holds every resource it subscribes to, as a snapshot
+//!   serves them, has that snapshot's version of the type acknowledged, even
+//!   when the snapshot changed only resources it does not subscribe to;
 //! - a NACK (`error_detail` set) is recorded and counted, and the rejected
 //!   content is not sent again: the client stays on its last good config
 //!   until resources change again;
@@ -35,6 +44,7 @@ use ferry_discovery::untrusted::{Escaped, clip};
 use ferry_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::client_kind::ClientKind;
 use crate::resources::{Resource, ResourceType};
 use crate::snapshot::Snapshot;
 use crate::status::{ClientStatus, NackRecord, TypeStatus};
@@ -124,6 +134,8 @@ pub struct Session {
     next_nonce: u64,
     node_id: String,
     node_cluster: String,
+    /// What the client is, once its node or first request has said.
+    client: Option<ClientKind>,
     last_pushed_snapshot: u64,
     limits: Limits,
     status: Arc<Mutex<ClientStatus>>,
@@ -191,6 +203,7 @@ impl Session {
             next_nonce: 0,
             node_id: String::new(),
             node_cluster: String::new(),
+            client: None,
             last_pushed_snapshot: 0,
             limits: Limits::default(),
             status,
@@ -226,6 +239,22 @@ impl Session {
         &self.node_cluster
     }
 
+    /// What this stream's client is served: proxy resources until it has
+    /// said otherwise.
+    pub fn client_kind(&self) -> ClientKind {
+        self.client.unwrap_or_default()
+    }
+
+    /// Settles what the client is on its first typed request, if its node
+    /// did not say.
+    fn note_first_request<S: AsRef<str>>(&mut self, kind: ResourceType, names: &[S]) {
+        if self.client.is_none() {
+            let client = ClientKind::from_first_request(kind, names);
+            tracing::info!(stream = self.id, node = %Escaped(&self.node_id), client = client.as_str(), "xds client kind told by its first subscription");
+            self.client = Some(client);
+        }
+    }
+
     fn note_node(
         &mut self,
         node: Option<&ferry_proto::envoy::config::core::v3::Node>,
@@ -240,7 +269,15 @@ impl Session {
             }
             self.node_id = node.id.clone();
             self.node_cluster = node.cluster.clone();
-            tracing::info!(stream = self.id, node = %Escaped(&node.id), variant = self.variant.as_str(), "xds client identified");
+            if self.client.is_none() {
+                self.client = ClientKind::from_node(node);
+            }
+            tracing::info!(
+                stream = self.id, node = %Escaped(&node.id), variant = self.variant.as_str(),
+                user_agent = %Escaped(clip(&node.user_agent_name, MAX_NODE_ID_BYTES).as_ref()),
+                client = self.client.map_or("undecided", ClientKind::as_str),
+                "xds client identified"
+            );
         }
         Ok(())
     }
@@ -296,6 +333,7 @@ impl Session {
         let Some(kind) = type_of(&req.type_url) else {
             return Ok(());
         };
+        self.note_first_request(kind, &req.resource_names);
         let held = self.names_held() - self.types[kind.index()].names_held();
         self.check_names(held + req.resource_names.len())?;
         if !self.acknowledge(
@@ -343,6 +381,7 @@ impl Session {
         let Some(kind) = type_of(&req.type_url) else {
             return Ok(());
         };
+        self.note_first_request(kind, &req.resource_names_subscribe);
         let initial = if self.types[kind.index()].started {
             0
         } else {
@@ -394,16 +433,16 @@ impl Session {
     /// routes are unsent or unacknowledged.
     fn routes_unsettled(&self, snapshot: &Snapshot) -> bool {
         let kind = ResourceType::Route;
+        let client = self.client_kind();
         let routes = &self.types[kind.index()];
         if !routes.started {
             return false;
         }
-        let current = snapshot.of(kind);
+        let current = snapshot.served(client, kind);
         routes.awaiting_ack
-            || routes
-                .candidates(kind, snapshot)
-                .iter()
-                .any(|n| routes.known(kind, n) != current.get(n).map(|r| r.version.as_str()))
+            || routes.candidates(kind, client, snapshot).iter().any(|n| {
+                routes.known(kind, client, n) != current.get(n).map(|r| r.version.as_str())
+            })
     }
 
     fn update_for(&mut self, kind: ResourceType, snapshot: &Arc<Snapshot>) -> Option<Update> {
@@ -412,15 +451,16 @@ impl Session {
         let hold_removals = matches!(kind, ResourceType::Cluster | ResourceType::Endpoint)
             && self.routes_unsettled(snapshot);
         let variant = self.variant;
+        let client = self.client_kind();
         let st = &mut self.types[kind.index()];
         if !st.started {
             return None;
         }
-        let current = snapshot.of(kind);
+        let current = snapshot.served(client, kind);
         let mut update = Update::default();
         let mut exceptions = BTreeMap::new();
-        for name in st.candidates(kind, snapshot) {
-            let known = st.known(kind, &name).map(str::to_owned);
+        for name in st.candidates(kind, client, snapshot) {
+            let known = st.known(kind, client, &name).map(str::to_owned);
             match current.get(&name) {
                 Some(r) if st.sub.wants(&name) => {
                     if known.as_deref() != Some(r.version.as_str()) {
@@ -434,7 +474,7 @@ impl Session {
                         _ => st
                             .base
                             .as_ref()
-                            .and_then(|b| b.of(kind).get(&name).cloned()),
+                            .and_then(|b| b.served(client, kind).get(&name).cloned()),
                     };
                     if let Some(r) = held {
                         exceptions.insert(name, Known::Held(r));
@@ -457,6 +497,11 @@ impl Session {
         st.exceptions = exceptions;
         let changed = !update.upserts.is_empty() || !update.removals.is_empty();
         if !changed && !st.force_response {
+            // Nothing it subscribes to differs from what it acknowledged:
+            // the client holds this snapshot's resources of the type.
+            if !st.awaiting_ack && st.acked_snapshot >= st.sent_snapshot && st.sent_snapshot > 0 {
+                st.acked_snapshot = st.acked_snapshot.max(snapshot.version);
+            }
             return None;
         }
         st.force_response = false;
@@ -490,7 +535,7 @@ impl Session {
             }
             let st = &self.types[kind.index()];
             let mut view: BTreeMap<&str, &Arc<Resource>> = snapshot
-                .of(kind)
+                .served(self.client_kind(), kind)
                 .iter()
                 .filter(|(n, _)| st.sub.wants(n))
                 .map(|(n, r)| (n.as_str(), r))
@@ -576,6 +621,7 @@ impl Session {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.node_id.clone_from(&self.node_id);
         status.node_cluster.clone_from(&self.node_cluster);
+        status.client = self.client_kind();
         status.last_update = Some(SystemTime::now());
         status.types.clear();
         for kind in ResourceType::ALL {

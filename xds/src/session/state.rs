@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::client_kind::ClientKind;
 use crate::resources::{Resource, ResourceType};
 use crate::snapshot::Snapshot;
 use crate::status::NackRecord;
@@ -72,7 +73,7 @@ impl TypeState {
     }
 
     /// The version of `name` the client holds, if any.
-    pub(super) fn known(&self, kind: ResourceType, name: &str) -> Option<&str> {
+    pub(super) fn known(&self, kind: ResourceType, client: ClientKind, name: &str) -> Option<&str> {
         match self.exceptions.get(name) {
             Some(Known::Version(v)) => Some(v),
             Some(Known::Held(r)) => Some(&r.version),
@@ -80,23 +81,28 @@ impl TypeState {
             None if self.sub.wants(name) => self
                 .base
                 .as_ref()
-                .and_then(|b| b.of(kind).get(name))
+                .and_then(|b| b.served(client, kind).get(name))
                 .map(|r| r.version.as_str()),
             None => None,
         }
     }
 
     /// Names that may differ between what the client holds and `snapshot`.
-    pub(super) fn candidates(&self, kind: ResourceType, snapshot: &Snapshot) -> BTreeSet<String> {
+    pub(super) fn candidates(
+        &self,
+        kind: ResourceType,
+        client: ClientKind,
+        snapshot: &Snapshot,
+    ) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = self.exceptions.keys().cloned().collect();
-        let current = snapshot.of(kind);
+        let current = snapshot.served(client, kind);
         match &self.base {
             Some(base) if base.version == snapshot.version => {}
             Some(base) if base.version + 1 == snapshot.version => {
-                names.extend(snapshot.changed[kind.index()].iter().cloned());
+                names.extend(snapshot.changed_for(client, kind).iter().cloned());
             }
             Some(base) => {
-                let old = base.of(kind);
+                let old = base.served(client, kind);
                 for (name, r) in current {
                     if old.get(name).is_none_or(|o| o.version != r.version) {
                         names.insert(name.clone());

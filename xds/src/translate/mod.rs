@@ -11,9 +11,15 @@
 //! changed are translated again. Their resources replace the old ones in
 //! the translator's last output, and the route configuration is assembled
 //! from each service's encoded virtual hosts, only when one of them changed.
+//!
+//! Proxyless gRPC clients get resources of their own ([`grpc`]), made from
+//! the same catalog and weights in the same pass and kept the same way.
 
 mod clusters;
 mod endpoints;
+pub mod grpc;
+#[cfg(test)]
+mod grpc_tests;
 mod listener;
 mod routes;
 #[cfg(test)]
@@ -84,6 +90,8 @@ pub struct ServiceResources {
     /// One virtual host per port, already encoded for the route
     /// configuration.
     pub virtual_hosts: EncodedVirtualHosts,
+    /// What gRPC clients get of the service.
+    pub grpc: grpc::GrpcResources,
 }
 
 impl ServiceResources {
@@ -141,6 +149,8 @@ pub struct Translator {
     cache: HashMap<ServiceName, Cached>,
     /// The last translation's resources.
     maps: ResourceMaps,
+    /// The last translation's resources for gRPC clients.
+    grpc_maps: ResourceMaps,
     /// Services translated by the last call, for metrics and tests.
     last_translated: usize,
 }
@@ -156,6 +166,7 @@ impl Translator {
             options,
             cache: HashMap::new(),
             maps,
+            grpc_maps: ResourceMaps::default(),
             last_translated: 0,
         }
     }
@@ -163,6 +174,11 @@ impl Translator {
     /// How many services the last [`Translator::translate`] call translated.
     pub fn last_translated(&self) -> usize {
         self.last_translated
+    }
+
+    /// What gRPC clients are served after the last translation, by type.
+    pub fn grpc_resources(&self) -> ResourceMaps {
+        self.grpc_maps.clone()
     }
 
     /// Translates a catalog into every resource, by type.
@@ -229,6 +245,9 @@ impl Translator {
         for (kind, resource) in output.each() {
             self.maps[kind.index()].insert(resource.name.clone(), resource.clone());
         }
+        for (kind, resource) in output.grpc.each() {
+            self.grpc_maps[kind.index()].insert(resource.name.clone(), resource.clone());
+        }
         let previous = self.cache.insert(
             service.name.clone(),
             Cached {
@@ -249,6 +268,9 @@ impl Translator {
         for (kind, resource) in output.each() {
             self.maps[kind.index()].remove(&resource.name);
         }
+        for (kind, resource) in output.grpc.each() {
+            remove_own(&mut self.grpc_maps[kind.index()], resource);
+        }
     }
 
     /// Removes what `previous` had and the service's current output has
@@ -266,6 +288,16 @@ impl Translator {
                 self.maps[kind.index()].remove(&resource.name);
             }
         }
+        for (kind, resource) in previous.grpc.each() {
+            let kept = current
+                .output
+                .grpc
+                .each()
+                .any(|(k, r)| k == kind && r.name == resource.name);
+            if !kept {
+                remove_own(&mut self.grpc_maps[kind.index()], resource);
+            }
+        }
     }
 
     /// Joins every service's encoded virtual hosts, in catalog order, into
@@ -278,6 +310,17 @@ impl Translator {
             .map(|c| &c.output.virtual_hosts);
         let routes = route_configuration(&self.options.listener_name, parts);
         self.maps[ResourceType::Route.index()].insert(routes.name.clone(), Arc::new(routes));
+    }
+}
+
+/// Removes `resource` from `map` unless another service's resource of the
+/// same name has taken its place since.
+fn remove_own(map: &mut BTreeMap<String, Arc<Resource>>, resource: &Arc<Resource>) {
+    if map
+        .get(&resource.name)
+        .is_some_and(|r| Arc::ptr_eq(r, resource))
+    {
+        map.remove(&resource.name);
     }
 }
 
@@ -309,6 +352,7 @@ pub fn translate_service(
             .any(|(c, bp)| bp.basis_points() > 0 && service.backends.contains_key(c))
     });
     let weights = applicable.cloned().or_else(|| service.effective_weights());
+    out.grpc = grpc::translate(service, weights.as_ref(), short_name_unique);
     for (index, port) in service.ports.iter().enumerate() {
         let mut weighted = Vec::new();
         for (cluster_name, backend) in &service.backends {
