@@ -6,7 +6,7 @@
 //! {
 //!   "xds_servers": [{
 //!     "server_uri": "ferry.ferry-system:18000",
-//!     "channel_creds": [{"type": "insecure"}],
+//!     "channel_creds": [{"type": "insecure"}],   // or "tls", with --xds-ca
 //!     "server_features": ["xds_v3"]
 //!   }],
 //!   "node": {"id": "checkout-7d9f", "cluster": "shop", "locality": {"zone": "a"}}
@@ -14,6 +14,7 @@
 //! ```
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
@@ -35,6 +36,17 @@ pub struct GrpcBootstrapArgs {
     /// The node's zone (its locality).
     #[arg(long, value_name = "ZONE")]
     pub zone: Option<String>,
+    /// TLS to an xDS port that serves it: the CA (PEM) its certificate
+    /// must chain to, as a path on the clients' hosts.
+    #[arg(long, value_name = "FILE")]
+    pub xds_ca: Option<PathBuf>,
+    /// The clients' certificate chain (PEM) for an xDS port with mutual
+    /// TLS; needs --xds-key and --xds-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["xds_key", "xds_ca"])]
+    pub xds_cert: Option<PathBuf>,
+    /// The private key (PEM) of --xds-cert.
+    #[arg(long, value_name = "FILE", requires = "xds_cert")]
+    pub xds_key: Option<PathBuf>,
 }
 
 /// How a gRPC client secures its channel to the xDS server: the bootstrap's
@@ -43,15 +55,27 @@ pub struct GrpcBootstrapArgs {
 pub enum ChannelCreds {
     /// Plaintext, for an xDS port without TLS.
     Insecure,
-    // TLS to an xDS port that serves it goes here, as gRFC A65's
-    // `{"type": "tls", "config": {"ca_certificate_file": …,
-    // "certificate_file": …, "private_key_file": …}}`.
+    /// TLS, and mutual TLS with a client certificate (gRFC A65's `tls`
+    /// channel credentials; the files are paths on the clients' hosts,
+    /// which gRPC watches for renewals).
+    Tls {
+        ca: PathBuf,
+        identity: Option<(PathBuf, PathBuf)>,
+    },
 }
 
 impl ChannelCreds {
     fn to_json(&self) -> Value {
         match self {
             Self::Insecure => json!({"type": "insecure"}),
+            Self::Tls { ca, identity } => {
+                let mut config = json!({"ca_certificate_file": ca.display().to_string()});
+                if let Some((cert, key)) = identity {
+                    config["certificate_file"] = json!(cert.display().to_string());
+                    config["private_key_file"] = json!(key.display().to_string());
+                }
+                json!({"type": "tls", "config": config})
+            }
         }
     }
 }
@@ -108,7 +132,13 @@ impl GrpcBootstrap {
         }
         Ok(Self {
             server_uri,
-            channel_creds: ChannelCreds::Insecure,
+            channel_creds: match &args.xds_ca {
+                None => ChannelCreds::Insecure,
+                Some(ca) => ChannelCreds::Tls {
+                    ca: ca.clone(),
+                    identity: args.xds_cert.clone().zip(args.xds_key.clone()),
+                },
+            },
             node_id: args.node_id.clone(),
             node_cluster: args.node_cluster.clone(),
             zone: args.zone.clone().filter(|z| !z.is_empty()),
@@ -186,7 +216,32 @@ mod tests {
             node_id: node.into(),
             node_cluster: String::new(),
             zone: None,
+            xds_ca: None,
+            xds_cert: None,
+            xds_key: None,
         }
+    }
+
+    #[test]
+    fn tls_settings_become_tls_channel_creds() {
+        let mut a = args("ferry.ferry-system:18000", "checkout-1");
+        a.xds_ca = Some("/etc/ferry/xds-ca.pem".into());
+        let json = GrpcBootstrap::from_args(&a).unwrap().to_json();
+        assert_eq!(
+            json["xds_servers"][0]["channel_creds"],
+            json!([{"type": "tls", "config": {"ca_certificate_file": "/etc/ferry/xds-ca.pem"}}])
+        );
+        a.xds_cert = Some("/etc/ferry/client.pem".into());
+        a.xds_key = Some("/etc/ferry/client.key".into());
+        let json = GrpcBootstrap::from_args(&a).unwrap().to_json();
+        assert_eq!(
+            json["xds_servers"][0]["channel_creds"],
+            json!([{"type": "tls", "config": {
+                "ca_certificate_file": "/etc/ferry/xds-ca.pem",
+                "certificate_file": "/etc/ferry/client.pem",
+                "private_key_file": "/etc/ferry/client.key",
+            }}])
+        );
     }
 
     #[test]

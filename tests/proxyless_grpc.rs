@@ -742,3 +742,97 @@ async fn a_migration_moves_grpc_clients_and_envoy_together_without_a_failed_call
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_resolves_over_mutual_tls_only_as_its_own_node() {
+    let backends = GrpcBackends::start(&["old/a", "new/a"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_ca = support::ca("ferry-xds-ca");
+    let (cert, key) = support::leaf(&server_ca, "ferry-control");
+    let fleet = support::ca("fleet-ca");
+    let (client_cert, client_key) = support::leaf(&fleet, "grpc-1");
+    let path =
+        |name: &str, text: &str| support::write(dir.path(), name, text).display().to_string();
+    let flags = [
+        "--xds-tls-cert".to_owned(),
+        path("xds.pem", &cert),
+        "--xds-tls-key".to_owned(),
+        path("xds.key", &key),
+        "--xds-client-ca".to_owned(),
+        path("fleet-ca.pem", &fleet.pem),
+        "--xds-auth".to_owned(),
+        path(
+            "xds-auth.yaml",
+            "clients:\n  - {identity: grpc-1, nodes: [grpc-1]}\n",
+        ),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let ferry = Ferry::start_with(
+        &catalog(&backends, &["old/a"], &["new/a"], (10_000, 0)),
+        &flags,
+    )
+    .await;
+    let tls = [
+        "--xds-ca".to_owned(),
+        path("xds-ca.pem", &server_ca.pem),
+        "--xds-cert".to_owned(),
+        path("grpc-1.pem", &client_cert),
+        "--xds-key".to_owned(),
+        path("grpc-1.key", &client_key),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+
+    // Its own node, over mutual TLS: every call reaches the service, and
+    // /status shows who the stream authenticated as.
+    let client = GrpcClient::proxyless_with(
+        &ferry,
+        "grpc-1",
+        TARGET,
+        Calls::For {
+            duration: Duration::from_secs(30),
+            interval: Duration::from_millis(20),
+        },
+        &[],
+        &tls,
+    );
+    eventually(
+        Duration::from_secs(20),
+        "grpc-1's calls and identity",
+        || async {
+            let status = client_status(&ferry, "grpc-1").await;
+            client.calls().len() >= 20 && status.iter().any(|c| c["identity"] == "grpc-1")
+        },
+    )
+    .await;
+    let calls = client.stop().await;
+    assert!(failures(&calls).is_empty(), "{:?}", tally(&calls));
+    assert_eq!(
+        tally(&calls).get("old/a"),
+        Some(&calls.len()),
+        "{:?}",
+        tally(&calls)
+    );
+
+    // The same certificate claiming another node: refused, nothing served.
+    let denied = |m: &str| {
+        support::metric_sum(
+            m,
+            "ferry_xds_auth_denied_total",
+            "reason=\"node_not_allowed\"",
+        )
+    };
+    let before = denied(&ferry.metrics().await);
+    let client = GrpcClient::proxyless_with(&ferry, "grpc-2", TARGET, Calls::Count(1), &[], &tls);
+    eventually(Duration::from_secs(20), "grpc-2 refused", || async {
+        denied(&ferry.metrics().await) > before
+    })
+    .await;
+    let calls = client.stop().await;
+    assert!(
+        calls
+            .iter()
+            .all(|(_, c)| matches!(c, CallOutcome::Failed(_))),
+        "{calls:?}"
+    );
+    assert!(client_status(&ferry, "grpc-2").await.is_empty());
+}

@@ -222,12 +222,26 @@ impl GrpcClient {
         calls: Calls,
         headers: &[(&str, &str)],
     ) -> Self {
+        Self::proxyless_with(ferry, node_id, target, calls, headers, &[])
+    }
+
+    /// Like [`proxyless_with_headers`](Self::proxyless_with_headers), with
+    /// `bootstrap` flags for `ferry grpc-bootstrap` (TLS to the xDS port).
+    pub fn proxyless_with(
+        ferry: &Ferry,
+        node_id: &str,
+        target: &str,
+        calls: Calls,
+        headers: &[(&str, &str)],
+        bootstrap: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .arg("grpc-bootstrap")
             .args(["--xds-addr", &format!("127.0.0.1:{}", ferry.xds_port)])
             .args(["--node-id", node_id])
             .args(["--node-cluster", "ferry-test"])
+            .args(bootstrap)
             .output()
             .expect("run ferry grpc-bootstrap");
         assert!(
