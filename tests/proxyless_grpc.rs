@@ -88,6 +88,62 @@ async fn client_status(ferry: &Ferry, node: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
+#[test]
+fn grpc_bootstrap_prints_the_bootstrap_or_names_the_bad_flag() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .arg("grpc-bootstrap")
+            .args(args)
+            .output()
+            .expect("run ferry grpc-bootstrap")
+    };
+    let out = run(&[
+        "--xds-addr",
+        "ferry.ferry-system:18000",
+        "--node-id",
+        "n-1",
+        "--zone",
+        "a",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        json["xds_servers"][0]["server_uri"],
+        "ferry.ferry-system:18000"
+    );
+    assert_eq!(
+        json["xds_servers"][0]["channel_creds"],
+        serde_json::json!([{"type": "insecure"}])
+    );
+    assert_eq!(
+        json["xds_servers"][0]["server_features"],
+        serde_json::json!(["xds_v3"])
+    );
+    assert_eq!(json["node"]["id"], "n-1");
+    assert_eq!(json["node"]["locality"]["zone"], "a");
+    for (args, needle) in [
+        (
+            &["--xds-addr", "ferry", "--node-id", "n"][..],
+            "--xds-addr \"ferry\"",
+        ),
+        (
+            &["--xds-addr", "ferry:18000", "--node-id", ""][..],
+            "--node-id is empty",
+        ),
+        (&["--node-id", "n"][..], "--xds-addr"),
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted");
+        assert!(out.stdout.is_empty(), "{args:?} printed a bootstrap");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpc_clients_split_calls_80_20_over_sotw() {
     let backends = GrpcBackends::start(&["old/a", "new/a"]).await;
