@@ -8,11 +8,16 @@
 //!   service into a fresh [`Catalog`], translate it with a fresh
 //!   [`Translator`] and publish the result into a fresh [`SnapshotCache`];
 //! - `one_endpoint_change`: what one readiness flip costs on a warm control
-//!   plane: [`Catalog::replace`] with the whole (re-read) service list, the
-//!   incremental translation and the snapshot publish;
+//!   plane: [`Catalog::replace`] with the source's whole service list, the
+//!   incremental translation and the snapshot publish. As a source hands
+//!   them, unchanged backends share their endpoint lists with the catalog
+//!   and the changed backend is a new list;
 //! - `one_endpoint_change_translation`: the same flip, with the catalog
 //!   update left out of the timing: the incremental translation and the
-//!   snapshot publish alone.
+//!   snapshot publish alone;
+//! - `one_endpoint_change_reread`: the same flip from a source that reads
+//!   everything again (the catalog file after an edit): every endpoint list
+//!   is new and compared in full.
 //!
 //! Run with `cargo bench --bench translate`.
 
@@ -55,9 +60,9 @@ fn catalog_services() -> Vec<Service> {
                                 zone: Some(format!("zone-{}", c % 2)),
                             }
                         })
-                        .collect();
+                        .collect::<Vec<_>>();
                     let name = ClusterName::new(cluster).expect("valid cluster name");
-                    (name, Backend { endpoints })
+                    (name, Backend::from(endpoints))
                 })
                 .collect();
             Service {
@@ -72,6 +77,37 @@ fn catalog_services() -> Vec<Service> {
                 sticky: None,
                 requests: Default::default(),
             }
+        })
+        .collect()
+}
+
+/// Flips the readiness of the first endpoint of `service`'s `cluster`
+/// backend. The backend gets a new list, as a source makes one for a
+/// changed backend; the others keep theirs.
+fn flip(service: &mut Service, cluster: &ClusterName) {
+    let backend = service
+        .backends
+        .get_mut(cluster)
+        .expect("the service has the backend");
+    let mut endpoints = backend.endpoints.to_vec();
+    endpoints[0].state = match endpoints[0].state {
+        EndpointState::Ready => EndpointState::NotReady,
+        _ => EndpointState::Ready,
+    };
+    *backend = Backend::from(endpoints);
+}
+
+/// `services` as a source that reads everything again makes them: every
+/// endpoint list new.
+fn reread(services: &[Service]) -> Vec<Service> {
+    services
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            for backend in s.backends.values_mut() {
+                *backend = Backend::from(backend.endpoints.to_vec());
+            }
+            s
         })
         .collect()
 }
@@ -112,15 +148,7 @@ fn one_endpoint_change(c: &mut Criterion) {
     c.bench_function("one_endpoint_change", |b| {
         b.iter_batched(
             || {
-                let backend = services[target]
-                    .backends
-                    .get_mut(&old)
-                    .expect("the service has an old backend");
-                let endpoint = &mut backend.endpoints[0];
-                endpoint.state = match endpoint.state {
-                    EndpointState::Ready => EndpointState::NotReady,
-                    _ => EndpointState::Ready,
-                };
+                flip(&mut services[target], &old);
                 services.clone()
             },
             |services| {
@@ -149,19 +177,40 @@ fn one_endpoint_change_translation(c: &mut Criterion) {
     c.bench_function("one_endpoint_change_translation", |b| {
         b.iter_batched(
             || {
-                let backend = services[target]
-                    .backends
-                    .get_mut(&old)
-                    .expect("the service has an old backend");
-                let endpoint = &mut backend.endpoints[0];
-                endpoint.state = match endpoint.state {
-                    EndpointState::Ready => EndpointState::NotReady,
-                    _ => EndpointState::Ready,
-                };
+                flip(&mut services[target], &old);
                 assert!(catalog.replace(services.clone()));
                 catalog.current()
             },
             |snapshot| {
+                let maps = translator.translate(&snapshot);
+                assert!(cache.publish(maps, &snapshot));
+                black_box(translator.last_translated())
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
+fn one_endpoint_change_reread(c: &mut Criterion) {
+    let mut services = catalog_services();
+    let catalog = Catalog::new();
+    let cache = SnapshotCache::new();
+    let mut translator = Translator::new(TranslateOptions::default());
+    catalog.replace(services.clone());
+    let snapshot = catalog.current();
+    cache.publish(translator.translate(&snapshot), &snapshot);
+
+    let target = SERVICES / 2;
+    let old = ClusterName::new("old").expect("valid cluster name");
+    c.bench_function("one_endpoint_change_reread", |b| {
+        b.iter_batched(
+            || {
+                flip(&mut services[target], &old);
+                reread(&services)
+            },
+            |services| {
+                assert!(catalog.replace(services));
+                let snapshot = catalog.current();
                 let maps = translator.translate(&snapshot);
                 assert!(cache.publish(maps, &snapshot));
                 black_box(translator.last_translated())
@@ -177,6 +226,7 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    targets = build_and_translate, one_endpoint_change, one_endpoint_change_translation
+    targets = build_and_translate, one_endpoint_change, one_endpoint_change_translation,
+        one_endpoint_change_reread
 }
 criterion_main!(benches);

@@ -96,23 +96,33 @@ impl Catalog {
     /// Replaces everything `source` contributes. Publishes a new version
     /// only when the merged catalog changed (or on the first load); returns
     /// whether it did.
+    ///
+    /// A service equal to the one held keeps the held `Arc` and is not
+    /// merged again; only added, changed and removed services are. Equal
+    /// backends that share their endpoint list compare by pointer, so an
+    /// unchanged view costs one comparison per service and copies nothing.
     pub fn set_source(&self, source: &str, services: Vec<Service>) -> bool {
         let mut sources = self.lock();
         let entry = sources.entry(source.to_owned()).or_default();
-        let mut touched: BTreeSet<ServiceName> = entry.keys().cloned().collect();
-        let mut next = BTreeMap::new();
+        let mut previous = std::mem::take(entry);
+        let mut touched = BTreeSet::new();
         for service in services {
-            touched.insert(service.name.clone());
-            let kept = entry
-                .get(&service.name)
-                .filter(|old| ***old == service)
-                .cloned();
-            next.insert(
-                service.name.clone(),
-                kept.unwrap_or_else(|| Arc::new(service)),
-            );
+            match previous.remove_entry(&service.name) {
+                Some((name, old)) if *old == service => {
+                    entry.insert(name, old);
+                }
+                held => {
+                    let name = match held {
+                        Some((name, _)) => name,
+                        None => service.name.clone(),
+                    };
+                    touched.insert(name.clone());
+                    entry.insert(name, Arc::new(service));
+                }
+            }
         }
-        *entry = next;
+        // What the source no longer has.
+        touched.extend(previous.into_keys());
         self.publish(&sources, touched)
     }
 
@@ -262,9 +272,7 @@ mod tests {
             hosts: vec![],
             backends: BTreeMap::from([(
                 ClusterName::new("old").unwrap(),
-                Backend {
-                    endpoints: vec![endpoint; endpoints],
-                },
+                Backend::from(vec![endpoint; endpoints]),
             )]),
             weights: None,
             sticky: None,
@@ -293,6 +301,47 @@ mod tests {
 
         assert!(catalog.replace(vec![service("a", 1)]));
         assert_eq!(catalog.current().services.len(), 1);
+    }
+
+    #[test]
+    fn endpoint_lists_are_held_once_and_a_no_op_copies_nothing() {
+        let old = ClusterName::new("old").unwrap();
+        let a = ServiceName::new("a", "shop").unwrap();
+        let mut view = vec![service("a", 3), service("b", 3)];
+        let catalog = Catalog::new();
+        assert!(catalog.replace(view.clone()));
+        let first = catalog.current();
+        // The snapshot holds the very lists the source handed over.
+        assert!(first.services[&a].backends[&old].shares_endpoints(&view[0].backends[&old]));
+
+        // The same view again publishes nothing: no new snapshot at all.
+        assert!(!catalog.replace(view.clone()));
+        assert!(Arc::ptr_eq(&first, &catalog.current()));
+
+        // One backend changes: the other service keeps its `Arc`, the
+        // changed one carries the new list, nothing else is copied.
+        let mut endpoints = view[1].backends[&old].endpoints.to_vec();
+        endpoints[0].state = crate::model::EndpointState::NotReady;
+        view[1]
+            .backends
+            .insert(old.clone(), Backend::from(endpoints));
+        assert!(catalog.replace(view.clone()));
+        let second = catalog.current();
+        assert!(Arc::ptr_eq(&first.services[&a], &second.services[&a]));
+        let b = ServiceName::new("b", "shop").unwrap();
+        assert!(second.services[&b].backends[&old].shares_endpoints(&view[1].backends[&old]));
+
+        // A second source's contribution to `a` makes a merged service
+        // that shares both sources' lists.
+        let mut east = service("a", 2);
+        let backend = east.backends.remove(&old).unwrap();
+        east.backends
+            .insert(ClusterName::new("east").unwrap(), backend.clone());
+        assert!(catalog.update_source("kubernetes/east", vec![east], vec![]));
+        let merged = catalog.current();
+        let a_merged = &merged.services[&a];
+        assert!(a_merged.backends[&old].shares_endpoints(&view[0].backends[&old]));
+        assert!(a_merged.backends[&ClusterName::new("east").unwrap()].shares_endpoints(&backend));
     }
 
     #[test]

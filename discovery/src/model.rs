@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::names::{ClusterName, ServiceName};
@@ -40,12 +41,47 @@ pub struct Endpoint {
 }
 
 /// A service's endpoints in one cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+///
+/// The list is held once and shared: the source that read it, the catalog
+/// and every snapshot hold the same `Arc`, so cloning a service copies no
+/// endpoint, and two backends that share their list are equal without
+/// looking at it. A changed backend is a new list.
+#[derive(Debug, Clone, Default)]
 pub struct Backend {
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+impl PartialEq for Backend {
+    fn eq(&self, other: &Self) -> bool {
+        // `Arc<[T]>`'s own equality compares every element even when both
+        // point at one list.
+        self.shares_endpoints(other) || self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for Backend {}
+
+impl std::hash::Hash for Backend {
+    // Equal backends have equal lists: hashing the list agrees with `eq`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.endpoints.hash(state);
+    }
+}
+
+impl From<Vec<Endpoint>> for Backend {
+    fn from(endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            endpoints: endpoints.into(),
+        }
+    }
 }
 
 impl Backend {
+    /// Whether `self` and `other` share one endpoint list.
+    pub fn shares_endpoints(&self, other: &Backend) -> bool {
+        Arc::ptr_eq(&self.endpoints, &other.endpoints)
+    }
+
     pub fn ready_endpoints(&self) -> usize {
         self.endpoints
             .iter()

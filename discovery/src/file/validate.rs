@@ -223,7 +223,7 @@ impl<'a> Validator<'a> {
                 .enumerate()
                 .map(|(i, e)| self.endpoint(&cluster, i, e, &ports))
                 .collect::<Result<Vec<_>, _>>()?;
-            backends.insert(cluster_name, Backend { endpoints });
+            backends.insert(cluster_name, Backend::from(endpoints));
         }
         let weights = raw
             .weights

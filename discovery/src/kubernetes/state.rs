@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Service as KubeService;
@@ -113,7 +114,10 @@ struct ServiceSummary {
 #[derive(Debug, Clone, PartialEq)]
 struct SliceSummary {
     service: Option<String>,
-    endpoints: Vec<Endpoint>,
+    /// By address, one per address (the readiest state wins): the form a
+    /// backend holds, so a service's only slice can share its list with
+    /// the backend.
+    endpoints: Arc<[Endpoint]>,
 }
 
 /// What one cluster's watchers know: a mirror of its Services,
@@ -305,14 +309,31 @@ impl ClusterState {
     }
 
     /// The service's endpoints in this cluster: every slice's endpoints,
-    /// duplicates across slices folded (the readiest state wins).
+    /// duplicates across slices folded (the readiest state wins). A service
+    /// with one slice whose endpoints name exactly the service's ports
+    /// (the common case) shares that slice's list: the endpoints are held
+    /// once, by the slice, the catalog and its snapshots alike.
     fn backend(&self, service: &Key, ports: &[ServicePort]) -> Backend {
-        let mut by_ip: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
-        for slice_key in self.by_service.get(service).into_iter().flatten() {
-            let Some(slice) = self.slices.live.get(slice_key) else {
-                continue;
+        let mut slices = self
+            .by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.slices.live.get(key));
+        let (first, second) = (slices.next(), slices.next());
+        if let (Some(only), None) = (first, second)
+            && only
+                .endpoints
+                .iter()
+                .all(|e| names_exactly(&e.ports, ports))
+        {
+            return Backend {
+                endpoints: only.endpoints.clone(),
             };
-            for endpoint in &slice.endpoints {
+        }
+        let mut by_ip: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+        for slice in first.into_iter().chain(second).chain(slices) {
+            for endpoint in slice.endpoints.iter() {
                 let mut endpoint = endpoint.clone();
                 // Service ports without a matching slice port use the
                 // service port number, as kube-proxy would.
@@ -322,18 +343,32 @@ impl ClusterState {
                 endpoint
                     .ports
                     .retain(|name, _| ports.iter().any(|p| &p.name == name));
-                by_ip
-                    .entry(endpoint.ip)
-                    .and_modify(|e| {
-                        if endpoint.state < e.state {
-                            *e = endpoint.clone();
-                        }
-                    })
-                    .or_insert(endpoint);
+                fold(&mut by_ip, endpoint);
             }
         }
         Backend {
             endpoints: by_ip.into_values().collect(),
+        }
+    }
+}
+
+/// Whether an endpoint's ports are exactly the service's port names (so
+/// adding the missing ones and dropping the others would change nothing).
+fn names_exactly(endpoint_ports: &BTreeMap<String, u16>, ports: &[ServicePort]) -> bool {
+    endpoint_ports.len() == ports.len()
+        && ports.iter().all(|p| endpoint_ports.contains_key(&p.name))
+}
+
+/// Adds `endpoint` to `by_ip`; of two at one address the readiest stays.
+fn fold(by_ip: &mut BTreeMap<IpAddr, Endpoint>, endpoint: Endpoint) {
+    match by_ip.entry(endpoint.ip) {
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(endpoint);
+        }
+        std::collections::btree_map::Entry::Occupied(mut slot) => {
+            if endpoint.state < slot.get().state {
+                slot.insert(endpoint);
+            }
         }
     }
 }
@@ -388,7 +423,7 @@ fn slice_summary(slice: &EndpointSlice) -> SliceSummary {
             Some((p.name.clone().unwrap_or_default(), port))
         })
         .collect();
-    let mut endpoints = Vec::new();
+    let mut by_ip = BTreeMap::new();
     for e in slice.endpoints.iter().flatten() {
         let conditions = e.conditions.clone().unwrap_or_default();
         // Kubernetes: an unset `ready` means ready.
@@ -403,15 +438,19 @@ fn slice_summary(slice: &EndpointSlice) -> SliceSummary {
             let Ok(ip) = address.parse::<IpAddr>() else {
                 continue;
             };
-            endpoints.push(Endpoint {
+            let endpoint = Endpoint {
                 ip,
                 ports: ports.clone(),
                 state,
                 zone: e.zone.clone(),
-            });
+            };
+            fold(&mut by_ip, endpoint);
         }
     }
-    SliceSummary { service, endpoints }
+    SliceSummary {
+        service,
+        endpoints: by_ip.into_values().collect(),
+    }
 }
 
 #[cfg(test)]
@@ -537,6 +576,43 @@ mod tests {
         let touched = s.apply(sl(Event::Delete(slice("b", "checkout", &[]))));
         assert!(touched.contains(&("shop".to_owned(), "checkout".to_owned())));
         assert_eq!(endpoints(&s).len(), 2);
+    }
+
+    #[test]
+    fn a_service_with_one_slice_shares_its_endpoint_list() {
+        let mut s = state();
+        s.apply(sv(Event::Apply(svc("checkout"))));
+        s.apply(sl(Event::Apply(slice(
+            "a",
+            "checkout",
+            &[("10.0.0.2", true, false), ("10.0.0.1", false, false)],
+        ))));
+        let backend = |s: &ClusterState| {
+            let (upserts, _) = s.contributions(&BTreeSet::from([checkout()]));
+            upserts[0].backends[&s.cluster].clone()
+        };
+        let first = backend(&s);
+        assert!(
+            first.shares_endpoints(&backend(&s)),
+            "each contribution shares the slice's list"
+        );
+        assert_eq!(
+            endpoints(&s),
+            [
+                ("10.0.0.1:9000".into(), EndpointState::NotReady),
+                ("10.0.0.2:9000".into(), EndpointState::Ready),
+            ],
+            "by address"
+        );
+        // A second slice: the backend is a fold of both, a list of its own.
+        s.apply(sl(Event::Apply(slice(
+            "b",
+            "checkout",
+            &[("10.0.0.3", true, false)],
+        ))));
+        let folded = backend(&s);
+        assert_eq!(folded.endpoints.len(), 3);
+        assert!(!folded.shares_endpoints(&first));
     }
 
     #[test]

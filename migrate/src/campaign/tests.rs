@@ -290,8 +290,8 @@ fn catalog(services: &[(&str, &[(&str, usize)])]) -> CatalogSnapshot {
                             state: EndpointState::Ready,
                             zone: None,
                         })
-                        .collect();
-                    (c(cluster), Backend { endpoints })
+                        .collect::<Vec<_>>();
+                    (c(cluster), Backend::from(endpoints))
                 })
                 .collect(),
             weights: None,

@@ -25,7 +25,7 @@ pub(super) fn load_assignment(
     backend: &ferry_discovery::Backend,
 ) -> ClusterLoadAssignment {
     let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
-    for endpoint in &backend.endpoints {
+    for endpoint in backend.endpoints.iter() {
         let Some(&port) = endpoint.ports.get(port_name) else {
             continue;
         };

@@ -382,3 +382,49 @@ fn the_assembled_route_configuration_is_the_whole_message_encoded() {
     assert_eq!(assembled.body, whole.body);
     assert_eq!(assembled.version, whole.version);
 }
+
+/// The address of a service's encoded virtual hosts in the translator's
+/// cache: the same address means the same encoding, not a new one.
+fn encoded_hosts_at(t: &Translator, name: &str) -> *const u8 {
+    let name = ServiceName::parse(name).unwrap();
+    t.cache[&name].output.virtual_hosts.as_bytes().as_ptr()
+}
+
+#[test]
+fn the_route_configuration_is_encoded_once_per_version_and_shared() {
+    let c = catalog(CATALOG);
+    let mut t = Translator::new(TranslateOptions::default());
+    let before = t.translate(&c.current());
+    let routes = route(&before);
+    let (sotw, delta) = (routes.sotw_entry().as_ptr(), routes.delta_entry().as_ptr());
+    let cart_hosts = encoded_hosts_at(&t, "cart.shop");
+
+    // An EDS-only change (checkout declares its weights): the route
+    // configuration, and its entries as every stream sends them, are the
+    // bytes encoded for the first version; cart's virtual host was not
+    // encoded again.
+    replace(&c, &CATALOG.replace("9001", "9005"));
+    let after = t.translate(&c.current());
+    assert_eq!(t.last_translated(), 1);
+    let same = route(&after);
+    assert!(Arc::ptr_eq(&routes, &same));
+    assert_eq!(same.sotw_entry().as_ptr(), sotw);
+    assert_eq!(same.delta_entry().as_ptr(), delta);
+    assert_eq!(encoded_hosts_at(&t, "cart.shop"), cart_hosts);
+
+    // A change that moves cart's weights makes a new route configuration,
+    // assembled from checkout's virtual host as encoded before.
+    let checkout_hosts = encoded_hosts_at(&t, "checkout.shop");
+    replace(
+        &c,
+        &CATALOG.replace("9001", "9005").replace(
+            r#""127.0.0.1:9202""#,
+            r#"{address: "127.0.0.1:9202", ready: false}"#,
+        ),
+    );
+    let moved = t.translate(&c.current());
+    assert_eq!(t.last_translated(), 1);
+    let new = route(&moved);
+    assert_ne!(new.version, routes.version);
+    assert_eq!(encoded_hosts_at(&t, "checkout.shop"), checkout_hosts);
+}
