@@ -1,11 +1,13 @@
 //! The `proxy_compare` load test: Ferry's proxy against Envoy (configured
 //! by Ferry, and with a static config), nginx and HAProxy, each alone on
-//! the same core, in front of the same backend.
+//! the same cores with the same number of workers (one core and one
+//! worker by default), in front of the same backend.
 //!
 //! [`run`] starts a backend ([`backend`]: an nginx of its own by default,
-//! or a hyper server) and a real `ferry control` whose catalog holds one
-//! service on it, both on the load cores. Then each peer ([`peers`]) in
-//! turn is started alone under `taskset` on the proxy core ([`machine`]),
+//! or a hyper server) answering a body of `--body-bytes`, and a real
+//! `ferry control` whose catalog holds one service on it, both on the load
+//! cores. Then each peer ([`peers`]) in turn is started alone under
+//! `taskset` on the proxy cores ([`machine`]),
 //! must route (a request through it gets the backend's body, or the test
 //! fails), is measured, and is stopped before the next one starts:
 //!
@@ -54,7 +56,7 @@ use crate::ferry::{self, FerryOptions, FerryProcess};
 use crate::provenance::{self, Binary};
 use crate::stats::fmt_ms;
 use backend::{Backend, BackendKind};
-use machine::Machine;
+use machine::{CoreList, Machine};
 use peers::{Binaries, Peer, PeerKind, Setting};
 use report::{PeerResult, Report, Setup, UpstreamConnections, cpu_note};
 use runs::{Runner, Saturated, Target};
@@ -71,8 +73,16 @@ pub const MAX_ERROR_SHARE: f64 = 0.01;
 /// Cores other processes may keep busy before and after the runs without
 /// a flag: more means the machine was not quiet and the figures are low.
 pub const MAX_BUSY_CORES: f64 = 0.25;
-/// What the backend answers.
+/// What the backend answers by default (37 bytes); a body of another size
+/// repeats it ([`body`]).
 const BODY: &[u8] = b"hello from the proxy_compare backend\n";
+/// The largest `--body-bytes`.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The backend's answer of `bytes` bytes: [`BODY`] repeated, cut short.
+pub fn body(bytes: usize) -> Bytes {
+    BODY.iter().copied().cycle().take(bytes).collect()
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -91,11 +101,19 @@ pub struct Config {
     pub peers: Vec<PeerKind>,
     /// In result file names: `proxy_compare-<label>.{json,md}`.
     pub label: String,
-    /// The core every peer is pinned to.
-    pub proxy_core: usize,
-    /// The cores of the backend and the load generators (a `taskset` list);
-    /// `None`: every other core.
-    pub load_cores: Option<String>,
+    /// Workers of every peer that has the setting (`ferry proxy
+    /// --workers`, Envoy `--concurrency`, nginx `worker_processes`,
+    /// HAProxy `nbthread`), of the backend, and threads of the
+    /// saturation load generators.
+    pub workers: usize,
+    /// The cores every peer is pinned to; `None`: the first `workers`.
+    pub proxy_cores: Option<CoreList>,
+    /// The cores of the backend and the load generators; `None`: every
+    /// other core, or every core when the proxy's leave none (the load
+    /// then shares the proxy's cores, and the results say so).
+    pub load_cores: Option<CoreList>,
+    /// The size of the backend's answer.
+    pub body_bytes: usize,
     /// Each saturation run (whole seconds).
     pub duration: Duration,
     /// An unrecorded HTTP/1.1 run before each peer's measurements.
@@ -129,8 +147,10 @@ impl Default for Config {
             backend: BackendKind::Nginx,
             peers: PeerKind::ALL.to_vec(),
             label: "full".to_owned(),
-            proxy_core: 0,
+            workers: 1,
+            proxy_cores: None,
             load_cores: None,
+            body_bytes: BODY.len(),
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(2),
             h1_connections: 64,
@@ -165,28 +185,46 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     let started = Instant::now();
     let machine = Machine::describe();
     let binaries = binaries(&config)?;
-    check_prerequisites(&config, &machine)?;
+    let proxy_cores = config
+        .proxy_cores
+        .clone()
+        .unwrap_or_else(|| CoreList::first(config.workers));
+    check_prerequisites(&config, &machine, &proxy_cores)?;
     let described = describe_binaries(&config, &binaries)?;
     let commit = provenance::commit(Path::new(env!("CARGO_MANIFEST_DIR")));
     let busy_cores_before = machine::busy_cores(Duration::from_secs(1)).await;
-    let load_cores = config
-        .load_cores
-        .clone()
-        .unwrap_or_else(|| machine::other_cores(config.proxy_core, machine.cores));
+    let (load_cores, shared) = match &config.load_cores {
+        Some(cores) => (
+            cores.to_string(),
+            cores.iter().any(|c| proxy_cores.contains(c)),
+        ),
+        None => machine::other_cores(&proxy_cores, machine.cores),
+    };
     let runner = Runner {
         config: &config,
+        proxy_cores: &proxy_cores,
         load_cores: &load_cores,
         started,
     };
     runner.progress(&format!(
-        "{} ({} cores), kernel {}; peers on core {}, {} backend and load on {load_cores}",
-        machine.cpu_model, machine.cores, machine.kernel, config.proxy_core, config.backend
+        "{} ({} cores), kernel {}; peers on cores {proxy_cores} with {} worker(s), {} backend and load on {load_cores}{}; body {} bytes",
+        machine.cpu_model,
+        machine.cores,
+        machine.kernel,
+        config.workers,
+        config.backend,
+        if shared { " (shared with the peers)" } else { "" },
+        config.body_bytes
     ));
     let dir = tempfile::Builder::new()
         .prefix("ferry-proxy-compare-")
         .tempdir()
         .context("creating a temporary directory")?;
-    let mut stage = Stage::start(&config, &binaries, &load_cores, dir.path()).await?;
+    let pinning = Pinning {
+        cores: &proxy_cores,
+        shared,
+    };
+    let mut stage = Stage::start(&config, &binaries, &load_cores, pinning, dir.path()).await?;
     let peers = stage.measure(&runner).await?;
     stage.backend.check_running()?;
     let busy_cores_after = machine::busy_cores(Duration::from_secs(1)).await;
@@ -216,8 +254,12 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         busy_cores_before,
         busy_cores_after,
         backend: config.backend,
-        proxy_core: config.proxy_core,
+        backend_workers: config.workers,
+        workers: config.workers,
+        proxy_cores: proxy_cores.to_string(),
         load_cores,
+        load_shares_proxy_cores: shared,
+        load_threads: config.workers,
         duration_s: config.duration.as_secs_f64().ceil().max(1.0),
         warmup_s: config.warmup.as_secs_f64(),
         h1_connections: config.h1_connections,
@@ -226,7 +268,7 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         fixed_rate_share: config.fixed_rate_share,
         fixed_rate_duration_s: config.fixed_rate_duration.as_secs_f64(),
         fixed_rate_connections: config.fixed_rate_connections,
-        body_bytes: BODY.len(),
+        body_bytes: config.body_bytes,
     };
     let report = Report {
         test: TEST_NAME,
@@ -241,10 +283,21 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     report.write(config.results_dir.as_deref())
 }
 
+/// Where the peers run, and whether the load shares their cores.
+#[derive(Debug, Clone, Copy)]
+pub struct Pinning<'a> {
+    pub cores: &'a CoreList,
+    pub shared: bool,
+}
+
 /// What runs for the whole test: the backend and the control plane.
 struct Stage<'a> {
     config: &'a Config,
     binaries: &'a Binaries,
+    pinning: Pinning<'a>,
+    /// The proxy cores, as `taskset` takes them.
+    cores: String,
+    body: Bytes,
     dir: &'a Path,
     backend: Backend,
     control: FerryProcess,
@@ -266,9 +319,10 @@ impl<'a> Stage<'a> {
         config: &'a Config,
         binaries: &'a Binaries,
         load_cores: &str,
+        pinning: Pinning<'a>,
         dir: &'a Path,
     ) -> anyhow::Result<Self> {
-        let body = Bytes::from_static(BODY);
+        let body = body(config.body_bytes);
         let backend_dir = dir.join("backend");
         let backend = Backend::start(
             config.backend,
@@ -276,6 +330,7 @@ impl<'a> Stage<'a> {
             load_cores,
             &backend_dir,
             &body,
+            config.workers,
         )?;
         let mut direct = Peer {
             kind: PeerKind::Direct,
@@ -307,6 +362,9 @@ impl<'a> Stage<'a> {
         Ok(Self {
             config,
             binaries,
+            pinning,
+            cores: pinning.cores.to_string(),
+            body,
             dir,
             backend,
             control,
@@ -330,13 +388,13 @@ impl<'a> Stage<'a> {
             backend_h2: self.backend.h2(),
             xds: self.control.xds_addr,
             envoy_listen: self.envoy_listen,
-            core: self.config.proxy_core,
+            cores: &self.cores,
+            workers: self.config.workers,
             dir: &dir,
         };
         let mut peer = Peer::start(kind, &setting)?;
-        let body = Bytes::from_static(BODY);
         let routed = peer
-            .wait_routing(HOST, &body, self.config.ready_timeout)
+            .wait_routing(HOST, &self.body, self.config.ready_timeout)
             .await?;
         Ok((peer, routed, accepted))
     }
@@ -464,7 +522,7 @@ impl<'a> Stage<'a> {
             },
             flags: Vec::new(),
         };
-        result.flags = report::flags(&result);
+        result.flags = report::flags(&result, self.pinning);
         Ok(result)
     }
 }
@@ -542,17 +600,45 @@ fn describe_binaries(config: &Config, b: &Binaries) -> anyhow::Result<Vec<Binary
     })
 }
 
-fn check_prerequisites(config: &Config, machine: &Machine) -> anyhow::Result<()> {
+fn check_prerequisites(
+    config: &Config,
+    machine: &Machine,
+    proxy_cores: &CoreList,
+) -> anyhow::Result<()> {
     machine::require_tool("taskset", "util-linux")?;
     for protocol in [Protocol::Http1, Protocol::Http2] {
         let (tool, package) = protocol.tool();
         machine::require_tool(tool, package)?;
     }
+    anyhow::ensure!(config.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(
-        config.proxy_core < machine.cores,
-        "--proxy-core {} does not exist: this machine has {} cores",
-        config.proxy_core,
-        machine.cores
+        proxy_cores.max() < machine.cores,
+        "{} names core {}, which does not exist: this machine has {} cores{}",
+        if config.proxy_cores.is_some() {
+            format!("--proxy-cores {proxy_cores}")
+        } else {
+            format!("--workers {} (on cores {proxy_cores})", config.workers)
+        },
+        proxy_cores.max(),
+        machine.cores,
+        if config.proxy_cores.is_some() {
+            ""
+        } else {
+            "; name the cores with --proxy-cores"
+        }
+    );
+    if let Some(load) = &config.load_cores {
+        anyhow::ensure!(
+            load.max() < machine.cores,
+            "--load-cores {load} names core {}, which does not exist: this machine has {} cores",
+            load.max(),
+            machine.cores
+        );
+    }
+    anyhow::ensure!(
+        (1..=MAX_BODY_BYTES).contains(&config.body_bytes),
+        "--body-bytes {} is out of range: 1 to {MAX_BODY_BYTES}",
+        config.body_bytes
     );
     anyhow::ensure!(!config.peers.is_empty(), "no peer to run");
     anyhow::ensure!(
@@ -603,6 +689,15 @@ fn keep_logs(keep: &Path, label: &str, dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_repeat_the_default_one_to_their_size() {
+        assert_eq!(body(BODY.len()), BODY);
+        assert_eq!(body(5), &BODY[..5]);
+        let large = body(65_536);
+        assert_eq!(large.len(), 65_536);
+        assert_eq!(&large[BODY.len()..2 * BODY.len()], BODY);
+    }
 
     #[test]
     fn the_catalog_serves_the_host_on_the_backend() {

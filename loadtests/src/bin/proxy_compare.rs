@@ -1,13 +1,15 @@
 //! `proxy_compare`: Ferry's proxy against Envoy 1.40 (configured by
 //! Ferry, and static), nginx and HAProxy, each alone on the same pinned
-//! core, in front of the same backend: requests per second (HTTP/1.1 with
-//! `wrk`, h2c with `h2load`), latency at a fixed rate, resident memory,
-//! CPU and upstream connections.
+//! cores with the same number of workers, in front of the same backend:
+//! requests per second (HTTP/1.1 with `wrk`, h2c with `h2load`), latency
+//! at a fixed rate, resident memory, CPU and upstream connections.
 //!
 //! ```sh
 //! apt-get install wrk nghttp2-client nginx haproxy
 //! cargo build --release -p ferry -p ferry-loadtests
 //! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_compare
+//! # two workers on cores 0-1 (the load then shares them), 64 KiB answers
+//! FERRY_ENVOY=.venv/bin/envoy target/release/proxy_compare --workers 2 --body-bytes 65536 --label w2-64k
 //! ```
 //!
 //! Prints a Markdown table and writes
@@ -19,13 +21,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use ferry_loadtests::proxy_compare::backend::BackendKind;
+use ferry_loadtests::proxy_compare::machine::CoreList;
 use ferry_loadtests::proxy_compare::peers::PeerKind;
 use ferry_loadtests::proxy_compare::{self, Config};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "proxy_compare",
-    about = "Runs a backend, a real `ferry control`, then `ferry proxy`, Envoy (configured by Ferry, and static), nginx and HAProxy one at a time, each alone on one pinned core, and measures requests/s (HTTP/1.1, h2c), latency at a fixed rate, RSS, CPU and upstream connections of each, and of the backend reached directly."
+    about = "Runs a backend, a real `ferry control`, then `ferry proxy`, Envoy (configured by Ferry, and static), nginx and HAProxy one at a time, each alone on the same pinned cores with the same number of workers, and measures requests/s (HTTP/1.1, h2c), latency at a fixed rate, RSS, CPU and upstream connections of each, and of the backend reached directly."
 )]
 struct Args {
     /// The ferry binary to start.
@@ -74,14 +77,26 @@ struct Args {
     #[arg(long)]
     label: Option<String>,
 
-    /// The core every peer is pinned to, one at a time.
-    #[arg(long, default_value_t = 0)]
-    proxy_core: usize,
+    /// Workers of every peer that has the setting (`ferry proxy
+    /// --workers`, Envoy `--concurrency`, nginx `worker_processes`,
+    /// HAProxy `nbthread`), of the backend, and `wrk`/`h2load` threads.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    workers: usize,
+
+    /// The cores every peer is pinned to, one peer at a time, as taskset
+    /// takes them (`0`, `0-1`) [default: the first N for --workers N].
+    #[arg(long, visible_alias = "proxy-core", value_name = "LIST")]
+    proxy_cores: Option<CoreList>,
 
     /// Cores of the backend and the load generators, as taskset takes them
-    /// (`1`, `1-3`) [default: every other core].
+    /// (`1`, `1-3`) [default: every other core; every core when the peers
+    /// take them all, and the results say the load shared them].
     #[arg(long, value_name = "LIST")]
-    load_cores: Option<String>,
+    load_cores: Option<CoreList>,
+
+    /// The size of the backend's answer, in bytes [default: 37].
+    #[arg(long, value_name = "N")]
+    body_bytes: Option<usize>,
 
     /// Each saturation run, in whole seconds [default: 10s; smoke 1s].
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -144,8 +159,10 @@ impl Args {
                 self.peers
             },
             label: self.label.unwrap_or(base.label),
-            proxy_core: self.proxy_core,
+            workers: self.workers,
+            proxy_cores: self.proxy_cores,
             load_cores: self.load_cores,
+            body_bytes: self.body_bytes.unwrap_or(base.body_bytes),
             duration: self.duration.unwrap_or(base.duration),
             warmup: self.warmup.unwrap_or(base.warmup),
             h1_connections: self.h1_connections.unwrap_or(base.h1_connections),

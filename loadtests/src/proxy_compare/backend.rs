@@ -1,8 +1,9 @@
 //! The service behind the peers, chosen with `--backend`: an nginx of its
 //! own (the default: a backend as fast as the peers' own kind, so the
 //! direct rate is a real ceiling) or a minimal hyper server in this
-//! process. Either answers every request with 200 and a fixed small body,
-//! on the load cores, and counts the connections it accepted.
+//! process. Either answers every request with 200 and the run's body
+//! (`--body-bytes`), with as many workers as the peers get, on the load
+//! cores, and counts the connections it accepted.
 
 pub mod hyper;
 pub mod nginx;
@@ -61,17 +62,27 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Starts `kind` on `cores`; nginx keeps its files in `dir`.
+    /// Starts `kind` with `workers` workers on `cores`; nginx keeps its
+    /// files in `dir`.
     pub fn start(
         kind: BackendKind,
         nginx_binary: &Path,
         cores: &str,
         dir: &Path,
         body: &Bytes,
+        workers: usize,
     ) -> anyhow::Result<Self> {
         Ok(match kind {
-            BackendKind::Nginx => Self::Nginx(NginxBackend::start(nginx_binary, cores, dir, body)?),
-            BackendKind::Hyper => Self::Hyper(HyperBackend::start(cores, body.clone())?),
+            BackendKind::Nginx => Self::Nginx(NginxBackend::start(
+                nginx_binary,
+                cores,
+                dir,
+                body,
+                workers,
+            )?),
+            BackendKind::Hyper => {
+                Self::Hyper(HyperBackend::start_with(cores, body.clone(), workers)?)
+            }
         })
     }
 
@@ -132,13 +143,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let body = Bytes::from_static(b"the body\n");
         let mut backend =
-            Backend::start(BackendKind::Nginx, &nginx, "0", dir.path(), &body).unwrap();
+            Backend::start(BackendKind::Nginx, &nginx, "0", dir.path(), &body, 1).unwrap();
         let before = wait_accepting(&mut backend).await;
         for addr in [backend.h1(), backend.h1()] {
             let (status, answer) = get_once(addr, "x", Duration::from_secs(5)).await.unwrap();
             assert_eq!((status, answer), (200, body.clone()));
         }
         assert_eq!(backend.accepted().await.unwrap(), before + 2);
+    }
+
+    /// A 64 KiB body (served from a file) by two workers, over both
+    /// protocols' ports.
+    #[tokio::test]
+    async fn the_nginx_backend_answers_a_large_body_with_two_workers() {
+        let nginx =
+            locate(Path::new("nginx")).expect("nginx is not installed (apt-get install nginx)");
+        let dir = tempfile::tempdir().unwrap();
+        let body = crate::proxy_compare::body(65_536);
+        let mut backend =
+            Backend::start(BackendKind::Nginx, &nginx, "0", dir.path(), &body, 2).unwrap();
+        wait_accepting(&mut backend).await;
+        let (status, answer) = get_once(backend.h1(), "x", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(answer, body);
+        let Backend::Nginx(nginx) = &mut backend else {
+            unreachable!("started as nginx")
+        };
+        let workers = crate::proxy_compare::process::descendants(nginx.process().pid);
+        assert_eq!(workers.len(), 2, "a master and two workers");
     }
 
     /// The accepted count once nginx answers (it starts in the background).

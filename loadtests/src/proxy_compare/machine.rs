@@ -1,9 +1,12 @@
 //! The machine a run measured, and the CPU pinning that keeps the proxy
-//! under test on its own core: processes start under `taskset -c`, and the
-//! in-process load threads pin themselves with `taskset -p -c`.
+//! under test on its own cores: processes start under `taskset -c`, and
+//! the in-process load threads pin themselves with `taskset -p -c`.
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::str::FromStr;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -62,21 +65,27 @@ pub struct CoreTime {
     pub idle: f64,
 }
 
-/// The jiffies of one core's `cpuN` line of `/proc/stat`: user nice system
-/// idle iowait irq softirq steal.
-pub fn core_jiffies(core: usize) -> Option<[u64; 8]> {
+/// The jiffies of `cores`' `cpuN` lines of `/proc/stat`, summed: user
+/// nice system idle iowait irq softirq steal.
+pub fn cores_jiffies(cores: &CoreList) -> Option<[u64; 8]> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let name = format!("cpu{core}");
-    let line = stat
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
-    let values: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .take(8)
-        .map(|w| w.parse().ok())
-        .collect::<Option<_>>()?;
-    values.try_into().ok()
+    let mut sum = [0u64; 8];
+    for core in cores.iter() {
+        let name = format!("cpu{core}");
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+        let values: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|w| w.parse().ok())
+            .collect::<Option<_>>()?;
+        for (total, value) in sum.iter_mut().zip(values) {
+            *total += value;
+        }
+    }
+    Some(sum)
 }
 
 impl CoreTime {
@@ -126,17 +135,113 @@ fn field(text: &str, key: &str) -> Option<String> {
     })
 }
 
-/// Every core but `proxy_core`, as a `taskset` list (`1`, `1-3`, `0,2-7`);
-/// the proxy core itself on a one-core machine.
-pub fn other_cores(proxy_core: usize, cores: usize) -> String {
-    let others: Vec<String> = (0..cores)
-        .filter(|c| *c != proxy_core)
-        .map(|c| c.to_string())
-        .collect();
+/// A set of cores, as `taskset -c` takes them: `0`, `0-1`, `0,2-3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreList(BTreeSet<usize>);
+
+/// Why a core list was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreListError {
+    #[error("a core list must name at least one core")]
+    Empty,
+    #[error("{0:?} is not a core number or a range of them (`0`, `0-1`, `0,2-3`)")]
+    NotACore(String),
+    #[error("the range {0:?} runs backwards")]
+    Backwards(String),
+}
+
+impl CoreList {
+    /// Cores `0` to `n - 1`; `0` alone for `n` = 0.
+    pub fn first(n: usize) -> Self {
+        Self((0..n.max(1)).collect())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().copied()
+    }
+
+    pub fn contains(&self, core: usize) -> bool {
+        self.0.contains(&core)
+    }
+
+    /// The largest core named.
+    pub fn max(&self) -> usize {
+        self.0.last().copied().unwrap_or(0)
+    }
+}
+
+impl FromStr for CoreList {
+    type Err = CoreListError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut cores = BTreeSet::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let number = |n: &str| {
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| CoreListError::NotACore(part.to_owned()))
+            };
+            match part.split_once('-') {
+                Some((from, to)) => {
+                    let (from, to) = (number(from)?, number(to)?);
+                    if from > to {
+                        return Err(CoreListError::Backwards(part.to_owned()));
+                    }
+                    cores.extend(from..=to);
+                }
+                None => {
+                    cores.insert(number(part)?);
+                }
+            }
+        }
+        if cores.is_empty() {
+            return Err(CoreListError::Empty);
+        }
+        Ok(Self(cores))
+    }
+}
+
+impl fmt::Display for CoreList {
+    /// Runs of consecutive cores as ranges: `0-1`, `0,2-3`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for core in self.iter() {
+            match runs.last_mut() {
+                Some((_, end)) if *end + 1 == core => *end = core,
+                _ => runs.push((core, core)),
+            }
+        }
+        let text: Vec<String> = runs
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        f.write_str(&text.join(","))
+    }
+}
+
+/// Every core but the proxy's, as a `taskset` list (`1`, `1-3`, `0,2-7`),
+/// and whether that leaves none, so the load shares the proxy's cores
+/// (then every core of the machine is the load's).
+pub fn other_cores(proxy: &CoreList, cores: usize) -> (String, bool) {
+    let others: BTreeSet<usize> = (0..cores).filter(|c| !proxy.contains(*c)).collect();
     if others.is_empty() {
-        proxy_core.to_string()
+        (CoreList::first(cores).to_string(), true)
     } else {
-        others.join(",")
+        (CoreList(others).to_string(), false)
     }
 }
 
@@ -181,11 +286,37 @@ pub fn pin_current_thread(cores: &str) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    fn cores(text: &str) -> CoreList {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn the_load_gets_every_other_core() {
-        assert_eq!(other_cores(0, 2), "1");
-        assert_eq!(other_cores(1, 4), "0,2,3");
-        assert_eq!(other_cores(0, 1), "0");
+        assert_eq!(other_cores(&cores("0"), 2), ("1".to_owned(), false));
+        assert_eq!(other_cores(&cores("1"), 4), ("0,2-3".to_owned(), false));
+        assert_eq!(other_cores(&cores("0-1"), 4), ("2-3".to_owned(), false));
+        // No core left: the load shares the proxy's, and says so.
+        assert_eq!(other_cores(&cores("0"), 1), ("0".to_owned(), true));
+        assert_eq!(other_cores(&cores("0-1"), 2), ("0-1".to_owned(), true));
+    }
+
+    #[test]
+    fn core_lists_read_as_taskset_writes_them() {
+        assert_eq!(cores("0").iter().collect::<Vec<_>>(), [0]);
+        assert_eq!(cores("0-1").iter().collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(cores("3,0-1").to_string(), "0-1,3");
+        assert_eq!(cores("0,1,2").to_string(), "0-2");
+        assert_eq!(CoreList::first(2), cores("0-1"));
+        assert_eq!(cores("2-3").max(), 3);
+        assert_eq!("".parse::<CoreList>(), Err(CoreListError::Empty));
+        assert_eq!(
+            "a".parse::<CoreList>(),
+            Err(CoreListError::NotACore("a".into()))
+        );
+        assert_eq!(
+            "3-1".parse::<CoreList>(),
+            Err(CoreListError::Backwards("3-1".into()))
+        );
     }
 
     #[test]
@@ -209,7 +340,8 @@ mod tests {
             (t.processes, t.interrupts, t.steal, t.idle),
             (0.2, 0.2, 0.1, 0.5)
         );
-        assert!(core_jiffies(0).is_some());
+        let one = cores_jiffies(&cores("0")).unwrap();
+        assert!(one.iter().sum::<u64>() > 0);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Running an nginx of the comparison's own, for the backend and for the
-//! nginx peer alike: one process (`master_process off`, `daemon off`, one
-//! worker), its config, pid file, temporary files and log in a directory
-//! of its own, so it never touches the system's nginx.
+//! nginx peer alike: in the foreground (`daemon off`), one process
+//! (`master_process off`) for one worker, else a master and its workers;
+//! its config, pid file, temporary files and log in a directory of its
+//! own, so it never touches the system's nginx.
 
 use std::path::Path;
 
@@ -13,14 +14,25 @@ use super::process::Process;
 /// The Debian package holding nginx.
 pub const PACKAGE: &str = "nginx";
 
-/// A whole nginx config: the main context for one foreground process
-/// writing everything under `dir`, and `http` as the `http` block's body.
-pub fn config(dir: &Path, http: &str) -> String {
+/// A whole nginx config: the main context for `workers` worker processes
+/// in the foreground, writing everything under `dir`, and `http` as the
+/// `http` block's body. One worker runs as the only process (nginx's
+/// single-process mode ignores `worker_processes`).
+pub fn config(dir: &Path, workers: usize, http: &str) -> String {
     let d = dir.display();
+    let master = if workers <= 1 { "off" } else { "on" };
+    let workers = workers.max(1);
+    // Workers started by a master running as root would switch to
+    // `nobody`, who may not enter `dir`; they stay the user the master is.
+    let user = if running_as_root() {
+        "user root;\n"
+    } else {
+        ""
+    };
     format!(
-        "master_process off;
+        "{user}master_process {master};
 daemon off;
-worker_processes 1;
+worker_processes {workers};
 pid {d}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 8192; }}
@@ -38,6 +50,17 @@ http {{
 {http}}}
 "
     )
+}
+
+/// Whether this process runs as root (its real user id is 0).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            == Some("0")
+    })
 }
 
 /// Writes `config` to `dir/nginx.conf` and starts nginx on `cores`.
@@ -83,12 +106,16 @@ mod tests {
 
     #[test]
     fn every_file_stays_in_its_directory() {
-        let text = config(Path::new("/tmp/x"), "    server {}\n");
+        let text = config(Path::new("/tmp/x"), 1, "    server {}\n");
         assert!(text.contains("master_process off;"), "{text}");
+        assert!(text.contains("worker_processes 1;"), "{text}");
         assert!(text.contains("daemon off;"), "{text}");
         assert!(text.contains("pid /tmp/x/nginx.pid;"), "{text}");
         assert!(text.contains("proxy_temp_path /tmp/x/proxy;"), "{text}");
         assert!(text.ends_with("    server {}\n}\n"), "{text}");
+        let two = config(Path::new("/tmp/x"), 2, "");
+        assert!(two.contains("master_process on;"), "{two}");
+        assert!(two.contains("worker_processes 2;"), "{two}");
     }
 
     #[test]

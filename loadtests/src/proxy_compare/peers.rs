@@ -1,17 +1,18 @@
 //! The peers compared, each started alone under `taskset` on the proxy
-//! core and stopped before the next one starts:
+//! cores and stopped before the next one starts, each with as many
+//! workers as the run asks (`--workers`, 1 by default):
 //!
 //! - `direct`: the backend itself, no proxy (the ceiling);
-//! - `ferry`: `ferry proxy --workers 1`, configured by `ferry control`
+//! - `ferry`: `ferry proxy --workers N`, configured by `ferry control`
 //!   over delta ADS ([`ferry`]);
-//! - `envoy`: Envoy `--concurrency 1` configured by the same
+//! - `envoy`: Envoy `--concurrency N` configured by the same
 //!   `ferry control` ([`envoy`]);
 //! - `envoy-static`: the same Envoy with a static config of one listener,
 //!   one route and one cluster: the control for `envoy`, so an Envoy made
 //!   slow by Ferry's config shows as such;
-//! - `nginx`: `proxy_pass` to an upstream with keep-alive, one worker,
-//!   `master_process off` ([`nginx`]);
-//! - `haproxy`: `nbthread 1`, `http-reuse always` ([`haproxy`]).
+//! - `nginx`: `proxy_pass` to an upstream with keep-alive,
+//!   `worker_processes N` (one worker: `master_process off`) ([`nginx`]);
+//! - `haproxy`: `nbthread N`, `http-reuse always` ([`haproxy`]).
 
 pub mod envoy;
 pub mod ferry;
@@ -113,7 +114,10 @@ pub struct Setting<'a> {
     pub xds: SocketAddr,
     /// Where `ferry control` tells Envoy to listen.
     pub envoy_listen: SocketAddr,
-    pub core: usize,
+    /// The proxy cores, as `taskset -c` takes them.
+    pub cores: &'a str,
+    /// Workers (threads or processes) of each peer that has the setting.
+    pub workers: usize,
     /// A directory for the peer's config and log.
     pub dir: &'a Path,
 }
@@ -135,7 +139,7 @@ impl Peer {
     pub fn start(kind: PeerKind, setting: &Setting<'_>) -> anyhow::Result<Self> {
         let dir = setting.dir.join(kind.name());
         std::fs::create_dir_all(&dir)?;
-        let core = setting.core.to_string();
+        let core = setting.cores;
         match kind {
             PeerKind::Direct => Ok(Self {
                 kind,
@@ -144,11 +148,11 @@ impl Peer {
                 admin: None,
                 process: None,
             }),
-            PeerKind::Ferry => ferry::start(setting, &core, &dir),
-            PeerKind::Envoy => envoy::start_configured(setting, &core, &dir),
-            PeerKind::EnvoyStatic => envoy::start_static(setting, &core, &dir),
-            PeerKind::Nginx => nginx::start(setting, &core, &dir),
-            PeerKind::Haproxy => haproxy::start(setting, &core, &dir),
+            PeerKind::Ferry => ferry::start(setting, core, &dir),
+            PeerKind::Envoy => envoy::start_configured(setting, core, &dir),
+            PeerKind::EnvoyStatic => envoy::start_static(setting, core, &dir),
+            PeerKind::Nginx => nginx::start(setting, core, &dir),
+            PeerKind::Haproxy => haproxy::start(setting, core, &dir),
         }
     }
 

@@ -1,6 +1,7 @@
 //! A process the comparison starts (a peer, the nginx backend): started
 //! under `taskset` on the cores it is given, its output in a log file,
-//! killed when dropped, however the test ends.
+//! killed when dropped with every process it started (nginx's workers),
+//! however the test ends.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -64,8 +65,9 @@ impl Process {
         Ok(())
     }
 
+    /// Its memory and CPU, with those of its descendants (nginx's workers).
     pub fn sample(&self) -> anyhow::Result<ProcSample> {
-        ferry::sample_process(self.pid)
+        sample_tree(self.pid)
     }
 
     /// The last `lines` lines of its log.
@@ -82,9 +84,72 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // Found first: once it is killed, its children are re-parented.
+        let descendants = descendants(self.pid);
         let _ = self.child.kill();
+        if !descendants.is_empty() {
+            let pids: Vec<String> = descendants.iter().map(u32::to_string).collect();
+            let _ = Command::new("kill")
+                .args(["-s", "KILL", "--"])
+                .args(&pids)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = self.child.wait();
     }
+}
+
+/// The parent of `pid`, from `/proc/PID/stat`.
+fn parent(stat: &str) -> Option<u32> {
+    // The command name (field 2) is in parentheses and may hold spaces;
+    // after it come the state and the parent's pid.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Every live process descended from `pid` (children, theirs, …).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            Some((p, parent(&stat)?))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(at) = frontier.pop() {
+        for &(child, _) in parents.iter().filter(|(_, parent)| *parent == at) {
+            if !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// [`ferry::sample_process`] of `pid` and every descendant, summed. The
+/// resident sizes of several processes count the pages they share once
+/// per process.
+pub fn sample_tree(pid: u32) -> anyhow::Result<ProcSample> {
+    let mut total = ferry::sample_process(pid)?;
+    for child in descendants(pid) {
+        // A child may end between the listing and the reading.
+        if let Ok(s) = ferry::sample_process(child) {
+            total.rss_bytes += s.rss_bytes;
+            total.peak_rss_bytes += s.peak_rss_bytes;
+            total.cpu_seconds += s.cpu_seconds;
+        }
+    }
+    Ok(total)
 }
 
 /// Free loopback ports, all held until every one is picked.
@@ -117,4 +182,47 @@ pub fn version_line(binary: &Path, arg: &str) -> anyhow::Result<String> {
         .map(|l| l.trim().to_owned())
         .filter(|l| !l.is_empty())
         .with_context(|| format!("{} {arg} printed nothing", binary.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_parent_past_a_name_with_spaces() {
+        assert_eq!(parent("42 (nginx: worker process) S 41 42 1 0"), Some(41));
+        assert_eq!(parent("garbage"), None);
+    }
+
+    #[test]
+    fn finds_and_kills_the_children_it_started() {
+        let mut command = Command::new("sh");
+        // A shell with a child of its own that would outlive it.
+        command.args(["-c", "sleep 60 & wait"]);
+        let dir = tempfile::tempdir().unwrap();
+        let process = Process::spawn("sh", command, dir.path().join("sh.log")).unwrap();
+        let mut children = Vec::new();
+        for _ in 0..100 {
+            children = descendants(process.pid);
+            if !children.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(children.len(), 1, "the shell's sleep");
+        let both = sample_tree(process.pid).unwrap();
+        let alone = ferry::sample_process(process.pid).unwrap();
+        assert!(both.rss_bytes > alone.rss_bytes);
+        drop(process);
+        // Killed with its parent, reaped by init soon after.
+        let gone = (0..100).any(|_| {
+            let state = std::fs::read_to_string(format!("/proc/{}/stat", children[0]));
+            let dead = state.map_or(true, |s| s.contains(") Z "));
+            if !dead {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            dead
+        });
+        assert!(gone, "the child outlived its parent");
+    }
 }

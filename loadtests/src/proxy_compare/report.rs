@@ -15,7 +15,7 @@ use super::sampling::{Cpu, ProxyCore};
 use super::saturation::{Measured, Protocol};
 use super::upstream::Opened;
 use super::verdict::{Comparison, Verdict, ratio, targets};
-use super::{MAX_BUSY_CORES, MAX_ERROR_SHARE, TEST_NAME};
+use super::{MAX_BUSY_CORES, MAX_ERROR_SHARE, Pinning, TEST_NAME};
 use crate::provenance::{Binary, Commit};
 use crate::stats::{fmt_mib, fmt_ms};
 
@@ -33,8 +33,20 @@ pub struct Setup {
     pub busy_cores_before: Option<f64>,
     pub busy_cores_after: Option<f64>,
     pub backend: BackendKind,
-    pub proxy_core: usize,
+    /// The backend's workers (nginx processes, hyper threads).
+    pub backend_workers: usize,
+    /// Workers of each peer that has the setting: `ferry proxy --workers`,
+    /// Envoy `--concurrency`, nginx `worker_processes`, HAProxy `nbthread`.
+    pub workers: usize,
+    /// The cores every peer was pinned to (a `taskset` list).
+    pub proxy_cores: String,
     pub load_cores: String,
+    /// Whether the backend and the load generators ran on the proxy cores
+    /// too (no core was left for them): the peers' figures then include
+    /// that competition.
+    pub load_shares_proxy_cores: bool,
+    /// Threads of `wrk` and of `h2load`.
+    pub load_threads: usize,
     pub duration_s: f64,
     pub warmup_s: f64,
     pub h1_connections: usize,
@@ -58,6 +70,7 @@ pub struct Saturation {
     pub error_share: f64,
     /// The proxy's; `None` for the backend reached directly.
     pub cpu: Option<Cpu>,
+    /// Where the proxy cores' time went.
     pub proxy_core: Option<ProxyCore>,
 }
 
@@ -168,9 +181,15 @@ pub fn protocol_name(protocol: Protocol) -> &'static str {
     }
 }
 
-/// What to read with care in a peer's runs.
-pub fn flags(peer: &PeerResult) -> Vec<String> {
+/// What to read with care in a peer's runs. When the load shares the
+/// proxy cores (by choice: the setup says so), other processes on them
+/// and a proxy short of its cores are expected, not flagged.
+pub fn flags(peer: &PeerResult, pinning: Pinning<'_>) -> Vec<String> {
     let mut out = Vec::new();
+    let own_cores = pinning.cores.len() as f64;
+    let crowded = |core: &Option<ProxyCore>| {
+        core.filter(|c| !pinning.shared && c.other_processes > MAX_BUSY_CORES)
+    };
     for s in [&peer.h1, &peer.h2] {
         let name = protocol_name(s.protocol);
         if s.error_share > MAX_ERROR_SHARE {
@@ -181,23 +200,26 @@ pub fn flags(peer: &PeerResult) -> Vec<String> {
                 s.measured.errors
             ));
         }
-        if let Some(core) = s.proxy_core.filter(|c| c.other_processes > MAX_BUSY_CORES) {
+        if let Some(core) = crowded(&s.proxy_core) {
             out.push(format!(
-                "{name} saturation: other processes took {:.0} % of the proxy core",
+                "{name} saturation: other processes took {:.0} % of the proxy cores",
                 core.other_processes * 100.0
             ));
         }
-        if let Some(cpu) = s.cpu.filter(|c| c.cores < 0.9) {
+        if let Some(cpu) = s
+            .cpu
+            .filter(|c| !pinning.shared && c.cores < 0.9 * own_cores)
+        {
             out.push(format!(
-                "{name} saturation: the proxy used {:.2} of its core: something else (the load side, or another process on its core) set this rate",
+                "{name} saturation: the proxy used {:.2} of its {own_cores} core(s): something else (the load side, or another process on its cores) set this rate",
                 cpu.cores
             ));
         }
     }
     let f = &peer.fixed_rate;
-    if let Some(core) = f.proxy_core.filter(|c| c.other_processes > MAX_BUSY_CORES) {
+    if let Some(core) = crowded(&f.proxy_core) {
         out.push(format!(
-            "fixed rate: other processes took {:.0} % of the proxy core",
+            "fixed rate: other processes took {:.0} % of the proxy cores",
             core.other_processes * 100.0
         ));
     }
@@ -235,7 +257,7 @@ pub fn saturation_line(peer: PeerKind, s: &Saturation) -> String {
 pub fn core_note(core: Option<ProxyCore>) -> String {
     core.map_or(String::new(), |c| {
         format!(
-            "             proxy core: {:.0} % processes ({:.0} % not the proxy), {:.0} % interrupts, {:.0} % steal, {:.0} % idle",
+            "             proxy cores: {:.0} % processes ({:.0} % not the proxy), {:.0} % interrupts, {:.0} % steal, {:.0} % idle",
             c.time.processes * 100.0,
             c.other_processes * 100.0,
             c.time.interrupts * 100.0,
@@ -283,9 +305,15 @@ fn opened(o: Opened) -> String {
 impl Report {
     /// The results as Markdown: the figures, the targets, the machine.
     pub fn markdown(&self) -> String {
+        let s = &self.setup;
+        let on = if s.workers == 1 {
+            "one core".to_owned()
+        } else {
+            format!("{} workers", s.workers)
+        };
         let mut out = format!(
-            "### {}: Ferry's proxy, Envoy, nginx and HAProxy on one core ({})\n\n",
-            self.test, self.label
+            "### {}: Ferry's proxy, Envoy, nginx and HAProxy on {on}, {} B answers ({})\n\n",
+            self.test, s.body_bytes, self.label
         );
         self.peer_table(&mut out);
         self.target_table(&mut out);
@@ -382,17 +410,30 @@ impl Report {
         let commit = s.commit.as_ref().map_or("unknown".to_owned(), |c| {
             format!("{}{}", c.id, if c.dirty { " (with changes)" } else { "" })
         });
+        let n = s.workers;
+        let nginx = if n == 1 {
+            "`master_process off` with one worker".to_owned()
+        } else {
+            format!("a master and `worker_processes {n}`")
+        };
+        let shared = if s.load_shares_proxy_cores {
+            " No core was left for them: they shared the proxy cores, so every peer's \
+             figures include that competition (the direct rate too)."
+        } else {
+            ""
+        };
         out.push_str(&format!(
             "\nCommit {commit}. Machine: {}, {} cores, {} RAM, Linux {}. Each peer ran alone, \
-             pinned to core {} (`ferry proxy --workers 1`, `envoy --concurrency 1`, nginx \
-             `master_process off` with one worker, HAProxy `nbthread 1`); Ferry and `envoy` \
-             configured by `ferry control` over delta ADS, `envoy-static` by a static config. \
-             Backend ({}, one process or thread) and load generators on cores {}. Saturation: \
-             {} s per run after a {} s warm-up, `wrk -t1 -c{}` (HTTP/1.1 keep-alive) and \
-             `h2load -t1 -c{} -m{}` (h2c); fixed rate: {:.0} % of the slowest proxy's ({}) \
+             pinned to cores {} (`ferry proxy --workers {n}`, `envoy --concurrency {n}`, nginx \
+             {nginx}, HAProxy `nbthread {n}`); Ferry and `envoy` configured by `ferry control` \
+             over delta ADS, `envoy-static` by a static config. Backend ({}, {} worker(s)) and \
+             load generators on cores {}.{shared} Saturation: {} s per run after a {} s \
+             warm-up, `wrk -t{} -c{}` (HTTP/1.1 keep-alive) and `h2load -t{} -c{} -m{}` (h2c); \
+             fixed rate: {:.0} % of the slowest proxy's ({}) \
              HTTP/1.1 maximum, open-loop HTTP/1.1 generator, {} connections, {} s, latency \
              from each request's due time when its connection was busy. Body {} bytes. RSS: \
-             VmRSS, idle after routing, load = largest sample (every 100 ms) during the runs. \
+             VmRSS (summed over a peer's processes: nginx's master and workers), idle after \
+             routing, load = largest sample (every 100 ms) during the runs. \
              Upstream connections: accepted by the backend while the peer ran (in brackets: \
              the peer's own count, Envoy `upstream_cx_total`, HAProxy `connect`, Ferry \
              `ferry_proxy_upstream_http1_connects_total`).\n",
@@ -400,12 +441,15 @@ impl Report {
             s.machine.cores,
             fmt_mib(s.machine.memory_bytes),
             s.machine.kernel,
-            s.proxy_core,
+            s.proxy_cores,
             s.backend,
+            s.backend_workers,
             s.load_cores,
             s.duration_s,
             s.warmup_s,
+            s.load_threads,
             s.h1_connections,
+            s.load_threads,
             s.h2_connections,
             s.h2_streams,
             s.fixed_rate_share * 100.0,

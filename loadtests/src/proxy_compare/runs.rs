@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::fixed_rate::{self, Plan};
+use super::machine::CoreList;
 use super::peers::{Peer, PeerKind};
 use super::report::{Latency, Saturation, core_note, saturation_line};
 use super::sampling::{Usage, max_of, sampled};
@@ -46,6 +47,8 @@ pub struct Saturated {
 #[derive(Debug)]
 pub struct Runner<'a> {
     pub config: &'a Config,
+    /// Where the peers run: their time is sampled during each run.
+    pub proxy_cores: &'a CoreList,
     pub load_cores: &'a str,
     pub started: Instant,
 }
@@ -102,10 +105,11 @@ impl Runner<'_> {
             duration,
             connections,
             streams,
+            threads: self.config.workers,
         };
         let (measured, usage) = sampled(
             target.pid,
-            self.config.proxy_core,
+            self.proxy_cores,
             saturation::run(&load, self.load_cores),
         )
         .await
@@ -136,7 +140,7 @@ impl Runner<'_> {
         };
         let (run, usage) = sampled(
             target.pid,
-            self.config.proxy_core,
+            self.proxy_cores,
             fixed_rate::run(plan, self.load_cores),
         )
         .await

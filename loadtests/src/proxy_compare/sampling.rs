@@ -1,5 +1,5 @@
-//! What a peer's process cost during one run: CPU time, the largest
-//! resident size sampled every 100 ms, and where the proxy core's time
+//! What a peer's processes cost during one run: CPU time, the largest
+//! resident size sampled every 100 ms, and where the proxy cores' time
 //! went (from `/proc`).
 
 use std::future::Future;
@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::machine::{self, CoreTime};
-use crate::ferry;
+use super::machine::{self, CoreList, CoreTime};
+use super::process;
 
 /// CPU a proxy spent in one run.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -19,8 +19,9 @@ pub struct Cpu {
     pub us_per_request: f64,
 }
 
-/// Where the proxy core's time went during a run, and how much of it
-/// went to processes other than the proxy under test.
+/// Where the proxy cores' time went during a run (as shares of all their
+/// time), and how much of it went to processes other than the proxy under
+/// test.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ProxyCore {
     #[serde(flatten)]
@@ -36,13 +37,15 @@ pub struct Usage {
     pub cpu_s: Option<f64>,
     pub max_rss: Option<u64>,
     pub core: Option<CoreTime>,
+    /// How many cores `core` covers.
+    pub cores: usize,
 }
 
 impl Usage {
     /// `None` without a proxy process (the backend reached directly).
     pub fn proxy_core(&self) -> Option<ProxyCore> {
         let time = self.core?;
-        let own = self.cpu_s? / self.wall_s.max(1e-9);
+        let own = self.cpu_s? / self.wall_s.max(1e-9) / self.cores.max(1) as f64;
         Some(ProxyCore {
             time,
             other_processes: (time.processes - own).max(0.0),
@@ -59,15 +62,15 @@ impl Usage {
     }
 }
 
-/// Runs `work` while sampling `pid`'s RSS every 100 ms and its CPU time
-/// before and after.
+/// Runs `work` while sampling the RSS of `pid` and its descendants every
+/// 100 ms and their CPU time before and after, and the time of `cores`.
 pub async fn sampled<T>(
     pid: Option<u32>,
-    core: usize,
+    cores: &CoreList,
     work: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(T, Usage)> {
-    let sample = || pid.and_then(|p| ferry::sample_process(p).ok());
-    let core_before = machine::core_jiffies(core);
+    let sample = || pid.and_then(|p| process::sample_tree(p).ok());
+    let core_before = machine::cores_jiffies(cores);
     let before = sample();
     let started = Instant::now();
     let mut max_rss = before.map(|s| s.rss_bytes);
@@ -92,7 +95,7 @@ pub async fn sampled<T>(
         .zip(after)
         .map(|(b, a)| a.cpu_seconds - b.cpu_seconds);
     let core = core_before
-        .zip(machine::core_jiffies(core))
+        .zip(machine::cores_jiffies(cores))
         .map(|(b, a)| CoreTime::between(b, a));
     Ok((
         value,
@@ -101,6 +104,7 @@ pub async fn sampled<T>(
             cpu_s,
             max_rss,
             core,
+            cores: cores.len(),
         },
     ))
 }

@@ -42,6 +42,8 @@ pub struct Load {
     pub connections: usize,
     /// Concurrent streams per connection (HTTP/2 only).
     pub streams: usize,
+    /// The tool's threads (`-t`), at most `connections`.
+    pub threads: usize,
 }
 
 /// What the tool reported.
@@ -77,16 +79,17 @@ pub async fn run(load: &Load, cores: &str) -> anyhow::Result<Measured> {
     let url = format!("http://{}/", load.addr);
     let (tool, package) = load.protocol.tool();
     let mut command = pinned(cores, tool);
+    let threads = format!("-t{}", load.threads.clamp(1, load.connections.max(1)));
     match load.protocol {
         Protocol::Http1 => command
-            .arg("-t1")
+            .arg(&threads)
             .arg(format!("-c{}", load.connections))
             .arg(format!("-d{secs}s"))
             .args(["--timeout", "5s", "--latency"])
             .args(["-H", &format!("Host: {}", load.host)])
             .arg(&url),
         Protocol::Http2 => command
-            .arg("-t1")
+            .arg(&threads)
             .arg(format!("-c{}", load.connections))
             .arg(format!("-m{}", load.streams))
             .arg(format!("-D{secs}"))

@@ -1,7 +1,7 @@
 //! The hyper backend (`--backend hyper`): a minimal HTTP/1.1 and HTTP/2
-//! (h2c) server in this process answering every request with 200 and a
-//! fixed small body, on its own thread pinned to the load cores so it
-//! never competes with the proxy under test.
+//! (h2c) server in this process answering every request with 200 and the
+//! run's body, on threads of its own (one, or as many as the peers' workers)
+//! pinned to the load cores so it never competes with the proxy under test.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,6 +34,12 @@ impl HyperBackend {
     /// Binds a free loopback port and serves on one thread pinned to
     /// `cores` (a `taskset` list).
     pub fn start(cores: &str, body: Bytes) -> anyhow::Result<Self> {
+        Self::start_with(cores, body, 1)
+    }
+
+    /// [`HyperBackend::start`] with `workers` threads (a multi-threaded
+    /// runtime beyond one).
+    pub fn start_with(cores: &str, body: Bytes, workers: usize) -> anyhow::Result<Self> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the backend")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -49,8 +55,16 @@ impl HyperBackend {
         let thread = std::thread::Builder::new()
             .name("backend".to_owned())
             .spawn(move || {
+                // Pinned first: the runtime's threads inherit the cores.
                 let runtime = pin_current_thread(&cores).and_then(|()| {
-                    tokio::runtime::Builder::new_current_thread()
+                    let mut builder = if workers > 1 {
+                        let mut b = tokio::runtime::Builder::new_multi_thread();
+                        b.worker_threads(workers);
+                        b
+                    } else {
+                        tokio::runtime::Builder::new_current_thread()
+                    };
+                    builder
                         .enable_all()
                         .build()
                         .context("building the backend runtime")

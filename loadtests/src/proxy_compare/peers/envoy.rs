@@ -1,4 +1,4 @@
-//! Envoy `--concurrency 1`, twice: configured by `ferry control` over
+//! Envoy `--concurrency N`, twice: configured by `ferry control` over
 //! delta ADS (the bootstrap the tests use), and with a static config of
 //! one listener, one route and one cluster, the control that shows what
 //! Envoy costs without Ferry's config.
@@ -65,7 +65,8 @@ fn spawn(
     command
         .arg("-c")
         .arg(&file)
-        .args(["--concurrency", "1", "-l", "info"])
+        .args(["--concurrency", &setting.workers.to_string()])
+        .args(["-l", "info"])
         // Its own shared-memory id, so it never meets another test's Envoy.
         .args(["--base-id", &admin.port().to_string()]);
     Process::spawn("envoy", command, dir.join("envoy.log"))

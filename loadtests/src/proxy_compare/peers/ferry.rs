@@ -1,4 +1,4 @@
-//! `ferry proxy --workers 1`, configured by `ferry control` over delta
+//! `ferry proxy --workers N`, configured by `ferry control` over delta
 //! ADS. It counts the connections it makes to upstreams in its metrics
 //! (`ferry_proxy_upstream_http1_connects_total`, per cluster).
 
@@ -20,7 +20,7 @@ pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Pe
         .args(["--node-id", "proxy-compare-ferry"])
         .args(["--listen", &listen.to_string()])
         .args(["--admin-addr", &admin.to_string()])
-        .args(["--workers", "1"])
+        .args(["--workers", &setting.workers.to_string()])
         .env("RUST_LOG", "info");
     let process = Process::spawn("ferry proxy", command, dir.join("ferry-proxy.log"))?;
     Ok(Peer {

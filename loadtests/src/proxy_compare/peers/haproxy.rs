@@ -1,4 +1,4 @@
-//! HAProxy as a peer: one thread (`nbthread 1`), `http-reuse always`,
+//! HAProxy as a peer: `nbthread N` (one by default), `http-reuse always`,
 //! HTTP/1.1 to the backend. Its HTTP/1.1 bind takes h2c prior knowledge
 //! too (HAProxy detects the HTTP/2 preface). A second frontend serves the
 //! stats CSV, read for the upstream connection count.
@@ -22,8 +22,11 @@ const BACKEND: &str = "backend";
 pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Peer> {
     let [listen, stats] = free_addrs()?;
     let file = dir.join("haproxy.cfg");
-    std::fs::write(&file, config(listen, stats, setting.backend_h1))
-        .with_context(|| format!("writing {}", file.display()))?;
+    std::fs::write(
+        &file,
+        config(listen, stats, setting.backend_h1, setting.workers),
+    )
+    .with_context(|| format!("writing {}", file.display()))?;
     let mut command = pinned(core, &setting.binaries.haproxy);
     // -db: stay in the foreground, no daemon, no master process.
     command.arg("-db").arg("-f").arg(&file);
@@ -37,10 +40,10 @@ pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Pe
     })
 }
 
-fn config(listen: SocketAddr, stats: SocketAddr, backend: SocketAddr) -> String {
+fn config(listen: SocketAddr, stats: SocketAddr, backend: SocketAddr, threads: usize) -> String {
     format!(
         "global
-    nbthread 1
+    nbthread {threads}
     # Within the file descriptor limit a test run gets (2 per connection).
     maxconn 4096
 
@@ -78,15 +81,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_thread_and_connections_reused() {
+    fn threads_as_asked_and_connections_reused() {
         let text = config(
             "127.0.0.1:1".parse().unwrap(),
             "127.0.0.1:2".parse().unwrap(),
             "127.0.0.1:3".parse().unwrap(),
+            1,
         );
         assert!(text.contains("nbthread 1\n"), "{text}");
         assert!(text.contains("http-reuse always\n"), "{text}");
         assert!(text.contains("server s1 127.0.0.1:3\n"), "{text}");
         assert!(text.contains("bind 127.0.0.1:1\n"), "{text}");
+        let two = config(
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "127.0.0.1:3".parse().unwrap(),
+            2,
+        );
+        assert!(two.contains("nbthread 2\n"), "{two}");
     }
 }

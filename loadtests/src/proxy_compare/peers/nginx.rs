@@ -1,7 +1,10 @@
 //! nginx as a peer: `proxy_pass` to an upstream block holding keep-alive
-//! connections, HTTP/1.1 to the backend, one process (`master_process
-//! off`, one worker). nginx 1.22 (Debian 12) serves h2c only on a
-//! listener of its own (`listen … http2`), hence two ports.
+//! connections, HTTP/1.1 to the backend, `worker_processes N` (one
+//! worker: one process, `master_process off`). Answers are passed on as
+//! they come, never spilled to a temporary file
+//! (`proxy_max_temp_file_size 0`), as the other peers stream them.
+//! nginx 1.22 (Debian 12) serves h2c only on a listener of its own
+//! (`listen … http2`), hence two ports.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,7 +15,11 @@ use super::{Peer, PeerKind, Setting};
 
 pub fn start(setting: &Setting<'_>, core: &str, dir: &Path) -> anyhow::Result<Peer> {
     let [h1, h2] = free_addrs()?;
-    let config = nginx::config(dir, &http_block(h1, h2, setting.backend_h1));
+    let config = nginx::config(
+        dir,
+        setting.workers,
+        &http_block(h1, h2, setting.backend_h1),
+    );
     let process = nginx::spawn("nginx", &setting.binaries.nginx, core, dir, &config)?;
     Ok(Peer {
         kind: PeerKind::Nginx,
@@ -40,6 +47,7 @@ fn http_block(h1: SocketAddr, h2: SocketAddr, backend: SocketAddr) -> String {
             proxy_http_version 1.1;
             proxy_set_header Connection \"\";
             proxy_set_header Host $host;
+            proxy_max_temp_file_size 0;
         }}
     }}
 "
@@ -62,5 +70,6 @@ mod tests {
         assert!(text.contains("proxy_http_version 1.1;"), "{text}");
         assert!(text.contains("proxy_set_header Connection \"\";"), "{text}");
         assert!(text.contains("listen 127.0.0.1:2 http2;"), "{text}");
+        assert!(text.contains("proxy_max_temp_file_size 0;"), "{text}");
     }
 }
